@@ -1,0 +1,266 @@
+"""The Channel Access edge of an actor: caproto's threading client, turned into events.
+
+Rule 1: this is the only module that speaks Channel Access. It decides nothing: every
+callback becomes an event on the actor's queue, and the actor's state machine decides.
+Rule 2: nothing here blocks the actor loop. caproto's ``PV.read``/``PV.write`` wait for a
+connection first (its ``ensure_connected``); we call the undecorated methods, so a put on a
+channel that just dropped fails at once instead of being sent later, when nobody expects it.
+Rule 3: a put's outcome comes from the IOC's put-completion (WRITE_NOTIFY). caproto's
+threading client drops the IOC's ``ErrorResponse`` to a put on the floor; we route it to the
+put's callback, so a refused put fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import caproto
+from caproto import ChannelType
+from caproto.threading import client as ca_client
+
+from pvhub import protocol as p
+
+# --- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    pv: str
+    connected: bool
+
+
+@dataclass(frozen=True)
+class AccessEvent:
+    pv: str
+    read_access: bool
+    write_access: bool
+
+
+@dataclass(frozen=True)
+class MetadataEvent:
+    pv: str
+    metadata: p.PVMetadata
+
+
+@dataclass(frozen=True)
+class ReadingEvent:
+    pv: str
+    reading: p.Reading
+
+
+@dataclass(frozen=True)
+class PutDoneEvent:
+    pv: str
+    put_id: int
+    error: str | None
+    readback: p.Reading | None
+
+
+Event = ConnectionEvent | AccessEvent | MetadataEvent | ReadingEvent | PutDoneEvent
+
+_NATIVE_KIND = {
+    ChannelType.STRING: "string",
+    ChannelType.INT: "int",
+    ChannelType.LONG: "int",
+    ChannelType.FLOAT: "float",
+    ChannelType.DOUBLE: "float",
+    ChannelType.ENUM: "enum",
+    ChannelType.CHAR: "char",
+}
+
+_LIMIT_FIELDS = (
+    "lower_ctrl_limit",
+    "upper_ctrl_limit",
+    "lower_disp_limit",
+    "upper_disp_limit",
+    "lower_alarm_limit",
+    "upper_alarm_limit",
+    "lower_warning_limit",
+    "upper_warning_limit",
+)
+
+
+def _text(raw: Any) -> str:
+    if isinstance(raw, bytes):
+        return raw.split(b"\0", 1)[0].decode("latin-1")
+    return str(raw)
+
+
+def value_of(response: Any, native: ChannelType) -> Any:
+    """The Python value of a read or monitor response: a scalar for one element, an array
+    (or list of str) for more, like ophyd."""
+    data = response.data
+    if native == ChannelType.STRING:
+        items = [_text(item) for item in data]
+        return items[0] if len(items) == 1 else items
+    if len(data) == 1:
+        return data[0].item() if hasattr(data[0], "item") else data[0]
+    return data.copy()
+
+
+def reading_of(response: Any, native: ChannelType) -> p.Reading:
+    md = response.metadata
+    return p.Reading(
+        value=value_of(response, native),
+        timestamp=float(getattr(md, "timestamp", 0.0)),
+        severity=int(getattr(md, "severity", 0)),
+        status=int(getattr(md, "status", 0)),
+    )
+
+
+def metadata_of(response: Any, native: ChannelType, count: int, host: str) -> p.PVMetadata:
+    md = response.metadata
+    kind = _NATIVE_KIND.get(native, "float")
+    out: p.PVMetadata = {"native_type": kind, "count": count, "host": host}
+    out["units"] = _text(getattr(md, "units", b""))
+    out["precision"] = int(md.precision) if hasattr(md, "precision") else None
+    for name in _LIMIT_FIELDS:
+        if hasattr(md, name):
+            out[name] = getattr(md, name)  # type: ignore[literal-required]
+        else:
+            out[name] = 0  # type: ignore[literal-required]
+    out["enum_strs"] = (
+        [_text(s) for s in md.enum_strings] if kind == "enum" and hasattr(md, "enum_strings") else None
+    )
+    return out
+
+
+def _route_error_responses(manager_cls: type) -> None:
+    """Give caproto's threading client the put-failure path it lacks (see Rule 3)."""
+    if getattr(manager_cls, "_pvhub_routes_errors", False):
+        return
+    original = manager_cls._process_command
+
+    def _process_command(self: Any, command: Any) -> Any:
+        if isinstance(command, caproto.ErrorResponse):
+            try:
+                ioid = command.original_request.ioid
+            except AttributeError:
+                ioid = None
+            info = self.ioids.pop(ioid, None) if ioid is not None else None
+            callback = info.get("callback") if info else None
+            if callback is not None:
+                self.user_callback_executor.submit(callback, command)
+                return None
+        return original(self, command)
+
+    manager_cls._process_command = _process_command
+    manager_cls._pvhub_routes_errors = True
+
+
+_route_error_responses(ca_client.VirtualCircuitManager)
+
+
+class ChannelAccessBackend:
+    """Owns a caproto context and the channels of one actor's PVs."""
+
+    def __init__(self, emit: Callable[[Event], None]) -> None:
+        self._emit = emit
+        self._context = ca_client.Context()
+        self._pvs: dict[str, Any] = {}
+        self._subscriptions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        (pv,) = self._context.get_pvs(
+            name,
+            connection_state_callback=self._on_connection,
+            access_rights_callback=self._on_access,
+            timeout=None,
+        )
+        self._pvs[name] = pv
+        subscription = pv.subscribe(data_type="time")
+        subscription.add_callback(self._on_monitor)
+        self._subscriptions[name] = subscription
+
+    # --- callbacks from caproto's threads ----------------------------------------------------
+
+    def _on_connection(self, pv: Any, state: str) -> None:
+        connected = state == "connected"
+        self._emit(ConnectionEvent(pv.name, connected))
+        if connected:
+            self._read_metadata(pv)
+
+    def _on_access(self, pv: Any, rights: Any) -> None:
+        self._emit(
+            AccessEvent(
+                pv.name,
+                read_access=bool(rights & caproto.AccessRights.READ),
+                write_access=bool(rights & caproto.AccessRights.WRITE),
+            )
+        )
+
+    def _on_monitor(self, sub: Any, response: Any) -> None:
+        pv = sub.pv
+        channel = pv.channel
+        if channel is None:
+            return
+        self._emit(ReadingEvent(pv.name, reading_of(response, channel.native_data_type)))
+
+    def _read_metadata(self, pv: Any) -> None:
+        channel = pv.channel
+        native = channel.native_data_type
+        count = channel.native_data_count
+        host = "%s:%d" % pv.circuit_manager.circuit.address
+
+        def on_control(response: Any) -> None:
+            if isinstance(response, caproto.ErrorResponse):
+                return
+            self._emit(MetadataEvent(pv.name, metadata_of(response, native, count, host)))
+
+        try:
+            ca_client.PV.read.__wrapped__(
+                pv, wait=False, callback=on_control, data_type="control", timeout=None
+            )
+        except Exception:  # a circuit that died right after connecting: reconnection retries
+            pass
+
+    # --- requests from the actor loop --------------------------------------------------------
+
+    def put(self, name: str, put_id: int, value: Any) -> None:
+        """Put with completion; a ``PutDoneEvent`` follows (never blocks, never retries)."""
+        pv = self._pvs[name]
+
+        def on_write(response: Any) -> None:
+            if isinstance(response, caproto.ErrorResponse):
+                self._emit(PutDoneEvent(name, put_id, f"IOC refused the put: {response.error_message}", None))
+                return
+            status = getattr(response, "status", None)
+            if status is not None and not getattr(status, "success", status == 1):
+                text = getattr(status, "description", None) or str(status)
+                self._emit(PutDoneEvent(name, put_id, f"IOC reported the put failed: {text}", None))
+                return
+            self._read_back(pv, put_id)
+
+        try:
+            ca_client.PV.write.__wrapped__(
+                pv, value, wait=False, callback=on_write, timeout=None, notify=True
+            )
+        except Exception as exc:  # the circuit died between the check and the send
+            self._emit(PutDoneEvent(name, put_id, f"put could not be sent: {exc}", None))
+
+    def _read_back(self, pv: Any, put_id: int) -> None:
+        # Read the value after the put completed, so that a client's read after its set sees
+        # what the IOC now holds even if the monitor update is still on its way.
+        channel = pv.channel
+
+        def on_read(response: Any) -> None:
+            readback = None
+            if not isinstance(response, caproto.ErrorResponse) and channel is not None:
+                readback = reading_of(response, channel.native_data_type)
+            self._emit(PutDoneEvent(pv.name, put_id, None, readback))
+
+        try:
+            ca_client.PV.read.__wrapped__(pv, wait=False, callback=on_read, data_type="time", timeout=None)
+        except Exception:
+            self._emit(PutDoneEvent(pv.name, put_id, None, None))
+
+    def close(self) -> None:
+        for subscription in self._subscriptions.values():
+            try:
+                subscription.clear()
+            except Exception:
+                pass
+        self._context.disconnect(wait=False)

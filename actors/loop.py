@@ -1,0 +1,208 @@
+"""The ZeroMQ edge of an actor process: turns the crank of its PVs' state machines.
+
+Rule 1: one thread owns both sockets (a DEALER to the broker, a PUB to the readings
+forwarder). Channel Access callbacks arrive on caproto's threads; they only append to a queue
+and write one byte to a wake-up pipe that this loop polls with the DEALER.
+Rule 2: the actor never outlives its daemon. Linux's parent-death signal ends it the moment
+the daemon dies; a check of the parent pid on every poll timeout covers other systems.
+Rule 3: nothing a client sends can end the loop: a request that cannot be handled is answered
+with an error and logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import structlog
+import zmq
+
+from pvhub import protocol as p
+from pvhub.actors import backend as ca
+from pvhub.actors.state import Effect, Publish, PvState, Reply, StartPut
+from pvhub.errors import ActorDiedError, InternalError, ProtocolError
+
+log = structlog.get_logger("pvhub.actor")
+
+POLL_MS = 500
+HEARTBEAT_INTERVAL = 1.0
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the parent (the daemon) dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class Actor:
+    """One actor process: owns ``pvs`` for the broker at ``broker``."""
+
+    def __init__(self, actor_id: str, pvs: list[str], broker: str, readings: str) -> None:
+        self.actor_id = actor_id
+        self.pvs = list(pvs)
+        self.epoch = time.time_ns()
+        self.states = {pv: PvState(pv, self.epoch) for pv in self.pvs}
+        self._events: collections.deque[ca.Event] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stopping = False
+        self._parent = os.getppid()
+        self._ctx = zmq.Context()
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.IDENTITY, actor_id.encode())
+        self._dealer.setsockopt(zmq.LINGER, 1000)
+        self._dealer.connect(broker)
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 1000)
+        self._pub.connect(readings)
+        self._backend = ca.ChannelAccessBackend(self._emit)
+        self.log = log.bind(actor=actor_id, actor_pid=os.getpid())
+
+    # Called on caproto's threads.
+    def _emit(self, event: ca.Event) -> None:
+        self._events.append(event)
+        try:
+            self._wake_w.send(b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already; the loop will drain the queue
+
+    def request_stop(self, *_: Any) -> None:
+        self._stopping = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def run(self) -> int:
+        for pv in self.pvs:
+            self._backend.add(pv)
+        self._send_control(p.ActorReady(actor=self.actor_id, pid=os.getpid(), pvs=self.pvs))
+        self.log.info("actor_started", pvs=self.pvs)
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        last_beat = time.monotonic()
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll(POLL_MS))
+                if self._dealer in ready:
+                    self._drain_requests()
+                if self._wake_r.fileno() in ready or self._events:
+                    self._drain_events()
+                now = time.monotonic()
+                if now - last_beat >= HEARTBEAT_INTERVAL:
+                    last_beat = now
+                    self._send_control(p.Heartbeat(sender=self.actor_id))
+                if os.getppid() != self._parent:
+                    self.log.warning("actor_orphaned")
+                    break
+        finally:
+            self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        reason = ActorDiedError("the actor owning this PV is stopping; the put's outcome is unknown")
+        for state in self.states.values():
+            self._carry_out(state.fail_all_puts(reason))
+        self._backend.close()
+        self._dealer.close()
+        self._pub.close()
+        self._ctx.term()
+        self.log.info("actor_stopped")
+
+    def _send_control(self, message: p.Message) -> None:
+        self._dealer.send_multipart([b"", p.encode(message)])
+
+    def _drain_requests(self) -> None:
+        while True:
+            try:
+                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.log.warning("malformed_envelope", frames=len(frames))
+                continue
+            client, payload = frames
+            self._handle_request(client, payload)
+
+    def _handle_request(self, client: bytes, payload: bytes) -> None:
+        request_id = 0
+        try:
+            request = p.decode(payload)
+            request_id = getattr(request, "id", 0)
+            pv = getattr(request, "pv", None)
+            state = self.states.get(pv) if pv else None
+            if state is None:
+                raise ProtocolError(f"this actor does not own {pv!r}")
+            self._carry_out(state.handle(client, request))
+        except ProtocolError as exc:
+            self._reply(client, p.ErrorReply(id=request_id, code=exc.code, message=str(exc)))
+        except Exception as exc:  # the loop boundary: answer, log, go on
+            self.log.exception("request_failed")
+            self._reply(client, p.ErrorReply(id=request_id, code=InternalError.code, message=repr(exc)))
+
+    def _drain_events(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._events:
+            event = self._events.popleft()
+            state = self.states.get(event.pv)
+            if state is None:
+                continue
+            try:
+                self._carry_out(self._apply(state, event))
+            except Exception:
+                self.log.exception("event_failed", pv=event.pv, event=type(event).__name__)
+
+    def _apply(self, state: PvState, event: ca.Event) -> list[Effect]:
+        if isinstance(event, ca.ReadingEvent):
+            return state.reading_received(event.reading)
+        if isinstance(event, ca.ConnectionEvent):
+            self.log.info("pv_connected" if event.connected else "pv_disconnected", pv=event.pv)
+            return state.connection_changed(event.connected)
+        if isinstance(event, ca.MetadataEvent):
+            return state.metadata_received(event.metadata)
+        if isinstance(event, ca.AccessEvent):
+            return state.access_changed(event.read_access, event.write_access)
+        if isinstance(event, ca.PutDoneEvent):
+            effects = state.reading_received(event.readback) if event.readback else []
+            return effects + state.put_completed(event.put_id, event.error)
+        return []
+
+    def _carry_out(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Publish):
+                self._pub.send_multipart([p.topic(effect.update.pv), p.encode(effect.update)])
+            elif isinstance(effect, Reply):
+                self._reply(effect.client, effect.message)
+            elif isinstance(effect, StartPut):
+                self.log.info("put_started", pv=effect.pv, value=_loggable(effect.value))
+                self._backend.put(effect.pv, effect.put_id, effect.value)
+
+    def _reply(self, client: bytes, message: p.Message) -> None:
+        if isinstance(message, p.ErrorReply) and message.code != "bad_message":
+            self.log.info("request_refused", pv=message.pv, code=message.code, error=message.message)
+        elif isinstance(message, p.SetDone):
+            self.log.info("put_done", pv=message.pv)
+        self._dealer.send_multipart([client, p.encode(message)])
+
+
+def _loggable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list) and len(value) > 8:
+        return value[:8] + ["..."]
+    return value

@@ -1,0 +1,327 @@
+"""The state machine of one PV's owner: what to publish, reply and put, given what happened.
+
+Rule 1: no I/O here. Every input is a method call (a Channel Access event or a decoded
+request); every output is a returned list of effects, which the actor loop carries out.
+Rule 2: ``seq`` grows by one for each published change (a new reading, or a connection
+change), never for a snapshot; a subscriber that sees a jump knows it missed something.
+Rule 3: the PV counts as connected for clients only once Channel Access is connected *and*
+the control metadata and a first reading have arrived, so that a client that sees
+``connected`` can always ``read`` and ``describe``.
+Rule 4: a put is sent once. If it cannot be sent (disconnected, no write access, a value the
+PV cannot take) the client hears why at once; if the outcome is unknown it hears that too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pvhub import protocol as p
+from pvhub.errors import (
+    BadValueError,
+    DisconnectedError,
+    PutFailedError,
+    PvhubError,
+    ReadOnlyError,
+    UnknownOperationError,
+)
+
+# Channel Access's DBR_STRING holds 40 bytes including the terminating NUL.
+MAX_STRING_BYTES = 39
+
+
+# --- effects -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Send ``message`` to the client ``client`` (its routing identity)."""
+
+    client: bytes
+    message: p.Message
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish ``update`` on the PV's readings topic."""
+
+    update: p.Update
+
+
+@dataclass(frozen=True)
+class StartPut:
+    """Issue a Channel Access put with completion; report back with ``put_completed``."""
+
+    pv: str
+    put_id: int
+    value: Any
+
+
+Effect = Reply | Publish | StartPut
+
+
+@dataclass(frozen=True)
+class _PendingPut:
+    client: bytes
+    request_id: int
+    value: Any
+
+
+def same_reading(a: p.Reading | None, b: p.Reading | None) -> bool:
+    """Whether two readings are the same (arrays compared by value)."""
+    if a is None or b is None:
+        return a is b
+    if (a.timestamp, a.severity, a.status) != (b.timestamp, b.severity, b.status):
+        return False
+    if isinstance(a.value, np.ndarray) or isinstance(b.value, np.ndarray):
+        return bool(np.array_equal(a.value, b.value))
+    return bool(a.value == b.value)
+
+
+class PvState:
+    """Everything the actor knows of one PV, and the rules for changing it."""
+
+    def __init__(self, pv: str, epoch: int) -> None:
+        self.pv = pv
+        self.epoch = epoch
+        self.seq = 0
+        self.ca_connected = False
+        self.reading: p.Reading | None = None
+        self.metadata: p.PVMetadata | None = None
+        self._published_connected = False
+        self._pending_puts: dict[int, _PendingPut] = {}
+        self._next_put_id = 1
+        self.updates_published = 0
+        self.puts_started = 0
+
+    # --- derived -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.ca_connected and self.metadata is not None and self.reading is not None
+
+    @property
+    def pending_puts(self) -> int:
+        return len(self._pending_puts)
+
+    def update(self, *, snapshot: bool = False, with_metadata: bool = False) -> p.Update:
+        return p.Update(
+            pv=self.pv,
+            epoch=self.epoch,
+            seq=self.seq,
+            connected=self.connected,
+            reading=self.reading,
+            metadata=self.metadata if (with_metadata or snapshot) else None,
+            snapshot=snapshot,
+        )
+
+    def snapshot(self, request_id: int) -> p.Snapshot:
+        return p.Snapshot(
+            id=request_id,
+            pv=self.pv,
+            epoch=self.epoch,
+            seq=self.seq,
+            connected=self.connected,
+            reading=self.reading,
+            metadata=self.metadata,
+        )
+
+    # --- Channel Access events ------------------------------------------------------------
+
+    def connection_changed(self, connected: bool) -> list[Effect]:
+        self.ca_connected = connected
+        if not connected:
+            # Metadata is read again on reconnection: the IOC may have changed.
+            self.metadata = None
+        return self._publish_if_changed(metadata_changed=False)
+
+    def metadata_received(self, metadata: p.PVMetadata) -> list[Effect]:
+        merged: p.PVMetadata = {**(self.metadata or {}), **metadata}
+        changed = merged != self.metadata
+        self.metadata = merged
+        return self._publish_if_changed(metadata_changed=changed)
+
+    def access_changed(self, read_access: bool, write_access: bool) -> list[Effect]:
+        return self.metadata_received({"read_access": read_access, "write_access": write_access})
+
+    def reading_received(self, reading: p.Reading) -> list[Effect]:
+        if same_reading(reading, self.reading):
+            return []
+        self.reading = reading
+        return self._publish_if_changed(metadata_changed=False, reading_changed=True)
+
+    def _publish_if_changed(
+        self, *, metadata_changed: bool, reading_changed: bool = False
+    ) -> list[Effect]:
+        connected = self.connected
+        connection_changed = connected != self._published_connected
+        if not connection_changed and not (connected and (metadata_changed or reading_changed)):
+            return []
+        self._published_connected = connected
+        self.seq += 1
+        self.updates_published += 1
+        return [Publish(self.update(with_metadata=connected and (connection_changed or metadata_changed)))]
+
+    def put_completed(self, put_id: int, error: str | None = None) -> list[Effect]:
+        """The IOC answered a put (``error`` is None on success) and the value was read back."""
+        pending = self._pending_puts.pop(put_id, None)
+        if pending is None:
+            return []
+        if error is not None:
+            return [Reply(pending.client, _error(pending.request_id, PutFailedError(error), self.pv))]
+        done = p.SetDone(
+            id=pending.request_id, pv=self.pv, epoch=self.epoch, seq=self.seq, reading=self.reading
+        )
+        return [Reply(pending.client, done)]
+
+    def fail_all_puts(self, reason: PvhubError) -> list[Effect]:
+        """Fail every put in flight (the actor is going away): never leave a client waiting."""
+        effects: list[Effect] = [
+            Reply(put.client, _error(put.request_id, reason, self.pv))
+            for put in self._pending_puts.values()
+        ]
+        self._pending_puts.clear()
+        return effects
+
+    # --- requests -------------------------------------------------------------------------
+
+    def handle(self, client: bytes, request: p.Message) -> list[Effect]:
+        if isinstance(request, p.ReadRequest):
+            effects: list[Effect] = [Reply(client, self.snapshot(request.id))]
+            if request.publish:
+                effects.append(Publish(self.update(snapshot=True)))
+            return effects
+        if isinstance(request, p.DescribeRequest):
+            return [
+                Reply(
+                    client,
+                    p.DescribeReply(
+                        id=request.id, pv=self.pv, connected=self.connected, metadata=self.metadata
+                    ),
+                )
+            ]
+        if isinstance(request, p.SetRequest):
+            return self._start_put(client, request)
+        request_id = getattr(request, "id", 0)
+        return [
+            Reply(client, _error(request_id, UnknownOperationError(f"an actor does not handle {request.OP!r}"), self.pv))
+        ]
+
+    def _start_put(self, client: bytes, request: p.SetRequest) -> list[Effect]:
+        try:
+            if not self.connected:
+                raise DisconnectedError(f"{self.pv} is not connected")
+            metadata = self.metadata or {}
+            if not metadata.get("write_access", False):
+                raise ReadOnlyError(f"{self.pv} does not grant write access")
+            value = coerce_value(request.value, metadata)
+        except PvhubError as exc:
+            return [Reply(client, _error(request.id, exc, self.pv))]
+        put_id = self._next_put_id
+        self._next_put_id += 1
+        self._pending_puts[put_id] = _PendingPut(client, request.id, value)
+        self.puts_started += 1
+        return [
+            StartPut(self.pv, put_id, value),
+            Reply(client, p.SetAccepted(id=request.id, pv=self.pv)),
+        ]
+
+
+def _error(request_id: int, exc: PvhubError, pv: str = "") -> p.ErrorReply:
+    return p.ErrorReply(id=request_id, code=exc.code, message=str(exc), pv=pv)
+
+
+# --- value checks --------------------------------------------------------------------------
+
+
+def coerce_value(value: Any, metadata: p.PVMetadata) -> Any:
+    """``value`` as the PV's native type, or ``BadValueError`` saying why it cannot be."""
+    native = metadata.get("native_type", "float")
+    count = int(metadata.get("count", 1) or 1)
+    if native == "enum":
+        return _coerce_enum(value, metadata.get("enum_strs") or [])
+    if native == "string":
+        return _coerce_string(value)
+    if native == "char" and isinstance(value, (str, bytes)):
+        data = value.encode() if isinstance(value, str) else value
+        if len(data) > count:
+            raise BadValueError(f"{len(data)} bytes do not fit in {count} characters")
+        return np.frombuffer(data, dtype=np.uint8).copy()
+    integer = native in ("int", "char")
+    if count == 1:
+        if isinstance(value, (list, tuple, np.ndarray)) and np.size(value) == 1:
+            value = np.asarray(value).reshape(-1)[0]
+        return _coerce_number(value, integer)
+    if np.isscalar(value) or isinstance(value, (str, bytes)):
+        value = [value]
+    items = [_coerce_number(v, integer) for v in np.asarray(value, dtype=object).reshape(-1)]
+    if len(items) > count:
+        raise BadValueError(f"{len(items)} elements do not fit in {count}")
+    return np.asarray(items, dtype=np.int64 if integer else np.float64)
+
+
+def _coerce_number(value: Any, integer: bool) -> int | float:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise BadValueError(f"{value!r} is not a number") from None
+    if isinstance(value, bool):
+        value = int(value)
+    if not isinstance(value, (int, float)):
+        raise BadValueError(f"a {type(value).__name__} is not a number")
+    if integer:
+        if isinstance(value, float):
+            if not math.isfinite(value) or not value.is_integer():
+                raise BadValueError(f"{value!r} is not an integer")
+            value = int(value)
+        if not -(2**31) <= value < 2**31:
+            raise BadValueError(f"{value} does not fit in a 32-bit integer")
+        return value
+    return float(value)
+
+
+def _coerce_enum(value: Any, enum_strs: list[str]) -> int:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str):
+        if value in enum_strs:
+            return enum_strs.index(value)
+        try:
+            value = int(value)
+        except ValueError:
+            raise BadValueError(f"{value!r} is not one of {enum_strs}") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadValueError(f"an enum takes a label or an index, not {value!r}")
+    if not 0 <= value < max(len(enum_strs), 1):
+        raise BadValueError(f"index {value} is out of range for {enum_strs}")
+    return value
+
+
+def _coerce_string(value: Any) -> str:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise BadValueError(f"a string PV takes text, not a {type(value).__name__}")
+    if len(value.encode()) > MAX_STRING_BYTES:
+        raise BadValueError(f"strings hold at most {MAX_STRING_BYTES} bytes")
+    return value

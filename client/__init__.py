@@ -1,0 +1,33 @@
+"""The client library: ophyd-compatible Signals and Statuses served by a pvhub daemon.
+
+    from pvhub.client import EpicsSignal, EpicsSignalRO, wait
+"""
+
+from pvhub.client.hub import Hub, close_hubs, get_hub
+from pvhub.client.signal import EpicsSignal, EpicsSignalBase, EpicsSignalRO, Kind
+from pvhub.client.status import AndStatus, Status, wait
+from pvhub.errors import (
+    ConnectionTimeoutError,
+    DisconnectedError,
+    PvhubError,
+    ReadOnlyError,
+    StatusTimeoutError,
+)
+
+__all__ = [
+    "AndStatus",
+    "ConnectionTimeoutError",
+    "DisconnectedError",
+    "EpicsSignal",
+    "EpicsSignalBase",
+    "EpicsSignalRO",
+    "Hub",
+    "Kind",
+    "PvhubError",
+    "ReadOnlyError",
+    "Status",
+    "StatusTimeoutError",
+    "close_hubs",
+    "get_hub",
+    "wait",
+]

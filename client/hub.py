@@ -1,0 +1,430 @@
+"""A process's connection to a pvhub daemon, shared by all of its Signals.
+
+Rule 1: one I/O thread owns the sockets (a DEALER for requests, a SUB for readings); ZeroMQ
+sockets are not thread-safe. User threads hand it work through a queue and a wake-up pipe.
+Rule 2: user callbacks never run on the I/O thread; they run in order on one dispatcher
+thread, so a slow callback delays other callbacks, never the connection.
+Rule 3 (the Clone pattern): a PV's channel subscribes to its topic first, then asks for a
+snapshot; it keeps the highest ``seq`` it has applied and drops anything not newer. A jump in
+``seq`` is a gap: it is counted, logged, and answered with a fresh snapshot. A new ``epoch``
+means a new actor: its sequence starts over and is accepted.
+Rule 4: a subscription is known to be live once something arrives on it. Until then the
+channel asks the actor to publish its snapshot again every ``PROOF_INTERVAL``, which proves the
+subscription without any fixed wait.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import structlog
+import zmq
+
+from pvhub import protocol as p
+from pvhub.errors import HubUnavailableError, ProtocolError, error_from_code
+
+log = structlog.get_logger("pvhub.client")
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
+PROOF_INTERVAL = 0.1
+POLL_MS = 50
+
+ReplyHandler = Callable[[p.Message], bool]
+
+
+def default_address() -> str:
+    return os.environ.get("PVHUB_ADDRESS", DEFAULT_ADDRESS)
+
+
+class Channel:
+    """The client's copy of one PV's state, fed by snapshots and published updates.
+
+    Written only by the I/O thread; read by any thread under ``cond``.
+    """
+
+    def __init__(self, hub: Hub, pv: str) -> None:
+        self.hub = hub
+        self.pv = pv
+        self.cond = threading.Condition()
+        self.epoch = 0
+        self.seq = -1
+        self.connected = False
+        self.reading: p.Reading | None = None
+        self.metadata: p.PVMetadata = {}
+        self.attached = False  # a snapshot has been applied
+        self.live = False  # something arrived on the subscription
+        self.gaps = 0
+        self.missed = 0
+        self.error: BaseException | None = None  # the daemon refused this PV
+        self._last_proof = 0.0
+        # listener(kind, channel, old_reading) with kind "value" or "meta"; run on the I/O
+        # thread, so listeners only hand work to the dispatcher.
+        self.listeners: list[Callable[[str, Channel, p.Reading | None], None]] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.attached and self.connected and self.reading is not None
+
+    def wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
+
+    # --- called on the I/O thread ---------------------------------------------------------
+
+    def apply(
+        self,
+        epoch: int,
+        seq: int,
+        connected: bool,
+        reading: p.Reading | None,
+        metadata: p.PVMetadata | None,
+        *,
+        from_stream: bool,
+    ) -> None:
+        with self.cond:
+            if epoch == self.epoch and seq <= self.seq:
+                return
+            if from_stream and epoch == self.epoch and self.attached and seq > self.seq + 1:
+                self.gaps += 1
+                self.missed += seq - self.seq - 1
+                log.warning("readings_missed", pv=self.pv, missed=seq - self.seq - 1, gaps=self.gaps)
+                self.hub._resync(self)
+            old = self.reading
+            was_connected = self.connected
+            old_metadata = self.metadata
+            self.epoch, self.seq = epoch, seq
+            self.connected = connected
+            if reading is not None:
+                self.reading = reading
+            if metadata is not None:
+                self.metadata = dict(metadata)  # type: ignore[assignment]
+            self.attached = True
+            value_changed = reading is not None and connected and (old is None or reading is not old)
+            meta_changed = connected != was_connected or self.metadata != old_metadata
+            self.cond.notify_all()
+            listeners = list(self.listeners)
+        for listener in listeners:
+            if meta_changed:
+                listener("meta", self, old)
+            if value_changed:
+                listener("value", self, old)
+
+
+class Hub:
+    """The connection to one daemon. Use ``get_hub(address)``; it is shared per address."""
+
+    def __init__(self, address: str | None = None, *, name: str | None = None) -> None:
+        self.address = address or default_address()
+        self.name = name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
+        self.readings_endpoint: str | None = None
+        self.server_version: str | None = None
+        self.identity: bytes = b""
+        self._hello = threading.Event()
+        self._closed = threading.Event()
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, ReplyHandler] = {}
+        self._channels: dict[str, Channel] = {}
+        self._channels_lock = threading.Lock()
+        self._dispatch: queue.SimpleQueue = queue.SimpleQueue()
+        self._ctx = zmq.Context()
+        self._io = threading.Thread(target=self._run, name=f"pvhub-io {self.address}", daemon=True)
+        self._dispatcher = threading.Thread(target=self._run_dispatcher, name="pvhub-callbacks", daemon=True)
+        self._dispatcher.start()
+        self._io.start()
+
+    # --- user-thread API ------------------------------------------------------------------
+
+    def channel(self, pv: str) -> Channel:
+        """The channel of ``pv``, attached (subscribed and snapshotted) in the background."""
+        with self._channels_lock:
+            channel = self._channels.get(pv)
+            if channel is None:
+                channel = self._channels[pv] = Channel(self, pv)
+                self._call_soon(lambda: self._attach(channel))
+            return channel
+
+    def request(self, build: Callable[[int], p.Message], handler: ReplyHandler | None = None) -> Future:
+        """Send the request ``build(id)``. The future gets the final reply (an ``ErrorReply``
+        becomes its exception); ``handler``, if given, sees every reply first on the I/O thread
+        and says whether it was the last."""
+        future: Future = Future()
+
+        def on_reply(message: p.Message) -> bool:
+            final = handler(message) if handler is not None else isinstance(message, p.FINAL_REPLIES)
+            if final and not future.done():
+                if isinstance(message, p.ErrorReply):
+                    future.set_exception(error_from_code(message.code, message.message))
+                else:
+                    future.set_result(message)
+            return final
+
+        def send() -> None:
+            request_id = next(self._ids)
+            try:
+                payload = p.encode(build(request_id))
+            except ProtocolError as exc:  # e.g. a value that cannot travel: fail this request only
+                on_reply(p.ErrorReply(id=request_id, code=exc.code, message=str(exc)))
+                return
+            self._pending[request_id] = on_reply
+            self._dealer.send(payload)
+
+        self._call_soon(send)
+        return future
+
+    def call(self, build: Callable[[int], p.Message], timeout: float) -> p.Message:
+        """``request`` and wait for the final reply."""
+        self.wait_for_hello(timeout)
+        future = self.request(build)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            raise HubUnavailableError(f"no answer from the pvhub daemon at {self.address} within {timeout} s") from None
+
+    def wait_for_hello(self, timeout: float | None) -> None:
+        if not self._hello.wait(timeout):
+            raise HubUnavailableError(
+                f"the pvhub daemon at {self.address} did not answer within {timeout} s (is `pvhub serve` running?)"
+            )
+
+    def dispatch(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run ``func`` on the callback thread (in order with every other callback)."""
+        self._dispatch.put((func, args, kwargs))
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._wake()
+        if threading.current_thread() is not self._io:
+            self._io.join(timeout=5)
+        self._dispatch.put(None)
+        if threading.current_thread() is not self._dispatcher:
+            self._dispatcher.join(timeout=5)
+
+    # --- the I/O thread -------------------------------------------------------------------
+
+    def _call_soon(self, func: Callable[[], None]) -> None:
+        self._calls.append(func)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _run(self) -> None:
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer.connect(self.address)
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.RCVHWM, 100_000)
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._sub, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._send_hello()
+        try:
+            while not self._closed.is_set():
+                ready = dict(poller.poll(POLL_MS))
+                if self._wake_r.fileno() in ready:
+                    _drain(self._wake_r)
+                while self._calls:
+                    call = self._calls.popleft()
+                    try:
+                        call()
+                    except Exception:
+                        log.exception("hub_call_failed", address=self.address)
+                if self._dealer in ready:
+                    self._drain_replies()
+                if self._sub in ready:
+                    self._drain_readings()
+                self._prove_subscriptions()
+        except Exception:
+            log.exception("hub_io_failed", address=self.address)
+        finally:
+            self._dealer.close()
+            self._sub.close()
+            self._ctx.term()
+
+    def _send(self, message: p.Message) -> None:
+        self._dealer.send(p.encode(message))
+
+    def _send_hello(self) -> None:
+        def on_hello(message: p.Message) -> bool:
+            if isinstance(message, p.HelloReply):
+                self.readings_endpoint = _reachable(message.readings, self.address)
+                self.server_version = message.server_version
+                self.identity = message.client
+                self._sub.connect(self.readings_endpoint)
+                self._hello.set()
+                # Attach requests waited for the readings endpoint.
+                for channel in self._all_channels():
+                    if not channel.attached:
+                        self._request_snapshot(channel)
+            elif isinstance(message, p.ErrorReply):
+                log.error("hello_refused", address=self.address, code=message.code, error=message.message)
+            return True
+
+        request_id = next(self._ids)
+        self._pending[request_id] = on_hello
+        self._send(p.HelloRequest(id=request_id, client=self.name))
+
+    def _drain_replies(self) -> None:
+        while True:
+            try:
+                payload = self._dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = p.decode(payload)
+            except ProtocolError as exc:
+                log.error("bad_reply", error=str(exc))
+                continue
+            handler = self._pending.get(getattr(message, "id", -1))
+            if handler is None:
+                continue
+            try:
+                final = handler(message)
+            except Exception:
+                log.exception("reply_handler_failed", op=message.OP)
+                final = True
+            if final:
+                self._pending.pop(message.id, None)  # type: ignore[attr-defined]
+
+    def _drain_readings(self) -> None:
+        for _ in range(10_000):
+            try:
+                frames = self._sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                continue
+            try:
+                update = p.decode(frames[1])
+            except ProtocolError as exc:
+                log.error("bad_reading", error=str(exc))
+                continue
+            if not isinstance(update, p.Update):
+                continue
+            channel = self._channels.get(update.pv)
+            if channel is None:
+                continue
+            channel.live = True
+            channel.apply(
+                update.epoch, update.seq, update.connected, update.reading, update.metadata, from_stream=True
+            )
+
+    # --- attaching channels ----------------------------------------------------------------
+
+    def _attach(self, channel: Channel) -> None:
+        self._sub.setsockopt(zmq.SUBSCRIBE, p.topic(channel.pv))
+        if self._hello.is_set():
+            self._request_snapshot(channel)
+
+    def _request_snapshot(self, channel: Channel) -> None:
+        channel._last_proof = time.monotonic()
+
+        def on_snapshot(message: p.Message) -> bool:
+            if isinstance(message, p.Snapshot):
+                channel.apply(
+                    message.epoch, message.seq, message.connected, message.reading, message.metadata,
+                    from_stream=False,
+                )
+            elif isinstance(message, p.ErrorReply):
+                with channel.cond:
+                    channel.error = error_from_code(message.code, message.message)
+                    channel.cond.notify_all()
+            return True
+
+        request_id = next(self._ids)
+        self._pending[request_id] = on_snapshot
+        self._send(p.ReadRequest(id=request_id, pv=channel.pv, publish=not channel.live))
+
+    def _all_channels(self) -> list[Channel]:
+        with self._channels_lock:
+            return list(self._channels.values())
+
+    def _resync(self, channel: Channel) -> None:
+        self._request_snapshot(channel)
+
+    def _prove_subscriptions(self) -> None:
+        if not self._hello.is_set():
+            return
+        now = time.monotonic()
+        for channel in self._all_channels():
+            if not channel.live and channel.error is None and now - channel._last_proof >= PROOF_INTERVAL:
+                self._request_snapshot(channel)
+
+    # --- the dispatcher thread -------------------------------------------------------------
+
+    def _run_dispatcher(self) -> None:
+        while True:
+            item = self._dispatch.get()
+            if item is None:
+                return
+            func, args, kwargs = item
+            try:
+                func(*args, **kwargs)
+            except Exception:
+                log.exception("callback_failed", callback=repr(func))
+
+
+def _reachable(endpoint: str, request_address: str) -> str:
+    """The readings endpoint as this client can reach it: a daemon bound to all interfaces
+    names 0.0.0.0, which means the host we already reach it at."""
+    parts = urlsplit(endpoint)
+    if parts.scheme == "tcp" and parts.hostname in ("0.0.0.0", "::", "*"):
+        host = urlsplit(request_address).hostname or "127.0.0.1"
+        return f"tcp://{host}:{parts.port}"
+    return endpoint
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+_hubs: dict[str, Hub] = {}
+_hubs_lock = threading.Lock()
+
+
+def get_hub(address: str | None = None) -> Hub:
+    """The process's shared connection to the daemon at ``address`` ($PVHUB_ADDRESS)."""
+    address = address or default_address()
+    with _hubs_lock:
+        hub = _hubs.get(address)
+        if hub is None or hub._closed.is_set():
+            hub = _hubs[address] = Hub(address)
+        return hub
+
+
+def close_hubs() -> None:
+    """Close every hub of this process (tests, and interpreter exit)."""
+    with _hubs_lock:
+        hubs = list(_hubs.values())
+        _hubs.clear()
+    for hub in hubs:
+        hub.close()
+
+
+atexit.register(close_hubs)

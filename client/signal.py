@@ -1,0 +1,507 @@
+"""``EpicsSignal`` and ``EpicsSignalRO``: ophyd's surface, with the daemon behind it.
+
+Rule 1: a Signal never speaks Channel Access; it reads its PV's channel (kept current by the
+hub from published readings) and sends ``set`` requests. ``read()`` therefore answers from the
+latest reading without a round trip, like ophyd with ``auto_monitor=True``; a completed
+``set`` carries the value read back after the put, so a read after a set sees it.
+Rule 2: user callbacks run on the hub's callback thread, in the order the updates arrived.
+A new subscription is primed on that same thread, so its first call is the latest value
+delivered and no update is seen twice or skipped.
+Rule 3: what ophyd users rely on keeps ophyd's names and shapes: ``read``/``describe`` keys,
+callback keywords (``value``, ``old_value``, ``timestamp``, ``sub_type``, ``obj``, ...),
+``TimeoutError`` from waits, ``ReadOnlyError`` from writing a read-only Signal.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+from collections.abc import Iterable
+from typing import Any, Callable
+
+import numpy as np
+
+from pvhub import protocol as p
+from pvhub.client.hub import Channel, Hub, get_hub
+from pvhub.client.status import Status
+from pvhub.errors import ConnectionTimeoutError, ReadOnlyError, error_from_code
+
+DEFAULT_CONNECTION_TIMEOUT = 5.0  # the first use of a PV starts its actor process
+DEFAULT_TIMEOUT = 2.0
+
+_cids = itertools.count(1)
+
+
+class Kind(enum.IntFlag):
+    """ophyd's Kind: what part of a device's readings a signal belongs to."""
+
+    omitted = 0b000
+    normal = 0b001
+    config = 0b010
+    hinted = 0b101
+
+
+def data_type(value: Any) -> str:
+    """The event-model dtype of ``value``, as ophyd names it."""
+    if isinstance(value, (str, bytes)):
+        return "string"
+    if isinstance(value, Iterable) and not isinstance(value, dict):
+        return "array"
+    if isinstance(value, (bool, int, np.integer)):
+        return "integer"
+    if isinstance(value, (float, np.floating)):
+        return "number"
+    raise ValueError(f"cannot describe a value of type {type(value).__name__}")
+
+
+def data_shape(value: Any) -> list[int]:
+    if data_type(value) != "array":
+        return []
+    shape = getattr(value, "shape", None)
+    return list(shape) if shape is not None else [len(value)]
+
+
+class _Subscription:
+    __slots__ = ("callback", "event_type", "primed", "run")
+
+    def __init__(self, callback: Callable[..., Any], event_type: str, run: bool) -> None:
+        self.callback = callback
+        self.event_type = event_type
+        self.run = run
+        self.primed = False
+
+
+class EpicsSignalBase:
+    """What read-only and writable EPICS signals share."""
+
+    SUB_VALUE = "value"
+    SUB_META = "meta"
+    _default_sub = SUB_VALUE
+
+    def __init__(
+        self,
+        read_pv: str,
+        *,
+        name: str,
+        string: bool = False,
+        kind: Kind | str = Kind.hinted,
+        parent: Any = None,
+        labels: Iterable[str] | None = None,
+        attr_name: str = "",
+        timeout: float | None = None,
+        connection_timeout: float | None = None,
+        write_timeout: float | None = None,
+        auto_monitor: bool | None = None,
+        address: str | None = None,
+        hub: Hub | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(read_pv, str) or not read_pv:
+            raise ValueError("read_pv must be a non-empty PV name")
+        if not isinstance(name, str):
+            raise ValueError("name must be a string")
+        self.name = name
+        self.attr_name = attr_name
+        self.parent = parent
+        self._kind = Kind[kind] if isinstance(kind, str) else Kind(kind)
+        self._labels = set(labels or ())
+        self.as_string = bool(string)
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        self.connection_timeout = DEFAULT_CONNECTION_TIMEOUT if connection_timeout is None else connection_timeout
+        self.write_timeout = write_timeout
+        self.auto_monitor = auto_monitor  # accepted for ophyd compatibility; readings are always monitored
+        self._read_pv = read_pv
+        self._hub = hub or get_hub(address)
+        self._subs: dict[int, _Subscription] = {}
+        self._subs_lock = threading.Lock()
+        self._last_value_event: dict[str, Any] | None = None
+        self._read_channel = self._hub.channel(read_pv)
+        self._read_channel.listeners.append(self._on_channel)
+
+    # --- identity ---------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> Kind:
+        return self._kind
+
+    @kind.setter
+    def kind(self, value: Kind | str) -> None:
+        self._kind = Kind[value] if isinstance(value, str) else Kind(value)
+
+    @property
+    def hints(self) -> dict[str, list[str]]:
+        return {"fields": [self.name] if (~Kind.normal & Kind.hinted) & self._kind else []}
+
+    @property
+    def root(self) -> Any:
+        return self if self.parent is None else self.parent.root
+
+    @property
+    def dotted_name(self) -> str:
+        return self.attr_name or self.name
+
+    @property
+    def pvname(self) -> str:
+        return self._read_pv
+
+    @property
+    def source_name(self) -> str:
+        return f"PV:{self._read_pv}"
+
+    def _channels(self) -> tuple[Channel, ...]:
+        return (self._read_channel,)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(read_pv={self._read_pv!r}, name={self.name!r})"
+
+    # --- connection -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return all(c.ready for c in self._channels())
+
+    def wait_for_connection(self, all_signals: bool = False, timeout: float | None = None) -> None:
+        """Wait until every PV of this Signal is connected; ``ConnectionTimeoutError`` (a
+        ``TimeoutError``) if that takes longer than ``timeout``."""
+        timeout = self.connection_timeout if timeout is None else timeout
+        for channel in self._channels():
+            if not channel.wait(lambda c=channel: c.ready or c.error is not None, timeout):
+                if not self._hub._hello.is_set():
+                    raise ConnectionTimeoutError(
+                        f"{channel.pv}: the pvhub daemon at {self._hub.address} did not answer within {timeout} s"
+                    )
+                raise ConnectionTimeoutError(f"{channel.pv} could not connect within {timeout} s")
+            if channel.error is not None:
+                raise channel.error
+
+    # --- values -----------------------------------------------------------------------------
+
+    def _convert(self, value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
+        if isinstance(value, np.ndarray):
+            value = value.copy()
+        if not as_string:
+            return value
+        kind = metadata.get("native_type")
+        if kind == "enum":
+            strs = metadata.get("enum_strs") or []
+            return strs[value] if isinstance(value, int) and 0 <= value < len(strs) else str(value)
+        if kind == "char" and isinstance(value, np.ndarray):
+            return value.astype(np.uint8).tobytes().split(b"\0", 1)[0].decode(errors="replace")
+        if isinstance(value, (list, np.ndarray)):
+            return value
+        return value if isinstance(value, str) else str(value)
+
+    def _latest(self, connection_timeout: float | None = None) -> tuple[p.Reading, p.PVMetadata]:
+        channel = self._read_channel
+        if not channel.ready:
+            self.wait_for_connection(timeout=connection_timeout)
+        with channel.cond:
+            reading, metadata = channel.reading, channel.metadata
+        if reading is None:  # pragma: no cover - ready implies a reading
+            raise ConnectionTimeoutError(f"{channel.pv} has no value yet")
+        return reading, metadata
+
+    def get(self, *, as_string: bool | None = None, timeout: float | None = None,
+            connection_timeout: float | None = None, **kwargs: Any) -> Any:
+        """The PV's latest value (a label for an enum when ``string=True``)."""
+        reading, metadata = self._latest(connection_timeout)
+        return self._convert(reading.value, metadata, self.as_string if as_string is None else as_string)
+
+    @property
+    def value(self) -> Any:
+        return self.get()
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"value", "timestamp"}}`` from the latest reading."""
+        reading, metadata = self._latest()
+        return {self.name: {"value": self._convert(reading.value, metadata, self.as_string),
+                            "timestamp": reading.timestamp}}
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Data keys as ophyd's ``EpicsSignalBase.describe`` gives them."""
+        reading, metadata = self._latest()
+        value = self._convert(reading.value, metadata, self.as_string)
+        low, high = self.limits
+        desc: dict[str, Any] = {
+            "source": self.source_name,
+            "dtype": data_type(value),
+            "shape": data_shape(value),
+            "units": metadata.get("units") or "",
+            "lower_ctrl_limit": low,
+            "upper_ctrl_limit": high,
+        }
+        if self.precision is not None:
+            desc["precision"] = self.precision
+        if self.enum_strs is not None:
+            desc["enum_strs"] = tuple(self.enum_strs)
+        return {self.name: desc}
+
+    def read_configuration(self) -> dict[str, dict[str, Any]]:
+        return self.read()
+
+    def describe_configuration(self) -> dict[str, dict[str, Any]]:
+        return self.describe()
+
+    def trigger(self) -> Status:
+        status = Status(self)
+        status.set_finished()
+        return status
+
+    def stage(self) -> list[Any]:
+        return [self]
+
+    def unstage(self) -> list[Any]:
+        return [self]
+
+    # --- metadata ---------------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        channel = self._read_channel
+        with channel.cond:
+            md = dict(channel.metadata)
+            reading = channel.reading
+            connected = channel.ready
+        md.update(
+            connected=connected,
+            read_access=bool(md.get("read_access", False)) and connected,
+            write_access=bool(md.get("write_access", False)) and connected and self._writable,
+            timestamp=reading.timestamp if reading else None,
+            status=reading.status if reading else None,
+            severity=reading.severity if reading else None,
+        )
+        return md
+
+    _writable = False
+
+    @property
+    def timestamp(self) -> float | None:
+        reading = self._read_channel.reading
+        return reading.timestamp if reading else None
+
+    @property
+    def alarm_status(self) -> int | None:
+        reading = self._read_channel.reading
+        return reading.status if reading else None
+
+    @property
+    def alarm_severity(self) -> int | None:
+        reading = self._read_channel.reading
+        return reading.severity if reading else None
+
+    @property
+    def units(self) -> str:
+        return self._read_channel.metadata.get("units") or ""
+
+    @property
+    def precision(self) -> int | None:
+        return self._read_channel.metadata.get("precision")
+
+    @property
+    def enum_strs(self) -> tuple[str, ...] | None:
+        strs = self._read_channel.metadata.get("enum_strs")
+        return tuple(strs) if strs is not None else None
+
+    @property
+    def limits(self) -> tuple[Any, Any]:
+        md = self._read_channel.metadata
+        return (md.get("lower_ctrl_limit"), md.get("upper_ctrl_limit"))
+
+    @property
+    def low_limit(self) -> Any:
+        return self.limits[0]
+
+    @property
+    def high_limit(self) -> Any:
+        return self.limits[1]
+
+    @property
+    def read_access(self) -> bool:
+        return bool(self.metadata["read_access"])
+
+    @property
+    def write_access(self) -> bool:
+        return bool(self.metadata["write_access"])
+
+    # --- subscriptions ----------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[..., Any], event_type: str | None = None, run: bool = True) -> int:
+        """Call ``callback(**kwargs)`` on every update of ``event_type`` ("value" or "meta");
+        with ``run``, first with the current state. Returns an id for ``unsubscribe``."""
+        if not callable(callback):
+            raise ValueError("callback must be callable")
+        event_type = event_type or self._default_sub
+        if event_type not in (self.SUB_VALUE, self.SUB_META):
+            raise KeyError(f"unknown event type {event_type!r}; use 'value' or 'meta'")
+        cid = next(_cids)
+        subscription = _Subscription(callback, event_type, run)
+        with self._subs_lock:
+            self._subs[cid] = subscription
+        self._hub.dispatch(self._prime, cid)
+        return cid
+
+    def unsubscribe(self, cid: int) -> None:
+        with self._subs_lock:
+            self._subs.pop(cid, None)
+
+    def clear_sub(self, cb: Callable[..., Any], event_type: str | None = None) -> None:
+        with self._subs_lock:
+            for cid, sub in list(self._subs.items()):
+                if sub.callback == cb and (event_type is None or sub.event_type == event_type):
+                    del self._subs[cid]
+
+    def unsubscribe_all(self) -> None:
+        with self._subs_lock:
+            self._subs.clear()
+
+    def destroy(self) -> None:
+        self.unsubscribe_all()
+        for channel in self._channels():
+            if self._on_channel in channel.listeners:
+                channel.listeners.remove(self._on_channel)
+
+    # Runs on the callback thread.
+    def _prime(self, cid: int) -> None:
+        with self._subs_lock:
+            sub = self._subs.get(cid)
+        if sub is None or sub.primed:
+            return
+        sub.primed = True
+        if not sub.run:
+            return
+        if sub.event_type == self.SUB_META:
+            kwargs = self._meta_kwargs()
+        else:
+            kwargs = self._last_value_event or self._current_value_event()
+            if kwargs is None:
+                return
+        self._call(sub.callback, sub.event_type, kwargs)
+
+    def _current_value_event(self) -> dict[str, Any] | None:
+        channel = self._read_channel
+        with channel.cond:
+            reading, metadata, ready = channel.reading, channel.metadata, channel.ready
+        if not ready or reading is None:
+            return None
+        return self._value_kwargs(reading, None, metadata)
+
+    def _value_kwargs(self, reading: p.Reading, old: p.Reading | None, metadata: p.PVMetadata) -> dict[str, Any]:
+        return {
+            "old_value": self._convert(old.value, metadata, self.as_string) if old is not None else None,
+            "value": self._convert(reading.value, metadata, self.as_string),
+            "timestamp": reading.timestamp,
+            "status": reading.status,
+            "severity": reading.severity,
+        }
+
+    def _meta_kwargs(self) -> dict[str, Any]:
+        md = self.metadata
+        keys = ("connected", "read_access", "write_access", "timestamp", "status", "severity",
+                "precision", "units", "lower_ctrl_limit", "upper_ctrl_limit")
+        kwargs = {key: md.get(key) for key in keys}
+        kwargs["enum_strs"] = self.enum_strs
+        return kwargs
+
+    # Runs on the I/O thread: capture the state now, call users later on the callback thread.
+    def _on_channel(self, kind: str, channel: Channel, old: p.Reading | None) -> None:
+        if kind == self.SUB_VALUE and channel is self._read_channel and channel.reading is not None:
+            kwargs = self._value_kwargs(channel.reading, old, channel.metadata)
+            self._hub.dispatch(self._run_subs, self.SUB_VALUE, kwargs)
+        elif kind == self.SUB_META:
+            self._hub.dispatch(self._run_meta_subs)
+
+    def _run_meta_subs(self) -> None:
+        self._run_subs(self.SUB_META, self._meta_kwargs())
+
+    def _run_subs(self, event_type: str, kwargs: dict[str, Any]) -> None:
+        if event_type == self.SUB_VALUE:
+            self._last_value_event = kwargs
+        with self._subs_lock:
+            subs = [s for s in self._subs.values() if s.event_type == event_type and s.primed]
+        for sub in subs:
+            self._call(sub.callback, event_type, kwargs)
+
+    def _call(self, callback: Callable[..., Any], event_type: str, kwargs: dict[str, Any]) -> None:
+        try:
+            callback(sub_type=event_type, obj=self, **kwargs)
+        except Exception:
+            from pvhub.client.hub import log
+
+            log.exception("subscription_callback_failed", signal=self.name, callback=repr(callback))
+
+
+class EpicsSignalRO(EpicsSignalBase):
+    """A read-only EPICS signal: ``set`` and ``put`` raise ``ReadOnlyError``."""
+
+    def set(self, value: Any, **kwargs: Any) -> Status:
+        raise ReadOnlyError(f"{self.name} is read-only ({type(self).__name__})")
+
+    def put(self, value: Any, **kwargs: Any) -> None:
+        raise ReadOnlyError(f"{self.name} is read-only ({type(self).__name__})")
+
+
+class EpicsSignal(EpicsSignalBase):
+    """A read-write EPICS signal; ``set`` puts with completion and returns a ``Status``."""
+
+    _writable = True
+
+    def __init__(self, read_pv: str, write_pv: str | None = None, *, put_complete: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(read_pv, **kwargs)
+        self._write_pv = write_pv or read_pv
+        self.put_complete = put_complete
+        self._write_channel = self._read_channel if self._write_pv == read_pv else self._hub.channel(self._write_pv)
+
+    def _channels(self) -> tuple[Channel, ...]:
+        if self._write_channel is self._read_channel:
+            return (self._read_channel,)
+        return (self._read_channel, self._write_channel)
+
+    @property
+    def setpoint_pvname(self) -> str:
+        return self._write_pv
+
+    @property
+    def write_access(self) -> bool:
+        channel = self._write_channel
+        return bool(channel.ready and channel.metadata.get("write_access", False))
+
+    def __repr__(self) -> str:
+        extra = f", write_pv={self._write_pv!r}" if self._write_pv != self._read_pv else ""
+        return f"{type(self).__name__}(read_pv={self._read_pv!r}{extra}, name={self.name!r})"
+
+    def set(self, value: Any, *, timeout: float | None = None, settle_time: float | None = None,
+            **kwargs: Any) -> Status:
+        """Put ``value``; the Status finishes when the IOC reports the put complete."""
+        status = Status(self, timeout=timeout if timeout is not None else self.write_timeout,
+                        settle_time=settle_time or 0.0)
+        write_channel = self._write_channel
+        same_channel = write_channel is self._read_channel
+        hub = self._hub
+
+        def on_reply(message: p.Message) -> bool:
+            if isinstance(message, p.SetAccepted):
+                return False
+            if isinstance(message, p.SetDone):
+                if same_channel and message.reading is not None:
+                    # Read-your-writes: apply the read-back before anyone hears "done".
+                    write_channel.apply(message.epoch, message.seq, True, message.reading, None, from_stream=False)
+                hub.dispatch(status.set_finished)
+            elif isinstance(message, p.ErrorReply):
+                hub.dispatch(status.set_exception, error_from_code(message.code, message.message))
+            else:
+                return False
+            return True
+
+        hub.request(lambda rid: p.SetRequest(id=rid, pv=self._write_pv, value=value), on_reply)
+        return status
+
+    def put(self, value: Any, *, wait: bool = False, timeout: float | None = None,
+            callback: Callable[..., Any] | None = None, **kwargs: Any) -> None:
+        """Put ``value``; with ``wait``, block until the IOC reports completion."""
+        status = self.set(value)
+        if callback is not None:
+            status.add_callback(lambda st: callback())
+        if wait:
+            status.wait(timeout)

@@ -1,0 +1,174 @@
+"""Status objects: the promise of an operation that finishes later, as ophyd and Bluesky
+know it.
+
+Rule 1: a Status finishes once, either successfully or with an exception; later attempts
+are ignored (the first word wins), so a late put-completion after a timeout cannot flip it.
+Rule 2: ``wait(timeout)`` giving up raises ``StatusTimeoutError`` (a ``TimeoutError``) and
+does not cancel anything: the operation goes on, and the Status still finishes when it does.
+A ``timeout`` given at creation is different: it fails the Status itself when it expires, as
+ophyd's ``StatusBase(timeout=)`` does.
+Rule 3: callbacks run once, after the Status finished, on the thread that finished it; one
+added later runs at once on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import structlog
+
+from pvhub.errors import PvhubError, StatusTimeoutError
+
+log = structlog.get_logger("pvhub.client")
+
+
+class Status:
+    """The outcome of an operation that completes later (ophyd's ``StatusBase`` surface)."""
+
+    def __init__(self, obj: Any = None, *, timeout: float | None = None, settle_time: float = 0.0) -> None:
+        self.obj = obj
+        self.timeout = timeout
+        self.settle_time = settle_time or 0.0
+        self.start_ts = time.time()
+        self.finish_ts: float | None = None
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._exception: BaseException | None = None
+        self._settling = False
+        self._callbacks: list[Callable[[Status], Any]] = []
+        self._timer: threading.Timer | None = None
+        if timeout is not None:
+            self._timer = threading.Timer(timeout, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    # --- state -----------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    @property
+    def success(self) -> bool:
+        return self.done and self._exception is None
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finish_ts or time.time()) - self.start_ts
+
+    @property
+    def callbacks(self) -> list[Callable[[Status], Any]]:
+        return list(self._callbacks)
+
+    # --- finishing -------------------------------------------------------------------------
+
+    def set_finished(self) -> None:
+        """Mark success (after ``settle_time``, if one was given)."""
+        if self.settle_time > 0:
+            with self._lock:
+                if self._event.is_set() or self._settling:
+                    return
+                self._settling = True
+            timer = threading.Timer(self.settle_time, self._finish, args=(None,))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._finish(None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        """Mark failure with ``exc``."""
+        self._finish(exc)
+
+    def _expire(self) -> None:
+        self._finish(StatusTimeoutError(f"{self!r} did not finish within its {self.timeout} s timeout"))
+
+    def _finish(self, exc: BaseException | None) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._exception = exc
+            self.finish_ts = time.time()
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        if self._timer is not None:
+            self._timer.cancel()
+        for callback in callbacks:
+            _run_callback(callback, self)
+
+    # --- waiting ---------------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until finished; raise its exception, or ``StatusTimeoutError`` if ``timeout``
+        passes first (the operation is not cancelled)."""
+        if not self._event.wait(timeout):
+            raise StatusTimeoutError(f"{self!r} not done after waiting {timeout} s (it goes on)")
+        if self._exception is not None:
+            raise self._exception
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The exception the Status finished with, or None for success."""
+        if not self._event.wait(timeout):
+            raise StatusTimeoutError(f"{self!r} not done after waiting {timeout} s")
+        return self._exception
+
+    def add_callback(self, callback: Callable[[Status], Any]) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        _run_callback(callback, self)
+
+    def __and__(self, other: Status) -> AndStatus:
+        return AndStatus(self, other)
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done else ("success" if self.success else "failed")
+        target = getattr(self.obj, "name", None)
+        return f"<{type(self).__name__} {state}{' ' + target if target else ''}>"
+
+
+class AndStatus(Status):
+    """Finishes when both parts have; fails as soon as either fails."""
+
+    def __init__(self, left: Status, right: Status) -> None:
+        super().__init__(obj=None)
+        self.left = left
+        self.right = right
+
+        def check(_: Status) -> None:
+            for part in (left, right):
+                if part.done and not part.success:
+                    self.set_exception(part.exception(0) or PvhubError("a part failed"))
+                    return
+            if left.done and right.done:
+                self.set_finished()
+
+        left.add_callback(check)
+        right.add_callback(check)
+
+    def __repr__(self) -> str:
+        return f"({self.left!r} & {self.right!r})"
+
+
+def wait(*statuses: Status | Iterable[Status], timeout: float | None = None) -> None:
+    """Wait for every status (as the tutorial's ``wait(status1, status2, timeout=1)``); raise
+    the first failure, or ``StatusTimeoutError`` when ``timeout`` passes with some unfinished."""
+    flat: list[Status] = []
+    for item in statuses:
+        if isinstance(item, Status) or not isinstance(item, Iterable):
+            flat.append(item)  # type: ignore[arg-type]
+        else:
+            flat.extend(item)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for status in flat:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        status.wait(remaining)
+
+
+def _run_callback(callback: Callable[[Status], Any], status: Status) -> None:
+    try:
+        callback(status)
+    except Exception:
+        log.exception("status_callback_failed", callback=repr(callback))

@@ -1,0 +1,302 @@
+"""The daemon's sockets and its loop: clients in, actors out, readings forwarded in C.
+
+Rule 1: the broker thread owns the two ROUTER sockets; the readings forwarder
+(``zmq.proxy_steerable`` XSUB -> XPUB) runs on its own thread and never touches Python per
+message.
+Rule 2: nothing a client sends can stop the loop. A message that does not decode is answered
+with ``bad_message`` when it carries enough to answer, and dropped (logged) otherwise.
+Rule 3: the loop runs the supervisor's reaping every tick, so an actor's death is answered
+within one tick (``TICK_S``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgpack
+import structlog
+import zmq
+
+from pvhub import protocol as p
+from pvhub.config import Config
+from pvhub.daemon.notify import Notifier, watchdog_interval
+from pvhub.daemon.routing import Router, SpawnActor, ToActor, ToClient, error_reply
+from pvhub.daemon.supervisor import Supervisor
+from pvhub.errors import InternalError, ProtocolError
+
+log = structlog.get_logger("pvhub.daemon")
+
+TICK_S = 0.2
+# A client that does not read its readings loses the oldest ones beyond this many; it sees a
+# seq gap and resyncs. It never slows anyone else.
+READINGS_HWM = 100_000
+
+
+def default_readings_address(address: str) -> str:
+    """Readings next to requests: TCP port + 1, or ``<path>.readings`` for IPC."""
+    parts = urlsplit(address)
+    if parts.scheme == "tcp" and parts.port is not None:
+        return f"tcp://{parts.hostname}:{parts.port + 1}"
+    if parts.scheme == "ipc":
+        return address + ".readings"
+    raise ValueError(f"give --readings for {address!r}")
+
+
+class Broker:
+    """Binds the daemon's sockets and runs until asked to stop."""
+
+    def __init__(
+        self,
+        config: Config,
+        address: str,
+        readings: str | None = None,
+        log_format: str = "json",
+        log_level: str = "info",
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.address = address
+        self.readings_address = readings or default_readings_address(address)
+        self.notifier = notifier or Notifier()
+        self._stopping = False
+        self._ctx = zmq.Context()
+        self._rundir = tempfile.mkdtemp(prefix="pvhub-", dir=os.environ.get("RUNTIME_DIRECTORY"))
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.log_format = log_format
+        self.log_level = log_level
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def request_stop(self, *_: Any) -> None:
+        self._stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+    def run(self) -> int:
+        clients = self._ctx.socket(zmq.ROUTER)
+        clients.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        clients.setsockopt(zmq.LINGER, 0)
+        clients.bind(self.address)
+        actors = self._ctx.socket(zmq.ROUTER)
+        actors.setsockopt(zmq.LINGER, 0)
+        actor_endpoint = f"ipc://{self._rundir}/actors"
+        actors.bind(actor_endpoint)
+        readings_in_endpoint = f"ipc://{self._rundir}/readings"
+        forwarder = ReadingsForwarder(self._ctx, readings_in_endpoint, self.readings_address)
+        readings_endpoint = forwarder.start()
+
+        router = Router(self.config, readings_endpoint)
+        supervisor = Supervisor(actor_endpoint, readings_in_endpoint, self.log_format, self.log_level)
+        self.log = log.bind(address=clients.getsockopt_string(zmq.LAST_ENDPOINT), readings=readings_endpoint)
+        ctx = _LoopContext(clients, actors, router, supervisor)
+        self._carry_out(ctx, router.initial_actors(time.monotonic()))
+        self._wait_for_initial_actors(ctx)
+        self.log.info("daemon_ready", pid=os.getpid())
+        self.notifier.ready(self._status_line(router))
+
+        poller = zmq.Poller()
+        poller.register(clients, zmq.POLLIN)
+        poller.register(actors, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        watchdog = watchdog_interval()
+        last_watchdog = 0.0
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll(int(TICK_S * 1000)))
+                if clients in ready:
+                    self._drain_clients(ctx)
+                if actors in ready:
+                    self._drain_actors(ctx)
+                if self._wake_r.fileno() in ready:
+                    _drain(self._wake_r)
+                now = time.monotonic()
+                for actor, code in supervisor.reap():
+                    self._carry_out(ctx, router.actor_exited(actor, code))
+                if watchdog is not None and now - last_watchdog >= watchdog:
+                    last_watchdog = now
+                    self.notifier.watchdog()
+                    self.notifier.status(self._status_line(router))
+        finally:
+            self.notifier.stopping()
+            self.log.info("daemon_stopping")
+            supervisor.stop_all()
+            forwarder.stop()
+            clients.close()
+            actors.close()
+            self._ctx.term()
+            shutil.rmtree(self._rundir, ignore_errors=True)
+            self.log.info("daemon_stopped")
+        return 0
+
+    def _wait_for_initial_actors(self, ctx: "_LoopContext", timeout: float = 30.0) -> None:
+        """READY means the configured actors are up: wait for each one's hello."""
+        deadline = time.monotonic() + timeout
+        while not self._stopping and time.monotonic() < deadline:
+            if all(r.ready for r in ctx.router.actors.values()):
+                return
+            if ctx.actors.poll(int(TICK_S * 1000)):
+                self._drain_actors(ctx)
+            for actor, code in ctx.supervisor.reap():
+                self._carry_out(ctx, ctx.router.actor_exited(actor, code))
+        pending = [a for a, r in ctx.router.actors.items() if not r.ready]
+        if pending:
+            self.log.warning("actors_not_ready", actors=pending)
+
+    def _status_line(self, router: Router) -> str:
+        return f"{len(router.owner)} PVs, {len(router.actors)} actors, {len(router.clients)} clients"
+
+    # --- messages --------------------------------------------------------------------------
+
+    def _drain_clients(self, ctx: "_LoopContext") -> None:
+        for _ in range(1000):  # bounded, so actors and reaping get their turn
+            try:
+                frames = ctx.clients.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.log.warning("malformed_envelope", frames=len(frames))
+                continue
+            client, payload = frames
+            try:
+                message = p.decode(payload)
+            except ProtocolError as exc:
+                self._refuse(ctx, client, payload, exc)
+                continue
+            try:
+                effects = ctx.router.client_message(client, message, payload, time.monotonic())
+            except Exception as exc:  # the loop boundary: answer, log, go on
+                self.log.exception("client_message_failed", client=client.hex())
+                effects = [ToClient(client, error_reply(getattr(message, "id", 0), InternalError(repr(exc))))]
+            self._carry_out(ctx, effects)
+
+    def _refuse(self, ctx: "_LoopContext", client: bytes, payload: bytes, exc: ProtocolError) -> None:
+        request_id = _salvage_id(payload)
+        self.log.warning("bad_message", client=client.hex(), error=str(exc))
+        ctx.clients.send_multipart([client, p.encode(error_reply(request_id, exc))])
+
+    def _drain_actors(self, ctx: "_LoopContext") -> None:
+        for _ in range(1000):
+            try:
+                frames = ctx.actors.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 3:
+                self.log.warning("malformed_actor_envelope", frames=len(frames))
+                continue
+            actor_raw, client, payload = frames
+            try:
+                message = p.decode(payload)
+            except ProtocolError as exc:
+                self.log.error("bad_actor_message", actor=actor_raw.decode(errors="replace"), error=str(exc))
+                continue
+            actor = actor_raw.decode()
+            if isinstance(message, p.ActorReady):
+                self.log.info("actor_ready", actor=actor, actor_pid=message.pid)
+            effects = ctx.router.actor_message(actor, client, message, time.monotonic())
+            # Replies are forwarded as they came: re-encoding would only cost time.
+            for effect in effects:
+                if isinstance(effect, ToClient) and effect.message is message:
+                    ctx.clients.send_multipart([effect.client, payload])
+                else:
+                    self._carry_out(ctx, [effect])
+
+    def _carry_out(self, ctx: "_LoopContext", effects: list) -> None:
+        for effect in effects:
+            if isinstance(effect, ToClient):
+                ctx.clients.send_multipart([effect.client, p.encode(effect.message)])
+            elif isinstance(effect, ToActor):
+                ctx.actors.send_multipart([effect.actor.encode(), effect.client, effect.payload])
+            elif isinstance(effect, SpawnActor):
+                ctx.supervisor.spawn(effect.actor, effect.pvs)
+
+
+class _LoopContext:
+    def __init__(self, clients: zmq.Socket, actors: zmq.Socket, router: Router, supervisor: Supervisor) -> None:
+        self.clients = clients
+        self.actors = actors
+        self.router = router
+        self.supervisor = supervisor
+
+
+class ReadingsForwarder:
+    """XSUB (actors publish here) -> XPUB (clients subscribe here), forwarded in C."""
+
+    def __init__(self, ctx: zmq.Context, inward: str, outward: str) -> None:
+        self._ctx = ctx
+        self._inward = inward
+        self._outward = outward
+        self._control_endpoint = f"inproc://pvhub-readings-control-{id(self)}"
+        self._thread: threading.Thread | None = None
+        self._control: zmq.Socket | None = None
+
+    def start(self) -> str:
+        xsub = self._ctx.socket(zmq.XSUB)
+        xsub.setsockopt(zmq.LINGER, 0)
+        xsub.setsockopt(zmq.RCVHWM, READINGS_HWM)
+        xsub.bind(self._inward)
+        xpub = self._ctx.socket(zmq.XPUB)
+        xpub.setsockopt(zmq.LINGER, 0)
+        xpub.setsockopt(zmq.SNDHWM, READINGS_HWM)
+        xpub.bind(self._outward)
+        endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+        control_in = self._ctx.socket(zmq.PAIR)
+        control_in.bind(self._control_endpoint)
+        self._control = self._ctx.socket(zmq.PAIR)
+        self._control.connect(self._control_endpoint)
+
+        def forward() -> None:
+            try:
+                zmq.proxy_steerable(xsub, xpub, None, control_in)
+            except zmq.ContextTerminated:
+                pass
+            finally:
+                xsub.close()
+                xpub.close()
+                control_in.close()
+
+        self._thread = threading.Thread(target=forward, name="readings-forwarder", daemon=True)
+        self._thread.start()
+        return endpoint
+
+    def stop(self) -> None:
+        if self._control is not None:
+            self._control.send(b"TERMINATE")
+            self._control.close()
+            self._control = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _salvage_id(payload: bytes) -> int:
+    """The request id of a message that failed to decode, when it can still be read (so the
+    client's pending request fails at once instead of timing out)."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception:
+        return 0
+    if isinstance(body, dict):
+        request_id = body.get("id")
+        if isinstance(request_id, int) and not isinstance(request_id, bool):
+            return request_id
+    return 0

@@ -1,0 +1,3 @@
+from pvhub.cli import main
+
+raise SystemExit(main())

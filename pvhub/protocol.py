@@ -1,0 +1,398 @@
+"""The wire protocol: every message that crosses a socket, defined once.
+
+Rule 1: nothing else in pvhub builds or parses a wire message; it calls ``encode``/``decode``.
+Rule 2: a message is a msgpack map ``{"v": PROTOCOL_VERSION, "op": <op>, ...fields}``. A peer
+rejects a message whose major version differs, and ignores fields it does not know (so that a
+later minor version can add some).
+Rule 3: requests carry a client-chosen ``id``; every reply and error carries the same ``id``.
+A ``set`` gets two replies: ``SetAccepted`` (or an ``ErrorReply`` at once), then ``SetDone`` or an
+``ErrorReply`` when the IOC's put-completion arrives.
+Rule 4: readings are published on topic ``pv.encode() + b"\\0"`` (the NUL makes ZeroMQ's prefix
+match exact). ``seq`` counts per PV per actor incarnation; ``epoch`` names the incarnation, so
+a subscriber detects both gaps and restarts (the ZeroMQ guide's Clone pattern).
+Rule 5: arrays travel as raw bytes with dtype and shape (a msgpack ext type), never element by
+element; numpy scalars travel as plain numbers. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypedDict
+
+import msgpack
+import numpy as np
+
+from pvhub.errors import ProtocolError, UnsupportedVersionError
+
+PROTOCOL_VERSION = 1
+_NDARRAY_EXT = 1
+
+
+# --- values -------------------------------------------------------------------------------
+
+
+def _pack_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        array = np.ascontiguousarray(obj)
+        if array.dtype.hasobject:
+            return array.tolist()
+        header = msgpack.packb([array.dtype.str, list(array.shape)])
+        return msgpack.ExtType(_NDARRAY_EXT, header + array.tobytes())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (tuple, set, frozenset)):
+        return list(obj)
+    raise TypeError(f"cannot send a value of type {type(obj).__name__}")
+
+
+def _unpack_ext(code: int, data: bytes) -> Any:
+    if code != _NDARRAY_EXT:
+        raise ProtocolError(f"unknown msgpack extension type {code}")
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data)
+    dtype_str, shape = unpacker.unpack()
+    offset = unpacker.tell()
+    array = np.frombuffer(data, dtype=np.dtype(dtype_str), offset=offset)
+    # frombuffer shares the (immutable) message buffer; users expect an array they own.
+    return array.reshape(shape).copy()
+
+
+# --- shared shapes -------------------------------------------------------------------------
+
+
+class PVMetadata(TypedDict, total=False):
+    """What an actor knows about its PV beyond the value (CA's control structure)."""
+
+    native_type: str  # "float", "int", "enum", "string", "char"
+    count: int
+    units: str
+    precision: int | None
+    lower_ctrl_limit: float
+    upper_ctrl_limit: float
+    lower_disp_limit: float
+    upper_disp_limit: float
+    lower_alarm_limit: float
+    upper_alarm_limit: float
+    lower_warning_limit: float
+    upper_warning_limit: float
+    enum_strs: list[str] | None
+    read_access: bool
+    write_access: bool
+    host: str
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One value of a PV with its EPICS timestamp and alarm."""
+
+    value: Any
+    timestamp: float
+    severity: int = 0
+    status: int = 0
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every wire message; ``OP`` names it on the wire."""
+
+    OP: ClassVar[str] = ""
+
+
+# Client -> daemon requests. ``id`` is chosen by the client, unique among its pending ones.
+
+
+@dataclass(frozen=True)
+class HelloRequest(Message):
+    """First words of a client: which protocol it speaks and who it is."""
+
+    OP: ClassVar[str] = "hello"
+    id: int
+    client: str = ""
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class ReadRequest(Message):
+    """Ask for a PV's snapshot; ``publish`` also sends it on the readings topic (proves a
+    subscription is live: whatever reaches a SUB after it arrives in order)."""
+
+    OP: ClassVar[str] = "read"
+    id: int
+    pv: str
+    publish: bool = False
+
+
+@dataclass(frozen=True)
+class DescribeRequest(Message):
+    """Ask for a PV's metadata."""
+
+    OP: ClassVar[str] = "describe"
+    id: int
+    pv: str
+
+
+@dataclass(frozen=True)
+class SetRequest(Message):
+    """Put ``value`` with completion; see Rule 3 for the replies."""
+
+    OP: ClassVar[str] = "set"
+    id: int
+    pv: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class StatusRequest(Message):
+    """Ask the daemon for its PVs, actors and clients."""
+
+    OP: ClassVar[str] = "status"
+    id: int
+
+
+@dataclass(frozen=True)
+class PingRequest(Message):
+    """Heartbeat from a client; answered by ``Pong``."""
+
+    OP: ClassVar[str] = "ping"
+    id: int
+
+
+# Replies.
+
+
+@dataclass(frozen=True)
+class HelloReply(Message):
+    """Where readings are published, and what the daemon runs."""
+
+    OP: ClassVar[str] = "hello_reply"
+    id: int
+    readings: str
+    server_version: str
+    protocol: int = PROTOCOL_VERSION
+    client: bytes = b""
+
+
+@dataclass(frozen=True)
+class Snapshot(Message):
+    """All a subscriber needs to start: the latest state of a PV with its ``seq``."""
+
+    OP: ClassVar[str] = "snapshot"
+    id: int
+    pv: str
+    epoch: int
+    seq: int
+    connected: bool
+    reading: Reading | None = None
+    metadata: PVMetadata | None = None
+
+
+@dataclass(frozen=True)
+class DescribeReply(Message):
+    """A PV's metadata."""
+
+    OP: ClassVar[str] = "describe_reply"
+    id: int
+    pv: str
+    connected: bool
+    metadata: PVMetadata | None = None
+
+
+@dataclass(frozen=True)
+class SetAccepted(Message):
+    """The put was sent to the IOC; ``SetDone`` or an error follows."""
+
+    OP: ClassVar[str] = "set_accepted"
+    id: int
+    pv: str
+
+
+@dataclass(frozen=True)
+class SetDone(Message):
+    """The IOC reported the put complete; ``reading`` is the value read back after it."""
+
+    OP: ClassVar[str] = "set_done"
+    id: int
+    pv: str
+    epoch: int = 0
+    seq: int = 0
+    reading: Reading | None = None
+
+
+@dataclass(frozen=True)
+class StatusReply(Message):
+    """The daemon's view of itself (``pvhub status``)."""
+
+    OP: ClassVar[str] = "status_reply"
+    id: int
+    status: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    """Answer to ``PingRequest``."""
+
+    OP: ClassVar[str] = "pong"
+    id: int
+
+
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    """A request failed; ``code`` is one of ``pvhub.errors``' codes."""
+
+    OP: ClassVar[str] = "error"
+    id: int
+    code: str
+    message: str
+    pv: str = ""
+
+
+# Published on the readings sockets.
+
+
+@dataclass(frozen=True)
+class Update(Message):
+    """One change of a PV: a new reading, a connection change, or a snapshot (same ``seq``
+    as the last change, sent so that a new subscriber knows its subscription is live)."""
+
+    OP: ClassVar[str] = "update"
+    pv: str
+    epoch: int
+    seq: int
+    connected: bool
+    reading: Reading | None = None
+    metadata: PVMetadata | None = None
+    snapshot: bool = False
+
+
+# Actor <-> broker.
+
+
+@dataclass(frozen=True)
+class ActorReady(Message):
+    """An actor process is up and owns ``pvs``."""
+
+    OP: ClassVar[str] = "actor_ready"
+    actor: str
+    pid: int
+    pvs: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """Liveness between broker and actors (and reserved for clients)."""
+
+    OP: ClassVar[str] = "heartbeat"
+    sender: str = ""
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.OP: cls
+    for cls in (
+        HelloRequest,
+        ReadRequest,
+        DescribeRequest,
+        SetRequest,
+        StatusRequest,
+        PingRequest,
+        HelloReply,
+        Snapshot,
+        DescribeReply,
+        SetAccepted,
+        SetDone,
+        StatusReply,
+        Pong,
+        ErrorReply,
+        Update,
+        ActorReady,
+        Heartbeat,
+    )
+}
+
+REQUESTS = (HelloRequest, ReadRequest, DescribeRequest, SetRequest, StatusRequest, PingRequest)
+# Requests that name a PV and are answered by its actor.
+PV_REQUESTS = (ReadRequest, DescribeRequest, SetRequest)
+# Replies after which nothing more comes for that request id.
+FINAL_REPLIES = (HelloReply, Snapshot, DescribeReply, SetDone, StatusReply, Pong, ErrorReply)
+
+_NESTED = {"reading": Reading}
+_FIELDS = {cls: {f.name for f in dataclasses.fields(cls)} for cls in MESSAGES.values()}
+_REQUIRED = {
+    cls: {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    for cls in MESSAGES.values()
+}
+
+
+def encode(message: Message) -> bytes:
+    """The bytes of ``message``; raises ``ProtocolError`` for a value that cannot travel."""
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": message.OP}
+    for name in _FIELDS[type(message)]:
+        value = getattr(message, name)
+        if isinstance(value, Reading):
+            value = dataclasses.asdict(value)
+        body[name] = value
+    try:
+        return msgpack.packb(body, default=_pack_default, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"cannot encode {message.OP}: {exc}") from exc
+
+
+def decode(data: bytes) -> Message:
+    """The message in ``data``; any malformed input raises ``ProtocolError``."""
+    try:
+        body = msgpack.unpackb(data, raw=False, ext_hook=_unpack_ext, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
+        raise ProtocolError(f"undecodable message: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError("a message must be a map")
+    version = body.get("v")
+    if not isinstance(version, int):
+        raise ProtocolError("message has no protocol version 'v'")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersionError(
+            f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    op = body.get("op")
+    cls = MESSAGES.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown operation {op!r}")
+    fields = {k: v for k, v in body.items() if k in _FIELDS[cls]}
+    missing = _REQUIRED[cls] - fields.keys()
+    if missing:
+        raise ProtocolError(f"{op} lacks {', '.join(sorted(missing))}")
+    for name, nested in _NESTED.items():
+        value = fields.get(name)
+        if isinstance(value, dict):
+            try:
+                fields[name] = nested(**value)
+            except TypeError as exc:
+                raise ProtocolError(f"{op}.{name} is malformed: {exc}") from exc
+    _check_types(cls, fields)
+    return cls(**fields)
+
+
+def _check_types(cls: type[Message], fields: dict[str, Any]) -> None:
+    # Only what routing and dispatch rely on is checked here; values are checked by whoever
+    # uses them (an actor checks a put value against its PV's type).
+    if "id" in fields and (not isinstance(fields["id"], int) or isinstance(fields["id"], bool)):
+        raise ProtocolError(f"{cls.OP}.id must be an integer")
+    if "pv" in fields and (not isinstance(fields["pv"], str) or not fields["pv"]):
+        raise ProtocolError(f"{cls.OP}.pv must be a non-empty string")
+
+
+def topic(pv: str) -> bytes:
+    """The readings topic of ``pv`` (Rule 4)."""
+    return pv.encode() + b"\0"
+
+
+def pv_from_topic(frame: bytes) -> str:
+    return frame[:-1].decode()
