@@ -114,13 +114,13 @@ def metadata_of(response: Any, native: ChannelType, count: int, host: str) -> p.
     md = response.metadata
     kind = _NATIVE_KIND.get(native, "float")
     out: p.PVMetadata = {"native_type": kind, "count": count, "host": host}
-    out["units"] = _text(getattr(md, "units", b""))
+    # Fields the PV's control structure lacks (strings and enums have no units or limits)
+    # are None, as ophyd reports them.
+    out["units"] = _text(md.units) if hasattr(md, "units") else None  # type: ignore[typeddict-item]
     out["precision"] = int(md.precision) if hasattr(md, "precision") else None
     for name in _LIMIT_FIELDS:
-        if hasattr(md, name):
-            out[name] = getattr(md, name)  # type: ignore[literal-required]
-        else:
-            out[name] = 0  # type: ignore[literal-required]
+        value = getattr(md, name, None)
+        out[name] = value.item() if hasattr(value, "item") else value  # type: ignore[literal-required]
     out["enum_strs"] = (
         [_text(s) for s in md.enum_strings] if kind == "enum" and hasattr(md, "enum_strings") else None
     )
@@ -135,10 +135,8 @@ def _route_error_responses(manager_cls: type) -> None:
 
     def _process_command(self: Any, command: Any) -> Any:
         if isinstance(command, caproto.ErrorResponse):
-            try:
-                ioid = command.original_request.ioid
-            except AttributeError:
-                ioid = None
+            # The original request travels back as a bare header: parameter2 is its ioid.
+            ioid = getattr(command.original_request, "parameter2", None)
             info = self.ioids.pop(ioid, None) if ioid is not None else None
             callback = info.get("callback") if info else None
             if callback is not None:
@@ -225,7 +223,7 @@ class ChannelAccessBackend:
 
         def on_write(response: Any) -> None:
             if isinstance(response, caproto.ErrorResponse):
-                self._emit(PutDoneEvent(name, put_id, f"IOC refused the put: {response.error_message}", None))
+                self._emit(PutDoneEvent(name, put_id, f"IOC refused the put: {_text(bytes(response.error_message))}", None))
                 return
             status = getattr(response, "status", None)
             if status is not None and not getattr(status, "success", status == 1):

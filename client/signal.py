@@ -227,7 +227,7 @@ class EpicsSignalBase:
             "source": self.source_name,
             "dtype": data_type(value),
             "shape": data_shape(value),
-            "units": metadata.get("units") or "",
+            "units": metadata.get("units"),
             "lower_ctrl_limit": low,
             "upper_ctrl_limit": high,
         }
@@ -291,8 +291,8 @@ class EpicsSignalBase:
         return reading.severity if reading else None
 
     @property
-    def units(self) -> str:
-        return self._read_channel.metadata.get("units") or ""
+    def units(self) -> str | None:
+        return self._read_channel.metadata.get("units")
 
     @property
     def precision(self) -> int | None:
@@ -473,7 +473,11 @@ class EpicsSignal(EpicsSignalBase):
 
     def set(self, value: Any, *, timeout: float | None = None, settle_time: float | None = None,
             **kwargs: Any) -> Status:
-        """Put ``value``; the Status finishes when the IOC reports the put complete."""
+        """Put ``value``; the Status finishes when the IOC reports the put complete.
+
+        Like ophyd, a Signal not yet connected first waits up to ``connection_timeout``."""
+        if not self.connected:
+            self.wait_for_connection()
         status = Status(self, timeout=timeout if timeout is not None else self.write_timeout,
                         settle_time=settle_time or 0.0)
         write_channel = self._write_channel

@@ -1,0 +1,37 @@
+"""Small tools shared by pvhub's tests.
+
+Import them as ``from helpers import wait_until``: pytest puts ``tests/`` on ``sys.path``
+because it has no ``__init__.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = 0.01,
+    message: str | Callable[[], str] = "condition not met",
+) -> T:
+    """Poll ``predicate`` until it returns something true, and return that.
+
+    Tests wait on conditions, never on fixed sleeps: a sleep long enough for a loaded CI
+    machine is a waste everywhere else, and one short enough to be cheap is flaky. On
+    timeout this raises ``AssertionError`` with ``message`` (a callable is called then, so
+    that it can describe the state at the moment of failure).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"{text} (waited {timeout} s)")
+        time.sleep(interval)

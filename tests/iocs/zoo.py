@@ -1,0 +1,130 @@
+"""The zoo: one IOC with a PV of every kind pvhub must handle, for system tests.
+
+Run it from the repository root (the module path is what ``SimulatedIOC`` launches)::
+
+    python -m tests.iocs.zoo --prefix zoo: --interfaces 127.0.0.1
+
+PVs, after the prefix:
+
+=============  ==========================================================================
+``dt``, ``x``  caproto's random walk: ``x`` steps by up to +-1 every ``dt`` (3.0) seconds
+``motor``      float in mm, precision 3, control and display limits -10..10 (caproto
+               itself refuses a put outside them)
+``count``      int, 0
+``wave``       float64 waveform of 16 elements, 0..15
+``text``       DBR_STRING, "hello"
+``mode``       enum Off / On / Auto, "Off"
+``slow``       float whose put completes only after ``slow_delay`` (2.0) seconds
+``ro``         float that clients may read but not write
+``reject``     float whose putter fails for a negative value (the client sees ECA_PUTFAIL)
+``fast``       int counting up at ``fast_rate`` (500.0) Hz; a rate of 0 pauses it
+``chars``      char waveform of up to 40 bytes, "abc" (ophyd's ``string=True`` case)
+=============  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from caproto import ChannelType
+from caproto.server import PVGroup, ioc_arg_parser, pvproperty, run
+
+# How far behind its schedule ``fast`` may fall before it stops catching up: past this it
+# restarts its schedule from now instead of sending a burst of back-to-back updates.
+_MAX_FAST_LAG = 0.1
+# How often a paused ``fast`` looks at ``fast_rate`` again.
+_PAUSED_POLL = 0.05
+
+
+class ZooIOC(PVGroup):
+    """A PV of every kind pvhub must handle: scalars, arrays, strings, enums, slow, failing,
+    read-only and fast-updating PVs."""
+
+    dt = pvproperty(value=3.0, doc="Seconds between steps of x")
+    x = pvproperty(value=0.0, doc="A random walk")
+
+    motor = pvproperty(
+        value=0.0,
+        units="mm",
+        precision=3,
+        lower_ctrl_limit=-10.0,
+        upper_ctrl_limit=10.0,
+        lower_disp_limit=-10.0,
+        upper_disp_limit=10.0,
+        doc="A position with units, precision and limits",
+    )
+    count = pvproperty(value=0, doc="A plain integer")
+    wave = pvproperty(
+        value=[float(i) for i in range(16)], max_length=16, doc="A float64 waveform"
+    )
+    text = pvproperty(value="hello", dtype=ChannelType.STRING, doc="A DBR_STRING")
+    mode = pvproperty(
+        value="Off",
+        enum_strings=("Off", "On", "Auto"),
+        dtype=ChannelType.ENUM,
+        doc="An enum",
+    )
+
+    slow_delay = pvproperty(value=2.0, doc="Seconds a put to slow takes to complete")
+    slow = pvproperty(value=0.0, doc="A put to this completes after slow_delay seconds")
+
+    ro = pvproperty(value=1.5, read_only=True, doc="Clients may not write this")
+    reject = pvproperty(value=0.0, doc="A negative put fails inside the IOC")
+
+    fast_rate = pvproperty(value=500.0, doc="Updates per second of fast; 0 pauses it")
+    fast = pvproperty(value=0, doc="Counts up at fast_rate")
+
+    chars = pvproperty(
+        value="abc", max_length=40, string_encoding="latin-1", doc="A char waveform"
+    )
+
+    @x.startup
+    async def x(self, instance, async_lib):
+        """Step ``x`` every ``dt`` seconds, like caproto's random_walk example."""
+        while True:
+            await instance.write(value=self.x.value + 2.0 * random.random() - 1.0)
+            await async_lib.sleep(self.dt.value)
+
+    @slow.putter
+    async def slow(self, instance, value):
+        """Complete the put only after ``slow_delay``: a stand-in for a motor that moves."""
+        await asyncio.sleep(self.slow_delay.value)
+        return value
+
+    @reject.putter
+    async def reject(self, instance, value):
+        """Fail negative values the way a device driver that refuses them would."""
+        if value < 0:
+            raise ValueError(f"reject takes no negative values, not {value}")
+        return value
+
+    @fast.startup
+    async def fast(self, instance, async_lib):
+        """Count at ``fast_rate`` Hz, sleeping to the next deadline so that the time spent
+        writing does not slow the rate down."""
+        next_at = time.monotonic()
+        while True:
+            rate = self.fast_rate.value
+            if rate <= 0:
+                await asyncio.sleep(_PAUSED_POLL)
+                next_at = time.monotonic()
+                continue
+            await instance.write(value=self.fast.value + 1)
+            next_at += 1.0 / rate
+            now = time.monotonic()
+            if next_at < now - _MAX_FAST_LAG:
+                next_at = now
+            await asyncio.sleep(max(0.0, next_at - now))
+
+
+def main() -> None:
+    ioc_options, run_options = ioc_arg_parser(
+        default_prefix="zoo:", desc=ZooIOC.__doc__, supported_async_libs=["asyncio"]
+    )
+    run(ZooIOC(**ioc_options).pvdb, **run_options)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The client library against a real daemon and a real IOC: what ophyd users expect."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from bluesky.protocols import Configurable, Movable, Readable, Subscribable, check_supports
+from helpers import wait_until
+
+from pvhub.client import EpicsSignal, EpicsSignalRO, Status, wait
+from pvhub.errors import (
+    BadValueError,
+    ConnectionTimeoutError,
+    PutFailedError,
+    ReadOnlyError,
+    StatusTimeoutError,
+)
+
+pytestmark = pytest.mark.system
+
+
+def connected(signal, timeout=15.0):
+    signal.wait_for_connection(timeout=timeout)
+    return signal
+
+
+def test_tutorial_direct_use(hub, prefix):
+    time_delta = connected(EpicsSignal(f"{prefix}dt", name="time_delta"))
+    x = connected(EpicsSignalRO(f"{prefix}x", name="x"))
+
+    reading = time_delta.read()
+    assert list(reading) == ["time_delta"]
+    assert reading["time_delta"]["value"] == 3.0
+    assert reading["time_delta"]["timestamp"] > 1e9
+
+    assert time_delta.describe() == {
+        "time_delta": {
+            "source": f"PV:{prefix}dt",
+            "dtype": "number",
+            "shape": [],
+            "units": "",
+            "lower_ctrl_limit": 0.0,
+            "upper_ctrl_limit": 0.0,
+            "precision": 0,
+        }
+    }
+    time_delta.set(10).wait()
+    assert time_delta.get() == 10.0
+    time_delta.set(10).wait(timeout=1)
+    status = time_delta.set(5)
+    status.wait(timeout=1)
+    assert status.done and status.success
+    assert time_delta.read()["time_delta"]["value"] == 5.0
+
+    status1 = time_delta.set(1)
+    status2 = EpicsSignal(f"{prefix}motor", name="motor").set(1)
+    wait(status1, status2, timeout=5)
+    assert status1.success and status2.success
+
+    assert isinstance(x.get(), float)
+
+
+def test_signals_satisfy_bluesky_protocols(hub, prefix):
+    rw = connected(EpicsSignal(f"{prefix}dt", name="rw"))
+    ro = connected(EpicsSignalRO(f"{prefix}x", name="ro"))
+    for signal in (rw, ro):
+        check_supports(signal, Readable)
+        check_supports(signal, Movable)
+        check_supports(signal, Subscribable)
+        check_supports(signal, Configurable)
+    assert rw.hints == {"fields": ["rw"]}
+    assert rw.read_configuration() == rw.read()
+    assert rw.describe_configuration() == rw.describe()
+    assert rw.trigger().done
+
+
+def test_metadata_of_a_motor_like_pv(hub, prefix):
+    motor = connected(EpicsSignal(f"{prefix}motor", name="m"))
+    assert motor.units == "mm"
+    assert motor.precision == 3
+    assert motor.limits == (-10.0, 10.0)
+    assert motor.enum_strs is None
+    assert motor.connected and motor.write_access and motor.read_access
+    desc = motor.describe()["m"]
+    assert desc["units"] == "mm" and desc["precision"] == 3
+    assert (desc["lower_ctrl_limit"], desc["upper_ctrl_limit"]) == (-10.0, 10.0)
+
+
+def test_subscription_gets_current_value_then_updates(hub, prefix):
+    motor = connected(EpicsSignal(f"{prefix}motor", name="m"))
+    calls = []
+    event = threading.Event()
+
+    def accumulate(value, old_value, timestamp, sub_type, obj, **kwargs):
+        calls.append((value, old_value, sub_type, obj, threading.current_thread().name))
+        if value == 2.5:
+            event.set()
+
+    cid = motor.subscribe(accumulate)
+    assert isinstance(cid, int)
+    wait_until(lambda: calls, 5, message="no initial callback")
+    motor.set(2.5).wait(5)
+    assert event.wait(5)
+    assert calls[0][0] == 0.0 and calls[0][2] == "value" and calls[0][3] is motor
+    assert calls[-1][:2] == (2.5, 0.0)
+    assert all(name == "pvhub-callbacks" for *_, name in calls)
+
+    motor.unsubscribe(cid)
+    before = len(calls)
+    motor.set(3.5).wait(5)
+    assert motor.get() == 3.5
+    # A second subscription sees 3.5 first: anything the first one got after unsubscribing
+    # would have been delivered before this one.
+    seen = []
+    motor.subscribe(lambda value, **kw: seen.append(value))
+    wait_until(lambda: seen, 5)
+    assert seen[0] == 3.5
+    assert len(calls) == before
+
+
+def test_clear_sub_and_meta_callbacks(hub, prefix):
+    motor = connected(EpicsSignal(f"{prefix}motor", name="m"))
+    values, metas = [], []
+
+    def cb(value, **kwargs):
+        values.append(value)
+
+    motor.subscribe(cb, run=False)
+    motor.subscribe(lambda **kw: metas.append(kw), event_type="meta")
+    wait_until(lambda: metas, 5, message="no meta callback")
+    assert metas[0]["connected"] is True and metas[0]["units"] == "mm"
+    assert metas[0]["sub_type"] == "meta"
+    motor.set(1.25).wait(5)
+    wait_until(lambda: 1.25 in values, 5)
+    assert values == [1.25]  # run=False: no initial call
+    motor.clear_sub(cb)
+    motor.set(0.5).wait(5)
+    other = []
+    motor.subscribe(lambda value, **kw: other.append(value))
+    wait_until(lambda: other, 5)
+    assert values == [1.25]
+
+
+def test_waveform(hub, prefix):
+    wave = connected(EpicsSignal(f"{prefix}wave", name="wave"))
+    value = wave.get()
+    assert isinstance(value, np.ndarray)
+    assert value.shape == (16,)
+    np.testing.assert_array_equal(value, np.arange(16.0))
+    desc = wave.describe()["wave"]
+    assert desc["dtype"] == "array" and desc["shape"] == [16]
+    wave.set(np.linspace(0, 1, 16)).wait(5)
+    np.testing.assert_allclose(wave.get(), np.linspace(0, 1, 16))
+    with pytest.raises(BadValueError):
+        wave.set(np.zeros(17)).wait(5)
+
+
+def test_string_pv(hub, prefix):
+    text = connected(EpicsSignal(f"{prefix}text", name="text"))
+    assert text.get() == "hello"
+    assert text.describe()["text"]["dtype"] == "string"
+    text.set("goodbye").wait(5)
+    assert text.get() == "goodbye"
+    with pytest.raises(BadValueError, match="39 bytes"):
+        text.set("x" * 60).wait(5)
+
+
+def test_enum_numbers_and_labels(hub, prefix):
+    mode = connected(EpicsSignal(f"{prefix}mode", name="mode"))
+    label = connected(EpicsSignal(f"{prefix}mode", name="label", string=True))
+    assert mode.get() == 0
+    assert label.get() == "Off"
+    assert mode.enum_strs == ("Off", "On", "Auto")
+    assert label.describe()["label"]["enum_strs"] == ("Off", "On", "Auto")
+    assert label.describe()["label"]["dtype"] == "string"
+    assert mode.describe()["mode"]["dtype"] == "integer"
+    label.set("Auto").wait(5)
+    assert mode.get() == 2
+    wait_until(lambda: label.get() == "Auto", 5)
+    mode.set(1).wait(5)
+    assert label.get() == "On"
+    with pytest.raises(BadValueError):
+        label.set("Sideways").wait(5)
+    with pytest.raises(BadValueError):
+        mode.set(7).wait(5)
+
+
+def test_slow_put_times_out_the_wait_but_completes(hub, prefix):
+    delay = connected(EpicsSignal(f"{prefix}slow_delay", name="delay"))
+    delay.set(1.5).wait(5)
+    slow = connected(EpicsSignal(f"{prefix}slow", name="slow"))
+    status = slow.set(7)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        status.wait(timeout=0.5)
+    assert isinstance(info.value, StatusTimeoutError)
+    assert 0.4 < time.monotonic() - started < 1.4
+    assert not status.done
+    status.wait(timeout=10)
+    assert status.success
+    assert slow.get() == 7.0
+
+
+def test_status_callbacks_and_and(hub, prefix):
+    motor = connected(EpicsSignal(f"{prefix}motor", name="m"))
+    dt = connected(EpicsSignal(f"{prefix}dt", name="dt"))
+    done = threading.Event()
+    both = motor.set(2) & dt.set(2)
+    both.add_callback(lambda st: done.set())
+    assert done.wait(5)
+    assert both.success and both.exception() is None
+
+
+def test_write_refused_by_ioc_fails_fast(hub, prefix):
+    ro = connected(EpicsSignal(f"{prefix}ro", name="ro"))
+    assert not ro.write_access
+    started = time.monotonic()
+    status = ro.set(3)
+    with pytest.raises(ReadOnlyError):
+        status.wait(5)
+    assert time.monotonic() - started < 2
+    assert isinstance(status.exception(), PermissionError)
+    assert ro.get() == 1.5
+
+    reject = connected(EpicsSignal(f"{prefix}reject", name="reject"))
+    status = reject.set(-1)
+    with pytest.raises(PutFailedError):
+        status.wait(5)
+    reject.set(4).wait(5)
+    assert reject.get() == 4.0
+
+
+def test_wrong_type_is_a_clear_error_and_changes_nothing(hub, prefix):
+    motor = connected(EpicsSignal(f"{prefix}motor", name="m"))
+    count = connected(EpicsSignal(f"{prefix}count", name="count"))
+    with pytest.raises(BadValueError, match="not a number"):
+        motor.set("fast").wait(5)
+    with pytest.raises(BadValueError, match="not an integer"):
+        count.set(2.5).wait(5)
+    status = motor.set(object())
+    with pytest.raises(Exception) as info:
+        status.wait(5)
+    assert "cannot" in str(info.value)
+    assert motor.get() == 0.0
+    motor.set("1.5").wait(5)  # caput-style text that is a number is fine
+    assert motor.get() == 1.5
+
+
+def test_read_only_signal_refuses_set(hub, prefix):
+    x = connected(EpicsSignalRO(f"{prefix}dt", name="x"))
+    with pytest.raises(ReadOnlyError):
+        x.set(1)
+    with pytest.raises(PermissionError):
+        x.put(1)
+    assert x.get() == 3.0
+
+
+def test_pv_that_nobody_serves_times_out(hub, prefix):
+    ghost = EpicsSignal(f"{prefix}no_such_pv", name="ghost")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        ghost.wait_for_connection(timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert 0.9 < elapsed < 2.5
+    assert isinstance(info.value, ConnectionTimeoutError)
+    assert f"{prefix}no_such_pv" in str(info.value)
+    assert not ghost.connected
+    with pytest.raises(TimeoutError):
+        ghost.read()
+
+
+def test_daemon_that_does_not_answer(monkeypatch):
+    from pvhub.sim import free_tcp_port
+
+    monkeypatch.setenv("PVHUB_ADDRESS", f"tcp://127.0.0.1:{free_tcp_port()}")
+    try:
+        signal = EpicsSignal("nothing:here", name="s")
+        with pytest.raises(TimeoutError, match="did not answer"):
+            signal.wait_for_connection(timeout=0.5)
+    finally:
+        from pvhub.client import close_hubs
+
+        close_hubs()
+
+
+def test_put_with_wait_and_status_type(hub, prefix):
+    motor = connected(EpicsSignal(f"{prefix}motor", name="m"))
+    assert motor.put(4.5, wait=True, timeout=5) is None
+    assert motor.get() == 4.5
+    assert isinstance(motor.set(1), Status)
+
+
+def test_write_pv_different_from_read_pv(hub, prefix):
+    sig = EpicsSignal(f"{prefix}count", write_pv=f"{prefix}motor", name="pair")
+    connected(sig)
+    sig.set(2).wait(5)
+    assert sig.describe()["pair"]["source"] == f"PV:{prefix}count"
+    assert connected(EpicsSignal(f"{prefix}motor", name="m")).get() == 2.0
