@@ -84,7 +84,7 @@ def run_plans(EpicsSignal, EpicsSignalRO, prefix):
 
     RE(mv(motor, 4))
     RE(monitor_motor_moves())
-    RE(mv(time_delta, 3, motor, 0, mode, 0))
+    RE(mv(time_delta, 3.0, motor, 0.0, mode, 0))
     describe = {s.name: _plain(s.describe()) for s in (time_delta, x, motor, integer, wave, text, mode, mode_label)}
     reads = {s.name: _plain(s.read()[s.name]["value"]) for s in (time_delta, motor, integer, wave, text, mode, mode_label)}
     return {"documents": documents, "describe": describe, "reads": reads}

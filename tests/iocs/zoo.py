@@ -75,6 +75,7 @@ class ZooIOC(PVGroup):
 
     fast_rate = pvproperty(value=500.0, doc="Updates per second of fast; 0 pauses it")
     fast = pvproperty(value=0, doc="Counts up at fast_rate")
+    fast_monitors = pvproperty(value=0, read_only=True, doc="Channel Access monitors on fast")
 
     chars = pvproperty(
         value="abc", max_length=40, string_encoding="latin-1", doc="A char waveform"
@@ -112,11 +113,22 @@ class ZooIOC(PVGroup):
                 next_at = time.monotonic()
                 continue
             await instance.write(value=self.fast.value + 1)
+            monitors = _monitor_count(instance)
+            if monitors != self.fast_monitors.value:
+                await self.fast_monitors.write(monitors)
             next_at += 1.0 / rate
             now = time.monotonic()
             if next_at < now - _MAX_FAST_LAG:
                 next_at = now
             await asyncio.sleep(max(0.0, next_at - now))
+
+
+def _monitor_count(instance) -> int:
+    """How many Channel Access subscriptions ``instance`` serves, counted from the table the
+    caproto server keeps of them (one entry per client circuit and request type): how tests
+    prove that many pvhub clients share one upstream monitor."""
+    return sum(len(specs) for by_sync in instance._queues.values()
+               for by_type in by_sync.values() for specs in by_type.values())
 
 
 def main() -> None:
