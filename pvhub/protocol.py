@@ -385,8 +385,10 @@ def _check_types(cls: type[Message], fields: dict[str, Any]) -> None:
     # uses them (an actor checks a put value against its PV's type).
     if "id" in fields and (not isinstance(fields["id"], int) or isinstance(fields["id"], bool)):
         raise ProtocolError(f"{cls.OP}.id must be an integer")
-    if "pv" in fields and (not isinstance(fields["pv"], str) or not fields["pv"]):
-        raise ProtocolError(f"{cls.OP}.pv must be a non-empty string")
+    if "pv" in fields and not isinstance(fields["pv"], str):
+        raise ProtocolError(f"{cls.OP}.pv must be a string")
+    if "pv" in _REQUIRED[cls] and not fields["pv"]:
+        raise ProtocolError(f"{cls.OP}.pv must not be empty")
 
 
 def topic(pv: str) -> bytes:

@@ -4,8 +4,9 @@ Rule 1: an IOC listens on 127.0.0.1 only, on a Channel Access port picked at run
 sends its beacons to a UDP port picked at run time, so that the IOCs of parallel tests never
 meet each other and nothing reaches the site network.
 Rule 2: an IOC is ready when a real Channel Access read of one of its PVs succeeds, found by a
-UDP search like any client would. An open TCP port is not enough: caproto's server starts
-listening on TCP before it binds its UDP search socket, so a search sent in between is lost.
+UDP search like any client would, from the port it was given. An open TCP port proves less:
+the UDP search socket is bound separately (caproto 1.3 happens to bind it first, but nothing
+promises that), and when the port asked for is taken caproto silently serves on a random one.
 Rule 3: nothing here reads or changes this process's ``EPICS_*`` environment. The readiness
 probe speaks Channel Access to an explicit address with caproto's sans-I/O core, because
 caproto's sync client reads ``os.environ`` (shared by every thread of a test run) and, unless
@@ -187,7 +188,10 @@ class SimulatedIOC:
     port (see Rule 2 for why that is weaker). ``env`` adds variables for the IOC process only
     (``PYTHONPATH`` for an IOC module outside site-packages); ``cwd`` is its working
     directory. ``stdout`` receives the IOC's output instead of a temporary log file.
-    ``repeater_port`` lets several IOCs share the UDP port their beacons go to.
+
+    ``start()`` after ``stop()`` runs a fresh IOC on the same ports, so that clients which
+    found the first one (``ca_env()`` is unchanged) find the second: a restart as they would
+    see it. Its PVs start again from their initial values.
     """
 
     def __init__(
@@ -202,7 +206,6 @@ class SimulatedIOC:
         ready_pv: str | None = "dt",
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
-        repeater_port: int | None = None,
     ) -> None:
         self.module = module
         self._prefix = prefix
@@ -213,7 +216,6 @@ class SimulatedIOC:
         self._stdout = stdout
         self._extra_env = dict(env or {})
         self._cwd = cwd
-        self._requested_repeater_port = repeater_port
         self._port: int | None = None
         self._repeater_port: int | None = None
         self._beacon_sink: socket.socket | None = None
@@ -225,8 +227,8 @@ class SimulatedIOC:
 
     def start(self) -> SimulatedIOC:
         """Start the IOC and return once it answers Channel Access; stops it on any failure."""
-        if self._process is not None:
-            raise RuntimeError(f"{self!r} is already started")
+        if self._process is not None and self._process.poll() is None:
+            raise RuntimeError(f"{self!r} is already running")
         try:
             self._launch()
             self._wait_until_ready()
@@ -315,24 +317,25 @@ class SimulatedIOC:
     # -- internals
 
     def _launch(self) -> None:
-        self._port = _free_ca_server_port()
+        if self._port is None:
+            self._port = _free_ca_server_port()
         # Holding the beacon port bound reserves it for as long as the IOC runs, keeps the
         # IOC's beacons from bouncing back as "port unreachable" errors in its log, and
         # stops a careless client from spawning a caproto-repeater there (it finds the
         # port taken and assumes a repeater already runs). Nobody reads it: once its
         # buffer is full the kernel drops further beacons silently.
         self._beacon_sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._beacon_sink.bind((LOOPBACK, self._requested_repeater_port or 0))
+        self._beacon_sink.bind((LOOPBACK, self._repeater_port or 0))
         self._repeater_port = self._beacon_sink.getsockname()[1]
         output = self._stdout
         if output is None:
-            self._log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in stop)
+            self._log_file = tempfile.NamedTemporaryFile(  # closed (and removed) by stop()
                 prefix=f"pvhub-ioc-{self.module.rsplit('.', 1)[-1]}-", suffix=".log", delete=False
             )
             self._log_path = Path(self._log_file.name)
             output = self._log_file
         self._process = subprocess.Popen(
-            self.command(),
+            self._command(),
             env=self._environment(),
             cwd=self._cwd,
             stdin=subprocess.DEVNULL,
@@ -343,7 +346,7 @@ class SimulatedIOC:
             start_new_session=True,
         )
 
-    def command(self) -> list[str]:
+    def _command(self) -> list[str]:
         return [
             self.python, "-m", self.module,
             "--prefix", self._prefix, "--interfaces", LOOPBACK, *self.args,
@@ -375,10 +378,11 @@ class SimulatedIOC:
                     f"{self!r} exited with code {returncode} during startup:\n{self._log_tail()}"
                 )
             try:
-                if self._is_ready():
-                    return
+                self._check_ready()
             except (OSError, ca.CaprotoError) as exc:
                 last_error = exc
+            else:
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"{self!r} was not ready after {self.startup_timeout} s "
@@ -386,11 +390,12 @@ class SimulatedIOC:
                 )
             time.sleep(_POLL_INTERVAL)
 
-    def _is_ready(self) -> bool:
+    def _check_ready(self) -> None:
+        """Return if the IOC serves; raise ``OSError`` or ``CaprotoError`` if not yet."""
         with socket.create_connection((LOOPBACK, self.port), timeout=1.0):
             pass
         if self.ready_pv is None:
-            return True
+            return
         name = self.pv(self.ready_pv)
         server = _search(name, (LOOPBACK, self.port), time.monotonic() + 0.5)
         if server != (LOOPBACK, self.port):
@@ -400,7 +405,6 @@ class SimulatedIOC:
                 f"did another process take the port?\n{self._log_tail()}"
             )
         _read_from(name, server, time.monotonic() + 1.0)
-        return True
 
     def _log_tail(self) -> str:
         text = self.log_text()
@@ -436,8 +440,8 @@ def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
 def merge_ca_env(*iocs: SimulatedIOC) -> dict[str, str]:
     """One client environment that finds all of ``iocs``.
 
-    The repeater port is the first IOC's: a client registers with one repeater only (and no
-    repeater runs here; the port just has to be one nobody else uses).
+    The repeater port is the first IOC's: a client registers with one repeater only. No
+    repeater runs there; the port only has to be one that no real repeater uses.
     """
     if not iocs:
         raise ValueError("merge_ca_env needs at least one IOC")

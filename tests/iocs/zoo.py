@@ -6,20 +6,23 @@ Run it from the repository root (the module path is what ``SimulatedIOC`` launch
 
 PVs, after the prefix:
 
-=============  ==========================================================================
-``dt``, ``x``  caproto's random walk: ``x`` steps by up to +-1 every ``dt`` (3.0) seconds
-``motor``      float in mm, precision 3, control and display limits -10..10 (caproto
-               itself refuses a put outside them)
-``count``      int, 0
-``wave``       float64 waveform of 16 elements, 0..15
-``text``       DBR_STRING, "hello"
-``mode``       enum Off / On / Auto, "Off"
-``slow``       float whose put completes only after ``slow_delay`` (2.0) seconds
-``ro``         float that clients may read but not write
-``reject``     float whose putter fails for a negative value (the client sees ECA_PUTFAIL)
-``fast``       int counting up at ``fast_rate`` (500.0) Hz; a rate of 0 pauses it
-``chars``      char waveform of up to 40 bytes, "abc" (ophyd's ``string=True`` case)
-=============  ==========================================================================
+- ``dt``, ``x``: caproto's random walk; ``x`` steps by up to +-1 every ``dt`` (3.0) seconds.
+- ``motor``: float in mm, precision 3, control and display limits -10..10 (caproto itself
+  refuses a put outside the control limits).
+- ``count``: int, 0.
+- ``wave``: float64 waveform of 16 elements, 0..15.
+- ``text``: DBR_STRING, "hello".
+- ``mode``: enum Off / On / Auto, "Off".
+- ``slow``: float whose put completes only after ``slow_delay`` (2.0) seconds.
+- ``ro``: float that clients may read but not write.
+- ``reject``: float whose putter fails for a negative value; the server answers the put with
+  an ``ErrorResponse`` (ECA_PUTFAIL), which caproto's own threading and asyncio clients
+  ignore: a waiting put there just times out.
+- ``fast``: int counting up at ``fast_rate`` (500.0) Hz; a rate of 0 pauses it. Above about
+  100 Hz caproto's server batches monitor updates, with up to 1 s of latency.
+- ``fast_monitors``: read-only int, how many CA monitors clients hold on ``fast`` right now
+  (shows whether a hub shares one upstream monitor among its clients).
+- ``chars``: char waveform of up to 40 bytes, "abc" (ophyd's ``string=True`` case).
 """
 
 from __future__ import annotations
@@ -30,12 +33,39 @@ import time
 
 from caproto import ChannelType
 from caproto.server import PVGroup, ioc_arg_parser, pvproperty, run
+from caproto.server.server import PvpropertyInteger
 
 # How far behind its schedule ``fast`` may fall before it stops catching up: past this it
 # restarts its schedule from now instead of sending a burst of back-to-back updates.
 _MAX_FAST_LAG = 0.1
 # How often a paused ``fast`` looks at ``fast_rate`` again.
 _PAUSED_POLL = 0.05
+# How often ``fast_monitors`` counts again; a change reaches its monitors within this.
+_MONITOR_COUNT_PERIOD = 0.05
+
+
+class MonitoredInteger(PvpropertyInteger):
+    """An integer PV that can say how many CA monitors clients hold on it.
+
+    caproto shares one internal subscription among identical monitors and tells the PV only
+    of the first, so the count comes from the server context's own table of every client's
+    subscriptions, reached through the first monitor that arrives.
+    """
+
+    _server_context = None
+
+    async def subscribe(self, queue, sub_spec, sub):
+        self._server_context = sub.circuit.context
+        await super().subscribe(queue, sub_spec, sub)
+
+    def monitor_count(self) -> int:
+        if self._server_context is None:
+            return 0
+        return sum(
+            len(subscriptions)
+            for spec, subscriptions in self._server_context.subscriptions.items()
+            if spec.db_entry is self
+        )
 
 
 class ZooIOC(PVGroup):
@@ -74,8 +104,8 @@ class ZooIOC(PVGroup):
     reject = pvproperty(value=0.0, doc="A negative put fails inside the IOC")
 
     fast_rate = pvproperty(value=500.0, doc="Updates per second of fast; 0 pauses it")
-    fast = pvproperty(value=0, doc="Counts up at fast_rate")
-    fast_monitors = pvproperty(value=0, read_only=True, doc="Channel Access monitors on fast")
+    fast = pvproperty(value=0, dtype=MonitoredInteger, doc="Counts up at fast_rate")
+    fast_monitors = pvproperty(value=0, read_only=True, doc="CA monitors held on fast")
 
     chars = pvproperty(
         value="abc", max_length=40, string_encoding="latin-1", doc="A char waveform"
@@ -113,22 +143,20 @@ class ZooIOC(PVGroup):
                 next_at = time.monotonic()
                 continue
             await instance.write(value=self.fast.value + 1)
-            monitors = _monitor_count(instance)
-            if monitors != self.fast_monitors.value:
-                await self.fast_monitors.write(monitors)
             next_at += 1.0 / rate
             now = time.monotonic()
             if next_at < now - _MAX_FAST_LAG:
                 next_at = now
             await asyncio.sleep(max(0.0, next_at - now))
 
-
-def _monitor_count(instance) -> int:
-    """How many Channel Access subscriptions ``instance`` serves, counted from the table the
-    caproto server keeps of them (one entry per client circuit and request type): how tests
-    prove that many pvhub clients share one upstream monitor."""
-    return sum(len(specs) for by_sync in instance._queues.values()
-               for by_type in by_sync.values() for specs in by_type.values())
+    @fast_monitors.startup
+    async def fast_monitors(self, instance, async_lib):
+        """Publish the number of monitors on ``fast`` whenever it changes."""
+        while True:
+            count = self.fast.monitor_count()
+            if count != instance.value:
+                await instance.write(value=count)
+            await async_lib.sleep(_MONITOR_COUNT_PERIOD)
 
 
 def main() -> None:

@@ -1,0 +1,183 @@
+"""The daemon as a process: hello, groups, bad input, clean stops, no orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import msgpack
+import pytest
+import zmq
+from helpers import wait_until
+
+from pvhub import protocol as p
+from pvhub.client import EpicsSignal, EpicsSignalRO
+
+pytestmark = pytest.mark.system
+
+
+class RawClient:
+    """A bare DEALER speaking the wire protocol by hand, for what a Signal never sends."""
+
+    def __init__(self, address: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+
+    def send(self, payload: bytes | list[bytes]) -> None:
+        if isinstance(payload, list):
+            self.sock.send_multipart(payload)
+        else:
+            self.sock.send(payload)
+
+    def receive(self, timeout: float = 5.0) -> p.Message:
+        assert self.sock.poll(int(timeout * 1000)), "no reply"
+        return p.decode(self.sock.recv())
+
+    def ask(self, message: p.Message, timeout: float = 5.0) -> p.Message:
+        self.send(p.encode(message))
+        return self.receive(timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def raw(hub):
+    client = RawClient(hub.address)
+    yield client
+    client.close()
+
+
+def test_hello_names_the_readings_endpoint(raw):
+    reply = raw.ask(p.HelloRequest(id=1, client="test"))
+    assert isinstance(reply, p.HelloReply)
+    assert reply.id == 1 and reply.protocol == p.PROTOCOL_VERSION
+    assert reply.readings.startswith("tcp://127.0.0.1:")
+    assert reply.server_version
+
+
+def test_bad_messages_get_errors_and_the_daemon_goes_on(raw, prefix):
+    raw.send(b"\xc1 not msgpack")
+    assert raw.receive().code == "bad_message"
+    raw.send(msgpack.packb({"v": 99, "op": "read", "id": 5, "pv": "x"}))
+    reply = raw.receive()
+    assert (reply.code, reply.id) == ("unsupported_version", 5)
+    raw.send(msgpack.packb({"v": 1, "op": "launch", "id": 6}))
+    assert raw.receive().id == 6
+    raw.send(msgpack.packb({"v": 1, "op": "read", "id": 7}))
+    reply = raw.receive()
+    assert reply.id == 7 and "pv" in reply.message
+    raw.send([b"two", b"frames"])  # an envelope the broker does not expect: dropped, logged
+    reply = raw.ask(p.ReadRequest(id=8, pv="has space"))
+    assert (reply.code, reply.id) == ("pv_not_allowed", 8)
+    reply = raw.ask(p.Snapshot(id=9, pv="x", epoch=1, seq=1, connected=True))
+    assert (reply.code, reply.id) == ("unknown_operation", 9)
+    # Still serving, and a real request still works.
+    reply = raw.ask(p.ReadRequest(id=10, pv=f"{prefix}dt"), timeout=10)
+    assert isinstance(reply, p.Snapshot) and reply.id == 10
+
+
+def test_client_vanishing_mid_request_harms_nobody(hub, prefix):
+    quitter = RawClient(hub.address)
+    quitter.send(p.encode(p.SetRequest(id=1, pv=f"{prefix}slow", value=1.0)))
+    quitter.close()
+    motor = EpicsSignal(f"{prefix}motor", name="m")
+    motor.wait_for_connection(timeout=15)
+    motor.set(2).wait(5)
+    assert motor.get() == 2.0
+
+
+def test_group_config_puts_pvs_in_one_process(zoo_ioc, hub_factory, prefix, tmp_path, monkeypatch):
+    config = tmp_path / "pvhub.toml"
+    config.write_text(
+        f'[pvs]\nallow = ["{prefix}*"]\nstart = ["{prefix}dt"]\n'
+        f'[groups.motion]\npvs = ["{prefix}motor", "{prefix}count"]\n'
+    )
+    daemon = hub_factory(zoo_ioc, args=["--config", str(config)])
+    monkeypatch.setenv("PVHUB_ADDRESS", daemon.address)
+    raw = RawClient(daemon.address)
+    try:
+        status = raw.ask(p.StatusRequest(id=1)).status
+        actors = {a["actor"]: a for a in status["actors"]}
+        # READY came after the configured actors were up.
+        assert set(actors) == {f"pv:{prefix}dt", "group:motion"}
+        assert all(a["ready"] and a["pid"] for a in actors.values())
+        assert actors["group:motion"]["pvs"] == [f"{prefix}motor", f"{prefix}count"]
+        refused = raw.ask(p.ReadRequest(id=2, pv="elsewhere:pv"))
+        assert refused.code == "pv_not_allowed"
+    finally:
+        raw.close()
+    motor = EpicsSignal(f"{prefix}motor", name="m")
+    count = EpicsSignal(f"{prefix}count", name="c")
+    motor.wait_for_connection(timeout=15)
+    count.wait_for_connection(timeout=15)
+    motor.set(3).wait(5)
+    count.set(4).wait(5)
+    assert (motor.get(), count.get()) == (3.0, 4)
+    assert len(daemon_children(daemon)) == 2
+
+
+def daemon_children(daemon) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == daemon.pid and fields[0] != "Z":
+                children.append(int(entry))
+    return children
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_everything_and_exits_0(hub, prefix):
+    for name in ("dt", "motor", "x"):
+        EpicsSignalRO(f"{prefix}{name}", name=name).wait_for_connection(timeout=15)
+    actors = daemon_children(hub)
+    assert len(actors) == 3
+    started = time.monotonic()
+    assert hub.stop() == 0
+    assert time.monotonic() - started < 10
+    wait_until(lambda: not any(alive(pid) for pid in actors), 5, message="actors outlived the daemon")
+    assert "daemon_stopped" in hub.log_text()
+    assert "STOPPING=1" in hub.notifications
+
+
+def test_actors_exit_when_the_daemon_is_killed(hub, prefix):
+    for name in ("dt", "motor"):
+        EpicsSignalRO(f"{prefix}{name}", name=name).wait_for_connection(timeout=15)
+    actors = daemon_children(hub)
+    assert len(actors) == 2
+    os.kill(hub.pid, signal.SIGKILL)
+    hub.process.wait(5)
+    wait_until(lambda: not any(alive(pid) for pid in actors), 5, message="orphaned actors")
+
+
+def test_requests_to_a_dead_actor_fail_clearly(hub, prefix):
+    delay = EpicsSignal(f"{prefix}slow_delay", name="delay")
+    delay.wait_for_connection(timeout=15)
+    delay.set(30).wait(5)
+    slow = EpicsSignal(f"{prefix}slow", name="slow")
+    slow.wait_for_connection(timeout=15)
+    status = slow.set(1)
+    raw = RawClient(hub.address)
+    try:
+        actors = {a["actor"]: a["pid"] for a in raw.ask(p.StatusRequest(id=1)).status["actors"]}
+    finally:
+        raw.close()
+    os.kill(actors[f"pv:{prefix}slow"], signal.SIGKILL)
+    with pytest.raises(ConnectionError, match="outcome is unknown"):
+        status.wait(5)
