@@ -90,7 +90,8 @@ class PvState:
         self.seq = 0
         self.ca_connected = False
         self.reading: p.Reading | None = None
-        self.metadata: p.PVMetadata | None = None
+        self.control: p.PVMetadata | None = None  # from the control (CTRL) read
+        self.access: p.PVMetadata = {}  # read/write access, which arrives on its own
         self._published_connected = False
         self._pending_puts: dict[int, _PendingPut] = {}
         self._next_put_id = 1
@@ -100,8 +101,14 @@ class PvState:
     # --- derived -------------------------------------------------------------------------
 
     @property
+    def metadata(self) -> p.PVMetadata | None:
+        if self.control is None:
+            return None
+        return {**self.control, **self.access}
+
+    @property
     def connected(self) -> bool:
-        return self.ca_connected and self.metadata is not None and self.reading is not None
+        return self.ca_connected and self.control is not None and self.reading is not None
 
     @property
     def pending_puts(self) -> int:
@@ -135,17 +142,20 @@ class PvState:
         self.ca_connected = connected
         if not connected:
             # Metadata is read again on reconnection: the IOC may have changed.
-            self.metadata = None
+            self.control = None
         return self._publish_if_changed(metadata_changed=False)
 
     def metadata_received(self, metadata: p.PVMetadata) -> list[Effect]:
-        merged: p.PVMetadata = {**(self.metadata or {}), **metadata}
-        changed = merged != self.metadata
-        self.metadata = merged
+        merged: p.PVMetadata = {**(self.control or {}), **metadata}
+        changed = merged != self.control
+        self.control = merged
         return self._publish_if_changed(metadata_changed=changed)
 
     def access_changed(self, read_access: bool, write_access: bool) -> list[Effect]:
-        return self.metadata_received({"read_access": read_access, "write_access": write_access})
+        access: p.PVMetadata = {"read_access": read_access, "write_access": write_access}
+        changed = access != self.access
+        self.access = access
+        return self._publish_if_changed(metadata_changed=changed)
 
     def reading_received(self, reading: p.Reading) -> list[Effect]:
         if same_reading(reading, self.reading):
@@ -251,19 +261,20 @@ def coerce_value(value: Any, metadata: p.PVMetadata) -> Any:
             raise BadValueError(f"{len(data)} bytes do not fit in {count} characters")
         return np.frombuffer(data, dtype=np.uint8).copy()
     integer = native in ("int", "char")
+    bounds = (0, 255) if native == "char" else (-(2**31), 2**31 - 1)
     if count == 1:
         if isinstance(value, (list, tuple, np.ndarray)) and np.size(value) == 1:
             value = np.asarray(value).reshape(-1)[0]
-        return _coerce_number(value, integer)
+        return _coerce_number(value, integer, bounds)
     if np.isscalar(value) or isinstance(value, (str, bytes)):
         value = [value]
-    items = [_coerce_number(v, integer) for v in np.asarray(value, dtype=object).reshape(-1)]
+    items = [_coerce_number(v, integer, bounds) for v in np.asarray(value, dtype=object).reshape(-1)]
     if len(items) > count:
         raise BadValueError(f"{len(items)} elements do not fit in {count}")
     return np.asarray(items, dtype=np.int64 if integer else np.float64)
 
 
-def _coerce_number(value: Any, integer: bool) -> int | float:
+def _coerce_number(value: Any, integer: bool, bounds: tuple[int, int] = (-(2**31), 2**31 - 1)) -> int | float:
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, bytes):
@@ -286,10 +297,13 @@ def _coerce_number(value: Any, integer: bool) -> int | float:
             if not math.isfinite(value) or not value.is_integer():
                 raise BadValueError(f"{value!r} is not an integer")
             value = int(value)
-        if not -(2**31) <= value < 2**31:
-            raise BadValueError(f"{value} does not fit in a 32-bit integer")
+        if not bounds[0] <= value <= bounds[1]:
+            raise BadValueError(f"{value} is outside {bounds[0]}..{bounds[1]}")
         return value
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise BadValueError(f"{value} is too large for a float") from None
 
 
 def _coerce_enum(value: Any, enum_strs: list[str]) -> int:

@@ -40,7 +40,8 @@ class Status:
         self._callbacks: list[Callable[[Status], Any]] = []
         self._timer: threading.Timer | None = None
         if timeout is not None:
-            self._timer = threading.Timer(timeout, self._expire)
+            # As ophyd: the settle time is part of the time allowed.
+            self._timer = threading.Timer(timeout + self.settle_time, self._expire)
             self._timer.daemon = True
             self._timer.start()
 
@@ -78,10 +79,16 @@ class Status:
             self._finish(None)
 
     def set_exception(self, exc: BaseException) -> None:
-        """Mark failure with ``exc``."""
+        """Mark failure with ``exc`` (ignored once success was reported and is settling)."""
+        with self._lock:
+            if self._settling:
+                return
         self._finish(exc)
 
     def _expire(self) -> None:
+        with self._lock:
+            if self._settling:
+                return
         self._finish(StatusTimeoutError(f"{self!r} did not finish within its {self.timeout} s timeout"))
 
     def _finish(self, exc: BaseException | None) -> None:
@@ -161,10 +168,24 @@ def wait(*statuses: Status | Iterable[Status], timeout: float | None = None) -> 
             flat.append(item)  # type: ignore[arg-type]
         else:
             flat.extend(item)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    # One event for all of them, so that a failure anywhere is raised at once, not after the
+    # statuses before it in the list have finished.
+    changed = threading.Event()
     for status in flat:
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        status.wait(remaining)
+        status.add_callback(lambda _: changed.set())
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        changed.clear()
+        for status in flat:
+            if status.done and not status.success:
+                status.wait(0)  # raises its exception
+        if all(status.done for status in flat):
+            return
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            pending = [s for s in flat if not s.done]
+            raise StatusTimeoutError(f"{len(pending)} of {len(flat)} statuses not done after {timeout} s: {pending}")
+        changed.wait(remaining)
 
 
 def _run_callback(callback: Callable[[Status], Any], status: Status) -> None:

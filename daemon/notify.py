@@ -30,7 +30,8 @@ class Notifier:
         if self._sock is None:
             return
         try:
-            self._sock.sendto("\n".join(states).encode(), self._address)
+            # Never block: a notify socket nobody reads must not freeze the daemon.
+            self._sock.sendto("\n".join(states).encode(), socket.MSG_DONTWAIT, self._address)
         except OSError:
             # systemd gone or socket full: the service goes on; systemd acts on what it saw.
             pass
@@ -60,6 +61,8 @@ def watchdog_interval() -> float | None:
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
-        return int(usec) / 2_000_000
+        interval = int(usec) / 2_000_000
     except ValueError:
         return None
+    # sd_watchdog_enabled(3): a value that is not positive means no watchdog.
+    return interval if interval > 0 else None

@@ -52,7 +52,7 @@ class ActorRecord:
     ready: bool = False
     pid: int | None = None
     last_seen: float = 0.0
-    queued: list[tuple[bytes, int, bytes]] = field(default_factory=list)
+    queued: list[tuple[bytes, int, str, bytes]] = field(default_factory=list)
     # (client, request id) -> op, for every request forwarded and not finally answered
     inflight: dict[tuple[bytes, int], str] = field(default_factory=dict)
 
@@ -144,7 +144,7 @@ class Router:
             record.inflight[(client, request_id)] = message.OP
             effects.append(ToActor(record.actor, client, payload))
         else:
-            record.queued.append((client, request_id, payload))
+            record.queued.append((client, request_id, message.OP, payload))
         return effects
 
     def client_gone(self, client: bytes) -> None:
@@ -169,8 +169,8 @@ class Router:
             record.ready = True
             record.pid = message.pid
             effects: list[Effect] = []
-            for client, request_id, payload in record.queued:
-                record.inflight[(client, request_id)] = "queued"
+            for client, request_id, op, payload in record.queued:
+                record.inflight[(client, request_id)] = op
                 effects.append(ToActor(record.actor, client, payload))
             record.queued.clear()
             return effects
@@ -187,9 +187,9 @@ class Router:
         reason = f"the actor owning {', '.join(record.pvs)} exited (code {returncode})"
         effects: list[Effect] = []
         for (client, request_id), op in record.inflight.items():
-            detail = "; the put's outcome is unknown" if op in ("set", "queued") else ""
+            detail = "; the put's outcome is unknown" if op == p.SetRequest.OP else ""
             effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason + detail))))
-        for client, request_id, _ in record.queued:
+        for client, request_id, _, _ in record.queued:
             effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason))))
         return effects
 

@@ -58,10 +58,11 @@ def load(path: str | Path | None) -> Config:
     if path is None:
         return Config()
     try:
-        data = tomllib.loads(Path(path).read_text())
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     return parse(data, source=str(path))
 
@@ -71,6 +72,9 @@ def parse(data: dict, source: str = "<config>") -> Config:
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}")
+    for section in known & set(data):
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
     daemon = data.get("daemon", {})
     pvs = data.get("pvs", {})
     groups_raw = data.get("groups", {})

@@ -34,7 +34,7 @@ _NDARRAY_EXT = 1
 
 def _pack_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        array = np.ascontiguousarray(obj)
+        array = obj if obj.flags.c_contiguous else obj.copy(order="C")  # keeps 0-D shapes
         if array.dtype.hasobject:
             return array.tolist()
         header = msgpack.packb([array.dtype.str, list(array.shape)])
@@ -319,6 +319,7 @@ PV_REQUESTS = (ReadRequest, DescribeRequest, SetRequest)
 FINAL_REPLIES = (HelloReply, Snapshot, DescribeReply, SetDone, StatusReply, Pong, ErrorReply)
 
 _NESTED = {"reading": Reading}
+_NESTED_FIELDS = {cls: {f.name for f in dataclasses.fields(cls)} for cls in _NESTED.values()}
 _FIELDS = {cls: {f.name for f in dataclasses.fields(cls)} for cls in MESSAGES.values()}
 _REQUIRED = {
     cls: {
@@ -355,7 +356,7 @@ def decode(data: bytes) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError("a message must be a map")
     version = body.get("v")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise ProtocolError("message has no protocol version 'v'")
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersionError(
@@ -372,8 +373,9 @@ def decode(data: bytes) -> Message:
     for name, nested in _NESTED.items():
         value = fields.get(name)
         if isinstance(value, dict):
+            known = _NESTED_FIELDS[nested]
             try:
-                fields[name] = nested(**value)
+                fields[name] = nested(**{k: v for k, v in value.items() if k in known})
             except TypeError as exc:
                 raise ProtocolError(f"{op}.{name} is malformed: {exc}") from exc
     _check_types(cls, fields)

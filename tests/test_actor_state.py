@@ -162,11 +162,6 @@ def test_reconnection_publishes_connected_again_once_metadata_returns():
     assert update.metadata == FLOAT_METADATA
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="access rights alone count as metadata: a reconnect publishes connected before "
-    "the control metadata arrives (Rule 3)",
-)
 def test_access_rights_alone_do_not_make_a_reconnected_pv_connected():
     # On (re)connection the IOC sends ACCESS_RIGHTS before CREATE_CHAN, so the backend emits
     # an AccessEvent before the ConnectionEvent and long before the control read returns.
@@ -178,11 +173,6 @@ def test_access_rights_alone_do_not_make_a_reconnected_pv_connected():
     assert updates(effects) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="access rights alone count as metadata: a first reading before the control "
-    "metadata publishes connected with no native_type (Rule 3)",
-)
 def test_access_rights_and_a_reading_do_not_make_a_new_pv_connected():
     state = PvState(PV, EPOCH)
     state.access_changed(True, True)
@@ -476,9 +466,6 @@ def test_numbers_the_pv_cannot_take_are_refused(value, metadata):
         coerce_value(value, metadata)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="float() of a huge int raises OverflowError, not BadValueError"
-)
 def test_an_int_too_large_for_a_float_is_a_bad_value():
     with pytest.raises(BadValueError):
         coerce_value(10**400, md("float"))
@@ -550,9 +537,6 @@ def test_a_char_array_refuses_text_longer_than_its_count():
         coerce_value("x" * 11, md("char", count=10))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="char values are range-checked as 32-bit ints, not as bytes (0..255)"
-)
 @pytest.mark.parametrize("value, count", [(300, 1), (-1, 1), ([1, 256], 4)])
 def test_a_char_pv_refuses_numbers_outside_a_byte(value, count):
     with pytest.raises(BadValueError):

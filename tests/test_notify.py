@@ -200,11 +200,6 @@ def test_unparsable_watchdog_usec_means_no_watchdog(monkeypatch, usec):
     assert watchdog_interval() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="notify bug: sd_watchdog_enabled(3) treats WATCHDOG_USEC <= 0 as invalid; "
-    "watchdog_interval returns 0.0 (or a negative number), i.e. a busy watchdog loop",
-)
 @pytest.mark.parametrize("usec", ["0", "-5"])
 def test_zero_or_negative_watchdog_usec_means_no_watchdog(monkeypatch, usec):
     monkeypatch.setenv("WATCHDOG_USEC", usec)

@@ -8,9 +8,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from pvhub.sim import LOOPBACK, SimulatedIOC, merge_ca_env
 
@@ -49,19 +51,53 @@ print(json.dumps(result))
 """
 
 
-def read_with_threading_client(ca_env: dict[str, str], *pvs: str) -> dict[str, dict]:
-    """Read ``pvs`` with caproto's threading client, seeing only ``ca_env`` of EPICS's
-    variables; the client's view of each PV, by name."""
+# Two clients hold identical monitors on ``fast``; the zoo must count both, then one.
+_TWO_MONITORS_THEN_ONE = """
+import json, sys, time
+from caproto.threading.client import Context
+
+fast_name, monitors_name = sys.argv[1:]
+
+def ignore(*args):  # caproto holds callbacks weakly: a lambda would vanish at once
+    pass
+
+def wait_for_count(pv, expected):
+    deadline = time.monotonic() + 10
+    while (count := int(pv.read(timeout=5).data[0])) != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return count
+
+contexts = [Context(), Context()]
+subscriptions = []
+for context in contexts:
+    fast, = context.get_pvs(fast_name, timeout=5)
+    fast.wait_for_connection(timeout=5)
+    subscriptions.append(fast.subscribe())
+    subscriptions[-1].add_callback(ignore)
+monitors, = contexts[0].get_pvs(monitors_name, timeout=5)
+monitors.wait_for_connection(timeout=5)
+two = wait_for_count(monitors, 2)
+contexts[1].disconnect()
+one = wait_for_count(monitors, 1)
+contexts[0].disconnect()
+print(json.dumps([two, one]))
+"""
+
+
+def run_ca_client(script: str, ca_env: dict[str, str], *args: str) -> object:
+    """Run ``script`` in a fresh Python that sees only ``ca_env`` of EPICS's variables, and
+    return the JSON it prints last."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")} | ca_env
     done = subprocess.run(
-        [sys.executable, "-c", _THREADING_CLIENT_READ, *pvs],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=40
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
+
+
+def read_with_threading_client(ca_env: dict[str, str], *pvs: str) -> dict[str, dict]:
+    """The view caproto's threading client has of each of ``pvs``, by name."""
+    return run_ca_client(_THREADING_CLIENT_READ, ca_env, *pvs)
 
 
 def repeater_pids() -> set[int]:
@@ -120,6 +156,19 @@ def test_zoo_through_caproto_threading_client(zoo_ioc):
     assert (by_name["chars"]["type"], by_name["chars"]["count"]) == ("CHAR", 40)
     assert bytes(by_name["chars"]["value"]) == b"abc"
     assert by_name["fast"]["value"][0] > 0  # it counts from startup on
+
+
+def test_zoo_counts_every_client_monitor_on_fast(zoo_ioc):
+    pvs = [zoo_ioc.pv("fast"), zoo_ioc.pv("fast_monitors")]
+    assert run_ca_client(_TWO_MONITORS_THEN_ONE, zoo_ioc.ca_env(), *pvs) == [2, 1]
+    wait_until(lambda: zoo_ioc.read("fast_monitors").data[0] == 0, 5)
+
+
+def test_zoo_fast_counts_at_its_rate(zoo_ioc):
+    start, started = zoo_ioc.read("fast").data[0], time.monotonic()
+    wait_until(lambda: zoo_ioc.read("fast").data[0] - start >= 500, 10)
+    rate = (zoo_ioc.read("fast").data[0] - start) / (time.monotonic() - started)
+    assert 400 < rate < 560
 
 
 def test_clients_spawn_no_repeater(zoo_ioc):
