@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -69,8 +70,23 @@ class Channel:
         self.error: BaseException | None = None  # the daemon refused this PV
         self._last_proof = 0.0
         # listener(kind, channel, old_reading) with kind "value" or "meta"; run on the I/O
-        # thread, so listeners only hand work to the dispatcher.
-        self.listeners: list[Callable[[str, Channel, p.Reading | None], None]] = []
+        # thread, so listeners only hand work to the dispatcher. Held weakly: a Signal the
+        # user dropped is not kept alive (or called) by its channel.
+        self._listeners: list[weakref.WeakMethod] = []
+
+    def add_listener(self, listener: Callable[[str, Channel, p.Reading | None], None]) -> None:
+        with self.cond:
+            self._listeners.append(weakref.WeakMethod(listener))  # type: ignore[arg-type]
+
+    def remove_listener(self, listener: Callable[[str, Channel, p.Reading | None], None]) -> None:
+        with self.cond:
+            self._listeners = [ref for ref in self._listeners if ref() not in (None, listener)]
+
+    def _live_listeners(self) -> list[Callable[[str, Channel, p.Reading | None], None]]:
+        alive = [(ref, ref()) for ref in self._listeners]
+        if any(listener is None for _, listener in alive):
+            self._listeners = [ref for ref, listener in alive if listener is not None]
+        return [listener for _, listener in alive if listener is not None]
 
     @property
     def ready(self) -> bool:
@@ -113,7 +129,7 @@ class Channel:
             value_changed = reading is not None and connected and (old is None or reading is not old)
             meta_changed = connected != was_connected or self.metadata != old_metadata
             self.cond.notify_all()
-            listeners = list(self.listeners)
+            listeners = self._live_listeners()
         for listener in listeners:
             if meta_changed:
                 listener("meta", self, old)
@@ -384,6 +400,8 @@ class Hub:
                 func(*args, **kwargs)
             except Exception:
                 log.exception("callback_failed", callback=repr(func))
+            # Hold nothing between callbacks: a Signal the user dropped must be freed.
+            del item, func, args, kwargs
 
 
 def _reachable(endpoint: str, request_address: str) -> str:

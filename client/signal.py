@@ -31,6 +31,9 @@ DEFAULT_CONNECTION_TIMEOUT = 5.0  # the first use of a PV starts its actor proce
 DEFAULT_TIMEOUT = 2.0
 
 _cids = itertools.count(1)
+# Signals with subscriptions stay alive while they have them (as ophyd's do through their PV
+# callbacks), even if the user keeps no reference: the callbacks are what they wanted.
+_subscribed: set[EpicsSignalBase] = set()
 
 
 class Kind(enum.IntFlag):
@@ -117,7 +120,7 @@ class EpicsSignalBase:
         self._subs_lock = threading.Lock()
         self._last_value_event: dict[str, Any] | None = None
         self._read_channel = self._hub.channel(read_pv)
-        self._read_channel.listeners.append(self._on_channel)
+        self._read_channel.add_listener(self._on_channel)
 
     # --- identity ---------------------------------------------------------------------------
 
@@ -338,28 +341,35 @@ class EpicsSignalBase:
         subscription = _Subscription(callback, event_type, run)
         with self._subs_lock:
             self._subs[cid] = subscription
+            _subscribed.add(self)
         self._hub.dispatch(self._prime, cid)
         return cid
 
     def unsubscribe(self, cid: int) -> None:
         with self._subs_lock:
             self._subs.pop(cid, None)
+            self._release_if_unsubscribed()
 
     def clear_sub(self, cb: Callable[..., Any], event_type: str | None = None) -> None:
         with self._subs_lock:
             for cid, sub in list(self._subs.items()):
                 if sub.callback == cb and (event_type is None or sub.event_type == event_type):
                     del self._subs[cid]
+            self._release_if_unsubscribed()
 
     def unsubscribe_all(self) -> None:
         with self._subs_lock:
             self._subs.clear()
+            self._release_if_unsubscribed()
+
+    def _release_if_unsubscribed(self) -> None:
+        if not self._subs:
+            _subscribed.discard(self)
 
     def destroy(self) -> None:
         self.unsubscribe_all()
         for channel in self._channels():
-            if self._on_channel in channel.listeners:
-                channel.listeners.remove(self._on_channel)
+            channel.remove_listener(self._on_channel)
 
     # Runs on the callback thread.
     def _prime(self, cid: int) -> None:

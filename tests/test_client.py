@@ -299,3 +299,27 @@ def test_write_pv_different_from_read_pv(hub, prefix):
     sig.set(2).wait(5)
     assert sig.describe()["pair"]["source"] == f"PV:{prefix}count"
     assert connected(EpicsSignal(f"{prefix}motor", name="m")).get() == 2.0
+
+
+def test_signals_are_not_kept_alive_by_their_channel_unless_subscribed(hub, prefix):
+    import gc
+    import weakref
+
+    first = connected(EpicsSignal(f"{prefix}motor", name="m"))
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None
+
+    seen = []
+    kept = connected(EpicsSignal(f"{prefix}motor", name="m2"))
+    kept.subscribe(lambda value, **kw: seen.append(value))
+    kept_ref = weakref.ref(kept)
+    del kept
+    gc.collect()
+    assert kept_ref() is not None  # its subscription keeps it, as in ophyd
+    EpicsSignal(f"{prefix}motor", name="m3").set(6.5).wait(5)
+    wait_until(lambda: 6.5 in seen, 5)
+    kept_ref().unsubscribe_all()
+    gc.collect()
+    assert kept_ref() is None

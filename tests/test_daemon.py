@@ -156,6 +156,14 @@ def test_sigterm_stops_everything_and_exits_0(hub, prefix):
     assert "STOPPING=1" in hub.notifications
 
 
+def test_sigint_stops_it_like_sigterm(hub, prefix):
+    EpicsSignalRO(f"{prefix}dt", name="dt").wait_for_connection(timeout=15)
+    actors = daemon_children(hub)
+    os.kill(hub.pid, signal.SIGINT)
+    assert hub.process.wait(10) == 0
+    wait_until(lambda: not any(alive(pid) for pid in actors), 5, message="actors outlived the daemon")
+
+
 def test_actors_exit_when_the_daemon_is_killed(hub, prefix):
     for name in ("dt", "motor"):
         EpicsSignalRO(f"{prefix}{name}", name=name).wait_for_connection(timeout=15)

@@ -1,0 +1,63 @@
+"""Dependencies point one way (DESIGN.md, Layout): the cores import no I/O, nothing but users
+and tests imports the client, and the daemon starts actors as processes, never imports them."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = {"pvhub": REPO / "pvhub", "pvhub.daemon": REPO / "daemon",
+            "pvhub.actors": REPO / "actors", "pvhub.client": REPO / "client"}
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def modules(package: str):
+    return sorted(PACKAGES[package].glob("*.py"))
+
+
+@pytest.mark.parametrize("package", ["pvhub.daemon", "pvhub.actors"])
+def test_daemon_and_actors_do_not_import_the_client(package):
+    for path in modules(package):
+        assert not any(n.startswith("pvhub.client") for n in imports_of(path)), path.name
+
+
+def test_daemon_does_not_import_actors():
+    for path in modules("pvhub.daemon"):
+        assert not any(n.startswith("pvhub.actors") for n in imports_of(path)), path.name
+
+
+def test_client_and_actors_import_only_the_shared_root_of_the_others():
+    for path in modules("pvhub.client"):
+        assert not any(n.startswith(("pvhub.daemon", "pvhub.actors")) for n in imports_of(path)), path.name
+    for path in modules("pvhub.actors"):
+        assert not any(n.startswith(("pvhub.daemon", "pvhub.client")) for n in imports_of(path)), path.name
+
+
+@pytest.mark.parametrize("core", [REPO / "actors" / "state.py", REPO / "daemon" / "routing.py",
+                                  REPO / "pvhub" / "protocol.py", REPO / "pvhub" / "config.py"])
+def test_cores_do_no_io(core):
+    io = {"zmq", "caproto", "asyncio", "socket", "subprocess", "threading"}
+    found = {n.split(".")[0] for n in imports_of(core)} & io
+    assert not found, f"{core.name} imports {found}"
+
+
+def test_shared_root_does_not_import_the_sides():
+    # pvhub.cli, pvhub.demo and pvhub.process are entry points: they may start anything.
+    entry_points = {"cli.py", "demo.py", "process.py", "__main__.py"}
+    for path in modules("pvhub"):
+        if path.name in entry_points:
+            continue
+        assert not any(n.startswith(("pvhub.daemon", "pvhub.actors", "pvhub.client"))
+                       for n in imports_of(path)), path.name
