@@ -33,7 +33,7 @@ def _plain(value):
 def run_plans(EpicsSignal, EpicsSignalRO, prefix):
     from bluesky import RunEngine
     from bluesky.plan_stubs import close_run, monitor, mv, open_run, sleep, unmonitor
-    from bluesky.plans import count, list_scan
+    from bluesky.plans import count, list_scan, scan
 
     def sig(cls, suffix, name, **kwargs):
         s = cls(prefix + suffix, name=name, **kwargs)
@@ -67,6 +67,7 @@ def run_plans(EpicsSignal, EpicsSignalRO, prefix):
     RE(count([x], num=3, delay=0.1))
     RE(count([motor, integer, wave, text, mode, mode_label]))
     RE(list_scan([integer], motor, [1.5, -2.25]))
+    RE(scan([time_delta, integer], motor, -1, 1, 3))
     RE(mv(mode, 2))
     RE(count([mode, mode_label]))
     RE(mv(mode_label, "On"))

@@ -43,10 +43,10 @@ def test_documents_match_ophyd(hub, zoo_ioc, prefix):
     assert pvhub["reads"] == ophyd["reads"]
 
     ophyd_runs, pvhub_runs = runs(ophyd["documents"]), runs(pvhub["documents"])
-    assert len(pvhub_runs) == len(ophyd_runs) == 9
+    assert len(pvhub_runs) == len(ophyd_runs) == 10
     for number, (theirs, ours) in enumerate(zip(ophyd_runs, pvhub_runs)):
-        timed = number == 7  # monitor_x_for: how many updates land in 0.5 s is up to the IOC
-        monitored = number in (7, 8)
+        timed = number == 8  # monitor_x_for: how many updates land in 0.5 s is up to the IOC
+        monitored = number in (8, 9)
         if monitored:
             # ophyd emits some monitor events twice (the same value, a millisecond apart);
             # pvhub emits one per change. What was seen, in order, must be the same.
