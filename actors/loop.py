@@ -26,11 +26,11 @@ from pvhub import protocol as p
 from pvhub.actors import backend as ca
 from pvhub.actors.state import Effect, Publish, PvState, Reply, StartPut
 from pvhub.errors import ActorDiedError, InternalError, ProtocolError
+from pvhub.logs import loggable
 
 log = structlog.get_logger("pvhub.actor")
 
-POLL_MS = 500
-HEARTBEAT_INTERVAL = 1.0
+POLL_MS = 250
 
 
 def die_with_parent() -> None:
@@ -100,9 +100,9 @@ class Actor:
                 if self._wake_r.fileno() in ready or self._events:
                     self._drain_events()
                 now = time.monotonic()
-                if now - last_beat >= HEARTBEAT_INTERVAL:
+                if now - last_beat >= p.ACTOR_HEARTBEAT_S:
                     last_beat = now
-                    self._send_control(p.Heartbeat(sender=self.actor_id))
+                    self._send_control(p.Heartbeat(sender=self.actor_id, stats=self._stats()))
                 if os.getppid() != self._parent:
                     self.log.warning("actor_orphaned")
                     break
@@ -119,6 +119,16 @@ class Actor:
         self._pub.close()
         self._ctx.term()
         self.log.info("actor_stopped")
+
+    def _stats(self) -> dict:
+        return {
+            pv: {
+                "connected": state.connected,
+                "updates": state.updates_published,
+                "last_update": state.reading.timestamp if state.reading else None,
+            }
+            for pv, state in self.states.items()
+        }
 
     def _send_control(self, message: p.Message) -> None:
         self._dealer.send_multipart([b"", p.encode(message)])
@@ -189,7 +199,7 @@ class Actor:
             elif isinstance(effect, Reply):
                 self._reply(effect.client, effect.message)
             elif isinstance(effect, StartPut):
-                self.log.info("put_started", pv=effect.pv, value=_loggable(effect.value))
+                self.log.info("put_started", pv=effect.pv, value=loggable(effect.value))
                 self._backend.put(effect.pv, effect.put_id, effect.value)
 
     def _reply(self, client: bytes, message: p.Message) -> None:
@@ -200,9 +210,3 @@ class Actor:
         self._dealer.send_multipart([client, p.encode(message)])
 
 
-def _loggable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, list) and len(value) > 8:
-        return value[:8] + ["..."]
-    return value

@@ -9,8 +9,14 @@ snapshot; it keeps the highest ``seq`` it has applied and drops anything not new
 ``seq`` is a gap: it is counted, logged, and answered with a fresh snapshot. A new ``epoch``
 means a new actor: its sequence starts over and is accepted.
 Rule 4: a subscription is known to be live once something arrives on it. Until then the
-channel asks the actor to publish its snapshot again every ``PROOF_INTERVAL``, which proves the
-subscription without any fixed wait.
+channel asks the actor to publish its snapshot again every ``PROOF_INTERVAL`` (one request
+outstanding at a time), which proves the subscription without any fixed wait.
+Rule 5 (Paranoid Pirate): the client pings the daemon every ``CLIENT_HEARTBEAT_S``; a daemon
+silent for ``LIVENESS`` beats, or one that announces it is stopping, is lost: every request in
+flight fails at once (a put's outcome is then unknown; nothing is ever re-sent), every channel
+turns disconnected, and the client says hello again until a daemon answers, then re-attaches
+every channel from a fresh snapshot. Requests are never queued for a daemon that is not there
+(``ZMQ_IMMEDIATE``), so nothing sent during an outage is delivered to the next daemon.
 """
 
 from __future__ import annotations
@@ -29,19 +35,22 @@ from concurrent.futures import Future
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import structlog
 import zmq
 
 from pvhub import protocol as p
 from pvhub.errors import HubUnavailableError, ProtocolError, error_from_code
+from pvhub.logs import library_logger
 
-log = structlog.get_logger("pvhub.client")
+log = library_logger("pvhub.client")
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 PROOF_INTERVAL = 0.1
+HELLO_RETRY = 0.1
 POLL_MS = 50
 
 ReplyHandler = Callable[[p.Message], bool]
+# Errors to a snapshot request that asking again will not change.
+PERMANENT_ERRORS = {"pv_not_allowed", "bad_message", "unsupported_version", "unknown_operation"}
 
 
 def default_address() -> str:
@@ -69,6 +78,7 @@ class Channel:
         self.missed = 0
         self.error: BaseException | None = None  # the daemon refused this PV
         self._last_proof = 0.0
+        self._proof_pending = False
         # listener(kind, channel, old_reading) with kind "value" or "meta"; run on the I/O
         # thread, so listeners only hand work to the dispatcher. Held weakly: a Signal the
         # user dropped is not kept alive (or called) by its channel.
@@ -111,11 +121,16 @@ class Channel:
         with self.cond:
             if epoch == self.epoch and seq <= self.seq:
                 return
-            if from_stream and epoch == self.epoch and self.attached and seq > self.seq + 1:
-                self.gaps += 1
-                self.missed += seq - self.seq - 1
-                log.warning("readings_missed", pv=self.pv, missed=seq - self.seq - 1, gaps=self.gaps)
-                self.hub._resync(self)
+            if from_stream and self.attached:
+                if epoch != self.epoch:
+                    # A new actor: what it published before our subscription reached it
+                    # (metadata, the connection) comes with a fresh snapshot.
+                    self.hub._resync(self)
+                elif seq > self.seq + 1:
+                    self.gaps += 1
+                    self.missed += seq - self.seq - 1
+                    log.warning("readings_missed", pv=self.pv, missed=seq - self.seq - 1, gaps=self.gaps)
+                    self.hub._resync(self)
             old = self.reading
             was_connected = self.connected
             old_metadata = self.metadata
@@ -137,6 +152,22 @@ class Channel:
                 listener("value", self, old)
 
 
+    def lose(self, reason: str) -> None:
+        """The PV's actor or the daemon went away: disconnected until a new snapshot."""
+        with self.cond:
+            was_connected = self.connected
+            self.connected = False
+            self.attached = False
+            self.live = False
+            self._proof_pending = False
+            self.cond.notify_all()
+            listeners = self._live_listeners() if was_connected else []
+        if was_connected:
+            log.warning("pv_lost", pv=self.pv, reason=reason)
+        for listener in listeners:
+            listener("meta", self, self.reading)
+
+
 class Hub:
     """The connection to one daemon. Use ``get_hub(address)``; it is shared per address."""
 
@@ -154,6 +185,12 @@ class Hub:
         self._wake_w.setblocking(False)
         self._ids = itertools.count(1)
         self._pending: dict[int, ReplyHandler] = {}
+        self._last_heard = 0.0
+        self._last_ping = 0.0
+        self._last_hello = 0.0
+        self._hello_id: int | None = None
+        self._pvs_changed = True
+        self.losses = 0
         self._channels: dict[str, Channel] = {}
         self._channels_lock = threading.Lock()
         self._dispatch: queue.SimpleQueue = queue.SimpleQueue()
@@ -171,6 +208,7 @@ class Hub:
             channel = self._channels.get(pv)
             if channel is None:
                 channel = self._channels[pv] = Channel(self, pv)
+                self._pvs_changed = True
                 self._call_soon(lambda: self._attach(channel))
             return channel
 
@@ -196,8 +234,11 @@ class Hub:
             except ProtocolError as exc:  # e.g. a value that cannot travel: fail this request only
                 on_reply(p.ErrorReply(id=request_id, code=exc.code, message=str(exc)))
                 return
+            if not self._hello.is_set() or not self._try_send(payload):
+                on_reply(p.ErrorReply(id=request_id, code=HubUnavailableError.code,
+                                      message=f"the pvhub daemon at {self.address} is not connected; the request was not sent"))
+                return
             self._pending[request_id] = on_reply
-            self._dealer.send(payload)
 
         self._call_soon(send)
         return future
@@ -247,15 +288,16 @@ class Hub:
     def _run(self) -> None:
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer.setsockopt(zmq.IMMEDIATE, 1)
         self._dealer.connect(self.address)
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
+        self._sub.setsockopt(zmq.SUBSCRIBE, p.HUB_TOPIC)
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._sub, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        self._send_hello()
         try:
             while not self._closed.is_set():
                 ready = dict(poller.poll(POLL_MS))
@@ -271,6 +313,7 @@ class Hub:
                     self._drain_replies()
                 if self._sub in ready:
                     self._drain_readings()
+                self._keep_alive(time.monotonic())
                 self._prove_subscriptions()
         except Exception:
             log.exception("hub_io_failed", address=self.address)
@@ -279,18 +322,74 @@ class Hub:
             self._sub.close()
             self._ctx.term()
 
-    def _send(self, message: p.Message) -> None:
-        self._dealer.send(p.encode(message))
+    def _try_send(self, payload: bytes) -> bool:
+        try:
+            self._dealer.send(payload, zmq.NOBLOCK)
+        except zmq.Again:  # no daemon connected (ZMQ_IMMEDIATE): nothing is queued
+            return False
+        return True
 
-    def _send_hello(self) -> None:
+    def _send(self, message: p.Message) -> bool:
+        return self._try_send(p.encode(message))
+
+    # --- liveness -------------------------------------------------------------------------
+
+    def _keep_alive(self, now: float) -> None:
+        if not self._hello.is_set():
+            if now - self._last_hello >= HELLO_RETRY:
+                self._send_hello(now)
+            return
+        if now - self._last_heard > p.LIVENESS * p.CLIENT_HEARTBEAT_S:
+            self._lose_hub(f"no answer for {now - self._last_heard:.1f} s")
+        elif now - self._last_ping >= p.CLIENT_HEARTBEAT_S:
+            self._last_ping = now
+            pvs = None
+            if self._pvs_changed:
+                self._pvs_changed = False
+                pvs = [channel.pv for channel in self._all_channels()]
+            request_id = next(self._ids)
+            if self._send(p.PingRequest(id=request_id, pvs=pvs)):
+                self._pending[request_id] = lambda message: True
+            elif pvs is not None:
+                self._pvs_changed = True
+
+    def _lose_hub(self, reason: str) -> None:
+        """The daemon is gone (Rule 5): fail what it owed, disconnect, start saying hello."""
+        if not self._hello.is_set():
+            return
+        self.losses += 1
+        log.warning("hub_lost", address=self.address, reason=reason)
+        self._hello.clear()
+        pending, self._pending = self._pending, {}
+        for request_id, handler in pending.items():
+            message = f"the pvhub daemon at {self.address} went away ({reason}); the outcome is unknown"
+            try:
+                handler(p.ErrorReply(id=request_id, code=HubUnavailableError.code, message=message))
+            except Exception:
+                log.exception("reply_handler_failed", op="error")
+        for channel in self._all_channels():
+            channel.lose(reason)
+
+    def _send_hello(self, now: float) -> None:
+        self._last_hello = now
+
         def on_hello(message: p.Message) -> bool:
+            if message.id != self._hello_id:  # type: ignore[attr-defined]
+                return True  # an answer to an earlier attempt
             if isinstance(message, p.HelloReply):
-                self.readings_endpoint = _reachable(message.readings, self.address)
+                endpoint = _reachable(message.readings, self.address)
+                if endpoint != self.readings_endpoint:
+                    if self.readings_endpoint is not None:
+                        self._sub.disconnect(self.readings_endpoint)
+                    self._sub.connect(endpoint)
+                    self.readings_endpoint = endpoint
                 self.server_version = message.server_version
                 self.identity = message.client
-                self._sub.connect(self.readings_endpoint)
+                self._last_heard = self._last_ping = time.monotonic()
+                self._pvs_changed = True
                 self._hello.set()
-                # Attach requests waited for the readings endpoint.
+                log.info("hub_connected", address=self.address, readings=endpoint)
+                # Attaching waited for the readings endpoint; after a loss, everything resyncs.
                 for channel in self._all_channels():
                     if not channel.attached:
                         self._request_snapshot(channel)
@@ -299,8 +398,9 @@ class Hub:
             return True
 
         request_id = next(self._ids)
-        self._pending[request_id] = on_hello
-        self._send(p.HelloRequest(id=request_id, client=self.name))
+        self._hello_id = request_id
+        if self._send(p.HelloRequest(id=request_id, client=self.name)):
+            self._pending[request_id] = on_hello
 
     def _drain_replies(self) -> None:
         while True:
@@ -313,6 +413,7 @@ class Hub:
             except ProtocolError as exc:
                 log.error("bad_reply", error=str(exc))
                 continue
+            self._last_heard = time.monotonic()
             handler = self._pending.get(getattr(message, "id", -1))
             if handler is None:
                 continue
@@ -337,6 +438,14 @@ class Hub:
             except ProtocolError as exc:
                 log.error("bad_reading", error=str(exc))
                 continue
+            if isinstance(update, p.HubStopping):
+                self._lose_hub(update.reason or "the daemon is stopping")
+                continue
+            if isinstance(update, p.PvLost):
+                lost = self._channels.get(update.pv)
+                if lost is not None:
+                    lost.lose(update.reason)
+                continue
             if not isinstance(update, p.Update):
                 continue
             channel = self._channels.get(update.pv)
@@ -356,22 +465,28 @@ class Hub:
 
     def _request_snapshot(self, channel: Channel) -> None:
         channel._last_proof = time.monotonic()
+        channel._proof_pending = True
 
         def on_snapshot(message: p.Message) -> bool:
+            channel._proof_pending = False
             if isinstance(message, p.Snapshot):
                 channel.apply(
                     message.epoch, message.seq, message.connected, message.reading, message.metadata,
                     from_stream=False,
                 )
-            elif isinstance(message, p.ErrorReply):
+            elif isinstance(message, p.ErrorReply) and message.code in PERMANENT_ERRORS:
                 with channel.cond:
                     channel.error = error_from_code(message.code, message.message)
                     channel.cond.notify_all()
+            # Other errors (the actor or the daemon restarting) are passing: the channel
+            # asks again (Rule 4) until it gets a snapshot.
             return True
 
         request_id = next(self._ids)
-        self._pending[request_id] = on_snapshot
-        self._send(p.ReadRequest(id=request_id, pv=channel.pv, publish=not channel.live))
+        if self._send(p.ReadRequest(id=request_id, pv=channel.pv, publish=not channel.live)):
+            self._pending[request_id] = on_snapshot
+        else:
+            channel._proof_pending = False
 
     def _all_channels(self) -> list[Channel]:
         with self._channels_lock:
@@ -385,7 +500,8 @@ class Hub:
             return
         now = time.monotonic()
         for channel in self._all_channels():
-            if not channel.live and channel.error is None and now - channel._last_proof >= PROOF_INTERVAL:
+            if (not channel.live and channel.error is None and not channel._proof_pending
+                    and now - channel._last_proof >= PROOF_INTERVAL):
                 self._request_snapshot(channel)
 
     # --- the dispatcher thread -------------------------------------------------------------

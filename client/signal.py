@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pvhub import protocol as p
-from pvhub.client.hub import Channel, Hub, get_hub
+from pvhub.client.hub import Channel, Hub, get_hub, log
 from pvhub.client.status import Status
 from pvhub.errors import ConnectionTimeoutError, ReadOnlyError, error_from_code
 
@@ -436,8 +436,6 @@ class EpicsSignalBase:
         try:
             callback(sub_type=event_type, obj=self, **kwargs)
         except Exception:
-            from pvhub.client.hub import log
-
             log.exception("subscription_callback_failed", signal=self.name, callback=repr(callback))
 
 

@@ -17,11 +17,11 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-import structlog
 
 from pvhub.errors import PvhubError, StatusTimeoutError
+from pvhub.logs import library_logger
 
-log = structlog.get_logger("pvhub.client")
+log = library_logger("pvhub.client")
 
 
 class Status:

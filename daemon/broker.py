@@ -26,15 +26,27 @@ import structlog
 import zmq
 
 from pvhub import protocol as p
+from pvhub.logs import loggable
 from pvhub.config import Config
 from pvhub.daemon.notify import Notifier, watchdog_interval
-from pvhub.daemon.routing import Router, SpawnActor, ToActor, ToClient, error_reply
+from pvhub.daemon.routing import (
+    Announce,
+    ClientForgotten,
+    KillActor,
+    Router,
+    SpawnActor,
+    ToActor,
+    ToClient,
+    error_reply,
+)
 from pvhub.daemon.supervisor import Supervisor
 from pvhub.errors import InternalError, ProtocolError
 
 log = structlog.get_logger("pvhub.daemon")
 
 TICK_S = 0.2
+# SIGTERM lets puts in flight finish for at most this long before actors are stopped.
+STOP_GRACE_S = 5.0
 # A client that does not read its readings loses the oldest ones beyond this many; it sees a
 # seq gap and resyncs. It never slows anyone else.
 READINGS_HWM = 100_000
@@ -97,11 +109,16 @@ class Broker:
         readings_in_endpoint = f"ipc://{self._rundir}/readings"
         forwarder = ReadingsForwarder(self._ctx, readings_in_endpoint, self.readings_address)
         readings_endpoint = forwarder.start()
+        # The daemon's own announcements (a PV's actor died, the daemon stops) join the
+        # readings stream, so they reach clients in order with the PVs' updates.
+        announcer = self._ctx.socket(zmq.PUB)
+        announcer.setsockopt(zmq.LINGER, 500)
+        announcer.connect(readings_in_endpoint)
 
         router = Router(self.config, readings_endpoint)
         supervisor = Supervisor(actor_endpoint, readings_in_endpoint, self.log_format, self.log_level)
         self.log = log.bind(address=clients.getsockopt_string(zmq.LAST_ENDPOINT), readings=readings_endpoint)
-        ctx = _LoopContext(clients, actors, router, supervisor)
+        ctx = _LoopContext(clients, actors, router, supervisor, announcer)
         self._carry_out(ctx, router.initial_actors(time.monotonic()))
         self._wait_for_initial_actors(ctx)
         self.log.info("daemon_ready", pid=os.getpid())
@@ -113,8 +130,9 @@ class Broker:
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         watchdog = watchdog_interval()
         last_watchdog = 0.0
+        stop_deadline: float | None = None
         try:
-            while not self._stopping:
+            while True:
                 ready = dict(poller.poll(int(TICK_S * 1000)))
                 if clients in ready:
                     self._drain_clients(ctx)
@@ -124,16 +142,32 @@ class Broker:
                     _drain(self._wake_r)
                 now = time.monotonic()
                 for actor, code in supervisor.reap():
-                    self._carry_out(ctx, router.actor_exited(actor, code))
+                    self._carry_out(ctx, router.actor_exited(actor, code, now))
+                self._carry_out(ctx, router.tick(now))
                 if watchdog is not None and now - last_watchdog >= watchdog:
                     last_watchdog = now
                     self.notifier.watchdog()
                     self.notifier.status(self._status_line(router))
+                if self._stopping and stop_deadline is None:
+                    # Graceful stop: refuse new puts, tell clients, let puts in flight finish.
+                    self.notifier.stopping()
+                    self.log.info("daemon_stopping", puts_in_flight=router.puts_in_flight())
+                    self._carry_out(ctx, router.begin_stop())
+                    stop_deadline = now + STOP_GRACE_S
+                if stop_deadline is not None and (router.puts_in_flight() == 0 or now >= stop_deadline):
+                    if router.puts_in_flight():
+                        self.log.warning("puts_abandoned", puts_in_flight=router.puts_in_flight())
+                    break
         finally:
+            router.stopping = True  # nothing is restarted from here on
             self.notifier.stopping()
-            self.log.info("daemon_stopping")
             supervisor.stop_all()
+            # Answer whatever the actors could not (their stop fails their own puts first).
+            self._drain_actors(ctx)
+            for actor in list(router.actors):
+                self._carry_out(ctx, router.actor_exited(actor, None, time.monotonic()))
             forwarder.stop()
+            announcer.close()
             clients.close()
             actors.close()
             self._ctx.term()
@@ -150,7 +184,7 @@ class Broker:
             if ctx.actors.poll(int(TICK_S * 1000)):
                 self._drain_actors(ctx)
             for actor, code in ctx.supervisor.reap():
-                self._carry_out(ctx, ctx.router.actor_exited(actor, code))
+                self._carry_out(ctx, ctx.router.actor_exited(actor, code, time.monotonic()))
         pending = [a for a, r in ctx.router.actors.items() if not r.ready]
         if pending:
             self.log.warning("actors_not_ready", actors=pending)
@@ -175,6 +209,12 @@ class Broker:
             except ProtocolError as exc:
                 self._refuse(ctx, client, payload, exc)
                 continue
+            if isinstance(message, p.HelloRequest):
+                self.log.info("client_connected", client=client.hex(), name=message.client)
+            elif isinstance(message, p.SetRequest):
+                name = ctx.router.clients.get(client)
+                self.log.info("put_requested", client=client.hex(), name=name.name if name else "",
+                              pv=message.pv, value=loggable(message.value))
             try:
                 effects = ctx.router.client_message(client, message, payload, time.monotonic())
             except Exception as exc:  # the loop boundary: answer, log, go on
@@ -205,6 +245,10 @@ class Broker:
             actor = actor_raw.decode()
             if isinstance(message, p.ActorReady):
                 self.log.info("actor_ready", actor=actor, actor_pid=message.pid)
+            elif isinstance(message, (p.SetDone, p.ErrorReply)) and ctx.router.op_of(actor, client, message.id) == "set":
+                self.log.info("put_finished", client=client.hex(), pv=message.pv,
+                              outcome="done" if isinstance(message, p.SetDone) else message.code,
+                              error=getattr(message, "message", None))
             effects = ctx.router.actor_message(actor, client, message, time.monotonic())
             # Replies are forwarded as they came: re-encoding would only cost time.
             for effect in effects:
@@ -221,14 +265,24 @@ class Broker:
                 ctx.actors.send_multipart([effect.actor.encode(), effect.client, effect.payload])
             elif isinstance(effect, SpawnActor):
                 ctx.supervisor.spawn(effect.actor, effect.pvs)
+            elif isinstance(effect, KillActor):
+                self.log.warning("actor_hung", actor=effect.actor, reason=effect.reason)
+                ctx.supervisor.kill(effect.actor)
+            elif isinstance(effect, Announce):
+                ctx.announcer.send_multipart([effect.topic, p.encode(effect.message)])
+            elif isinstance(effect, ClientForgotten):
+                self.log.info("client_disconnected", client=effect.client.hex(), name=effect.name,
+                              idle=round(effect.idle, 1))
 
 
 class _LoopContext:
-    def __init__(self, clients: zmq.Socket, actors: zmq.Socket, router: Router, supervisor: Supervisor) -> None:
+    def __init__(self, clients: zmq.Socket, actors: zmq.Socket, router: Router, supervisor: Supervisor,
+                 announcer: zmq.Socket) -> None:
         self.clients = clients
         self.actors = actors
         self.router = router
         self.supervisor = supervisor
+        self.announcer = announcer
 
 
 class ReadingsForwarder:
@@ -278,7 +332,6 @@ class ReadingsForwarder:
             self._control = None
         if self._thread is not None:
             self._thread.join(timeout=5)
-
 
 def _drain(sock: socket.socket) -> None:
     try:

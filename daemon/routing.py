@@ -1,13 +1,18 @@
-"""The broker's rules: which actor owns a PV, what to do with each message, and what happens
-to requests when an actor dies.
+"""The broker's rules: which actor owns a PV, what to do with each message, when an actor is
+restarted or declared hung, and when a client is forgotten.
 
 Rule 1: no I/O. Inputs are decoded messages (with the raw bytes, forwarded untouched) and
 ``now``; outputs are effects for the broker loop to carry out.
 Rule 2: every PV has at most one owner. A PV named in a config group belongs to that group's
-actor; any other PV gets an actor of its own, started on first use.
+actor; any other PV gets an actor of its own, started on first use. Ownership outlives the
+actor's process: a dead actor is restarted (immediately the first time, then with
+exponential backoff while it keeps dying young), and requests meanwhile wait for it.
 Rule 3: a request is never left hanging. Requests that reach an actor not yet ready are
 queued for it; when an actor dies, every request queued for it or in flight to it is
 answered with ``actor_died`` (a put's outcome is then unknown, and it is never re-sent).
+Rule 4 (Paranoid Pirate): an actor silent for ``LIVENESS`` heartbeats is hung: it is killed,
+and restarted like any dead actor. A client silent for ``LIVENESS`` of its heartbeats (plus a
+margin) is forgotten.
 """
 
 from __future__ import annotations
@@ -17,7 +22,22 @@ from dataclasses import dataclass, field
 from pvhub import __version__
 from pvhub import protocol as p
 from pvhub.config import Config
-from pvhub.errors import ActorDiedError, PVNotAllowedError, PvhubError, UnknownOperationError
+from pvhub.errors import (
+    ActorDiedError,
+    HubUnavailableError,
+    PVNotAllowedError,
+    PvhubError,
+    UnknownOperationError,
+)
+
+# An actor that has not said ActorReady this long after its start is stuck in start-up.
+ACTOR_STARTUP_TIMEOUT = 20.0
+# An actor that dies sooner than this after starting "dies young": its next restart waits.
+DIES_YOUNG_S = 10.0
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+CLIENT_TIMEOUT = p.LIVENESS * p.CLIENT_HEARTBEAT_S + 2.0
+ACTOR_TIMEOUT = p.LIVENESS * p.ACTOR_HEARTBEAT_S + 1.0
 
 # --- effects -------------------------------------------------------------------------------
 
@@ -41,7 +61,36 @@ class SpawnActor:
     pvs: tuple[str, ...]
 
 
-Effect = ToClient | ToActor | SpawnActor
+@dataclass(frozen=True)
+class KillActor:
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Publish ``message`` on ``topic`` (a PV's, or ``HUB_TOPIC``)."""
+
+    topic: bytes
+    message: p.Message
+
+
+@dataclass(frozen=True)
+class ClientForgotten:
+    client: bytes
+    name: str
+    idle: float
+
+
+Effect = ToClient | ToActor | SpawnActor | KillActor | Announce | ClientForgotten
+
+
+def restart_delay(streak: int) -> float:
+    """Seconds before restarting an actor that died young ``streak`` times in a row: the first
+    death is answered at once, each further one waits twice as long as the last."""
+    if streak <= 1:
+        return 0.0
+    return min(BACKOFF_FIRST_S * 2 ** (streak - 2), BACKOFF_MAX_S)
 
 
 @dataclass
@@ -50,11 +99,19 @@ class ActorRecord:
     pvs: tuple[str, ...]
     started: float
     ready: bool = False
+    alive: bool = True  # its process exists (or is being started)
     pid: int | None = None
     last_seen: float = 0.0
+    restarts: int = 0
+    streak: int = 0  # deaths in a row, each soon after its start
+    restart_at: float | None = None
+    killing: bool = False
     queued: list[tuple[bytes, int, str, bytes]] = field(default_factory=list)
     # (client, request id) -> op, for every request forwarded and not finally answered
     inflight: dict[tuple[bytes, int], str] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    rates: dict = field(default_factory=dict)
+    stats_at: tuple[float, dict] | None = None
 
 
 @dataclass
@@ -64,6 +121,7 @@ class ClientRecord:
     last_seen: float
     name: str = ""
     requests: int = 0
+    pvs: tuple[str, ...] = ()
 
 
 def actor_id_for(pv: str, config: Config) -> tuple[str, tuple[str, ...]]:
@@ -83,6 +141,7 @@ class Router:
         self.owner: dict[str, str] = {}
         self.clients: dict[bytes, ClientRecord] = {}
         self.started = 0.0
+        self.stopping = False
 
     # --- start-up --------------------------------------------------------------------------
 
@@ -125,6 +184,8 @@ class Router:
                 )
             ]
         if isinstance(message, p.PingRequest):
+            if message.pvs is not None:
+                record.pvs = tuple(str(pv) for pv in message.pvs)
             return [ToClient(client, p.Pong(id=message.id))]
         if isinstance(message, p.StatusRequest):
             return [ToClient(client, p.StatusReply(id=message.id, status=self.status(now)))]
@@ -138,6 +199,8 @@ class Router:
         request_id: int = message.id  # type: ignore[attr-defined]
         if not self.config.allows(pv):
             return [ToClient(client, error_reply(request_id, PVNotAllowedError(f"{pv!r} is not allowed by this daemon"), pv))]
+        if self.stopping and isinstance(message, p.SetRequest):
+            return [ToClient(client, error_reply(request_id, HubUnavailableError("the daemon is stopping; the put was not sent"), pv))]
         effects = self._ensure_actor(pv, now)
         record = self.actors[self.owner[pv]]
         if record.ready:
@@ -147,6 +210,11 @@ class Router:
             record.queued.append((client, request_id, message.OP, payload))
         return effects
 
+    def op_of(self, actor: str, client: bytes, request_id: int) -> str | None:
+        """The operation of a request in flight to ``actor`` (before its reply is routed)."""
+        record = self.actors.get(actor)
+        return record.inflight.get((client, request_id)) if record else None
+
     def client_gone(self, client: bytes) -> None:
         self.clients.pop(client, None)
 
@@ -154,17 +222,17 @@ class Router:
 
     def actor_message(self, actor: str, client: bytes, message: p.Message, now: float) -> list[Effect]:
         record = self.actors.get(actor)
-        if record is None:
+        if record is None or not record.alive:
             return []  # a message from an actor already declared dead: ignore it
         record.last_seen = now
         if client == b"":
-            return self._actor_control(record, message)
+            return self._actor_control(record, message, now)
         request_id = getattr(message, "id", None)
         if isinstance(message, p.FINAL_REPLIES) and request_id is not None:
             record.inflight.pop((client, request_id), None)
         return [ToClient(client, message)]
 
-    def _actor_control(self, record: ActorRecord, message: p.Message) -> list[Effect]:
+    def _actor_control(self, record: ActorRecord, message: p.Message, now: float) -> list[Effect]:
         if isinstance(message, p.ActorReady):
             record.ready = True
             record.pid = message.pid
@@ -174,16 +242,29 @@ class Router:
                 effects.append(ToActor(record.actor, client, payload))
             record.queued.clear()
             return effects
-        return []  # heartbeats only refresh last_seen
+        if isinstance(message, p.Heartbeat):
+            self._take_stats(record, message.stats, now)
+        return []
 
-    def actor_exited(self, actor: str, returncode: int | None) -> list[Effect]:
-        """The actor's process is gone: answer everything it owed, forget its PVs."""
-        record = self.actors.pop(actor, None)
-        if record is None:
+    def _take_stats(self, record: ActorRecord, stats: dict, now: float) -> None:
+        if record.stats_at is None:
+            record.stats_at = (now, stats)
+        else:
+            then, before = record.stats_at
+            if now - then >= 1.0:
+                record.rates = {
+                    pv: max(0.0, (s.get("updates", 0) - before.get(pv, {}).get("updates", 0)) / (now - then))
+                    for pv, s in stats.items()
+                }
+                record.stats_at = (now, stats)
+        record.stats = stats
+
+    def actor_exited(self, actor: str, returncode: int | None, now: float = 0.0) -> list[Effect]:
+        """The actor's process is gone: answer everything it owed, tell subscribers, and
+        restart it (now, or after a backoff if it keeps dying young)."""
+        record = self.actors.get(actor)
+        if record is None or not record.alive:
             return []
-        for pv in record.pvs:
-            if self.owner.get(pv) == actor:
-                del self.owner[pv]
         reason = f"the actor owning {', '.join(record.pvs)} exited (code {returncode})"
         effects: list[Effect] = []
         for (client, request_id), op in record.inflight.items():
@@ -191,15 +272,93 @@ class Router:
             effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason + detail))))
         for client, request_id, _, _ in record.queued:
             effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason))))
+        record.inflight.clear()
+        record.queued.clear()
+        effects.extend(Announce(p.topic(pv), p.PvLost(pv=pv, reason=reason)) for pv in record.pvs)
+        record.alive = record.ready = record.killing = False
+        record.pid = None
+        record.stats, record.rates, record.stats_at = {}, {}, None
+        record.streak = record.streak + 1 if now - record.started < DIES_YOUNG_S else 0
+        if self.stopping:
+            return effects
+        delay = restart_delay(record.streak)
+        if delay <= 0:
+            effects.extend(self._restart(record, now))
+        else:
+            record.restart_at = now + delay
         return effects
+
+    def _restart(self, record: ActorRecord, now: float) -> list[Effect]:
+        record.restart_at = None
+        record.alive = True
+        record.started = record.last_seen = now
+        record.restarts += 1
+        return [SpawnActor(record.actor, record.pvs)]
+
+    # --- time ------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Effect]:
+        """Restarts that are due, hung actors to kill, silent clients to forget."""
+        effects: list[Effect] = []
+        for record in self.actors.values():
+            if not record.alive:
+                if record.restart_at is not None and now >= record.restart_at and not self.stopping:
+                    effects.extend(self._restart(record, now))
+                continue
+            if record.killing:
+                continue
+            if record.ready and now - record.last_seen > ACTOR_TIMEOUT:
+                record.killing = True
+                effects.append(KillActor(record.actor, f"no heartbeat for {now - record.last_seen:.1f} s"))
+            elif not record.ready and now - record.started > ACTOR_STARTUP_TIMEOUT:
+                record.killing = True
+                effects.append(KillActor(record.actor, f"not ready {now - record.started:.0f} s after its start"))
+        for client, record in list(self.clients.items()):
+            idle = now - record.last_seen
+            if idle > CLIENT_TIMEOUT:
+                del self.clients[client]
+                effects.append(ClientForgotten(client, record.name, idle))
+        return effects
+
+    # --- stopping --------------------------------------------------------------------------
+
+    def begin_stop(self) -> list[Effect]:
+        """Refuse new puts and tell clients; the broker then waits for puts in flight."""
+        self.stopping = True
+        return [Announce(p.HUB_TOPIC, p.HubStopping(reason="the daemon is stopping"))]
+
+    def puts_in_flight(self) -> int:
+        return sum(1 for r in self.actors.values() for op in r.inflight.values() if op == p.SetRequest.OP)
 
     # --- introspection ---------------------------------------------------------------------
 
     def status(self, now: float) -> dict:
+        subscribers: dict[str, int] = {}
+        for client in self.clients.values():
+            for pv in client.pvs:
+                subscribers[pv] = subscribers.get(pv, 0) + 1
+        pvs = []
+        for pv, actor in sorted(self.owner.items()):
+            record = self.actors[actor]
+            stats = record.stats.get(pv, {})
+            pvs.append(
+                {
+                    "pv": pv,
+                    "actor": actor,
+                    "pid": record.pid,
+                    "connected": bool(stats.get("connected", False)) and record.ready,
+                    "updates": stats.get("updates", 0),
+                    "rate": round(record.rates.get(pv, 0.0), 2),
+                    "last_update": stats.get("last_update"),
+                    "subscribers": subscribers.get(pv, 0),
+                    "restarts": record.restarts,
+                }
+            )
         return {
             "version": __version__,
             "uptime": now - self.started,
             "readings": self.readings_endpoint,
+            "pvs": pvs,
             "actors": [
                 {
                     "actor": r.actor,
@@ -207,12 +366,19 @@ class Router:
                     "pid": r.pid,
                     "ready": r.ready,
                     "inflight": len(r.inflight),
+                    "restarts": r.restarts,
                     "age": now - r.started,
                 }
                 for r in self.actors.values()
             ],
             "clients": [
-                {"client": c.client.hex(), "name": c.name, "requests": c.requests, "idle": now - c.last_seen}
+                {
+                    "client": c.client.hex(),
+                    "name": c.name,
+                    "requests": c.requests,
+                    "idle": now - c.last_seen,
+                    "pvs": len(c.pvs),
+                }
                 for c in self.clients.values()
             ],
         }

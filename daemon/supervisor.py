@@ -73,6 +73,12 @@ class Supervisor:
                 log.warning("actor_exited", actor=actor, actor_pid=record.process.pid, code=code)
         return exited
 
+    def kill(self, actor: str) -> None:
+        """SIGKILL a hung actor; ``reap`` reports its exit."""
+        record = self.processes.get(actor)
+        if record is not None:
+            _signal(record.process, signal.SIGKILL)
+
     def pid_of(self, actor: str) -> int | None:
         record = self.processes.get(actor)
         return record.process.pid if record else None

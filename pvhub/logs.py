@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -46,3 +46,28 @@ def configure(log_format: LogFormat = "auto", level: str = "info", stream=None) 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))
+
+
+def loggable(value: Any, limit: int = 8) -> Any:
+    """A value short enough for a log line: arrays as lists, long lists cut."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list) and len(value) > limit:
+        return value[:limit] + ["..."]
+    return value
+
+
+def library_logger(name: str) -> Any:
+    """A structlog logger for code that runs inside users' processes (the client library).
+
+    It writes through the standard library's ``logging.getLogger(name)``, so the user's logging
+    configuration decides what is shown and where (warnings reach stderr by default), and
+    nothing is printed to stdout behind the user's back; the event and its bound fields
+    become the record's message, ``event key=value ...``.
+    """
+    return structlog.wrap_logger(
+        logging.getLogger(name),
+        # Tracebacks are left to the logging handler (exc_info), so they appear once.
+        processors=[structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True)],
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )

@@ -155,10 +155,12 @@ class StatusRequest(Message):
 
 @dataclass(frozen=True)
 class PingRequest(Message):
-    """Heartbeat from a client; answered by ``Pong``."""
+    """Heartbeat from a client; answered by ``Pong``. ``pvs``, when not None, is the full
+    list of PVs the client follows now (sent when it changed), for ``pvhub status``."""
 
     OP: ClassVar[str] = "ping"
     id: int
+    pvs: list | None = None
 
 
 # Replies.
@@ -268,6 +270,24 @@ class Update(Message):
     snapshot: bool = False
 
 
+@dataclass(frozen=True)
+class PvLost(Message):
+    """Published by the daemon on a PV's topic when the actor owning it died: the PV is
+    disconnected until its new actor (a new ``epoch``) publishes."""
+
+    OP: ClassVar[str] = "pv_lost"
+    pv: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class HubStopping(Message):
+    """Published on ``HUB_TOPIC`` when the daemon is about to stop: clients reconnect."""
+
+    OP: ClassVar[str] = "hub_stopping"
+    reason: str = ""
+
+
 # Actor <-> broker.
 
 
@@ -283,10 +303,12 @@ class ActorReady(Message):
 
 @dataclass(frozen=True)
 class Heartbeat(Message):
-    """Liveness between broker and actors (and reserved for clients)."""
+    """Liveness of an actor, sent by its loop every ``ACTOR_HEARTBEAT_S``; ``stats`` maps each
+    of its PVs to ``{connected, updates, last_update}`` for ``pvhub status``."""
 
     OP: ClassVar[str] = "heartbeat"
     sender: str = ""
+    stats: dict = field(default_factory=dict)
 
 
 MESSAGES: dict[str, type[Message]] = {
@@ -307,6 +329,8 @@ MESSAGES: dict[str, type[Message]] = {
         Pong,
         ErrorReply,
         Update,
+        PvLost,
+        HubStopping,
         ActorReady,
         Heartbeat,
     )
@@ -391,6 +415,16 @@ def _check_types(cls: type[Message], fields: dict[str, Any]) -> None:
         raise ProtocolError(f"{cls.OP}.pv must be a string")
     if "pv" in _REQUIRED[cls] and not fields["pv"]:
         raise ProtocolError(f"{cls.OP}.pv must not be empty")
+
+
+# The daemon's own announcements (``HubStopping``): every client subscribes to it. No PV name
+# starts with NUL, so it never collides with a PV's topic.
+HUB_TOPIC = b"\0hub"
+
+# Liveness (the ZeroMQ guide's Paranoid Pirate): a peer silent for ``LIVENESS`` beats is dead.
+ACTOR_HEARTBEAT_S = 0.5
+CLIENT_HEARTBEAT_S = 1.0
+LIVENESS = 3
 
 
 def topic(pv: str) -> bytes:

@@ -1,0 +1,152 @@
+"""Actors that die or hang are restarted, and their subscribers never notice more than a
+disconnection and a new epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+from helpers import wait_until
+
+from pvhub import protocol as p
+from pvhub.client import EpicsSignal, EpicsSignalRO, get_hub
+from pvhub.errors import ActorDiedError
+
+pytestmark = pytest.mark.system
+
+
+def status(timeout: float = 5.0) -> dict:
+    return get_hub().call(lambda rid: p.StatusRequest(id=rid), timeout=timeout).status
+
+
+def actor_pid(pv: str) -> int | None:
+    for actor in status()["actors"]:
+        if pv in actor["pvs"]:
+            return actor["pid"] if actor["ready"] else None
+    return None
+
+
+def log_events(daemon, event: str) -> list[dict]:
+    events = []
+    for line in daemon.log_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == event:
+            events.append(record)
+    return events
+
+
+class Recorder:
+    """Collects a Signal's value and meta callbacks."""
+
+    def __init__(self, signal) -> None:
+        self.values: list = []
+        self.metas: list[bool] = []
+        self.changed = threading.Event()
+        signal.subscribe(self.on_value)
+        signal.subscribe(self.on_meta, event_type="meta")
+
+    def on_value(self, value, **kwargs) -> None:
+        self.values.append(value)
+        self.changed.set()
+
+    def on_meta(self, connected, **kwargs) -> None:
+        self.metas.append(connected)
+
+
+def test_killed_actor_is_restarted_and_subscriptions_go_on(hub, prefix):
+    motor = EpicsSignal(f"{prefix}motor", name="m")
+    motor.wait_for_connection(timeout=15)
+    seen = Recorder(motor)
+    wait_until(lambda: seen.values, 5)
+    epoch = motor._read_channel.epoch
+    old_pid = actor_pid(f"{prefix}motor")
+
+    os.kill(old_pid, signal.SIGKILL)
+    killed = time.monotonic()
+    new_pid = wait_until(lambda: (pid := actor_pid(f"{prefix}motor")) not in (None, old_pid) and pid, 5)
+    assert time.monotonic() - killed < 3
+    spawned = [e for e in log_events(hub, "actor_spawned") if e["actor_pid"] == new_pid]
+    exited = [e for e in log_events(hub, "actor_exited") if e["actor_pid"] == old_pid]
+    assert spawned and exited
+
+    wait_until(lambda: motor.connected and motor._read_channel.epoch != epoch, 10,
+               message="the subscriber never saw the new actor")
+    assert False in seen.metas and seen.metas[-1] is True
+    motor.set(7.25).wait(5)
+    wait_until(lambda: 7.25 in seen.values, 5, message=lambda: f"values {seen.values}")
+    assert status()["pvs"][[x["pv"] for x in status()["pvs"]].index(f"{prefix}motor")]["restarts"] == 1
+
+
+def test_restart_happens_within_a_second(hub, prefix):
+    dt = EpicsSignalRO(f"{prefix}dt", name="dt")
+    dt.wait_for_connection(timeout=15)
+    old_pid = actor_pid(f"{prefix}dt")
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: actor_pid(f"{prefix}dt") not in (None, old_pid), 5)
+    exited = next(e for e in log_events(hub, "actor_exited") if e["actor_pid"] == old_pid)
+    spawned = [e for e in log_events(hub, "actor_spawned") if e["actor"] == f"pv:{prefix}dt"][-1]
+    gap = _seconds(spawned["timestamp"]) - _seconds(exited["timestamp"])
+    assert 0 <= gap < 1.0
+
+
+def test_hung_actor_is_detected_killed_and_restarted(hub, prefix):
+    motor = EpicsSignal(f"{prefix}motor", name="m")
+    motor.wait_for_connection(timeout=15)
+    seen = Recorder(motor)
+    old_pid = actor_pid(f"{prefix}motor")
+    os.kill(old_pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    wait_until(lambda: log_events(hub, "actor_hung"), 5, message="the hung actor was not detected")
+    assert time.monotonic() - stopped < 3.5
+    new_pid = wait_until(lambda: (pid := actor_pid(f"{prefix}motor")) not in (None, old_pid) and pid, 10)
+    assert new_pid != old_pid
+    wait_until(lambda: motor.connected, 10)
+    motor.set(3.5).wait(5)
+    wait_until(lambda: 3.5 in seen.values, 5)
+
+
+def test_put_in_flight_to_a_dying_actor_fails_as_unknown_and_is_not_resent(hub, prefix):
+    delay = EpicsSignal(f"{prefix}slow_delay", name="delay")
+    delay.wait_for_connection(timeout=15)
+    delay.set(1.0).wait(5)
+    slow = EpicsSignal(f"{prefix}slow", name="slow")
+    slow.wait_for_connection(timeout=15)
+    status_ = slow.set(42)
+    os.kill(actor_pid(f"{prefix}slow"), signal.SIGKILL)
+    with pytest.raises(ActorDiedError, match="outcome is unknown"):
+        status_.wait(5)
+    wait_until(lambda: slow.connected, 10)
+    # Never re-issued: the new actor got no put (only the one in flight reached the IOC).
+    assert len(log_events(hub, "put_requested")) == 2
+
+
+def test_actor_that_keeps_dying_is_restarted_with_backoff(hub, prefix):
+    dt = EpicsSignalRO(f"{prefix}dt", name="dt")
+    dt.wait_for_connection(timeout=15)
+    pids = []
+    for _ in range(3):
+        pid = wait_until(lambda: actor_pid(f"{prefix}dt"), 10)
+        pids.append(pid)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: actor_pid(f"{prefix}dt") != pid, 10)
+    wait_until(lambda: actor_pid(f"{prefix}dt") not in (None, *pids), 10)
+    spawns = [_seconds(e["timestamp"]) for e in log_events(hub, "actor_spawned") if e["actor"] == f"pv:{prefix}dt"]
+    exits = [_seconds(e["timestamp"]) for e in log_events(hub, "actor_exited") if e["actor"] == f"pv:{prefix}dt"]
+    delays = [spawn - exit_ for exit_, spawn in zip(exits, spawns[1:])]
+    assert delays[0] < 0.5  # the first death: at once
+    assert delays[1] >= 0.45  # dying young again: 0.5 s
+    assert delays[2] >= 0.95  # and again: 1 s
+    wait_until(lambda: dt.connected, 10)
+
+
+def _seconds(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
