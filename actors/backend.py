@@ -256,9 +256,11 @@ class ChannelAccessBackend:
             self._emit(PutDoneEvent(pv.name, put_id, None, None))
 
     def close(self) -> None:
+        """Cancel the monitors. The context itself is left to the process's exit: caproto's
+        ``Context.disconnect`` can take seconds after a reconnection (it joins its threads),
+        and the IOC sees the circuit close the moment the process ends anyway."""
         for subscription in self._subscriptions.values():
             try:
                 subscription.clear()
             except Exception:
                 pass
-        self._context.disconnect(wait=False)

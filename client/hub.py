@@ -119,38 +119,62 @@ class Channel:
         from_stream: bool,
     ) -> None:
         with self.cond:
-            if epoch == self.epoch and seq <= self.seq:
-                return
-            if from_stream and self.attached:
-                if epoch != self.epoch:
-                    # A new actor: what it published before our subscription reached it
-                    # (metadata, the connection) comes with a fresh snapshot.
-                    self.hub._resync(self)
-                elif seq > self.seq + 1:
-                    self.gaps += 1
-                    self.missed += seq - self.seq - 1
-                    log.warning("readings_missed", pv=self.pv, missed=seq - self.seq - 1, gaps=self.gaps)
-                    self.hub._resync(self)
-            old = self.reading
-            was_connected = self.connected
-            old_metadata = self.metadata
-            self.epoch, self.seq = epoch, seq
-            self.connected = connected
-            if reading is not None:
-                self.reading = reading
+            events = self._apply(epoch, seq, connected, reading, metadata, from_stream)
+            listeners = self._live_listeners() if events else []
+        for listener in listeners:
+            for kind, old in events:
+                listener(kind, self, old)
+
+    def _apply(
+        self,
+        epoch: int,
+        seq: int,
+        connected: bool,
+        reading: p.Reading | None,
+        metadata: p.PVMetadata | None,
+        from_stream: bool,
+    ) -> list[tuple[str, p.Reading | None]]:
+        """Rule 3, with ``cond`` held; returns the listener events it caused."""
+        if epoch < self.epoch:
+            return []  # a late word from an actor that has since been replaced
+        old, was_ready, old_metadata = self.reading, self.ready, self.metadata
+        if epoch == self.epoch and seq <= self.seq:
+            if from_stream or self.attached:
+                return []
+            # The snapshot we asked for, overtaken by the stream: it still brings the
+            # metadata, and only a snapshot makes the channel attached.
             if metadata is not None:
                 self.metadata = dict(metadata)  # type: ignore[assignment]
             self.attached = True
-            value_changed = reading is not None and connected and (old is None or reading is not old)
-            meta_changed = connected != was_connected or self.metadata != old_metadata
             self.cond.notify_all()
-            listeners = self._live_listeners()
-        for listener in listeners:
-            if meta_changed:
-                listener("meta", self, old)
-            if value_changed:
-                listener("value", self, old)
-
+            changed = self.ready != was_ready or self.metadata != old_metadata
+            return [("meta", old)] if changed else []
+        if from_stream and self.attached:
+            if epoch != self.epoch:
+                # A new actor: what it published before our subscription reached it
+                # (metadata, the connection) comes with a fresh snapshot.
+                self.hub._resync(self)
+            elif seq > self.seq + 1:
+                self.gaps += 1
+                self.missed += seq - self.seq - 1
+                log.warning("readings_missed", pv=self.pv, missed=seq - self.seq - 1, gaps=self.gaps)
+                self.hub._resync(self)
+        was_connected = self.connected
+        self.epoch, self.seq = epoch, seq
+        self.connected = connected
+        if reading is not None:
+            self.reading = reading
+        if metadata is not None:
+            self.metadata = dict(metadata)  # type: ignore[assignment]
+        if not from_stream:
+            self.attached = True
+        self.cond.notify_all()
+        events: list[tuple[str, p.Reading | None]] = []
+        if connected != was_connected or self.metadata != old_metadata or self.ready != was_ready:
+            events.append(("meta", old))
+        if reading is not None and connected and reading is not old:
+            events.append(("value", old))
+        return events
 
     def lose(self, reason: str) -> None:
         """The PV's actor or the daemon went away: disconnected until a new snapshot."""
@@ -159,6 +183,9 @@ class Channel:
             self.connected = False
             self.attached = False
             self.live = False
+            # Whatever comes next (a new actor, or the same one after the client lost the
+            # daemon for a while) must be accepted, even at the seq we already have.
+            self.seq = -1
             self._proof_pending = False
             self.cond.notify_all()
             listeners = self._live_listeners() if was_connected else []
@@ -190,6 +217,8 @@ class Hub:
         self._last_hello = 0.0
         self._hello_id: int | None = None
         self._pvs_changed = True
+        self._pings: set[int] = set()
+        self._stopping_hub = False  # the daemon said it is stopping: answers still come
         self.losses = 0
         self._channels: dict[str, Channel] = {}
         self._channels_lock = threading.Lock()
@@ -234,7 +263,7 @@ class Hub:
             except ProtocolError as exc:  # e.g. a value that cannot travel: fail this request only
                 on_reply(p.ErrorReply(id=request_id, code=exc.code, message=str(exc)))
                 return
-            if not self._hello.is_set() or not self._try_send(payload):
+            if not self._hello.is_set() or self._stopping_hub or not self._try_send(payload):
                 on_reply(p.ErrorReply(id=request_id, code=HubUnavailableError.code,
                                       message=f"the pvhub daemon at {self.address} is not connected; the request was not sent"))
                 return
@@ -339,7 +368,9 @@ class Hub:
             if now - self._last_hello >= HELLO_RETRY:
                 self._send_hello(now)
             return
-        if now - self._last_heard > p.LIVENESS * p.CLIENT_HEARTBEAT_S:
+        if self._stopping_hub and not (self._pending.keys() - self._pings):
+            self._lose_hub("the daemon stopped")
+        elif now - self._last_heard > p.LIVENESS * p.CLIENT_HEARTBEAT_S:
             self._lose_hub(f"no answer for {now - self._last_heard:.1f} s")
         elif now - self._last_ping >= p.CLIENT_HEARTBEAT_S:
             self._last_ping = now
@@ -349,7 +380,8 @@ class Hub:
                 pvs = [channel.pv for channel in self._all_channels()]
             request_id = next(self._ids)
             if self._send(p.PingRequest(id=request_id, pvs=pvs)):
-                self._pending[request_id] = lambda message: True
+                self._pings.add(request_id)
+                self._pending[request_id] = lambda message: self._pings.discard(request_id) or True
             elif pvs is not None:
                 self._pvs_changed = True
 
@@ -360,6 +392,8 @@ class Hub:
         self.losses += 1
         log.warning("hub_lost", address=self.address, reason=reason)
         self._hello.clear()
+        self._stopping_hub = False
+        self._pings.clear()
         pending, self._pending = self._pending, {}
         for request_id, handler in pending.items():
             message = f"the pvhub daemon at {self.address} went away ({reason}); the outcome is unknown"
@@ -439,7 +473,10 @@ class Hub:
                 log.error("bad_reading", error=str(exc))
                 continue
             if isinstance(update, p.HubStopping):
-                self._lose_hub(update.reason or "the daemon is stopping")
+                # Requests in flight are still answered (the daemon lets puts finish); new
+                # ones are refused here, and the hub counts as lost once it owes nothing.
+                log.info("hub_stopping", address=self.address, reason=update.reason)
+                self._stopping_hub = True
                 continue
             if isinstance(update, p.PvLost):
                 lost = self._channels.get(update.pv)

@@ -489,14 +489,13 @@ class EpicsSignal(EpicsSignalBase):
         status = Status(self, timeout=timeout if timeout is not None else self.write_timeout,
                         settle_time=settle_time or 0.0)
         write_channel = self._write_channel
-        same_channel = write_channel is self._read_channel
         hub = self._hub
 
         def on_reply(message: p.Message) -> bool:
             if isinstance(message, p.SetAccepted):
                 return False
             if isinstance(message, p.SetDone):
-                if same_channel and message.reading is not None:
+                if message.reading is not None:
                     # Read-your-writes: apply the read-back before anyone hears "done".
                     write_channel.apply(message.epoch, message.seq, True, message.reading, None, from_stream=False)
                 hub.dispatch(status.set_finished)

@@ -164,8 +164,7 @@ class Broker:
             supervisor.stop_all()
             # Answer whatever the actors could not (their stop fails their own puts first).
             self._drain_actors(ctx)
-            for actor in list(router.actors):
-                self._carry_out(ctx, router.actor_exited(actor, None, time.monotonic()))
+            self._carry_out(ctx, router.finish("the daemon stopped"))
             forwarder.stop()
             announcer.close()
             clients.close()
@@ -264,7 +263,7 @@ class Broker:
             elif isinstance(effect, ToActor):
                 ctx.actors.send_multipart([effect.actor.encode(), effect.client, effect.payload])
             elif isinstance(effect, SpawnActor):
-                ctx.supervisor.spawn(effect.actor, effect.pvs)
+                ctx.supervisor.spawn(effect.actor, effect.pvs, effect.identity)
             elif isinstance(effect, KillActor):
                 self.log.warning("actor_hung", actor=effect.actor, reason=effect.reason)
                 ctx.supervisor.kill(effect.actor)

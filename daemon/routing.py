@@ -59,6 +59,7 @@ class ToActor:
 class SpawnActor:
     actor: str
     pvs: tuple[str, ...]
+    identity: str  # the incarnation's identity at the broker (see ``identity_of``)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,20 @@ class ClientForgotten:
 
 
 Effect = ToClient | ToActor | SpawnActor | KillActor | Announce | ClientForgotten
+
+
+def identity_of(actor: str, incarnation: int) -> str:
+    """The routing identity of one incarnation of ``actor``: a restarted actor gets a new one,
+    so nothing the dead process sent late (a reply, an ``ActorReady``) is taken for the new
+    process's word, and nothing meant for the new one reaches the old."""
+    return actor if incarnation == 0 else f"{actor}#{incarnation}"
+
+
+def split_identity(identity: str) -> tuple[str, int]:
+    actor, sep, number = identity.rpartition("#")
+    if sep and number.isdigit():
+        return actor, int(number)
+    return identity, 0
 
 
 def restart_delay(streak: int) -> float:
@@ -160,7 +175,7 @@ class Router:
         self.actors[actor] = ActorRecord(actor=actor, pvs=pvs, started=now, last_seen=now)
         for owned in pvs:
             self.owner[owned] = actor
-        return [SpawnActor(actor, pvs)]
+        return [SpawnActor(actor, pvs, identity_of(actor, 0))]
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -199,20 +214,21 @@ class Router:
         request_id: int = message.id  # type: ignore[attr-defined]
         if not self.config.allows(pv):
             return [ToClient(client, error_reply(request_id, PVNotAllowedError(f"{pv!r} is not allowed by this daemon"), pv))]
-        if self.stopping and isinstance(message, p.SetRequest):
-            return [ToClient(client, error_reply(request_id, HubUnavailableError("the daemon is stopping; the put was not sent"), pv))]
+        record = self.actors.get(self.owner.get(pv, ""))
+        if self.stopping and (isinstance(message, p.SetRequest) or record is None or not record.ready):
+            return [ToClient(client, error_reply(request_id, HubUnavailableError("the daemon is stopping; the request was not sent"), pv))]
         effects = self._ensure_actor(pv, now)
         record = self.actors[self.owner[pv]]
         if record.ready:
             record.inflight[(client, request_id)] = message.OP
-            effects.append(ToActor(record.actor, client, payload))
+            effects.append(ToActor(identity_of(record.actor, record.restarts), client, payload))
         else:
             record.queued.append((client, request_id, message.OP, payload))
         return effects
 
-    def op_of(self, actor: str, client: bytes, request_id: int) -> str | None:
-        """The operation of a request in flight to ``actor`` (before its reply is routed)."""
-        record = self.actors.get(actor)
+    def op_of(self, identity: str, client: bytes, request_id: int) -> str | None:
+        """The operation of a request in flight to an actor (before its reply is routed)."""
+        record = self.actors.get(split_identity(identity)[0])
         return record.inflight.get((client, request_id)) if record else None
 
     def client_gone(self, client: bytes) -> None:
@@ -220,10 +236,11 @@ class Router:
 
     # --- actors ----------------------------------------------------------------------------
 
-    def actor_message(self, actor: str, client: bytes, message: p.Message, now: float) -> list[Effect]:
+    def actor_message(self, identity: str, client: bytes, message: p.Message, now: float) -> list[Effect]:
+        actor, incarnation = split_identity(identity)
         record = self.actors.get(actor)
-        if record is None or not record.alive:
-            return []  # a message from an actor already declared dead: ignore it
+        if record is None or not record.alive or incarnation != record.restarts:
+            return []  # from an incarnation already declared dead: ignore it
         record.last_seen = now
         if client == b"":
             return self._actor_control(record, message, now)
@@ -237,9 +254,10 @@ class Router:
             record.ready = True
             record.pid = message.pid
             effects: list[Effect] = []
+            identity = identity_of(record.actor, record.restarts)
             for client, request_id, op, payload in record.queued:
                 record.inflight[(client, request_id)] = op
-                effects.append(ToActor(record.actor, client, payload))
+                effects.append(ToActor(identity, client, payload))
             record.queued.clear()
             return effects
         if isinstance(message, p.Heartbeat):
@@ -275,10 +293,12 @@ class Router:
         record.inflight.clear()
         record.queued.clear()
         effects.extend(Announce(p.topic(pv), p.PvLost(pv=pv, reason=reason)) for pv in record.pvs)
+        # Dying young: soon after starting, or before ever becoming ready.
+        young = now - record.started < DIES_YOUNG_S or not record.ready
+        record.streak = record.streak + 1 if young else 0
         record.alive = record.ready = record.killing = False
         record.pid = None
         record.stats, record.rates, record.stats_at = {}, {}, None
-        record.streak = record.streak + 1 if now - record.started < DIES_YOUNG_S else 0
         if self.stopping:
             return effects
         delay = restart_delay(record.streak)
@@ -293,7 +313,7 @@ class Router:
         record.alive = True
         record.started = record.last_seen = now
         record.restarts += 1
-        return [SpawnActor(record.actor, record.pvs)]
+        return [SpawnActor(record.actor, record.pvs, identity_of(record.actor, record.restarts))]
 
     # --- time ------------------------------------------------------------------------------
 
@@ -328,7 +348,23 @@ class Router:
         return [Announce(p.HUB_TOPIC, p.HubStopping(reason="the daemon is stopping"))]
 
     def puts_in_flight(self) -> int:
-        return sum(1 for r in self.actors.values() for op in r.inflight.values() if op == p.SetRequest.OP)
+        return sum(
+            1 for r in self.actors.values()
+            for op in (*r.inflight.values(), *(q[2] for q in r.queued)) if op == p.SetRequest.OP
+        )
+
+    def finish(self, reason: str) -> list[Effect]:
+        """The daemon is going: answer everything still queued or in flight (Rule 3)."""
+        effects: list[Effect] = []
+        for record in self.actors.values():
+            for (client, request_id), op in record.inflight.items():
+                detail = "; the put's outcome is unknown" if op == p.SetRequest.OP else ""
+                effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason + detail))))
+            for client, request_id, _, _ in record.queued:
+                effects.append(ToClient(client, error_reply(request_id, HubUnavailableError(reason + "; not sent"))))
+            record.inflight.clear()
+            record.queued.clear()
+        return effects
 
     # --- introspection ---------------------------------------------------------------------
 

@@ -37,13 +37,13 @@ class Supervisor:
         self.log_level = log_level
         self.processes: dict[str, ActorProcess] = {}
 
-    def spawn(self, actor: str, pvs: tuple[str, ...]) -> ActorProcess:
+    def spawn(self, actor: str, pvs: tuple[str, ...], identity: str | None = None) -> ActorProcess:
         command = [
             sys.executable,
             "-m",
             "pvhub.actors",
             "--actor",
-            actor,
+            identity or actor,
             "--broker",
             self.broker_endpoint,
             "--readings",

@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +20,8 @@ from uuid import uuid4
 
 import pytest
 
-from pvhub.sim import SimulatedIOC, free_tcp_port, free_udp_port, merge_ca_env
+from pvhub.process import DaemonProcess
+from pvhub.sim import SimulatedIOC, free_udp_port, merge_ca_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DAEMON_READY_TIMEOUT = 20.0
@@ -32,8 +29,6 @@ DAEMON_STOP_TIMEOUT = 10.0
 # How long the processes a daemon started may outlive it (their parent's exit reaches them
 # as a closed socket or a signal, not instantly).
 CHILDREN_EXIT_TIMEOUT = 5.0
-# Longest path a unix socket address may have on Linux (sun_path is 108 bytes with its NUL).
-_MAX_UNIX_PATH = 107
 
 _DAEMON_LOGS = pytest.StashKey[list[Path]]()
 
@@ -74,148 +69,6 @@ def walk_ioc(prefix: str) -> Iterator[SimulatedIOC]:
 # --- the daemon --------------------------------------------------------------------------------
 
 
-class NotifySocket:
-    """systemd's end of ``sd_notify``: a unix datagram socket and a thread that records what
-    arrives.
-
-    The thread reads for the daemon's whole life because a sender blocks once the socket's
-    queue is full, and that queue is short (``net.unix.max_dgram_qlen``, 10 on many hosts):
-    an unread notify socket would soon freeze the daemon.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        path = str(directory / "notify.sock")
-        # Long pytest temporary paths do not fit in a sockaddr_un; the abstract namespace
-        # ("@" in NOTIFY_SOCKET, a leading NUL for bind) has no such limit and leaves no file.
-        fits = len(os.fsencode(path)) <= _MAX_UNIX_PATH
-        self.address = path if fits else f"@pvhub-test-{uuid4().hex}"
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind("\0" + self.address[1:] if self.address.startswith("@") else path)
-        self._sock.settimeout(0.1)  # how often the reader looks at its stop flag
-        self._messages: list[str] = []
-        self._arrived = threading.Condition()
-        self._closing = threading.Event()
-        self._reader = threading.Thread(target=self._read, name="notify-reader", daemon=True)
-        self._reader.start()
-
-    @property
-    def messages(self) -> list[str]:
-        """Every datagram received so far, oldest first."""
-        with self._arrived:
-            return list(self._messages)
-
-    def wait_for(self, state: str, timeout: float, alive: Callable[[], bool]) -> bool:
-        """Wait until a datagram holds the line ``state`` (e.g. ``"READY=1"``).
-
-        Gives up at the deadline, or as soon as ``alive()`` says the sender has exited (then
-        the socket is closed after reading what the sender left in it).
-        """
-        deadline = time.monotonic() + timeout
-        with self._arrived:
-            while not self._has(state):
-                if not alive():
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._arrived.wait(min(remaining, 0.1))
-            else:
-                return True
-        self.close()
-        return self._has(state)
-
-    def close(self) -> None:
-        """Stop reading, keeping every datagram already sent; safe to call again.
-
-        Call it once the sender has exited, so that ``messages`` is complete.
-        """
-        if self._closing.is_set():
-            return
-        self._closing.set()
-        self._reader.join()
-        self._sock.setblocking(False)
-        while True:
-            try:
-                self._record(self._sock.recv(65536))
-            except BlockingIOError:
-                break
-        self._sock.close()
-
-    def _has(self, state: str) -> bool:
-        with self._arrived:
-            return any(state in message.split("\n") for message in self._messages)
-
-    def _read(self) -> None:
-        while not self._closing.is_set():
-            try:
-                self._record(self._sock.recv(65536))
-            except TimeoutError:
-                continue
-
-    def _record(self, datagram: bytes) -> None:
-        with self._arrived:
-            self._messages.append(datagram.decode(errors="replace"))
-            self._arrived.notify_all()
-
-
-class DaemonProcess:
-    """A running ``pvhub serve``, as a test sees it."""
-
-    def __init__(
-        self, address: str, process: subprocess.Popen[bytes], log_path: Path, notify: NotifySocket
-    ) -> None:
-        self.address = address
-        self.process = process
-        self.log_path = log_path
-        self._notify = notify
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def notifications(self) -> list[str]:
-        """The sd_notify datagrams the daemon has sent, oldest first (all of them, once it
-        has been stopped)."""
-        return self._notify.messages
-
-    def wait_for_notification(self, state: str, timeout: float = 10.0) -> None:
-        """Wait until the daemon has sent the line ``state``, e.g. ``"WATCHDOG=1"``."""
-        if not self._notify.wait_for(state, timeout, alive=self._running):
-            pytest.fail(
-                f"the daemon did not send {state!r} within {timeout} s (it sent "
-                f"{self.notifications}; exit code {self.process.poll()}):\n{self.log_text()}"
-            )
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = DAEMON_STOP_TIMEOUT) -> int:
-        """SIGTERM, and the daemon's exit code; a daemon that will not stop fails the test.
-
-        Safe to call again: a daemon that has exited just reports its code.
-        """
-        try:
-            if self._running():
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
-                    pytest.fail(
-                        f"the daemon ignored SIGTERM for {timeout} s and was killed:\n"
-                        f"{self.log_text()}"
-                    )
-            return self.process.wait()
-        finally:
-            if not self._running():
-                self._notify.close()
-
-    def _running(self) -> bool:
-        return self.process.poll() is None
-
-
 @pytest.fixture
 def hub_factory(
     tmp_path: Path, request: pytest.FixtureRequest
@@ -235,40 +88,20 @@ def hub_factory(
         env: Mapping[str, str] | None = None,
         ready_timeout: float = DAEMON_READY_TIMEOUT,
     ) -> DaemonProcess:
-        number = len(daemons)
-        directory = tmp_path / f"daemon{number}"
+        directory = tmp_path / f"daemon{len(daemons)}"
         directory.mkdir()
-        notify = NotifySocket(directory)
-        address = f"tcp://127.0.0.1:{free_tcp_port()}"
-        log_path = directory / "daemon.log"
-        command = [
-            sys.executable, "-m", "pvhub", "serve",
-            "--address", address,
-            "--readings", "tcp://127.0.0.1:*",
-            "--log-format", "json",
-            *args,
-        ]  # fmt: skip
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command,
-                env=_daemon_environment(iocs, notify.address, env),
-                cwd=directory,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Its own process group, so that teardown can find every process the
-                # daemon started, even one whose parent died.
-                start_new_session=True,
-            )
-        daemon = DaemonProcess(address, process, log_path, notify)
+        daemon = DaemonProcess(
+            env={**_ca_environment(iocs), **(env or {})},
+            args=args,
+            directory=directory,
+            startup_timeout=ready_timeout,
+        )
         daemons.append(daemon)
-        request.node.stash[_DAEMON_LOGS].append(log_path)
-        if not notify.wait_for("READY=1", ready_timeout, alive=lambda: process.poll() is None):
-            pytest.fail(
-                f"pvhub serve was not ready after {ready_timeout} s (exit code "
-                f"{process.poll()}, notifications {notify.messages}):\n{daemon.log_text()}"
-            )
-        return daemon
+        request.node.stash[_DAEMON_LOGS].append(daemon.log_path)
+        try:
+            return daemon.start()
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(str(exc), pytrace=False)
 
     yield start
 
@@ -297,22 +130,9 @@ def hub(
     close_hubs()
 
 
-def _daemon_environment(
-    iocs: Sequence[SimulatedIOC], notify_address: str, extra: Mapping[str, str] | None
-) -> dict[str, str]:
-    """This process's environment without anything that could reach other IOCs or another
-    systemd, plus what finds ``iocs`` and our notify socket."""
-    inherited = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("EPICS_", "NOTIFY_SOCKET", "WATCHDOG_"))
-    }
-    return {
-        **inherited,
-        **(merge_ca_env(*iocs) if iocs else _no_ioc_ca_env()),
-        "NOTIFY_SOCKET": notify_address,
-        **(extra or {}),
-    }
+def _ca_environment(iocs: Sequence[SimulatedIOC]) -> dict[str, str]:
+    """What finds ``iocs`` and nothing else (``DaemonProcess`` inherits no ``EPICS_*``)."""
+    return merge_ca_env(*iocs) if iocs else _no_ioc_ca_env()
 
 
 def _no_ioc_ca_env() -> dict[str, str]:
@@ -327,11 +147,13 @@ def _no_ioc_ca_env() -> dict[str, str]:
 
 def _tear_down(daemon: DaemonProcess) -> str | None:
     """Stop ``daemon`` and make sure all it started is gone; what went wrong, if anything."""
+    if daemon.process is None:
+        return None
     started = _descendants(daemon.pid)
     problems = []
     try:
-        daemon.stop()
-    except pytest.fail.Exception as exc:
+        daemon.stop(DAEMON_STOP_TIMEOUT)
+    except TimeoutError as exc:
         problems.append(str(exc))
     deadline = time.monotonic() + CHILDREN_EXIT_TIMEOUT
     while (left := _still_running(started, daemon.pid)) and time.monotonic() < deadline:

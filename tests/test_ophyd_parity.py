@@ -51,7 +51,11 @@ def test_documents_match_ophyd(hub, zoo_ioc, prefix):
             # ophyd emits some monitor events twice (the same value, a millisecond apart);
             # pvhub emits one per change. What was seen, in order, must be the same.
             if not timed:
-                assert distinct_values(ours) == distinct_values(theirs) == [4.0, 5.0, 6.0]
+                # pvhub delivers every change. ophyd's own monitor may merge the middle one
+                # on a loaded machine (CA monitors may coalesce); its first and last agree.
+                assert distinct_values(ours) == [4.0, 5.0, 6.0]
+                theirs_seen = distinct_values(theirs)
+                assert theirs_seen[0] == 4.0 and theirs_seen[-1] == 6.0, theirs_seen
         else:
             assert [n for n, _ in ours] == [n for n, _ in theirs], f"run {number}"
         for (name, a), (_, b) in zip(theirs, ours):

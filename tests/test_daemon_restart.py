@@ -1,0 +1,96 @@
+"""What ``systemctl restart pvhub`` does to clients: they notice, reconnect by themselves,
+resync, and their subscriptions go on; what was in flight fails clearly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from helpers import wait_until
+
+from pvhub.client import EpicsSignal, close_hubs, get_hub
+from pvhub.errors import PvhubError
+from pvhub.process import DaemonProcess
+from pvhub.sim import free_tcp_port
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def restartable(zoo_ioc, monkeypatch, tmp_path):
+    """A daemon on a fixed address that the test may stop and start again."""
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    monkeypatch.setenv("PVHUB_ADDRESS", address)
+    daemons = []
+
+    def start() -> DaemonProcess:
+        directory = tmp_path / f"daemon{len(daemons)}"
+        directory.mkdir()
+        daemon = DaemonProcess(address=address, env=zoo_ioc.ca_env(), directory=directory)
+        daemons.append(daemon)
+        return daemon.start()
+
+    yield start
+    close_hubs()
+    for daemon in daemons:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_clients_survive_a_daemon_restart(restartable, prefix, how):
+    first = restartable()
+    motor = EpicsSignal(f"{prefix}motor", name="m")
+    motor.wait_for_connection(timeout=15)
+    values, connected = [], []
+    motor.subscribe(lambda value, **kw: values.append(value))
+    motor.subscribe(lambda connected, **kw: connected.append(kw["obj"].connected), event_type="meta")
+    delay = EpicsSignal(f"{prefix}slow_delay", name="delay")
+    delay.set(30).wait(10)
+    slow = EpicsSignal(f"{prefix}slow", name="slow")
+    slow.wait_for_connection(timeout=15)
+    in_flight = slow.set(1)
+    losses = get_hub().losses
+
+    stopped = time.monotonic()
+    if how == "sigterm":
+        assert first.stop() == 0
+    else:
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.wait(5)
+    # In-flight work fails clearly, and the client notices within a few seconds.
+    with pytest.raises(PvhubError) as info:
+        in_flight.wait(10)
+    assert isinstance(info.value, ConnectionError)
+    assert "unknown" in str(info.value)
+    wait_until(lambda: not motor.connected, 5, message="the client did not notice")
+    assert time.monotonic() - stopped < 10
+    assert get_hub().losses == losses + 1
+
+    restartable()
+    wait_until(lambda: motor.connected, 20, message="the client did not reconnect")
+    motor.set(8.5).wait(5)
+    wait_until(lambda: 8.5 in values, 5, message=lambda: f"no value after the restart: {values}")
+    assert motor.read()["m"]["value"] == 8.5
+
+
+def test_graceful_stop_lets_puts_in_flight_finish(restartable, prefix):
+    daemon = restartable()
+    delay = EpicsSignal(f"{prefix}slow_delay", name="delay")
+    delay.wait_for_connection(timeout=15)
+    delay.set(1.5).wait(5)
+    slow = EpicsSignal(f"{prefix}slow", name="slow")
+    slow.wait_for_connection(timeout=15)
+    status = slow.set(3)
+    done = threading.Event()
+    status.add_callback(lambda st: done.set())
+    time.sleep(0.2)  # let the put reach the IOC: this is what "in flight" means here
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - started < 10
+    assert done.wait(5)
+    assert status.success, status.exception()
+    log = daemon.log_text()
+    assert '"puts_in_flight": 1' in log and "daemon_stopped" in log

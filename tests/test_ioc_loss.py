@@ -1,0 +1,73 @@
+"""An IOC that dies or freezes: clients see the disconnection, reads fail clearly, and
+everything resumes by itself when the IOC is back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from helpers import wait_until
+
+from pvhub.client import EpicsSignal
+
+pytestmark = pytest.mark.system
+
+
+class Watch:
+    def __init__(self, sig) -> None:
+        self.values: list = []
+        self.connected: list[bool] = []
+        sig.subscribe(lambda value, **kw: self.values.append(value))
+        sig.subscribe(lambda connected, **kw: self.connected.append(connected), event_type="meta")
+
+
+def test_ioc_that_dies_and_returns(hub, zoo_ioc, prefix):
+    motor = EpicsSignal(f"{prefix}motor", name="m", connection_timeout=0.5)
+    motor.wait_for_connection(timeout=15)
+    watch = Watch(motor)
+    wait_until(lambda: watch.connected == [True] and watch.values, 5)
+
+    zoo_ioc.stop()
+    wait_until(lambda: not motor.connected, 10, message="the client never saw the IOC go")
+    wait_until(lambda: watch.connected[-1:] == [False], 5, message="no meta callback")
+    with pytest.raises(ConnectionError) as info:
+        motor.read()
+    assert isinstance(info.value, TimeoutError)  # and a TimeoutError, as ophyd raises
+    assert f"{prefix}motor" in str(info.value)
+    with pytest.raises(ConnectionError):
+        motor.get()
+    with pytest.raises(ConnectionError):
+        motor.set(1)
+
+    zoo_ioc.start()
+    wait_until(lambda: motor.connected, 20, message="the PV did not come back with its IOC")
+    assert watch.connected[-1] is True
+    motor.set(2.5).wait(5)
+    wait_until(lambda: 2.5 in watch.values, 5, message="the subscription did not resume")
+    assert motor.read()["m"]["value"] == 2.5
+
+
+def test_ioc_that_freezes_and_thaws(zoo_ioc, hub_factory, prefix, monkeypatch):
+    # Channel Access notices a silent server after EPICS_CA_CONN_TMO (30 s by default).
+    daemon = hub_factory(zoo_ioc, env={"EPICS_CA_CONN_TMO": "1"})
+    monkeypatch.setenv("PVHUB_ADDRESS", daemon.address)
+    motor = EpicsSignal(f"{prefix}motor", name="m", connection_timeout=0.5)
+    motor.wait_for_connection(timeout=15)
+    watch = Watch(motor)
+    os.kill(zoo_ioc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: not motor.connected, 20, message="a frozen IOC went unnoticed")
+        assert False in watch.connected
+        with pytest.raises(ConnectionError):
+            motor.read()
+    finally:
+        os.kill(zoo_ioc.pid, signal.SIGCONT)
+    wait_until(lambda: motor.connected, 30, message="the PV did not come back after the thaw")
+    motor.set(1.5).wait(5)
+    wait_until(lambda: 1.5 in watch.values, 5)
+    from pvhub.client import close_hubs
+
+    close_hubs()
