@@ -141,9 +141,10 @@ class Channel:
         if epoch == self.epoch and seq <= self.seq:
             if from_stream or self.attached:
                 return []
-            # The snapshot we asked for, overtaken by the stream: it still brings the
-            # metadata, and only a snapshot makes the channel attached.
-            if metadata is not None:
+            # The snapshot we asked for, overtaken by the stream: only a snapshot makes the
+            # channel attached, and its metadata serves if the stream brought none (what the
+            # stream brought is newer).
+            if metadata is not None and not self.metadata:
                 self.metadata = dict(metadata)  # type: ignore[assignment]
             self.attached = True
             self.cond.notify_all()

@@ -90,11 +90,12 @@ def identity_of(actor: str, incarnation: int) -> str:
     """The routing identity of one incarnation of ``actor``: a restarted actor gets a new one,
     so nothing the dead process sent late (a reply, an ``ActorReady``) is taken for the new
     process's word, and nothing meant for the new one reaches the old."""
-    return actor if incarnation == 0 else f"{actor}#{incarnation}"
+    # A space never occurs in a PV or group name (``pvhub.config`` checks both).
+    return actor if incarnation == 0 else f"{actor} {incarnation}"
 
 
 def split_identity(identity: str) -> tuple[str, int]:
-    actor, sep, number = identity.rpartition("#")
+    actor, sep, number = identity.rpartition(" ")
     if sep and number.isdigit():
         return actor, int(number)
     return identity, 0
@@ -343,9 +344,16 @@ class Router:
     # --- stopping --------------------------------------------------------------------------
 
     def begin_stop(self) -> list[Effect]:
-        """Refuse new puts and tell clients; the broker then waits for puts in flight."""
+        """Refuse new puts and tell clients; the broker then waits for puts in flight. What
+        waits for an actor that will not be restarted now can never be sent: answer it."""
         self.stopping = True
-        return [Announce(p.HUB_TOPIC, p.HubStopping(reason="the daemon is stopping"))]
+        effects: list[Effect] = [Announce(p.HUB_TOPIC, p.HubStopping(reason="the daemon is stopping"))]
+        for record in self.actors.values():
+            if not record.alive:
+                for client, request_id, _, _ in record.queued:
+                    effects.append(ToClient(client, error_reply(request_id, HubUnavailableError("the daemon is stopping; the request was not sent"))))
+                record.queued.clear()
+        return effects
 
     def puts_in_flight(self) -> int:
         return sum(

@@ -26,6 +26,7 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 
 # Printable ASCII without spaces: what EPICS record and field names are made of.
 _PV_NAME = re.compile(r"^[!-~]{1,256}$")
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,8 @@ def parse(data: dict, source: str = "<config>") -> Config:
     groups: dict[str, tuple[str, ...]] = {}
     seen: dict[str, str] = {}
     for name, table in groups_raw.items():
+        if not _GROUP_NAME.match(name):
+            raise ConfigError(f"{source}: group name {name!r} may hold only letters, digits, '_', '-' and '.'")
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: groups.{name} must be a table")
         members = tuple(_strings(table.get("pvs", []), f"groups.{name}.pvs", source))

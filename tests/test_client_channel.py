@@ -200,12 +200,6 @@ def test_once_attached_the_stream_counts_gaps_from_the_overtaken_snapshots_seq()
     assert (channel.gaps, channel.missed, hub.resyncs) == (1, 1, [channel])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client/hub.py Channel._apply merges the metadata of a snapshot overtaken by the "
-    "stream even when it is older (seq < current) than metadata the stream already brought "
-    "(actors publish metadata only when it changes), so the channel keeps stale metadata",
-)
 def test_an_older_overtaken_snapshot_does_not_undo_newer_metadata_from_the_stream():
     _, channel = make_channel()
     newer = {**METADATA, "units": "um"}
