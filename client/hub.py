@@ -46,6 +46,8 @@ log = library_logger("pvhub.client")
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 PROOF_INTERVAL = 0.1
 HELLO_RETRY = 0.1
+# Readings this process queues before the daemon's own bound applies (see the daemon's).
+READINGS_HWM = 10_000
 POLL_MS = 50
 
 ReplyHandler = Callable[[p.Message], bool]
@@ -66,7 +68,7 @@ class Channel:
     def __init__(self, hub: Hub, pv: str) -> None:
         self.hub = hub
         self.pv = pv
-        self.cond = threading.Condition()
+        self.cond = threading.Condition(threading.RLock())
         self.epoch = 0
         self.seq = -1
         self.connected = False
@@ -120,10 +122,12 @@ class Channel:
     ) -> None:
         with self.cond:
             events = self._apply(epoch, seq, connected, reading, metadata, from_stream)
-            listeners = self._live_listeners() if events else []
-        for listener in listeners:
-            for kind, old in events:
-                listener(kind, self, old)
+            # Listeners only queue work for the callback thread, so they run under the lock:
+            # a user thread that sees the new state (say, ready) also finds its events
+            # queued ahead of anything it queues next (a new subscription's first call).
+            for listener in self._live_listeners() if events else []:
+                for kind, old in events:
+                    listener(kind, self, old)
 
     def _apply(
         self,
@@ -189,11 +193,10 @@ class Channel:
             self.seq = -1
             self._proof_pending = False
             self.cond.notify_all()
-            listeners = self._live_listeners() if was_connected else []
+            for listener in self._live_listeners() if was_connected else []:
+                listener("meta", self, self.reading)
         if was_connected:
             log.warning("pv_lost", pv=self.pv, reason=reason)
-        for listener in listeners:
-            listener("meta", self, self.reading)
 
 
 class Hub:
@@ -322,7 +325,7 @@ class Hub:
         self._dealer.connect(self.address)
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.RCVHWM, 100_000)
+        self._sub.setsockopt(zmq.RCVHWM, READINGS_HWM)
         self._sub.setsockopt(zmq.SUBSCRIBE, p.HUB_TOPIC)
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
@@ -371,8 +374,10 @@ class Hub:
             return
         if self._stopping_hub and not (self._pending.keys() - self._pings):
             self._lose_hub("the daemon stopped")
-        elif now - self._last_heard > p.LIVENESS * p.CLIENT_HEARTBEAT_S:
-            self._lose_hub(f"no answer for {now - self._last_heard:.1f} s")
+        elif len(self._pings) >= p.LIVENESS and now - self._last_heard > p.LIVENESS * p.CLIENT_HEARTBEAT_S:
+            # Counted in unanswered pings, not only in time: a process that was itself
+            # suspended (SIGSTOP, a laptop's sleep) first asks again before it judges.
+            self._lose_hub(f"{len(self._pings)} pings unanswered, nothing heard for {now - self._last_heard:.1f} s")
         elif now - self._last_ping >= p.CLIENT_HEARTBEAT_S:
             self._last_ping = now
             pvs = None
@@ -449,6 +454,9 @@ class Hub:
                 log.error("bad_reply", error=str(exc))
                 continue
             self._last_heard = time.monotonic()
+            for ping in self._pings:  # any answer proves the daemon alive; older pings are moot
+                self._pending.pop(ping, None)
+            self._pings.clear()
             handler = self._pending.get(getattr(message, "id", -1))
             if handler is None:
                 continue

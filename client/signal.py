@@ -279,6 +279,17 @@ class EpicsSignalBase:
     _writable = False
 
     @property
+    def missed_updates(self) -> int:
+        """Updates this process never received (it read too slowly, and the daemon's queue for
+        it overflowed); each gap was answered with a fresh snapshot."""
+        return self._read_channel.missed
+
+    @property
+    def update_gaps(self) -> int:
+        """How many times updates were missed (see ``missed_updates``)."""
+        return self._read_channel.gaps
+
+    @property
     def timestamp(self) -> float | None:
         reading = self._read_channel.reading
         return reading.timestamp if reading else None

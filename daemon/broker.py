@@ -47,9 +47,10 @@ log = structlog.get_logger("pvhub.daemon")
 TICK_S = 0.2
 # SIGTERM lets puts in flight finish for at most this long before actors are stopped.
 STOP_GRACE_S = 5.0
-# A client that does not read its readings loses the oldest ones beyond this many; it sees a
-# seq gap and resyncs. It never slows anyone else.
-READINGS_HWM = 100_000
+# Readings queued for one client that does not read them: beyond this many, that client loses
+# the newest (ZeroMQ's high-water mark), sees a seq gap and resyncs. It never slows anyone
+# else, and the daemon's memory per slow client is bounded by this many readings.
+READINGS_HWM = 10_000
 
 
 def default_readings_address(address: str) -> str:
@@ -73,11 +74,13 @@ class Broker:
         log_format: str = "json",
         log_level: str = "info",
         notifier: Notifier | None = None,
+        readings_hwm: int = READINGS_HWM,
     ) -> None:
         self.config = config
         self.address = address
         self.readings_address = readings or default_readings_address(address)
         self.notifier = notifier or Notifier()
+        self.readings_hwm = readings_hwm
         self._stopping = False
         self._ctx = zmq.Context()
         self._rundir = tempfile.mkdtemp(prefix="pvhub-", dir=os.environ.get("RUNTIME_DIRECTORY"))
@@ -107,7 +110,7 @@ class Broker:
         actor_endpoint = f"ipc://{self._rundir}/actors"
         actors.bind(actor_endpoint)
         readings_in_endpoint = f"ipc://{self._rundir}/readings"
-        forwarder = ReadingsForwarder(self._ctx, readings_in_endpoint, self.readings_address)
+        forwarder = ReadingsForwarder(self._ctx, readings_in_endpoint, self.readings_address, self.readings_hwm)
         readings_endpoint = forwarder.start()
         # The daemon's own announcements (a PV's actor died, the daemon stops) join the
         # readings stream, so they reach clients in order with the PVs' updates.
@@ -287,8 +290,9 @@ class _LoopContext:
 class ReadingsForwarder:
     """XSUB (actors publish here) -> XPUB (clients subscribe here), forwarded in C."""
 
-    def __init__(self, ctx: zmq.Context, inward: str, outward: str) -> None:
+    def __init__(self, ctx: zmq.Context, inward: str, outward: str, hwm: int = READINGS_HWM) -> None:
         self._ctx = ctx
+        self._hwm = hwm
         self._inward = inward
         self._outward = outward
         self._control_endpoint = f"inproc://pvhub-readings-control-{id(self)}"
@@ -302,7 +306,7 @@ class ReadingsForwarder:
         xsub.bind(self._inward)
         xpub = self._ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.LINGER, 0)
-        xpub.setsockopt(zmq.SNDHWM, READINGS_HWM)
+        xpub.setsockopt(zmq.SNDHWM, self._hwm)
         xpub.bind(self._outward)
         endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
         control_in = self._ctx.socket(zmq.PAIR)

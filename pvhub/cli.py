@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help=f"where clients connect (default {DEFAULT_ADDRESS}, or the config's)")
     serve.add_argument("--readings", help="where readings are published (default: the address's port + 1)")
     serve.add_argument("--config", help="a TOML configuration file")
+    serve.add_argument("--readings-hwm", type=int, default=None, metavar="N",
+                       help="readings queued per client before a slow client loses some (default 10000)")
     serve.add_argument("--log-format", default="auto", choices=["auto", "json", "console"],
                        help="auto: readable at a terminal, JSON lines otherwise (journald)")
     serve.add_argument("--log-level", default="info")
@@ -65,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("-n", "--count", type=int, default=0, help="stop after this many updates")
     monitor.set_defaults(func=_monitor)
 
-    status = client_command("status", "show the daemon's actors and clients")
+    status = client_command("status", "show the daemon's PVs (connected, rate, subscribers, actor) and clients")
     status.add_argument("--json", action="store_true", help="print the raw status")
     status.set_defaults(func=_status)
 
@@ -92,7 +94,9 @@ def _serve(args: argparse.Namespace) -> int:
     address = args.address or config.address
     readings = args.readings or config.readings
     log_format = "json" if args.log_format == "auto" and not sys.stderr.isatty() else args.log_format
-    broker = Broker(config, address, readings, log_format=log_format, log_level=args.log_level)
+    hwm = args.readings_hwm or config.readings_hwm
+    broker = Broker(config, address, readings, log_format=log_format, log_level=args.log_level,
+                    readings_hwm=hwm)
     broker.install_signal_handlers()
     try:
         return broker.run()
@@ -229,14 +233,42 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"pvhub {status['version']} at {hub.address}, up {status['uptime']:.0f} s, readings on {status['readings']}")
-    print(f"\n{'ACTOR':<40} {'PID':>8} {'READY':>6} {'IN FLIGHT':>10}  PVS")
-    for actor in status["actors"]:
-        print(f"{actor['actor']:<40} {actor['pid'] or '-':>8} {str(actor['ready']):>6} {actor['inflight']:>10}  {' '.join(actor['pvs'])}")
-    print(f"\n{'CLIENT':<12} {'REQUESTS':>9} {'IDLE S':>8}  NAME")
-    for client in status["clients"]:
-        print(f"{client['client'][:12]:<12} {client['requests']:>9} {client['idle']:>8.1f}  {client['name']}")
+    print(format_status(status, hub.address))
     return 0
+
+
+def format_status(status: dict, address: str) -> str:
+    """``pvhub status`` as tables: the daemon, its PVs, its clients."""
+    now = time.time()
+    lines = [f"pvhub {status['version']} at {address}, up {_duration(status['uptime'])}, "
+             f"readings on {status['readings']}", ""]
+    rows = [("PV", "CONNECTED", "RATE/S", "SUBSCRIBERS", "LAST UPDATE", "ACTOR PID", "RESTARTS")]
+    for pv in status["pvs"]:
+        last = pv["last_update"]
+        rows.append((pv["pv"], "yes" if pv["connected"] else "NO", f"{pv['rate']:.1f}",
+                     str(pv["subscribers"]), f"{_duration(now - last)} ago" if last else "-",
+                     str(pv["pid"] or "-"), str(pv["restarts"])))
+    lines += _table(rows) + [""]
+    rows = [("CLIENT", "NAME", "PVS", "REQUESTS", "IDLE")]
+    for client in status["clients"]:
+        rows.append((client["client"][:10], client["name"], str(client["pvs"]), str(client["requests"]),
+                     f"{client['idle']:.1f} s"))
+    lines += _table(rows)
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 # --- the demo ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 [daemon]
 address = "tcp://127.0.0.1:5570"    # where clients connect (requests; hello names readings)
 readings = "tcp://127.0.0.1:5571"   # where readings are published (default: port + 1)
+readings_hwm = 10000                # readings queued per client before a slow one loses some
 
 [pvs]
 allow = ["*"]                       # glob patterns; a PV that matches none is refused
@@ -37,6 +38,7 @@ class ConfigError(ValueError):
 class Config:
     address: str = DEFAULT_ADDRESS
     readings: str | None = None
+    readings_hwm: int = 10_000
     allow: tuple[str, ...] = ("*",)
     start: tuple[str, ...] = ()
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -83,6 +85,9 @@ def parse(data: dict, source: str = "<config>") -> Config:
     readings = daemon.get("readings")
     if readings is not None:
         readings = _string(readings, "daemon.readings", source)
+    hwm = daemon.get("readings_hwm", 10_000)
+    if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 1:
+        raise ConfigError(f"{source}: daemon.readings_hwm must be a positive integer")
     allow = tuple(_strings(pvs.get("allow", ["*"]), "pvs.allow", source))
     start = tuple(_strings(pvs.get("start", []), "pvs.start", source))
     groups: dict[str, tuple[str, ...]] = {}
@@ -101,7 +106,7 @@ def parse(data: dict, source: str = "<config>") -> Config:
     for pv in (*start, *seen):
         if not valid_pv_name(pv):
             raise ConfigError(f"{source}: {pv!r} is not a valid PV name")
-    return Config(address=address, readings=readings, allow=allow, start=start, groups=groups)
+    return Config(address=address, readings=readings, readings_hwm=hwm, allow=allow, start=start, groups=groups)
 
 
 def _string(value: object, key: str, source: str) -> str:

@@ -40,6 +40,7 @@ from caproto.server.server import PvpropertyInteger
 _MAX_FAST_LAG = 0.1
 # How often a paused ``fast`` looks at ``fast_rate`` again.
 _PAUSED_POLL = 0.05
+BIG_LENGTH = 50_000
 # How often ``fast_monitors`` counts again; a change reaches its monitors within this.
 _MONITOR_COUNT_PERIOD = 0.05
 
@@ -88,6 +89,11 @@ class ZooIOC(PVGroup):
     count = pvproperty(value=0, doc="A plain integer")
     wave = pvproperty(
         value=[float(i) for i in range(16)], max_length=16, doc="A float64 waveform"
+    )
+    big_rate = pvproperty(value=0.0, doc="Updates per second of big; 0 (the default) pauses it")
+    big = pvproperty(
+        value=[0.0] * BIG_LENGTH, max_length=BIG_LENGTH,
+        doc="A large waveform whose first element counts updates (to fill slow clients' queues)",
     )
     text = pvproperty(value="hello", dtype=ChannelType.STRING, doc="A DBR_STRING")
     mode = pvproperty(
@@ -148,6 +154,19 @@ class ZooIOC(PVGroup):
             if next_at < now - _MAX_FAST_LAG:
                 next_at = now
             await asyncio.sleep(max(0.0, next_at - now))
+
+    @big.startup
+    async def big(self, instance, async_lib):
+        """Publish a new big array at ``big_rate`` Hz; element 0 counts them."""
+        count = 0
+        while True:
+            rate = self.big_rate.value
+            if rate <= 0:
+                await asyncio.sleep(_PAUSED_POLL)
+                continue
+            count += 1
+            await instance.write(value=[float(count)] * BIG_LENGTH)
+            await asyncio.sleep(1.0 / rate)
 
     @fast_monitors.startup
     async def fast_monitors(self, instance, async_lib):

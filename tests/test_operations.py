@@ -1,0 +1,103 @@
+"""What an operator sees: ``pvhub status``, the log's events, clients that vanish."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import wait_until
+
+from pvhub import protocol as p
+from pvhub.client import EpicsSignal, EpicsSignalRO, get_hub
+
+pytestmark = pytest.mark.system
+
+CLIENT = Path(__file__).with_name("fan_out_client.py")
+
+
+def status() -> dict:
+    return get_hub().call(lambda rid: p.StatusRequest(id=rid), timeout=5).status
+
+
+def events(daemon) -> list[dict]:
+    out = []
+    for line in daemon.log_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def test_status_shows_pvs_rates_subscribers_and_clients(hub, prefix):
+    fast = EpicsSignalRO(f"{prefix}fast", name="fast")
+    fast.wait_for_connection(timeout=15)
+    fast.subscribe(lambda **kw: None)
+    motor = EpicsSignal(f"{prefix}motor", name="m")
+    motor.wait_for_connection(timeout=15)
+
+    def fast_row():
+        rows = {row["pv"]: row for row in status()["pvs"]}
+        row = rows.get(f"{prefix}fast")
+        return row if row and row["rate"] > 100 and row["subscribers"] == 1 else None
+
+    row = wait_until(fast_row, 10, message="no rate or subscriber for fast")
+    assert row["connected"] and row["pid"] and row["restarts"] == 0 and row["last_update"]
+    clients = status()["clients"]
+    assert len(clients) == 1 and clients[0]["pvs"] == 2
+
+    env = {**os.environ, "PVHUB_ADDRESS": hub.address}
+    shown = subprocess.run([sys.executable, "-m", "pvhub", "status"], env=env, capture_output=True,
+                           text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    header, *lines = shown.stdout.splitlines()
+    assert header.startswith("pvhub ")
+    table = "\n".join(lines)
+    for column in ("PV", "CONNECTED", "RATE/S", "SUBSCRIBERS", "LAST UPDATE", "ACTOR PID", "RESTARTS", "CLIENT"):
+        assert column in table
+    fast_line = next(line for line in lines if line.startswith(f"{prefix}fast "))
+    assert " yes " in fast_line and str(row["pid"]) in fast_line
+
+
+def test_log_events_for_actors_pvs_clients_and_puts(hub, prefix):
+    motor = EpicsSignal(f"{prefix}motor", name="m")
+    motor.wait_for_connection(timeout=15)
+    motor.set(1.25).wait(5)
+    ro = EpicsSignal(f"{prefix}ro", name="ro")
+    ro.wait_for_connection(timeout=15)
+    with pytest.raises(PermissionError):
+        ro.set(2).wait(5)
+    wait_until(lambda: len([e for e in events(hub) if e["event"] == "put_finished"]) == 2, 5)
+    log = events(hub)
+    names = {e["event"] for e in log}
+    assert {"daemon_ready", "actor_spawned", "actor_started", "actor_ready", "pv_connected",
+            "client_connected", "put_requested", "put_finished"} <= names
+    requested = [e for e in log if e["event"] == "put_requested"]
+    assert requested[0]["pv"] == f"{prefix}motor" and requested[0]["value"] == 1.25
+    assert requested[0]["name"].endswith(f"[{os.getpid()}]")  # who
+    outcomes = {e["pv"]: e["outcome"] for e in log if e["event"] == "put_finished"}
+    assert outcomes == {f"{prefix}motor": "done", f"{prefix}ro": "read_only"}
+    assert all("timestamp" in e and "level" in e for e in log)
+
+
+def test_a_killed_client_is_forgotten(hub, prefix):
+    EpicsSignalRO(f"{prefix}dt", name="dt").wait_for_connection(timeout=15)
+    env = {**os.environ, "PVHUB_ADDRESS": hub.address, "PV": f"{prefix}fast", "COUNT": "1000000"}
+    client = subprocess.Popen([sys.executable, str(CLIENT)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "subscribed"
+        wait_until(lambda: len(status()["clients"]) == 2, 10)
+        client.send_signal(signal.SIGKILL)
+        client.wait(5)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    # Forgotten within the heartbeat window (3 beats of 1 s, plus a margin).
+    wait_until(lambda: len(status()["clients"]) == 1, 10, message="the dead client was not forgotten")
+    assert any(e["event"] == "client_disconnected" for e in events(hub))
