@@ -266,6 +266,8 @@ class Broker:
             elif isinstance(effect, ToActor):
                 ctx.actors.send_multipart([effect.actor.encode(), effect.client, effect.payload])
             elif isinstance(effect, SpawnActor):
+                if effect.identity != effect.actor:
+                    self.log.warning("actor_restarted", actor=effect.actor, incarnation=effect.identity)
                 ctx.supervisor.spawn(effect.actor, effect.pvs, effect.identity)
             elif isinstance(effect, KillActor):
                 self.log.warning("actor_hung", actor=effect.actor, reason=effect.reason)
