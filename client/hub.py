@@ -222,6 +222,7 @@ class Hub:
         self._hello_id: int | None = None
         self._pvs_changed = True
         self._pings: set[int] = set()
+        self._unanswered = 0  # pings sent (or tried) since the daemon last said anything
         self._stopping_hub = False  # the daemon said it is stopping: answers still come
         self.losses = 0
         self._channels: dict[str, Channel] = {}
@@ -374,10 +375,10 @@ class Hub:
             return
         if self._stopping_hub and not (self._pending.keys() - self._pings):
             self._lose_hub("the daemon stopped")
-        elif len(self._pings) >= p.LIVENESS and now - self._last_heard > p.LIVENESS * p.CLIENT_HEARTBEAT_S:
+        elif self._unanswered >= p.LIVENESS and now - self._last_heard > p.LIVENESS * p.CLIENT_HEARTBEAT_S:
             # Counted in unanswered pings, not only in time: a process that was itself
             # suspended (SIGSTOP, a laptop's sleep) first asks again before it judges.
-            self._lose_hub(f"{len(self._pings)} pings unanswered, nothing heard for {now - self._last_heard:.1f} s")
+            self._lose_hub(f"{self._unanswered} pings unanswered, nothing heard for {now - self._last_heard:.1f} s")
         elif now - self._last_ping >= p.CLIENT_HEARTBEAT_S:
             self._last_ping = now
             pvs = None
@@ -385,6 +386,7 @@ class Hub:
                 self._pvs_changed = False
                 pvs = [channel.pv for channel in self._all_channels()]
             request_id = next(self._ids)
+            self._unanswered += 1  # a ping that cannot even be sent is unanswered too
             if self._send(p.PingRequest(id=request_id, pvs=pvs)):
                 self._pings.add(request_id)
                 self._pending[request_id] = lambda message: self._pings.discard(request_id) or True
@@ -400,6 +402,7 @@ class Hub:
         self._hello.clear()
         self._stopping_hub = False
         self._pings.clear()
+        self._unanswered = 0
         pending, self._pending = self._pending, {}
         for request_id, handler in pending.items():
             message = f"the pvhub daemon at {self.address} went away ({reason}); the outcome is unknown"
@@ -457,6 +460,7 @@ class Hub:
             for ping in self._pings:  # any answer proves the daemon alive; older pings are moot
                 self._pending.pop(ping, None)
             self._pings.clear()
+            self._unanswered = 0
             handler = self._pending.get(getattr(message, "id", -1))
             if handler is None:
                 continue

@@ -56,7 +56,9 @@ class Supervisor:
             *pvs,
         ]
         # Actors inherit stderr: their log lines join the daemon's (and journald's) stream.
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, close_fds=True)
+        # systemd's notify and watchdog variables are the daemon's own business.
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("WATCHDOG_")}
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, close_fds=True, env=env)
         record = ActorProcess(actor, pvs, process, time.monotonic())
         self.processes[actor] = record
         log.info("actor_spawned", actor=actor, actor_pid=process.pid, pvs=list(pvs))

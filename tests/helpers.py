@@ -35,3 +35,26 @@ def wait_until(
             text = message() if callable(message) else message
             raise AssertionError(f"{text} (waited {timeout} s)")
         time.sleep(interval)
+
+
+def daemon_status(timeout: float = 5.0) -> dict:
+    """What ``pvhub status`` shows, from the daemon that ``$PVHUB_ADDRESS`` names."""
+    from pvhub import protocol as p
+    from pvhub.client import get_hub
+
+    return get_hub().call(lambda rid: p.StatusRequest(id=rid), timeout=timeout).status  # type: ignore[attr-defined]
+
+
+def log_events(daemon, event: str | None = None) -> list[dict]:
+    """The daemon's JSON log events so far (only those named ``event``, if given)."""
+    import json
+
+    events = []
+    for line in daemon.log_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if event is None or record.get("event") == event:
+            events.append(record)
+    return events

@@ -44,9 +44,9 @@ def test_clients_survive_a_daemon_restart(restartable, prefix, how):
     first = restartable()
     motor = EpicsSignal(f"{prefix}motor", name="m")
     motor.wait_for_connection(timeout=15)
-    values, connected = [], []
+    values, states = [], []
     motor.subscribe(lambda value, **kw: values.append(value))
-    motor.subscribe(lambda connected, **kw: connected.append(kw["obj"].connected), event_type="meta")
+    motor.subscribe(lambda connected, **kw: states.append(connected), event_type="meta")
     delay = EpicsSignal(f"{prefix}slow_delay", name="delay")
     delay.set(30).wait(10)
     slow = EpicsSignal(f"{prefix}slow", name="slow")
@@ -66,11 +66,13 @@ def test_clients_survive_a_daemon_restart(restartable, prefix, how):
     assert isinstance(info.value, ConnectionError)
     assert "unknown" in str(info.value)
     wait_until(lambda: not motor.connected, 5, message="the client did not notice")
+    wait_until(lambda: states[-1:] == [False], 5, message=lambda: f"no meta callback: {states}")
     assert time.monotonic() - stopped < 10
     assert get_hub().losses == losses + 1
 
     restartable()
     wait_until(lambda: motor.connected, 20, message="the client did not reconnect")
+    wait_until(lambda: states[-1:] == [True], 5, message=lambda: f"no meta callback: {states}")
     motor.set(8.5).wait(5)
     wait_until(lambda: 8.5 in values, 5, message=lambda: f"no value after the restart: {values}")
     assert motor.read()["m"]["value"] == 8.5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,28 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import daemon_status as status
+from helpers import log_events as events
 from helpers import wait_until
 
-from pvhub import protocol as p
-from pvhub.client import EpicsSignal, EpicsSignalRO, get_hub
+from pvhub.client import EpicsSignal, EpicsSignalRO
 
 pytestmark = pytest.mark.system
 
 CLIENT = Path(__file__).with_name("fan_out_client.py")
-
-
-def status() -> dict:
-    return get_hub().call(lambda rid: p.StatusRequest(id=rid), timeout=5).status
-
-
-def events(daemon) -> list[dict]:
-    out = []
-    for line in daemon.log_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 def test_status_shows_pvs_rates_subscribers_and_clients(hub, prefix):

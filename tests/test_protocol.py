@@ -23,9 +23,11 @@ from pvhub.protocol import (
     ErrorReply,
     Heartbeat,
     HelloReply,
+    HubStopping,
     HelloRequest,
     Message,
     PingRequest,
+    PvLost,
     Pong,
     Reading,
     ReadRequest,
@@ -62,6 +64,7 @@ EXAMPLES: list[Message] = [
     SetRequest(id=4, pv="X:text", value="héllo"),
     StatusRequest(id=5),
     PingRequest(id=6),
+    PingRequest(id=8, pvs=["X:motor", "X:x"]),
     HelloReply(id=1, readings="tcp://127.0.0.1:5001", server_version="0.1.0", client=b"\x00\x8b"),
     Snapshot(id=2, pv="X:m", epoch=7, seq=42, connected=True, reading=READING, metadata=METADATA),
     DescribeReply(id=3, pv="X:mode", connected=False, metadata=METADATA),
@@ -73,6 +76,9 @@ EXAMPLES: list[Message] = [
     Update(pv="X:x", epoch=7, seq=44, connected=True, reading=READING, snapshot=True),
     ActorReady(actor="actor-X:x", pid=4242, pvs=["X:x", "X:dt"]),
     Heartbeat(sender="broker"),
+    Heartbeat(sender="pv:X:x", stats={"X:x": {"connected": True, "updates": 12, "last_update": 1.5}}),
+    PvLost(pv="X:x", reason="the actor owning X:x exited (code -9)"),
+    HubStopping(reason="the daemon is stopping"),
 ]
 
 

@@ -3,24 +3,19 @@ disconnection and a new epoch."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
 
 import pytest
-from helpers import wait_until
+from helpers import daemon_status as status
+from helpers import log_events, wait_until
 
-from pvhub import protocol as p
-from pvhub.client import EpicsSignal, EpicsSignalRO, get_hub
+from pvhub.client import EpicsSignal, EpicsSignalRO
 from pvhub.errors import ActorDiedError
 
 pytestmark = pytest.mark.system
-
-
-def status(timeout: float = 5.0) -> dict:
-    return get_hub().call(lambda rid: p.StatusRequest(id=rid), timeout=timeout).status
 
 
 def actor_pid(pv: str) -> int | None:
@@ -28,18 +23,6 @@ def actor_pid(pv: str) -> int | None:
         if pv in actor["pvs"]:
             return actor["pid"] if actor["ready"] else None
     return None
-
-
-def log_events(daemon, event: str) -> list[dict]:
-    events = []
-    for line in daemon.log_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == event:
-            events.append(record)
-    return events
 
 
 class Recorder:
