@@ -306,6 +306,9 @@ class Hub:
         self._dispatch.put(None)
         if threading.current_thread() is not self._dispatcher:
             self._dispatcher.join(timeout=5)
+        if not self._io.is_alive():
+            self._wake_r.close()
+            self._wake_w.close()
 
     # --- the I/O thread -------------------------------------------------------------------
 

@@ -259,7 +259,7 @@ def test_read_only_signal_refuses_set(hub, prefix):
 
 
 def test_pv_that_nobody_serves_times_out(hub, prefix):
-    ghost = EpicsSignal(f"{prefix}no_such_pv", name="ghost")
+    ghost = EpicsSignal(f"{prefix}no_such_pv", name="ghost", connection_timeout=0.5)
     started = time.monotonic()
     with pytest.raises(TimeoutError) as info:
         ghost.wait_for_connection(timeout=1.0)
