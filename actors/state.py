@@ -141,8 +141,11 @@ class PvState:
     def connection_changed(self, connected: bool) -> list[Effect]:
         self.ca_connected = connected
         if not connected:
-            # Metadata is read again on reconnection: the IOC may have changed.
+            # Metadata is read again on reconnection: the IOC may have changed. The reading
+            # goes too, so that a reconnection is announced with a fresh value, never with
+            # the one from before the outage (clients keep their copy of it meanwhile).
             self.control = None
+            self.reading = None
         return self._publish_if_changed(metadata_changed=False)
 
     def metadata_received(self, metadata: p.PVMetadata) -> list[Effect]:

@@ -37,7 +37,9 @@ def configure(log_format: LogFormat = "auto", level: str = "info", stream=None) 
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write per record (print() writes the newline separately), so that lines from
+        # the daemon and its actors, which share the stream, never interleave.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     # Libraries (caproto) log through the standard library: keep their warnings, in one stream.

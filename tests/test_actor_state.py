@@ -152,14 +152,16 @@ def test_readings_while_disconnected_are_kept_but_not_published():
     assert state.seq == 2
 
 
-def test_reconnection_publishes_connected_again_once_metadata_returns():
+def test_reconnection_publishes_connected_again_once_metadata_and_a_fresh_reading_return():
     state = connected_state()
     state.connection_changed(False)
     assert state.connection_changed(True) == []  # metadata not read again yet
-    (update,) = updates(state.metadata_received(dict(FLOAT_METADATA)))
+    assert state.metadata_received(dict(FLOAT_METADATA)) == []  # nor a fresh value
+    (update,) = updates(state.reading_received(p.Reading(9.0, 99.0)))
     assert update.connected is True
     assert update.seq == 3
     assert update.metadata == FLOAT_METADATA
+    assert update.reading.value == 9.0
 
 
 def test_access_rights_alone_do_not_make_a_reconnected_pv_connected():
@@ -579,3 +581,18 @@ def test_arrays_are_coerced_element_by_element(value, metadata, expected):
 def test_arrays_that_do_not_fit_are_refused(value, metadata):
     with pytest.raises(BadValueError):
         coerce_value(value, metadata)
+
+
+def test_a_reconnection_is_announced_with_a_fresh_reading_not_the_old_one():
+    state = PvState("X:a", epoch=1)
+    state.connection_changed(True)
+    state.metadata_received({"native_type": "float", "count": 1})
+    state.reading_received(p.Reading(1.0, 10.0))
+    assert state.connected
+    (lost,) = state.connection_changed(False)
+    assert lost.update.connected is False and lost.update.reading is None
+    # Back: connection and metadata alone publish nothing; the first fresh reading does.
+    assert state.connection_changed(True) == []
+    assert state.metadata_received({"native_type": "float", "count": 1}) == []
+    (back,) = state.reading_received(p.Reading(2.0, 20.0))
+    assert back.update.connected is True and back.update.reading.value == 2.0
