@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import re
 import signal
@@ -20,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import log_events, wait_until
 
 from pvhub.client import EpicsSignalRO, close_hubs
 from pvhub.process import DaemonProcess
@@ -96,19 +95,6 @@ def no_clients() -> Iterator[None]:
 def lines(daemon: DaemonProcess) -> list[str]:
     """Every assignment the daemon has sent, datagram after datagram."""
     return [line for message in daemon.notifications for line in message.split("\n")]
-
-
-def log_events(daemon: DaemonProcess) -> list[dict]:
-    """The daemon's (and its actors') JSON log lines, in order."""
-    events = []
-    for line in daemon.log_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
 
 
 def process_state(pid: int) -> str:
