@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from pvhub import protocol as p
-from pvhub.client.hub import Channel
+from pvhub.client.channel import Channel
 
 EPOCH = 1_700_000_000_000_000_000
 METADATA: p.PVMetadata = {"units": "mm", "precision": 3, "write_access": True}

@@ -1,0 +1,166 @@
+"""A PV as one client process sees it: its latest state, kept by the Clone pattern's rules.
+
+Rule 1 (the Clone pattern): a channel keeps the highest ``seq`` it has applied and drops
+anything not newer; a jump in ``seq`` is a gap: counted, logged, and answered with a fresh
+snapshot. A new ``epoch`` means a new actor: its sequence starts over, and the channel asks
+for a snapshot, since what the actor published before the subscription reached it is lost.
+Rule 2: only a snapshot (an answer to the channel's own request) makes a channel attached;
+``ready`` needs that, a connection and a reading, so a Signal that is ready can read and
+describe at once.
+Rule 3: state is written only by the hub's I/O thread and read by any thread under ``cond``;
+listeners run under ``cond`` too and only queue work for the callback thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, Callable
+
+from pvhub import protocol as p
+from pvhub.logs import library_logger
+
+if TYPE_CHECKING:
+    from pvhub.client.hub import Hub
+
+log = library_logger("pvhub.client")
+
+
+class Channel:
+    """The client's copy of one PV's state, fed by snapshots and published updates.
+
+    Written only by the I/O thread; read by any thread under ``cond``.
+    """
+
+    def __init__(self, hub: Hub, pv: str) -> None:
+        self.hub = hub
+        self.pv = pv
+        self.cond = threading.Condition(threading.RLock())
+        self.epoch = 0
+        self.seq = -1
+        self.connected = False
+        self.reading: p.Reading | None = None
+        self.metadata: p.PVMetadata = {}
+        self.attached = False  # a snapshot has been applied
+        self.live = False  # something arrived on the subscription
+        self.gaps = 0
+        self.missed = 0
+        self.error: BaseException | None = None  # the daemon refused this PV
+        self._last_proof = 0.0
+        self._proof_pending = False
+        # listener(kind, channel, old_reading) with kind "value" or "meta"; run on the I/O
+        # thread, so listeners only hand work to the dispatcher. Held weakly: a Signal the
+        # user dropped is not kept alive (or called) by its channel.
+        self._listeners: list[weakref.WeakMethod] = []
+
+    def add_listener(self, listener: Callable[[str, Channel, p.Reading | None], None]) -> None:
+        with self.cond:
+            self._listeners.append(weakref.WeakMethod(listener))  # type: ignore[arg-type]
+
+    def remove_listener(self, listener: Callable[[str, Channel, p.Reading | None], None]) -> None:
+        with self.cond:
+            self._listeners = [ref for ref in self._listeners if ref() not in (None, listener)]
+
+    def _live_listeners(self) -> list[Callable[[str, Channel, p.Reading | None], None]]:
+        alive = [(ref, ref()) for ref in self._listeners]
+        if any(listener is None for _, listener in alive):
+            self._listeners = [ref for ref, listener in alive if listener is not None]
+        return [listener for _, listener in alive if listener is not None]
+
+    @property
+    def ready(self) -> bool:
+        return self.attached and self.connected and self.reading is not None
+
+    def wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
+
+    # --- called on the I/O thread ---------------------------------------------------------
+
+    def apply(
+        self,
+        epoch: int,
+        seq: int,
+        connected: bool,
+        reading: p.Reading | None,
+        metadata: p.PVMetadata | None,
+        *,
+        from_stream: bool,
+    ) -> None:
+        with self.cond:
+            events = self._apply(epoch, seq, connected, reading, metadata, from_stream)
+            # Listeners only queue work for the callback thread, so they run under the lock:
+            # a user thread that sees the new state (say, ready) also finds its events
+            # queued ahead of anything it queues next (a new subscription's first call).
+            for listener in self._live_listeners() if events else []:
+                for kind, old in events:
+                    listener(kind, self, old)
+
+    def _apply(
+        self,
+        epoch: int,
+        seq: int,
+        connected: bool,
+        reading: p.Reading | None,
+        metadata: p.PVMetadata | None,
+        from_stream: bool,
+    ) -> list[tuple[str, p.Reading | None]]:
+        """Rule 3, with ``cond`` held; returns the listener events it caused."""
+        if epoch < self.epoch:
+            return []  # a late word from an actor that has since been replaced
+        old, was_ready, old_metadata = self.reading, self.ready, self.metadata
+        if epoch == self.epoch and seq <= self.seq:
+            if from_stream or self.attached:
+                return []
+            # The snapshot we asked for, overtaken by the stream: only a snapshot makes the
+            # channel attached, and its metadata serves if the stream brought none (what the
+            # stream brought is newer).
+            if metadata is not None and not self.metadata:
+                self.metadata = dict(metadata)  # type: ignore[assignment]
+            self.attached = True
+            self.cond.notify_all()
+            changed = self.ready != was_ready or self.metadata != old_metadata
+            return [("meta", old)] if changed else []
+        if from_stream and self.attached:
+            if epoch != self.epoch:
+                # A new actor: what it published before our subscription reached it
+                # (metadata, the connection) comes with a fresh snapshot.
+                self.hub._resync(self)
+            elif seq > self.seq + 1:
+                self.gaps += 1
+                self.missed += seq - self.seq - 1
+                log.warning("readings_missed", pv=self.pv, missed=seq - self.seq - 1, gaps=self.gaps)
+                self.hub._resync(self)
+        was_connected = self.connected
+        self.epoch, self.seq = epoch, seq
+        self.connected = connected
+        if reading is not None:
+            self.reading = reading
+        if metadata is not None:
+            self.metadata = dict(metadata)  # type: ignore[assignment]
+        if not from_stream:
+            self.attached = True
+        self.cond.notify_all()
+        events: list[tuple[str, p.Reading | None]] = []
+        if connected != was_connected or self.metadata != old_metadata or self.ready != was_ready:
+            events.append(("meta", old))
+        if reading is not None and connected and reading is not old:
+            events.append(("value", old))
+        return events
+
+    def lose(self, reason: str) -> None:
+        """The PV's actor or the daemon went away: disconnected until a new snapshot."""
+        with self.cond:
+            was_connected = self.connected
+            self.connected = False
+            self.attached = False
+            self.live = False
+            # Whatever comes next (a new actor, or the same one after the client lost the
+            # daemon for a while) must be accepted, even at the seq we already have.
+            self.seq = -1
+            self._proof_pending = False
+            self.cond.notify_all()
+            for listener in self._live_listeners() if was_connected else []:
+                listener("meta", self, self.reading)
+        if was_connected:
+            log.warning("pv_lost", pv=self.pv, reason=reason)
