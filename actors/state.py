@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pvhub import protocol as p
+from pvhub.protocol import same_reading
 from pvhub.errors import (
     BadValueError,
     DisconnectedError,
@@ -68,17 +69,6 @@ class _PendingPut:
     client: bytes
     request_id: int
     value: Any
-
-
-def same_reading(a: p.Reading | None, b: p.Reading | None) -> bool:
-    """Whether two readings are the same (arrays compared by value)."""
-    if a is None or b is None:
-        return a is b
-    if (a.timestamp, a.severity, a.status) != (b.timestamp, b.severity, b.status):
-        return False
-    if isinstance(a.value, np.ndarray) or isinstance(b.value, np.ndarray):
-        return bool(np.array_equal(a.value, b.value))
-    return bool(a.value == b.value)
 
 
 class PvState:

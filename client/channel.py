@@ -144,7 +144,8 @@ class Channel:
         events: list[tuple[str, p.Reading | None]] = []
         if connected != was_connected or self.metadata != old_metadata or self.ready != was_ready:
             events.append(("meta", old))
-        if reading is not None and connected and reading is not old:
+        # An actor's first reading after a restart is often the very one we hold: once only.
+        if reading is not None and connected and not p.same_reading(reading, old):
             events.append(("value", old))
         return events
 

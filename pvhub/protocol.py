@@ -92,6 +92,17 @@ class Reading:
     status: int = 0
 
 
+def same_reading(a: Reading | None, b: Reading | None) -> bool:
+    """Whether two readings are the same (arrays compared by value)."""
+    if a is None or b is None:
+        return a is b
+    if (a.timestamp, a.severity, a.status) != (b.timestamp, b.severity, b.status):
+        return False
+    if isinstance(a.value, np.ndarray) or isinstance(b.value, np.ndarray):
+        return bool(np.array_equal(a.value, b.value))
+    return bool(a.value == b.value)
+
+
 # --- messages --------------------------------------------------------------------------------
 
 

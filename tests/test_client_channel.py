@@ -394,3 +394,12 @@ def test_wait_wakes_when_the_pv_is_lost():
     _, channel, _ = attached(seq=5)
     io = threading.Thread(target=channel.lose, args=("actor died",))
     assert waiting_for(channel, lambda: not channel.connected, io) is True
+
+
+def test_a_new_actors_first_reading_equal_to_the_one_held_is_not_a_new_value():
+    hub, channel, listener = attached(seq=5, value=1.0)
+    channel.lose("the actor owning X:a exited")
+    update(channel, 1, 1.0, epoch=EPOCH + 1)  # the same value and timestamp, from a new actor
+    assert [kind for kind, *_ in listener.calls] == ["meta", "meta"]  # lost, then back
+    update(channel, 2, 2.0, epoch=EPOCH + 1)
+    assert listener.calls[-1] == ("value", 2.0, 1.0)
