@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from helpers import wait_until
+from helpers import log_events, wait_until
 
 from pvhub.client import EpicsSignal, close_hubs, get_hub
 from pvhub.errors import PvhubError
@@ -88,7 +88,8 @@ def test_graceful_stop_lets_puts_in_flight_finish(restartable, prefix):
     status = slow.set(3)
     done = threading.Event()
     status.add_callback(lambda st: done.set())
-    time.sleep(0.2)  # let the put reach the IOC: this is what "in flight" means here
+    # In flight: the actor has sent the put to the IOC (it logs that on the daemon's stream).
+    wait_until(lambda: any(e["pv"] == f"{prefix}slow" for e in log_events(daemon, "put_started")), 5)
     started = time.monotonic()
     assert daemon.stop() == 0
     assert time.monotonic() - started < 10
