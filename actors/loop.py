@@ -125,7 +125,7 @@ class Actor:
             pv: {
                 "connected": state.connected,
                 "updates": state.updates_published,
-                "last_update": state.reading.timestamp if state.reading else None,
+                "last_update": state.last_timestamp,
             }
             for pv, state in self.states.items()
         }

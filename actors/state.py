@@ -86,6 +86,7 @@ class PvState:
         self._pending_puts: dict[int, _PendingPut] = {}
         self._next_put_id = 1
         self.updates_published = 0
+        self.last_timestamp: float | None = None  # of the last reading, kept while disconnected
         self.puts_started = 0
 
     # --- derived -------------------------------------------------------------------------
@@ -136,6 +137,10 @@ class PvState:
             # the one from before the outage (clients keep their copy of it meanwhile).
             self.control = None
             self.reading = None
+            # caproto never calls a put's callback once its circuit is gone: answer now
+            # (Rule 4), and ignore the completion should a new circuit ever bring one.
+            lost = DisconnectedError(f"{self.pv} lost its IOC while a put was in flight; the put's outcome is unknown")
+            return self.fail_all_puts(lost) + self._publish_if_changed(metadata_changed=False)
         return self._publish_if_changed(metadata_changed=False)
 
     def metadata_received(self, metadata: p.PVMetadata) -> list[Effect]:
@@ -154,6 +159,7 @@ class PvState:
         if same_reading(reading, self.reading):
             return []
         self.reading = reading
+        self.last_timestamp = reading.timestamp
         return self._publish_if_changed(metadata_changed=False, reading_changed=True)
 
     def _publish_if_changed(

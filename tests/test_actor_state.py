@@ -596,3 +596,17 @@ def test_a_reconnection_is_announced_with_a_fresh_reading_not_the_old_one():
     assert state.metadata_received({"native_type": "float", "count": 1}) == []
     (back,) = state.reading_received(p.Reading(2.0, 20.0))
     assert back.update.connected is True and back.update.reading.value == 2.0
+
+
+def test_losing_the_ioc_fails_every_put_in_flight_as_unknown():
+    state = connected_state()
+    state.access_changed(True, True)
+    started = state.handle(b"alice", p.SetRequest(id=3, pv=state.pv, value=1.0))
+    (put,) = [e for e in started if isinstance(e, StartPut)]
+    effects = state.connection_changed(False)
+    (reply,) = [e for e in effects if isinstance(e, Reply)]
+    assert reply.client == b"alice" and reply.message.id == 3
+    assert reply.message.code == "disconnected" and "outcome is unknown" in reply.message.message
+    assert state.pending_puts == 0
+    assert state.put_completed(put.put_id) == []  # a late completion is ignored
+    assert state.last_timestamp is not None  # still known to `pvhub status`

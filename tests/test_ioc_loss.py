@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from helpers import wait_until
+from helpers import log_events, wait_until
 
 from pvhub.client import EpicsSignal
 
@@ -69,3 +69,16 @@ def test_ioc_that_freezes_and_thaws(zoo_ioc, hub_factory, prefix, monkeypatch):
     from pvhub.client import close_hubs
 
     close_hubs()
+
+
+def test_a_put_in_flight_when_the_ioc_dies_fails_as_unknown(hub, zoo_ioc, prefix):
+    delay = EpicsSignal(f"{prefix}slow_delay", name="delay")
+    delay.wait_for_connection(timeout=15)
+    delay.set(30).wait(5)
+    slow = EpicsSignal(f"{prefix}slow", name="slow")
+    slow.wait_for_connection(timeout=15)
+    status = slow.set(1)
+    wait_until(lambda: any(e["pv"] == f"{prefix}slow" for e in log_events(hub, "put_started")), 5)
+    zoo_ioc.stop()
+    with pytest.raises(ConnectionError, match="outcome is unknown"):
+        status.wait(10)
