@@ -132,7 +132,11 @@ class Hub:
                 return
             self._pending[request_id] = on_reply
 
-        self._call_soon(send)
+        if self._closed.is_set():  # no I/O thread will ever send it: refuse at once
+            on_reply(p.ErrorReply(id=0, code=HubUnavailableError.code,
+                                  message=f"the connection to the pvhub daemon at {self.address} is closed"))
+        else:
+            self._call_soon(send)
         return future
 
     def call(self, build: Callable[[int], p.Message], timeout: float) -> p.Message:
@@ -151,7 +155,11 @@ class Hub:
             )
 
     def dispatch(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run ``func`` on the callback thread (in order with every other callback)."""
+        """Run ``func`` on the callback thread (in order with every other callback); once the
+        hub is closed and that thread has ended, on the caller's thread."""
+        if self._closed.is_set() and not self._dispatcher.is_alive():
+            func(*args, **kwargs)
+            return
         self._dispatch.put((func, args, kwargs))
 
     def close(self) -> None:
@@ -213,6 +221,7 @@ class Hub:
         except Exception:
             log.exception("hub_io_failed", address=self.address)
         finally:
+            self._fail_pending(f"the connection to the pvhub daemon at {self.address} was closed; the outcome is unknown")
             self._dealer.close()
             self._sub.close()
             self._ctx.term()
@@ -264,15 +273,18 @@ class Hub:
         self._stopping_hub = False
         self._pings.clear()
         self._unanswered = 0
+        self._fail_pending(f"the pvhub daemon at {self.address} went away ({reason}); the outcome is unknown")
+        for channel in self._all_channels():
+            channel.lose(reason)
+
+    def _fail_pending(self, message: str) -> None:
+        """Answer every request still waiting, so that no Status or call waits forever."""
         pending, self._pending = self._pending, {}
         for request_id, handler in pending.items():
-            message = f"the pvhub daemon at {self.address} went away ({reason}); the outcome is unknown"
             try:
                 handler(p.ErrorReply(id=request_id, code=HubUnavailableError.code, message=message))
             except Exception:
                 log.exception("reply_handler_failed", op="error")
-        for channel in self._all_channels():
-            channel.lose(reason)
 
     def _send_hello(self, now: float) -> None:
         self._last_hello = now
@@ -418,10 +430,18 @@ class Hub:
     # --- the dispatcher thread -------------------------------------------------------------
 
     def _run_dispatcher(self) -> None:
+        closing = False
         while True:
-            item = self._dispatch.get()
+            if closing:
+                try:  # what came with or after the close still runs (statuses must finish)
+                    item = self._dispatch.get_nowait()
+                except queue.Empty:
+                    return
+            else:
+                item = self._dispatch.get()
             if item is None:
-                return
+                closing = True
+                continue
             func, args, kwargs = item
             try:
                 func(*args, **kwargs)

@@ -323,3 +323,18 @@ def test_signals_are_not_kept_alive_by_their_channel_unless_subscribed(hub, pref
     kept_ref().unsubscribe_all()
     gc.collect()
     assert kept_ref() is None
+
+
+def test_closing_the_hub_answers_what_is_in_flight(hub, prefix):
+    from pvhub.client import close_hubs
+    from pvhub.errors import HubUnavailableError
+
+    delay = connected(EpicsSignal(f"{prefix}slow_delay", name="delay"))
+    delay.set(30).wait(5)
+    slow = connected(EpicsSignal(f"{prefix}slow", name="slow"))
+    status = slow.set(1)
+    close_hubs()
+    with pytest.raises(HubUnavailableError, match="closed; the outcome is unknown"):
+        status.wait(5)
+    with pytest.raises(ConnectionError):
+        slow.set(2).wait(5)  # a closed connection refuses at once
