@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from pvhub import protocol as p
+from pvhub.config import DEFAULT_READINGS_HWM
 from pvhub.errors import HubUnavailableError, ProtocolError, error_from_code
 from pvhub.client.channel import Channel
 from pvhub.logs import library_logger
@@ -44,8 +45,8 @@ log = library_logger("pvhub.client")
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 PROOF_INTERVAL = 0.1
 HELLO_RETRY = 0.1
-# Readings this process queues before the daemon's own bound applies (see the daemon's).
-READINGS_HWM = 10_000
+# Readings this process queues before the daemon's own bound applies (the same number).
+READINGS_HWM = DEFAULT_READINGS_HWM
 POLL_MS = 50
 
 ReplyHandler = Callable[[p.Message], bool]

@@ -27,7 +27,7 @@ import zmq
 
 from pvhub import protocol as p
 from pvhub.logs import loggable
-from pvhub.config import Config
+from pvhub.config import DEFAULT_READINGS_HWM, Config
 from pvhub.daemon.notify import Notifier, watchdog_interval
 from pvhub.daemon.routing import (
     Announce,
@@ -47,10 +47,7 @@ log = structlog.get_logger("pvhub.daemon")
 TICK_S = 0.2
 # SIGTERM lets puts in flight finish for at most this long before actors are stopped.
 STOP_GRACE_S = 5.0
-# Readings queued for one client that does not read them: beyond this many, that client loses
-# the newest (ZeroMQ's high-water mark), sees a seq gap and resyncs. It never slows anyone
-# else, and the daemon's memory per slow client is bounded by this many readings.
-READINGS_HWM = 10_000
+READINGS_HWM = DEFAULT_READINGS_HWM  # see pvhub.config
 
 
 def default_readings_address(address: str) -> str:

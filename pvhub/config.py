@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
+# Readings the daemon queues for one client that does not read them; past this many that
+# client loses updates (and learns it from a seq gap); memory per slow client stays bounded.
+DEFAULT_READINGS_HWM = 10_000
 
 # Printable ASCII without spaces: what EPICS record and field names are made of.
 _PV_NAME = re.compile(r"^[!-~]{1,256}$")
@@ -38,7 +41,7 @@ class ConfigError(ValueError):
 class Config:
     address: str = DEFAULT_ADDRESS
     readings: str | None = None
-    readings_hwm: int = 10_000
+    readings_hwm: int = DEFAULT_READINGS_HWM
     allow: tuple[str, ...] = ("*",)
     start: tuple[str, ...] = ()
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -85,7 +88,7 @@ def parse(data: dict, source: str = "<config>") -> Config:
     readings = daemon.get("readings")
     if readings is not None:
         readings = _string(readings, "daemon.readings", source)
-    hwm = daemon.get("readings_hwm", 10_000)
+    hwm = daemon.get("readings_hwm", DEFAULT_READINGS_HWM)
     if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 1:
         raise ConfigError(f"{source}: daemon.readings_hwm must be a positive integer")
     allow = tuple(_strings(pvs.get("allow", ["*"]), "pvs.allow", source))
