@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import zmq
@@ -75,6 +75,10 @@ class Hub:
         self._wake_w.setblocking(False)
         self._ids = itertools.count(1)
         self._pending: dict[int, ReplyHandler] = {}
+        # Requests handed to the I/O thread but not sent yet; whoever takes one out answers it.
+        self._unsent: dict[object, ReplyHandler] = {}
+        self._unsent_lock = threading.Lock()
+        self._io_finished = False
         self._last_heard = 0.0
         self._last_ping = 0.0
         self._last_hello = 0.0
@@ -120,8 +124,17 @@ class Hub:
                     future.set_result(message)
             return final
 
+        token = object()
+
         def send() -> None:
+            with self._unsent_lock:
+                if self._unsent.pop(token, None) is None:
+                    return  # refused already, by the I/O thread's ending
             request_id = next(self._ids)
+            if self._closed.is_set():
+                on_reply(p.ErrorReply(id=request_id, code=HubUnavailableError.code,
+                                      message=f"the connection to the pvhub daemon at {self.address} was closed; the request was not sent"))
+                return
             try:
                 payload = p.encode(build(request_id))
             except ProtocolError as exc:  # e.g. a value that cannot travel: fail this request only
@@ -133,7 +146,11 @@ class Hub:
                 return
             self._pending[request_id] = on_reply
 
-        if self._closed.is_set():  # no I/O thread will ever send it: refuse at once
+        with self._unsent_lock:
+            refused = self._closed.is_set() or self._io_finished
+            if not refused:
+                self._unsent[token] = on_reply
+        if refused:  # no I/O thread will ever send it: refuse at once
             on_reply(p.ErrorReply(id=0, code=HubUnavailableError.code,
                                   message=f"the connection to the pvhub daemon at {self.address} is closed"))
         else:
@@ -222,6 +239,10 @@ class Hub:
         except Exception:
             log.exception("hub_io_failed", address=self.address)
         finally:
+            with self._unsent_lock:
+                self._io_finished = True
+                unsent, self._unsent = self._unsent, {}
+            _answer_all(((0, h) for h in unsent.values()), f"the connection to the pvhub daemon at {self.address} was closed; the request was not sent")
             self._fail_pending(f"the connection to the pvhub daemon at {self.address} was closed; the outcome is unknown")
             self._dealer.close()
             self._sub.close()
@@ -281,11 +302,7 @@ class Hub:
     def _fail_pending(self, message: str) -> None:
         """Answer every request still waiting, so that no Status or call waits forever."""
         pending, self._pending = self._pending, {}
-        for request_id, handler in pending.items():
-            try:
-                handler(p.ErrorReply(id=request_id, code=HubUnavailableError.code, message=message))
-            except Exception:
-                log.exception("reply_handler_failed", op="error")
+        _answer_all(pending.items(), message)
 
     def _send_hello(self, now: float) -> None:
         self._last_hello = now
@@ -494,3 +511,12 @@ def close_hubs() -> None:
 
 
 atexit.register(close_hubs)
+
+
+def _answer_all(requests: Iterable[tuple[int, ReplyHandler]], message: str) -> None:
+    """Fail each ``(id, handler)`` request with ``message``; one handler's error stops no other."""
+    for request_id, handler in requests:
+        try:
+            handler(p.ErrorReply(id=request_id, code=HubUnavailableError.code, message=message))
+        except Exception:
+            log.exception("reply_handler_failed", op="error")

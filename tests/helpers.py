@@ -58,3 +58,23 @@ def log_events(daemon, event: str | None = None) -> list[dict]:
         if event is None or record.get("event") == event:
             events.append(record)
     return events
+
+
+def wait_for_put_in_flight(daemon, pv: str, timeout: float = 5.0) -> None:
+    """Until ``pv``'s actor has sent a put to the IOC (it logs ``put_started`` then)."""
+    wait_until(
+        lambda: any(e.get("pv") == pv for e in log_events(daemon, "put_started")),
+        timeout,
+        message=f"no put of {pv} in flight",
+    )
+
+
+def callbacks_done(timeout: float = 5.0) -> None:
+    """Until the callback thread has run everything queued for it so far."""
+    import threading
+
+    from pvhub.client import get_hub
+
+    done = threading.Event()
+    get_hub().dispatch(done.set)
+    assert done.wait(timeout), f"the callback thread did not catch up within {timeout} s"

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 from bluesky.protocols import Configurable, Movable, Readable, Subscribable, check_supports
-from helpers import wait_until
+from helpers import callbacks_done, wait_for_put_in_flight, wait_until
 
 from pvhub.client import EpicsSignal, EpicsSignalRO, Status, wait
 from pvhub.errors import (
@@ -308,6 +308,7 @@ def test_signals_are_not_kept_alive_by_their_channel_unless_subscribed(hub, pref
     first = connected(EpicsSignal(f"{prefix}motor", name="m"))
     gone = weakref.ref(first)
     del first
+    callbacks_done()  # a callback still queued for it holds it until it has run
     gc.collect()
     assert gone() is None
 
@@ -321,6 +322,7 @@ def test_signals_are_not_kept_alive_by_their_channel_unless_subscribed(hub, pref
     EpicsSignal(f"{prefix}motor", name="m3").set(6.5).wait(5)
     wait_until(lambda: 6.5 in seen, 5)
     kept_ref().unsubscribe_all()
+    callbacks_done()
     gc.collect()
     assert kept_ref() is None
 
@@ -333,8 +335,30 @@ def test_closing_the_hub_answers_what_is_in_flight(hub, prefix):
     delay.set(30).wait(5)
     slow = connected(EpicsSignal(f"{prefix}slow", name="slow"))
     status = slow.set(1)
+    wait_for_put_in_flight(hub, f"{prefix}slow")
     close_hubs()
     with pytest.raises(HubUnavailableError, match="closed; the outcome is unknown"):
         status.wait(5)
     with pytest.raises(ConnectionError):
         slow.set(2).wait(5)  # a closed connection refuses at once
+
+
+def test_closing_the_hub_answers_what_it_has_not_sent_yet(hub, prefix):
+    from pvhub.client import close_hubs, get_hub
+    from pvhub.errors import HubUnavailableError
+
+    slow = connected(EpicsSignal(f"{prefix}slow", name="slow"))
+    # Hold the I/O thread, so that the put is queued for it but not sent when the hub closes.
+    held, holding = threading.Event(), threading.Event()
+    client_hub = get_hub()
+    client_hub._call_soon(lambda: holding.set() or held.wait(10))
+    assert holding.wait(5)
+    status = slow.set(1)
+    closer = threading.Thread(target=close_hubs)
+    closer.start()
+    wait_until(client_hub._closed.is_set, 5)
+    held.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    with pytest.raises(HubUnavailableError, match="closed; the request was not sent"):
+        status.wait(5)

@@ -9,7 +9,7 @@ import time
 import msgpack
 import pytest
 import zmq
-from helpers import wait_until
+from helpers import wait_for_put_in_flight, wait_until
 
 from pvhub import protocol as p
 from pvhub.client import EpicsSignal, EpicsSignalRO
@@ -181,6 +181,7 @@ def test_requests_to_a_dead_actor_fail_clearly(hub, prefix):
     slow = EpicsSignal(f"{prefix}slow", name="slow")
     slow.wait_for_connection(timeout=15)
     status = slow.set(1)
+    wait_for_put_in_flight(hub, f"{prefix}slow")
     raw = RawClient(hub.address)
     try:
         actors = {a["actor"]: a["pid"] for a in raw.ask(p.StatusRequest(id=1)).status["actors"]}

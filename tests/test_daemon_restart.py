@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from helpers import log_events, wait_until
+from helpers import wait_for_put_in_flight, wait_until
 
 from pvhub.client import EpicsSignal, close_hubs, get_hub
 from pvhub.errors import PvhubError
@@ -52,6 +52,7 @@ def test_clients_survive_a_daemon_restart(restartable, prefix, how):
     slow = EpicsSignal(f"{prefix}slow", name="slow")
     slow.wait_for_connection(timeout=15)
     in_flight = slow.set(1)
+    wait_for_put_in_flight(first, f"{prefix}slow")
     losses = get_hub().losses
 
     stopped = time.monotonic()
@@ -88,8 +89,7 @@ def test_graceful_stop_lets_puts_in_flight_finish(restartable, prefix):
     status = slow.set(3)
     done = threading.Event()
     status.add_callback(lambda st: done.set())
-    # In flight: the actor has sent the put to the IOC (it logs that on the daemon's stream).
-    wait_until(lambda: any(e["pv"] == f"{prefix}slow" for e in log_events(daemon, "put_started")), 5)
+    wait_for_put_in_flight(daemon, f"{prefix}slow")
     started = time.monotonic()
     assert daemon.stop() == 0
     assert time.monotonic() - started < 10

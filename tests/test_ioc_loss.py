@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from helpers import log_events, wait_until
+from helpers import wait_for_put_in_flight, wait_until
 
 from pvhub.client import EpicsSignal
 
@@ -78,7 +78,7 @@ def test_a_put_in_flight_when_the_ioc_dies_fails_as_unknown(hub, zoo_ioc, prefix
     slow = EpicsSignal(f"{prefix}slow", name="slow")
     slow.wait_for_connection(timeout=15)
     status = slow.set(1)
-    wait_until(lambda: any(e["pv"] == f"{prefix}slow" for e in log_events(hub, "put_started")), 5)
+    wait_for_put_in_flight(hub, f"{prefix}slow")
     zoo_ioc.stop()
     with pytest.raises(ConnectionError, match="outcome is unknown"):
         status.wait(10)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from helpers import daemon_status as status
-from helpers import log_events, wait_until
+from helpers import log_events, wait_for_put_in_flight, wait_until
 
 from pvhub.client import EpicsSignal, EpicsSignalRO
 from pvhub.errors import ActorDiedError
@@ -102,6 +102,7 @@ def test_put_in_flight_to_a_dying_actor_fails_as_unknown_and_is_not_resent(hub, 
     slow = EpicsSignal(f"{prefix}slow", name="slow")
     slow.wait_for_connection(timeout=15)
     status_ = slow.set(42)
+    wait_for_put_in_flight(hub, f"{prefix}slow")
     os.kill(actor_pid(f"{prefix}slow"), signal.SIGKILL)
     with pytest.raises(ActorDiedError, match="outcome is unknown"):
         status_.wait(5)
