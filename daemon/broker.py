@@ -35,6 +35,8 @@ from pvhub.daemon.routing import (
     KillActor,
     Router,
     SpawnActor,
+    TICK_S,
+    Stalled,
     ToActor,
     ToClient,
     error_reply,
@@ -44,7 +46,6 @@ from pvhub.errors import InternalError, ProtocolError
 
 log = structlog.get_logger("pvhub.daemon")
 
-TICK_S = 0.2
 # SIGTERM lets puts in flight finish for at most this long before actors are stopped.
 STOP_GRACE_S = 5.0
 READINGS_HWM = DEFAULT_READINGS_HWM  # see pvhub.config
@@ -276,6 +277,8 @@ class Broker:
             elif isinstance(effect, ClientForgotten):
                 self.log.info("client_disconnected", client=effect.client.hex(), name=effect.name,
                               idle=round(effect.idle, 1))
+            elif isinstance(effect, Stalled):
+                self.log.warning("daemon_stalled", seconds=round(effect.seconds, 1))
 
 
 class _LoopContext:

@@ -38,6 +38,11 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 CLIENT_TIMEOUT = p.LIVENESS * p.CLIENT_HEARTBEAT_S + 2.0
 ACTOR_TIMEOUT = p.LIVENESS * p.ACTOR_HEARTBEAT_S + 1.0
+# The broker's loop ticks at least this often. A gap between ticks longer than STALL_S means
+# the daemon itself was not running (SIGSTOP, a paused VM, a starved machine): what it did
+# not hear then was not silence.
+TICK_S = 0.2
+STALL_S = 1.0
 
 # --- effects -------------------------------------------------------------------------------
 
@@ -83,7 +88,12 @@ class ClientForgotten:
     idle: float
 
 
-Effect = ToClient | ToActor | SpawnActor | KillActor | Announce | ClientForgotten
+@dataclass(frozen=True)
+class Stalled:
+    seconds: float  # between two ticks
+
+
+Effect = ToClient | ToActor | SpawnActor | KillActor | Announce | ClientForgotten | Stalled
 
 
 def identity_of(actor: str, incarnation: int) -> str:
@@ -158,6 +168,10 @@ class Router:
         self.clients: dict[bytes, ClientRecord] = {}
         self.started = 0.0
         self.stopping = False
+        self.last_tick: float | None = None
+        # Silence is counted from the later of a peer's last word and this: the time since the
+        # daemon was last not running (a stall) is the only time it was listening.
+        self.listening_since = 0.0
 
     # --- start-up --------------------------------------------------------------------------
 
@@ -321,6 +335,11 @@ class Router:
     def tick(self, now: float) -> list[Effect]:
         """Restarts that are due, hung actors to kill, silent clients to forget."""
         effects: list[Effect] = []
+        if self.last_tick is not None and now - self.last_tick > STALL_S:
+            # Their heartbeats may still wait in the sockets: judge nobody for that time.
+            self.listening_since = now
+            effects.append(Stalled(now - self.last_tick))
+        self.last_tick = now
         for record in self.actors.values():
             if not record.alive:
                 if record.restart_at is not None and now >= record.restart_at and not self.stopping:
@@ -328,15 +347,15 @@ class Router:
                 continue
             if record.killing:
                 continue
-            if record.ready and now - record.last_seen > ACTOR_TIMEOUT:
+            if record.ready and now - max(record.last_seen, self.listening_since) > ACTOR_TIMEOUT:
                 record.killing = True
                 effects.append(KillActor(record.actor, f"no heartbeat for {now - record.last_seen:.1f} s"))
-            elif not record.ready and now - record.started > ACTOR_STARTUP_TIMEOUT:
+            elif not record.ready and now - max(record.started, self.listening_since) > ACTOR_STARTUP_TIMEOUT:
                 record.killing = True
                 effects.append(KillActor(record.actor, f"not ready {now - record.started:.0f} s after its start"))
         for client, record in list(self.clients.items()):
             idle = now - record.last_seen
-            if idle > CLIENT_TIMEOUT:
+            if now - max(record.last_seen, self.listening_since) > CLIENT_TIMEOUT:
                 del self.clients[client]
                 effects.append(ClientForgotten(client, record.name, idle))
         return effects

@@ -9,7 +9,8 @@ import threading
 import time
 
 import pytest
-from helpers import wait_for_put_in_flight, wait_until
+from helpers import daemon_status as status
+from helpers import log_events, wait_for_put_in_flight, wait_until
 
 from pvhub.client import EpicsSignal, close_hubs, get_hub
 from pvhub.errors import PvhubError
@@ -97,3 +98,32 @@ def test_graceful_stop_lets_puts_in_flight_finish(restartable, prefix):
     assert status.success, status.exception()
     log = daemon.log_text()
     assert '"puts_in_flight": 1' in log and "daemon_stopped" in log
+
+
+def test_a_frozen_daemon_is_left_and_found_again_with_its_actors(restartable, prefix):
+    """A daemon stopped for a while (SIGSTOP, a paused VM) and resumed: clients give it up
+    after their pings go unanswered, and take it back when it answers again. Its actors,
+    which kept running, are not taken for hung: their heartbeats waited in its socket."""
+    daemon = restartable()
+    motor = EpicsSignal(f"{prefix}motor", name="m")
+    motor.wait_for_connection(timeout=15)
+    values, states = [], []
+    motor.subscribe(lambda value, **kw: values.append(value))
+    motor.subscribe(lambda connected, **kw: states.append(connected), event_type="meta")
+    actors = {a["actor"]: a["pid"] for a in status()["actors"]}
+    losses = get_hub().losses
+
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: not motor.connected, 10, message="the client did not give the daemon up")
+        wait_until(lambda: states[-1:] == [False], 5, message=lambda: f"no meta callback: {states}")
+        assert get_hub().losses == losses + 1
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    wait_until(lambda: motor.connected, 10, message="the client did not take the daemon back")
+    wait_until(lambda: states[-1:] == [True], 5, message=lambda: f"no meta callback: {states}")
+    motor.set(4.25).wait(5)
+    wait_until(lambda: 4.25 in values, 5, message=lambda: f"no value after the freeze: {values}")
+    assert {a["actor"]: a["pid"] for a in status()["actors"]} == actors
+    assert not log_events(daemon, "actor_hung") and not log_events(daemon, "actor_restarted")
+    assert log_events(daemon, "daemon_stalled")  # it knows it was away, and says so

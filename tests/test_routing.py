@@ -16,11 +16,14 @@ from pvhub.daemon.routing import (
     BACKOFF_MAX_S,
     CLIENT_TIMEOUT,
     DIES_YOUNG_S,
+    STALL_S,
+    TICK_S,
     Announce,
     ClientForgotten,
     KillActor,
     Router,
     SpawnActor,
+    Stalled,
     ToActor,
     ToClient,
     identity_of,
@@ -87,9 +90,22 @@ def of_type(effects, kind) -> list:
     return [e for e in effects if isinstance(e, kind)]
 
 
+def ticking(router: Router, now: float) -> list:
+    """The effects of every tick of a daemon that runs on until ``now``: its loop ticks every
+    ``TICK_S`` or sooner (a longer gap is a stall of the daemon, tested on its own)."""
+    effects = []
+    if router.last_tick is not None:
+        at = router.last_tick + TICK_S
+        while at < now:
+            effects.extend(router.tick(at))
+            at += TICK_S
+    effects.extend(router.tick(now))
+    return effects
+
+
 def actor_tick(router: Router, now: float) -> list:
     """``tick``'s effects on actors (clients left silent by a test are forgotten meanwhile)."""
-    return [e for e in router.tick(now) if not isinstance(e, ClientForgotten)]
+    return [e for e in ticking(router, now) if not isinstance(e, ClientForgotten)]
 
 
 # --- the daemon's own requests ---------------------------------------------------------------
@@ -501,8 +517,8 @@ def test_a_due_restart_is_carried_out_by_tick_once():
     record = router.actors[actor]
     assert (record.alive, record.restart_at) == (False, 12.0)
     assert actor_tick(router, 11.9) == []
-    assert actor_tick(router, 12.2) == [spawn(actor, ("X:a",), 2)]
-    assert (record.alive, record.restart_at, record.started) == (True, None, 12.2)
+    assert actor_tick(router, 12.0) == [spawn(actor, ("X:a",), 2)]
+    assert (record.alive, record.restart_at, record.started) == (True, None, 12.0)
     assert actor_tick(router, 12.3) == []
 
 
@@ -638,7 +654,7 @@ def test_a_killed_actor_that_exits_is_answered_for_and_restarted():
     assert (record.killing, record.restarts, record.last_seen) == (False, 1, kill_at + 0.2)
     # The new incarnation is watched like the first one: a hang in start-up is killed again.
     assert actor_tick(router, kill_at + 0.2 + ACTOR_STARTUP_TIMEOUT + 1.0) == [
-        KillActor(actor, f"not ready {ACTOR_STARTUP_TIMEOUT + 1.0:.0f} s after its start")
+        KillActor(actor, f"not ready {ACTOR_STARTUP_TIMEOUT:.0f} s after its start")
     ]
 
 
@@ -651,16 +667,56 @@ def test_a_dead_actor_awaiting_its_restart_is_not_killed():
     assert actor_tick(router, 400.0) == []
 
 
+# --- the daemon's own stalls ------------------------------------------------------------------
+
+
+def test_a_stall_of_the_daemon_is_not_taken_for_silence_of_its_actors_and_clients():
+    router = make_router()
+    actor = running(router)
+    send(router, p.HelloRequest(id=1, client="me"), now=12.0)
+    assert actor_tick(router, 12.4) == []
+    # The daemon stops for 10 s; its peers' heartbeats wait in its sockets meanwhile.
+    assert router.tick(22.4) == [Stalled(pytest.approx(10.0))]
+    # It listens a full timeout before it judges anyone again.
+    assert ticking(router, 22.4 + min(ACTOR_TIMEOUT, CLIENT_TIMEOUT)) == []
+    router.actor_message(actor, b"", p.Heartbeat(sender=actor), now=23.0)
+    send(router, p.PingRequest(id=2), now=23.0)
+    assert ticking(router, 23.0 + ACTOR_TIMEOUT) == []
+    assert [c["name"] for c in router.status(25.0)["clients"]] == ["me"]
+
+
+def test_after_a_stall_a_peer_still_silent_is_judged_one_timeout_later():
+    router = make_router()
+    actor = running(router)
+    send(router, p.HelloRequest(id=1, client="me"), now=12.0)
+    actor_tick(router, 12.4)
+    assert of_type(router.tick(22.4), Stalled)
+    effects = ticking(router, 22.4 + max(ACTOR_TIMEOUT, CLIENT_TIMEOUT) + TICK_S)
+    assert [e.actor for e in of_type(effects, KillActor)] == [actor]
+    assert [e.name for e in of_type(effects, ClientForgotten)] == ["me"]
+
+
+def test_a_gap_between_ticks_up_to_the_stall_limit_is_no_stall():
+    router = make_router()
+    running(router)
+    actor_tick(router, 12.0)
+    assert ticking(router, 12.0 + STALL_S) == []
+    (stalled,) = router.tick(12.0 + 2 * STALL_S + 0.01)
+    assert stalled == Stalled(pytest.approx(STALL_S + 0.01))
+
+
 # --- clients --------------------------------------------------------------------------------
 
 
 def test_a_silent_client_is_forgotten_once():
     router = make_router()
     send(router, p.HelloRequest(id=1, client="me"), now=10.0)
-    assert router.tick(10.0 + CLIENT_TIMEOUT) == []
-    assert router.tick(10.0 + CLIENT_TIMEOUT + 0.5) == [ClientForgotten(ALICE, "me", pytest.approx(CLIENT_TIMEOUT + 0.5))]
+    assert ticking(router, 10.0 + CLIENT_TIMEOUT) == []
+    (forgotten,) = ticking(router, 10.0 + CLIENT_TIMEOUT + 0.5)  # at the first tick past the timeout
+    assert (forgotten.client, forgotten.name) == (ALICE, "me")
+    assert CLIENT_TIMEOUT < forgotten.idle <= CLIENT_TIMEOUT + TICK_S
     assert router.status(20.0)["clients"] == []
-    assert router.tick(100.0) == []
+    assert ticking(router, 100.0) == []
 
 
 def test_any_client_message_keeps_it_remembered():
@@ -671,14 +727,14 @@ def test_any_client_message_keeps_it_remembered():
     for message in messages * 3:  # even one that is refused
         now += CLIENT_TIMEOUT * 0.9
         send(router, message, now=now)
-        assert of_type(router.tick(now + CLIENT_TIMEOUT * 0.5), ClientForgotten) == []
+        assert of_type(ticking(router, now + CLIENT_TIMEOUT * 0.5), ClientForgotten) == []
     assert [c["name"] for c in router.status(now)["clients"]] == ["me"]
 
 
 def test_a_forgotten_client_that_speaks_again_is_known_anew():
     router = make_router()
     send(router, p.HelloRequest(id=1, client="me"), now=0.0)
-    router.tick(CLIENT_TIMEOUT + 1.0)
+    ticking(router, CLIENT_TIMEOUT + 1.0)
     assert send(router, p.PingRequest(id=2), now=50.0) == [ToClient(ALICE, p.Pong(id=2))]
     (client,) = router.status(50.0)["clients"]
     assert (client["name"], client["requests"]) == ("", 1)
