@@ -352,6 +352,8 @@ class Hub:
                 self._pending.pop(ping, None)
             self._pings.clear()
             self._unanswered = 0
+            if isinstance(message, p.Pong) and message.pvs_wanted:
+                self._pvs_changed = True  # the daemon forgot us (we were away): the next ping says
             handler = self._pending.get(getattr(message, "id", -1))
             if handler is None:
                 continue

@@ -148,6 +148,7 @@ class ClientRecord:
     name: str = ""
     requests: int = 0
     pvs: tuple[str, ...] = ()
+    pvs_known: bool = False  # a ping has said which PVs the client follows
 
 
 def actor_id_for(pv: str, config: Config) -> tuple[str, tuple[str, ...]]:
@@ -216,7 +217,8 @@ class Router:
         if isinstance(message, p.PingRequest):
             if message.pvs is not None:
                 record.pvs = tuple(str(pv) for pv in message.pvs)
-            return [ToClient(client, p.Pong(id=message.id))]
+                record.pvs_known = True
+            return [ToClient(client, p.Pong(id=message.id, pvs_wanted=not record.pvs_known))]
         if isinstance(message, p.StatusRequest):
             return [ToClient(client, p.StatusReply(id=message.id, status=self.status(now)))]
         if isinstance(message, p.PV_REQUESTS):

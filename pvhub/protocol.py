@@ -246,10 +246,12 @@ class StatusReply(Message):
 
 @dataclass(frozen=True)
 class Pong(Message):
-    """Answer to ``PingRequest``."""
+    """Answer to ``PingRequest``. ``pvs_wanted``: the daemon does not know which PVs this
+    client follows (it forgot the client, or never heard): the next ping should say."""
 
     OP: ClassVar[str] = "pong"
     id: int
+    pvs_wanted: bool = False
 
 
 @dataclass(frozen=True)

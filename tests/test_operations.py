@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,3 +88,33 @@ def test_a_killed_client_is_forgotten(hub, prefix):
     # Forgotten within the heartbeat window (3 beats of 1 s, plus a margin).
     wait_until(lambda: len(status()["clients"]) == 1, 10, message="the dead client was not forgotten")
     assert any(e["event"] == "client_disconnected" for e in events(hub))
+
+
+def test_a_frozen_client_is_forgotten_and_known_again_when_it_wakes(hub, prefix):
+    motor = EpicsSignal(f"{prefix}motor", name="m")
+    motor.wait_for_connection(timeout=15)
+    motor.set(1.0).wait(5)
+    env = {**os.environ, "PVHUB_ADDRESS": hub.address, "PV": f"{prefix}motor", "COUNT": "2"}
+    client = subprocess.Popen([sys.executable, str(CLIENT)], env=env, stdout=subprocess.PIPE, text=True)
+
+    def motor_subscribers() -> int:
+        return next((row["subscribers"] for row in status()["pvs"] if row["pv"] == f"{prefix}motor"), 0)
+
+    try:
+        assert client.stdout.readline().strip() == "subscribed"
+        wait_until(lambda: motor_subscribers() == 2, 10)
+        client.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: len(status()["clients"]) == 1, 15, message="the frozen client was not forgotten")
+            assert motor_subscribers() == 1
+        finally:
+            client.send_signal(signal.SIGCONT)
+        # Awake, it speaks again and is known again, with the PVs it follows.
+        wait_until(lambda: motor_subscribers() == 2, 10, message=lambda: f"the woken client's PVs are not known again: {status()}")
+        motor.set(7.75).wait(5)
+        out, _ = client.communicate(timeout=20)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert json.loads(out.splitlines()[-1]) == {"values": [1.0, 7.75], "finished": True}

@@ -72,6 +72,7 @@ EXAMPLES: list[Message] = [
     SetDone(id=4, pv="X:text", epoch=7, seq=43, reading=Reading("héllo", 1.0)),
     StatusReply(id=5, status={"pvs": {"X:motor": {"clients": 2}}, "uptime": 3.5}),
     Pong(id=6),
+    Pong(id=6, pvs_wanted=True),
     ErrorReply(id=7, code="pv_not_allowed", message="no", pv="Y:secret"),
     Update(pv="X:x", epoch=7, seq=44, connected=True, reading=READING, snapshot=True),
     ActorReady(actor="actor-X:x", pid=4242, pvs=["X:x", "X:dt"]),

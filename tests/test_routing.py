@@ -125,8 +125,11 @@ def test_hello_replies_the_readings_endpoint_version_and_client_identity():
     assert client["client"] == ALICE.hex()
 
 
-def test_ping_gets_pong():
-    assert send(make_router(), p.PingRequest(id=77)) == [ToClient(ALICE, p.Pong(id=77))]
+def test_ping_gets_pong_that_asks_for_the_pvs_until_a_ping_said_them():
+    router = make_router()
+    assert send(router, p.PingRequest(id=77)) == [ToClient(ALICE, p.Pong(id=77, pvs_wanted=True))]
+    assert send(router, p.PingRequest(id=78, pvs=[])) == [ToClient(ALICE, p.Pong(id=78))]
+    assert send(router, p.PingRequest(id=79)) == [ToClient(ALICE, p.Pong(id=79))]
 
 
 def test_status_describes_actors_and_clients():
@@ -735,9 +738,12 @@ def test_a_forgotten_client_that_speaks_again_is_known_anew():
     router = make_router()
     send(router, p.HelloRequest(id=1, client="me"), now=0.0)
     ticking(router, CLIENT_TIMEOUT + 1.0)
-    assert send(router, p.PingRequest(id=2), now=50.0) == [ToClient(ALICE, p.Pong(id=2))]
+    send(router, p.PingRequest(id=2, pvs=["X:a"]), now=1.0)
+    ticking(router, CLIENT_TIMEOUT + 2.0)
+    # It does not know what the client follows any more, and asks.
+    assert send(router, p.PingRequest(id=3), now=50.0) == [ToClient(ALICE, p.Pong(id=3, pvs_wanted=True))]
     (client,) = router.status(50.0)["clients"]
-    assert (client["name"], client["requests"]) == ("", 1)
+    assert (client["name"], client["requests"], client["pvs"]) == ("", 1, 0)
 
 
 def test_client_gone_forgets_it_without_an_effect():
