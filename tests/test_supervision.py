@@ -61,7 +61,8 @@ def test_killed_actor_is_restarted_and_subscriptions_go_on(hub, prefix):
 
     wait_until(lambda: motor.connected and motor._read_channel.epoch != epoch, 10,
                message="the subscriber never saw the new actor")
-    assert False in seen.metas and seen.metas[-1] is True
+    # Callbacks run on the callback thread, after the state they report has changed.
+    wait_until(lambda: False in seen.metas and seen.metas[-1:] == [True], 5, message=lambda: f"metas {seen.metas}")
     motor.set(7.25).wait(5)
     wait_until(lambda: 7.25 in seen.values, 5, message=lambda: f"values {seen.values}")
     assert status()["pvs"][[x["pv"] for x in status()["pvs"]].index(f"{prefix}motor")]["restarts"] == 1
