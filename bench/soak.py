@@ -27,6 +27,7 @@ started or saw (IOCs, daemon, actors, clients) and reports any still alive.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -385,6 +386,8 @@ class Soak:
         self.rng = random.Random(args.seed)
         self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pvhub-soak-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if any(self.workdir.iterdir()):  # an earlier run's logs would be counted with this one's
+            raise SystemExit(f"soak: {self.workdir} is not empty; give a new --workdir")
         tag = uuid.uuid4().hex[:6]
         self.prefixes = [f"soak{tag}a:", f"soak{tag}b:"]
         self.iocs: list[Any] = []
@@ -507,6 +510,7 @@ class Soak:
             "threads": int(_proc_status(pid).get("Threads", "0")),
             "children": len(children),
             "zombies": sum(1 for _, state in children if state == "Z"),
+            "zombie_pids": [child for child, state in children if state == "Z"],
             "actors_rss_kb": actor_rss,
         }
         for child, _ in children:
@@ -834,6 +838,10 @@ def build_report(soak: Soak, final: dict, leftovers: list[str], wall: float) -> 
             "threads": series("threads"),
             "children": series("children"),
             "zombies_max": max((s.get("zombies", 0) for s in samples), default=0),
+            # An actor that just exited is a zombie until the next tick reaps it (0.2 s); one
+            # still a zombie at the next sample (5 s later) was not reaped.
+            "zombies_lingering": sorted({pid for a, b in itertools.pairwise(samples)
+                                         for pid in set(a.get("zombie_pids", ())) & set(b.get("zombie_pids", ()))}),
             "actors_rss_kb": series("actors_rss_kb"),
             "samples": len(samples),
         },
@@ -892,8 +900,8 @@ def findings(report: dict) -> list[str]:
         found.append(f"daemon fds {d['fds']['start']} -> {d['fds']['end']}")
     if d["children"] and d["children"]["end"] != d["children"]["start"]:
         found.append(f"daemon children {d['children']['start']} -> {d['children']['end']}")
-    if d.get("zombies_max"):
-        found.append(f"up to {d['zombies_max']} zombie actors seen")
+    if d.get("zombies_lingering"):
+        found.append(f"zombie actors not reaped between two samples: {d['zombies_lingering']}")
     lg = report["log"]
     if lg["errors"]:
         found.append(f"{lg['errors']} error/exception lines in the daemon log")
@@ -952,7 +960,8 @@ def print_report(report: dict) -> None:
             f"(second half: {d['rss_kb_second_half'].get('start')} -> {d['rss_kb_second_half'].get('end')})")
         out(f"daemon fds: start {d['fds']['start']}, max {d['fds']['max']}, end {d['fds']['end']}; threads "
             f"{d['threads']['start']} -> {d['threads']['end']}; children start {d['children']['start']}, "
-            f"max {d['children']['max']}, end {d['children']['end']}; zombies max {d['zombies_max']}; "
+            f"max {d['children']['max']}, end {d['children']['end']}; zombies max {d['zombies_max']} "
+            f"(not reaped by the next sample: {len(d.get('zombies_lingering', []))}); "
             f"actors' RSS kB {d['actors_rss_kb']['start']} -> {d['actors_rss_kb']['end']} ({d['samples']} samples)")
     s = report["status_end"]
     out(f"status at end: {s['pvs_connected']}/{s['pvs']} PVs connected, {s['clients']} clients")
