@@ -45,8 +45,6 @@ log = library_logger("pvhub.client")
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 PROOF_INTERVAL = 0.1
 HELLO_RETRY = 0.1
-# Readings this process queues before the daemon's own bound applies (the same number).
-READINGS_HWM = DEFAULT_READINGS_HWM
 POLL_MS = 50
 
 ReplyHandler = Callable[[p.Message], bool]
@@ -133,7 +131,7 @@ class Hub:
             request_id = next(self._ids)
             if self._closed.is_set():
                 on_reply(p.ErrorReply(id=request_id, code=HubUnavailableError.code,
-                                      message=f"the connection to the pvhub daemon at {self.address} was closed; the request was not sent"))
+                                      message=self._closed_text("the request was not sent")))
                 return
             try:
                 payload = p.encode(build(request_id))
@@ -152,7 +150,7 @@ class Hub:
                 self._unsent[token] = on_reply
         if refused:  # no I/O thread will ever send it: refuse at once
             on_reply(p.ErrorReply(id=0, code=HubUnavailableError.code,
-                                  message=f"the connection to the pvhub daemon at {self.address} is closed"))
+                                  message=self._closed_text("the request was not sent")))
         else:
             self._call_soon(send)
         return future
@@ -213,7 +211,7 @@ class Hub:
         self._dealer.connect(self.address)
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.RCVHWM, READINGS_HWM)
+        self._sub.setsockopt(zmq.RCVHWM, DEFAULT_READINGS_HWM)  # and the daemon's own bound
         self._sub.setsockopt(zmq.SUBSCRIBE, p.HUB_TOPIC)
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
@@ -242,8 +240,8 @@ class Hub:
             with self._unsent_lock:
                 self._io_finished = True
                 unsent, self._unsent = self._unsent, {}
-            _answer_all(((0, h) for h in unsent.values()), f"the connection to the pvhub daemon at {self.address} was closed; the request was not sent")
-            self._fail_pending(f"the connection to the pvhub daemon at {self.address} was closed; the outcome is unknown")
+            _answer_all(((0, h) for h in unsent.values()), self._closed_text("the request was not sent"))
+            self._fail_pending(self._closed_text("the outcome is unknown"))
             self._dealer.close()
             self._sub.close()
             self._ctx.term()
@@ -298,6 +296,9 @@ class Hub:
         self._fail_pending(f"the pvhub daemon at {self.address} went away ({reason}); the outcome is unknown")
         for channel in self._all_channels():
             channel.lose(reason)
+
+    def _closed_text(self, outcome: str) -> str:
+        return f"the connection to the pvhub daemon at {self.address} was closed; {outcome}"
 
     def _fail_pending(self, message: str) -> None:
         """Answer every request still waiting, so that no Status or call waits forever."""

@@ -48,7 +48,6 @@ log = structlog.get_logger("pvhub.daemon")
 
 # SIGTERM lets puts in flight finish for at most this long before actors are stopped.
 STOP_GRACE_S = 5.0
-READINGS_HWM = DEFAULT_READINGS_HWM  # see pvhub.config
 
 
 def default_readings_address(address: str) -> str:
@@ -72,7 +71,7 @@ class Broker:
         log_format: str = "json",
         log_level: str = "info",
         notifier: Notifier | None = None,
-        readings_hwm: int = READINGS_HWM,
+        readings_hwm: int = DEFAULT_READINGS_HWM,
     ) -> None:
         self.config = config
         self.address = address
@@ -294,7 +293,7 @@ class _LoopContext:
 class ReadingsForwarder:
     """XSUB (actors publish here) -> XPUB (clients subscribe here), forwarded in C."""
 
-    def __init__(self, ctx: zmq.Context, inward: str, outward: str, hwm: int = READINGS_HWM) -> None:
+    def __init__(self, ctx: zmq.Context, inward: str, outward: str, hwm: int = DEFAULT_READINGS_HWM) -> None:
         self._ctx = ctx
         self._hwm = hwm
         self._inward = inward
@@ -306,7 +305,7 @@ class ReadingsForwarder:
     def start(self) -> str:
         xsub = self._ctx.socket(zmq.XSUB)
         xsub.setsockopt(zmq.LINGER, 0)
-        xsub.setsockopt(zmq.RCVHWM, READINGS_HWM)
+        xsub.setsockopt(zmq.RCVHWM, DEFAULT_READINGS_HWM)
         xsub.bind(self._inward)
         xpub = self._ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.LINGER, 0)

@@ -147,8 +147,7 @@ class ClientRecord:
     last_seen: float
     name: str = ""
     requests: int = 0
-    pvs: tuple[str, ...] = ()
-    pvs_known: bool = False  # a ping has said which PVs the client follows
+    pvs: tuple[str, ...] | None = None  # None until a ping says which PVs the client follows
 
 
 def actor_id_for(pv: str, config: Config) -> tuple[str, tuple[str, ...]]:
@@ -217,8 +216,7 @@ class Router:
         if isinstance(message, p.PingRequest):
             if message.pvs is not None:
                 record.pvs = tuple(str(pv) for pv in message.pvs)
-                record.pvs_known = True
-            return [ToClient(client, p.Pong(id=message.id, pvs_wanted=not record.pvs_known))]
+            return [ToClient(client, p.Pong(id=message.id, pvs_wanted=record.pvs is None))]
         if isinstance(message, p.StatusRequest):
             return [ToClient(client, p.StatusReply(id=message.id, status=self.status(now)))]
         if isinstance(message, p.PV_REQUESTS):
@@ -400,7 +398,7 @@ class Router:
     def status(self, now: float) -> dict:
         subscribers: dict[str, int] = {}
         for client in self.clients.values():
-            for pv in client.pvs:
+            for pv in client.pvs or ():
                 subscribers[pv] = subscribers.get(pv, 0) + 1
         pvs = []
         for pv, actor in sorted(self.owner.items()):
@@ -442,7 +440,7 @@ class Router:
                     "name": c.name,
                     "requests": c.requests,
                     "idle": now - c.last_seen,
-                    "pvs": len(c.pvs),
+                    "pvs": len(c.pvs or ()),
                 }
                 for c in self.clients.values()
             ],

@@ -40,14 +40,22 @@ def restartable(zoo_ioc, monkeypatch, tmp_path):
         daemon.stop()
 
 
+def watched_motor(prefix: str) -> tuple[EpicsSignal, list, list[bool]]:
+    """The zoo's motor, connected, with the values and the ``connected`` of its value and meta
+    callbacks collected as they come."""
+    motor = EpicsSignal(f"{prefix}motor", name="m")
+    motor.wait_for_connection(timeout=15)
+    values: list = []
+    states: list[bool] = []
+    motor.subscribe(lambda value, **kw: values.append(value))
+    motor.subscribe(lambda connected, **kw: states.append(connected), event_type="meta")
+    return motor, values, states
+
+
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_clients_survive_a_daemon_restart(restartable, prefix, how):
     first = restartable()
-    motor = EpicsSignal(f"{prefix}motor", name="m")
-    motor.wait_for_connection(timeout=15)
-    values, states = [], []
-    motor.subscribe(lambda value, **kw: values.append(value))
-    motor.subscribe(lambda connected, **kw: states.append(connected), event_type="meta")
+    motor, values, states = watched_motor(prefix)
     delay = EpicsSignal(f"{prefix}slow_delay", name="delay")
     delay.set(30).wait(10)
     slow = EpicsSignal(f"{prefix}slow", name="slow")
@@ -105,11 +113,7 @@ def test_a_frozen_daemon_is_left_and_found_again_with_its_actors(restartable, pr
     after their pings go unanswered, and take it back when it answers again. Its actors,
     which kept running, are not taken for hung: their heartbeats waited in its socket."""
     daemon = restartable()
-    motor = EpicsSignal(f"{prefix}motor", name="m")
-    motor.wait_for_connection(timeout=15)
-    values, states = [], []
-    motor.subscribe(lambda value, **kw: values.append(value))
-    motor.subscribe(lambda connected, **kw: states.append(connected), event_type="meta")
+    motor, values, states = watched_motor(prefix)
     actors = {a["actor"]: a["pid"] for a in status()["actors"]}
     losses = get_hub().losses
 
