@@ -1,0 +1,175 @@
+"""pvhub against EPICS base's own Channel Access server (rsrv), the server beamlines run.
+
+The IOC is ``tests/iocs/rsrv.py`` (pythonSoftIOC: EPICS base's IOC in a Python process);
+every test has a daemon of its own in front of it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+from helpers import wait_until
+
+from pvhub.client import EpicsSignal, EpicsSignalRO, ReadOnlyError, close_hubs
+from pvhub.process import DaemonProcess
+from pvhub.sim import SimulatedIOC
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def rsrv_ioc(prefix: str) -> Iterator[SimulatedIOC]:
+    """``tests/iocs/rsrv.py`` under ``prefix``, ready when ``{prefix}motor`` reads."""
+    ioc = SimulatedIOC("tests.iocs.rsrv", prefix=prefix, ready_pv="motor", cwd=REPO_ROOT)
+    with ioc:
+        yield ioc
+    assert ioc.process.poll() is not None, "the rsrv IOC outlived its fixture"
+
+
+@pytest.fixture
+def rsrv_hub(
+    rsrv_ioc: SimulatedIOC,
+    hub_factory: Callable[..., DaemonProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[DaemonProcess]:
+    """A daemon in front of ``rsrv_ioc``; ``$PVHUB_ADDRESS`` points the client at it."""
+    daemon = hub_factory(rsrv_ioc)
+    monkeypatch.setenv("PVHUB_ADDRESS", daemon.address)
+    yield daemon
+    close_hubs()
+
+
+def connected(signal):
+    signal.wait_for_connection(timeout=TIMEOUT)
+    return signal
+
+
+def test_metadata_from_the_records_fields(rsrv_hub, prefix):
+    motor = connected(EpicsSignal(f"{prefix}motor", name="motor"))
+    assert motor.units == "mm"
+    assert motor.precision == 3
+    assert motor.limits == (-10.0, 10.0)  # DRVL / DRVH
+    desc = motor.describe()["motor"]
+    assert desc["dtype"] == "number" and desc["units"] == "mm" and desc["precision"] == 3
+    assert (desc["lower_ctrl_limit"], desc["upper_ctrl_limit"]) == (-10.0, 10.0)
+    assert desc["source"] == f"PV:{prefix}motor"
+
+    temp = connected(EpicsSignalRO(f"{prefix}temp", name="temp"))
+    assert temp.get() == 21.5
+    assert temp.units == "degC" and temp.precision == 2
+
+    mode = connected(EpicsSignal(f"{prefix}mode", name="mode", string=True))
+    assert mode.enum_strs == ("Off", "On", "Auto")
+    assert mode.describe()["mode"]["enum_strs"] == ("Off", "On", "Auto")
+    assert mode.get() == "Off"
+
+    count = connected(EpicsSignalRO(f"{prefix}count", name="count"))
+    assert count.get() == 7
+    assert count.describe()["count"]["dtype"] == "integer"
+
+
+def test_puts_complete_on_every_kind_of_record(rsrv_hub, rsrv_ioc, prefix):
+    motor = connected(EpicsSignal(f"{prefix}motor", name="motor"))
+    motor.set(2.5).wait(TIMEOUT)
+    assert motor.get() == 2.5
+    assert rsrv_ioc.read("motor").data[0] == 2.5  # the record, not only the hub, has it
+
+    mode = connected(EpicsSignal(f"{prefix}mode", name="mode", string=True))
+    number = connected(EpicsSignal(f"{prefix}mode", name="number"))
+    mode.set("Auto").wait(TIMEOUT)
+    assert number.get() == 2
+    number.set(1).wait(TIMEOUT)
+    wait_until(lambda: mode.get() == "On", 5)
+
+    text = connected(EpicsSignal(f"{prefix}text", name="text"))
+    assert text.get() == "hello"
+    text.set("goodbye").wait(TIMEOUT)
+    assert text.get() == "goodbye"
+    assert rsrv_ioc.read("text").data[0] == b"goodbye"
+
+    wave = connected(EpicsSignal(f"{prefix}wave", name="wave"))
+    np.testing.assert_array_equal(wave.get(), np.arange(16.0))
+    assert wave.describe()["wave"]["shape"] == [16]
+    wave.set(np.linspace(0.0, 1.0, 16)).wait(TIMEOUT)
+    np.testing.assert_allclose(wave.get(), np.linspace(0.0, 1.0, 16))
+
+    chars = connected(EpicsSignal(f"{prefix}chars", name="chars", string=True))
+    assert chars.get() == "abc"
+    chars.set("beamline").wait(TIMEOUT)
+    assert chars.get() == "beamline"
+    assert bytes(rsrv_ioc.read("chars").data).rstrip(b"\0") == b"beamline"
+
+
+def test_a_record_that_refuses_writes(rsrv_hub, rsrv_ioc, prefix):
+    locked = connected(EpicsSignal(f"{prefix}locked", name="locked"))
+    assert locked.read_access and not locked.write_access  # access security group READONLY
+    status = locked.set(5)
+    with pytest.raises(ReadOnlyError):
+        status.wait(TIMEOUT)
+    assert isinstance(status.exception(), PermissionError)
+    assert locked.get() == 42
+    assert rsrv_ioc.read("locked").data[0] == 42
+
+    readonly = connected(EpicsSignalRO(f"{prefix}count", name="count"))
+    with pytest.raises(ReadOnlyError):
+        readonly.set(3)
+
+
+def test_a_subscriber_gets_every_count_in_order(rsrv_hub, rsrv_ioc, prefix):
+    rate = connected(EpicsSignal(f"{prefix}fast_rate", name="rate"))
+    fast = connected(EpicsSignalRO(f"{prefix}fast", name="fast"))
+    seen: list[tuple[int, float]] = []
+    lock = threading.Lock()
+
+    def on_value(value, timestamp, **kwargs):
+        with lock:
+            seen.append((value, timestamp))
+
+    fast.subscribe(on_value)
+    wait_until(lambda: seen, 5, message="no first value")
+    rate.set(200.0).wait(TIMEOUT)
+    wait_until(lambda: len(seen) > 300, 15, message=lambda: f"only {len(seen)} updates")
+    rate.set(0.0).wait(TIMEOUT)
+    time.sleep(0.1)  # let a tick that read the old rate finish; the IOC is read after it
+    last = int(rsrv_ioc.read("fast").data[0])
+    wait_until(lambda: seen[-1][0] == last, 5, message=lambda: f"last seen {seen[-1]}, IOC at {last}")
+    with lock:
+        values = [v for v, _ in seen]
+        stamps = [t for _, t in seen]
+    assert values == list(range(values[0], last + 1)), "an update was lost or reordered"
+    assert stamps == sorted(stamps)
+    assert fast.missed_updates == 0
+
+
+def test_the_ophyd_tutorials_plans(rsrv_hub, prefix):
+    from bluesky import RunEngine
+    from bluesky import plan_stubs as bps
+    from bluesky.plans import count, list_scan
+
+    motor = connected(EpicsSignal(f"{prefix}motor", name="motor"))
+    temp = connected(EpicsSignalRO(f"{prefix}temp", name="temp"))
+    documents: list[tuple[str, dict]] = []
+    RE = RunEngine({})
+    RE.subscribe(lambda name, doc: documents.append((name, doc)))
+
+    RE(count([temp, motor], num=3))
+    events = [doc for name, doc in documents if name == "event"]
+    assert len(events) == 3
+    assert all(e["data"]["temp"] == 21.5 for e in events)
+    (descriptor,) = [doc for name, doc in documents if name == "descriptor"]
+    assert descriptor["data_keys"]["motor"]["units"] == "mm"
+    assert [doc["exit_status"] for name, doc in documents if name == "stop"] == ["success"]
+
+    documents.clear()
+    RE(list_scan([temp], motor, [1.0, -2.25, 3.5]))
+    assert [doc["data"]["motor"] for name, doc in documents if name == "event"] == [1.0, -2.25, 3.5]
+
+    RE(bps.mv(motor, 4.125))
+    assert motor.get() == 4.125
