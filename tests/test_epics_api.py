@@ -1,0 +1,165 @@
+"""pyepics' script API (``pvhub.client.epics``) against a real daemon and IOC."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from helpers import callbacks_done, wait_until
+
+from pvhub.client import epics
+from pvhub.errors import BadValueError, ReadOnlyError
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(hub):
+    """Each test's PVs are its own (the cache is per process, the daemon per test)."""
+    epics.clear_pv_cache()
+    yield
+    epics.clear_pv_cache()
+
+
+@pytest.mark.timeout(60)
+def test_caput_wait_then_caget(prefix):
+    assert epics.caput(prefix + "motor", 1.5, wait=True) == 1
+    assert epics.caget(prefix + "motor") == 1.5
+    assert epics.caget(prefix + "motor", use_monitor=False) == 1.5
+    assert epics.caget(prefix + "motor", as_string=True) == "1.500"  # at the PV's precision
+
+
+@pytest.mark.timeout(60)
+def test_caget_of_each_kind(prefix):
+    assert epics.caget(prefix + "mode") == 0
+    assert epics.caget(prefix + "mode", as_string=True) == "Off"
+    assert epics.caget(prefix + "text") == "hello"
+    assert epics.caget(prefix + "chars", as_string=True) == "abc"
+    wave = epics.caget(prefix + "wave")
+    assert isinstance(wave, np.ndarray) and np.array_equal(wave, np.arange(16.0))
+    assert epics.caget(prefix + "wave", count=4).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert epics.caget(prefix + "wave", as_numpy=False) == list(np.arange(16.0))
+    assert epics.caget(prefix + "wave", as_string=True) == "<array size=16, type=time_double>"
+
+
+@pytest.mark.timeout(60)
+def test_caput_of_labels_and_text(prefix):
+    assert epics.caput(prefix + "mode", "Auto", wait=True) == 1
+    assert epics.caget(prefix + "mode") == 2
+    assert epics.caput(prefix + "chars", "xyz", wait=True) == 1
+    assert epics.caget(prefix + "chars", as_string=True) == "xyz"
+
+
+@pytest.mark.timeout(60)
+def test_caput_without_wait_returns_before_completion(prefix):
+    epics.caput(prefix + "slow_delay", 1.0, wait=True)
+    pv = epics.PV(prefix + "slow")
+    assert pv.wait_for_connection(15)
+    pv.put(3.0, use_complete=True)
+    assert pv.put_complete is False  # the IOC takes a second to complete it
+    wait_until(lambda: pv.put_complete, 10)
+    assert pv.get() == 3.0
+
+
+@pytest.mark.timeout(60)
+def test_caput_wait_times_out_as_pyepics(prefix):
+    epics.caput(prefix + "slow_delay", 2.0, wait=True)
+    assert epics.caput(prefix + "slow", 4.0, wait=True, timeout=0.2) == -1
+    wait_until(lambda: epics.caget(prefix + "slow", use_monitor=False) == 4.0, 10)
+
+
+@pytest.mark.timeout(60)
+def test_refused_puts_raise(prefix):
+    with pytest.raises(ReadOnlyError):
+        epics.caput(prefix + "ro", 2.0)
+    with pytest.raises(BadValueError):
+        epics.caput(prefix + "mode", "Sideways")
+
+
+@pytest.mark.timeout(60)
+def test_unknown_pv_gives_none():
+    assert epics.caget("no:such:pv", connection_timeout=0.5) is None
+    assert epics.caput("no:such:pv", 1.0, connection_timeout=0.5) is None
+
+
+@pytest.mark.timeout(60)
+def test_camonitor_writes_each_update_until_cleared(prefix):
+    lines = []
+    epics.camonitor(prefix + "count", writer=lines.append)
+    for n in (1, 2, 3):
+        epics.caput(prefix + "count", n, wait=True)
+    wait_until(lambda: len(lines) >= 3, 10, message=lambda: f"lines {lines}")
+    assert [line.split()[-1] for line in lines[-3:]] == ["1", "2", "3"]
+    assert all(line.startswith(prefix + "count ") for line in lines)
+    epics.camonitor_clear(prefix + "count")
+    before = len(lines)
+    epics.caput(prefix + "count", 4, wait=True)
+    callbacks_done()
+    assert len(lines) == before
+
+
+@pytest.mark.timeout(60)
+def test_camonitor_callback_gets_pyepics_fields(prefix):
+    got = []
+    epics.camonitor(prefix + "motor", callback=lambda **kw: got.append((kw, threading.current_thread().name)))
+    epics.caput(prefix + "motor", 2.0, wait=True)
+    wait_until(lambda: any(kw["value"] == 2.0 for kw, _ in got), 10)
+    fields, thread = next((kw, t) for kw, t in got if kw["value"] == 2.0)
+    assert thread == "pvhub-callbacks"
+    assert fields["pvname"] == prefix + "motor"
+    assert fields["char_value"] == "2.000"
+    assert fields["units"] == "mm" and fields["precision"] == 3
+    assert fields["severity"] == 0 and fields["timestamp"] > 0
+    assert fields["cb_info"][0] == -999
+    epics.camonitor_clear(prefix + "motor")
+
+
+@pytest.mark.timeout(60)
+def test_cainfo(prefix, capsys):
+    text = epics.cainfo(prefix + "motor", print_out=False)
+    assert f"== {prefix}motor  (time_double) ==" in text
+    assert "units      = mm" in text
+    assert "upper_ctrl_limit= 10.0" in text or "upper_ctrl_limit = 10.0" in text
+    assert epics.cainfo(prefix + "motor") is None
+    assert prefix + "motor" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(60)
+def test_pv_object(prefix):
+    conns, access, values = [], [], []
+    pv = epics.PV(prefix + "motor", form="ctrl",
+                  connection_callback=lambda **kw: conns.append(kw["conn"]),
+                  access_callback=lambda r, w, pv: access.append((r, w)),
+                  callback=lambda value, **kw: values.append(value))
+    assert pv.wait_for_connection(15)
+    wait_until(lambda: conns == [True] and access == [(True, True)], 5,
+               message=lambda: f"{conns} {access}")
+    assert pv.typefull == "ctrl_double" and pv.type == "double"
+    assert pv.units == "mm" and pv.precision == 3
+    assert (pv.lower_ctrl_limit, pv.upper_ctrl_limit) == (-10.0, 10.0)
+    md = pv.get_with_metadata()
+    assert md["units"] == "mm" and md["upper_ctrl_limit"] == 10.0
+    assert pv.put(5.0, wait=True) == 1
+    wait_until(lambda: 5.0 in values, 10)
+    assert pv.value == 5.0 and pv.char_value == "5.000"
+    done = []
+    pv.put(6.0, callback=lambda **kw: done.append(kw), callback_data="mine")
+    wait_until(lambda: done, 10)
+    assert done[0] == {"pvname": prefix + "motor", "data": "mine"}
+    assert repr(pv) == f"<PV '{prefix}motor', count=1, type=ctrl_double, access=read/write>"
+    index = pv.add_callback(lambda **kw: None)
+    pv.remove_callback(index)
+    assert index not in pv.callbacks
+
+
+@pytest.mark.timeout(60)
+def test_connection_callback_sees_the_ioc_go(prefix, zoo_ioc):
+    conns = []
+    pv = epics.PV(prefix + "motor", connection_callback=lambda pvname, conn, pv: conns.append(conn))
+    assert pv.wait_for_connection(15)
+    wait_until(lambda: conns == [True], 5)
+    zoo_ioc.stop()
+    wait_until(lambda: conns == [True, False], 20, message=lambda: f"{conns}")
+    assert not pv.connected
+    assert pv.get(timeout=0.2) is None
