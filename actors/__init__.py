@@ -1,5 +1,5 @@
-"""PV actors: each PV is owned by one actor, which alone speaks Channel Access for it."""
+"""PV actors: each PV is owned by one actor, which alone speaks Channel Access for it.
 
-from pvhub.actors.state import PvState, coerce_value
-
-__all__ = ["PvState", "coerce_value"]
+This package imports nothing at its top: ``python -m pvhub.actors`` must reach its
+parent-death check before any heavy import (see ``pvhub.actors.__main__``).
+"""

@@ -4,17 +4,20 @@ Rule 1: one thread owns both sockets (a DEALER to the broker, a PUB to the readi
 forwarder). Channel Access callbacks arrive on caproto's threads; they only append to a queue
 and write one byte to a wake-up pipe that this loop polls with the DEALER.
 Rule 2: the actor never outlives its daemon. Linux's parent-death signal ends it the moment
-the daemon dies; a check of the parent pid on every poll timeout covers other systems.
+the daemon dies (``pvhub.actors.__main__``); a check of the parent pid on every poll covers
+other systems, and an orphan leaves at once, without lingering over answers nobody can
+route any more.
 Rule 3: nothing a client sends can end the loop: a request that cannot be handled is answered
 with an error and logged with its traceback.
+Rule 4: the broker gives the actor its PVs (``AdoptPvs``, before any request for them); the
+actor's heartbeat names only the PVs whose state changed since the last one, so a process
+that owns thousands of quiet PVs sends almost nothing.
 """
 
 from __future__ import annotations
 
 import collections
-import ctypes
 import os
-import signal
 import socket
 import time
 from typing import Any
@@ -33,30 +36,22 @@ log = structlog.get_logger("pvhub.actor")
 POLL_MS = 250
 
 
-def die_with_parent() -> None:
-    """Ask Linux to send SIGTERM when the parent (the daemon) dies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 class Actor:
     """One actor process: owns ``pvs`` for the broker at ``broker``."""
 
-    def __init__(self, actor_id: str, pvs: list[str], broker: str, readings: str) -> None:
+    def __init__(self, actor_id: str, pvs: list[str], broker: str, readings: str,
+                 parent_pid: int | None = None) -> None:
         self.actor_id = actor_id
-        self.pvs = list(pvs)
         self.epoch = time.time_ns()
-        self.states = {pv: PvState(pv, self.epoch) for pv in self.pvs}
+        self.states: dict[str, PvState] = {}
+        self._changed: set[str] = set()  # PVs to name in the next heartbeat (Rule 4)
+        self._initial = list(pvs)
         self._events: collections.deque[ca.Event] = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._stopping = False
-        self._parent = os.getppid()
+        self._parent = parent_pid if parent_pid is not None else os.getppid()
         self._ctx = zmq.Context()
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.IDENTITY, actor_id.encode())
@@ -71,10 +66,13 @@ class Actor:
     # Called on caproto's threads.
     def _emit(self, event: ca.Event) -> None:
         self._events.append(event)
-        try:
-            self._wake_w.send(b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already; the loop will drain the queue
+        # One wake-up per batch: an event that finds others queued is drained with them (the
+        # loop takes events until the queue is empty, after reading its wake-ups).
+        if len(self._events) == 1:
+            try:
+                self._wake_w.send(b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already; the loop will drain the queue
 
     def request_stop(self, *_: Any) -> None:
         self._stopping = True
@@ -83,11 +81,21 @@ class Actor:
         except OSError:
             pass
 
-    def run(self) -> int:
-        for pv in self.pvs:
+    def adopt(self, pvs: list[str]) -> None:
+        """Own ``pvs`` from now on (those not owned yet): connect and monitor them."""
+        new = [pv for pv in dict.fromkeys(pvs) if isinstance(pv, str) and pv and pv not in self.states]
+        for pv in new:
+            self.states[pv] = PvState(pv, self.epoch)
+            self._changed.add(pv)
+        for pv in new:
             self._backend.add(pv)
-        self._send_control(p.ActorReady(actor=self.actor_id, pid=os.getpid(), pvs=self.pvs))
-        self.log.info("actor_started", pvs=self.pvs)
+        if new:
+            self.log.info("pvs_adopted", count=len(new), pvs=new[:5])
+
+    def run(self) -> int:
+        self.adopt(self._initial)
+        self._send_control(p.ActorReady(actor=self.actor_id, pid=os.getpid(), pvs=list(self.states)))
+        self.log.info("actor_started", pvs=len(self.states))
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
@@ -105,7 +113,7 @@ class Actor:
                     self._send_control(p.Heartbeat(sender=self.actor_id, stats=self._stats()))
                 if os.getppid() != self._parent:
                     self.log.warning("actor_orphaned")
-                    break
+                    os._exit(0)  # Rule 2: nobody is left to answer
         finally:
             self._shutdown()
         return 0
@@ -121,13 +129,15 @@ class Actor:
         self.log.info("actor_stopped")
 
     def _stats(self) -> dict:
+        changed, self._changed = self._changed, set()
         return {
             pv: {
                 "connected": state.connected,
                 "updates": state.updates_published,
                 "last_update": state.last_timestamp,
             }
-            for pv, state in self.states.items()
+            for pv in changed
+            if (state := self.states.get(pv)) is not None
         }
 
     def _send_control(self, message: p.Message) -> None:
@@ -143,7 +153,22 @@ class Actor:
                 self.log.warning("malformed_envelope", frames=len(frames))
                 continue
             client, payload = frames
-            self._handle_request(client, payload)
+            if client == b"":
+                self._handle_control(payload)
+            else:
+                self._handle_request(client, payload)
+
+    def _handle_control(self, payload: bytes) -> None:
+        try:
+            message = p.decode(payload)
+            if isinstance(message, p.AdoptPvs):
+                self.adopt(message.pvs)
+            else:
+                self.log.warning("unknown_control", op=message.OP)
+        except ProtocolError as exc:
+            self.log.error("bad_control", error=str(exc))
+        except Exception:  # the loop boundary
+            self.log.exception("control_failed")
 
     def _handle_request(self, client: bytes, payload: bytes) -> None:
         request_id = 0
@@ -173,7 +198,10 @@ class Actor:
             if state is None:
                 continue
             try:
-                self._carry_out(self._apply(state, event))
+                effects = self._apply(state, event)
+                if effects:
+                    self._changed.add(event.pv)
+                self._carry_out(effects)
             except Exception:
                 self.log.exception("event_failed", pv=event.pv, event=type(event).__name__)
 

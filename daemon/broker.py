@@ -33,6 +33,7 @@ from pvhub.daemon.routing import (
     Announce,
     ClientForgotten,
     KillActor,
+    Quarantined,
     Router,
     SpawnActor,
     TICK_S,
@@ -191,7 +192,7 @@ class Broker:
             self.log.warning("actors_not_ready", actors=pending)
 
     def _status_line(self, router: Router) -> str:
-        return f"{len(router.owner)} PVs, {len(router.actors)} actors, {len(router.clients)} clients"
+        return f"{len(router.pvs)} PVs, {len(router.actors)} actors, {len(router.clients)} clients"
 
     # --- messages --------------------------------------------------------------------------
 
@@ -234,29 +235,35 @@ class Broker:
                 frames = ctx.actors.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) != 3:
-                self.log.warning("malformed_actor_envelope", frames=len(frames))
-                continue
-            actor_raw, client, payload = frames
             try:
-                message = p.decode(payload)
-            except ProtocolError as exc:
-                self.log.error("bad_actor_message", actor=actor_raw.decode(errors="replace"), error=str(exc))
-                continue
-            actor = actor_raw.decode()
-            if isinstance(message, p.ActorReady):
-                self.log.info("actor_ready", actor=actor, actor_pid=message.pid)
-            elif isinstance(message, (p.SetDone, p.ErrorReply)) and ctx.router.op_of(actor, client, message.id) == "set":
-                self.log.info("put_finished", client=client.hex(), pv=message.pv,
-                              outcome="done" if isinstance(message, p.SetDone) else message.code,
-                              error=getattr(message, "message", None))
-            effects = ctx.router.actor_message(actor, client, message, time.monotonic())
-            # Replies are forwarded as they came: re-encoding would only cost time.
-            for effect in effects:
-                if isinstance(effect, ToClient) and effect.message is message:
-                    ctx.clients.send_multipart([effect.client, payload])
-                else:
-                    self._carry_out(ctx, [effect])
+                self._actor_frames(ctx, frames)
+            except Exception:  # the loop boundary: nothing an actor sends ends the daemon
+                self.log.exception("actor_message_failed", frames=len(frames))
+
+    def _actor_frames(self, ctx: "_LoopContext", frames: list[bytes]) -> None:
+        if len(frames) != 3:
+            self.log.warning("malformed_actor_envelope", frames=len(frames))
+            return
+        actor_raw, client, payload = frames
+        actor = actor_raw.decode(errors="replace")
+        try:
+            message = p.decode(payload)
+        except ProtocolError as exc:
+            self.log.error("bad_actor_message", actor=actor, error=str(exc))
+            return
+        if isinstance(message, p.ActorReady):
+            self.log.info("actor_ready", actor=actor, actor_pid=message.pid)
+        elif isinstance(message, (p.SetDone, p.ErrorReply)) and ctx.router.op_of(actor, client, message.id) == "set":
+            self.log.info("put_finished", client=client.hex(), pv=message.pv,
+                          outcome="done" if isinstance(message, p.SetDone) else message.code,
+                          error=getattr(message, "message", None))
+        effects = ctx.router.actor_message(actor, client, message, time.monotonic())
+        # Replies are forwarded as they came: re-encoding would only cost time.
+        for effect in effects:
+            if isinstance(effect, ToClient) and effect.message is message:
+                ctx.clients.send_multipart([effect.client, payload])
+            else:
+                self._carry_out(ctx, [effect])
 
     def _carry_out(self, ctx: "_LoopContext", effects: list) -> None:
         for effect in effects:
@@ -266,8 +273,12 @@ class Broker:
                 ctx.actors.send_multipart([effect.actor.encode(), effect.client, effect.payload])
             elif isinstance(effect, SpawnActor):
                 if effect.identity != effect.actor:
-                    self.log.warning("actor_restarted", actor=effect.actor, incarnation=effect.identity)
-                ctx.supervisor.spawn(effect.actor, effect.pvs, effect.identity)
+                    self.log.warning("actor_restarted", actor=effect.actor, incarnation=effect.identity,
+                                     pvs=effect.pvs)
+                ctx.supervisor.spawn(effect.actor, effect.identity)
+            elif isinstance(effect, Quarantined):
+                self.log.warning("pvs_quarantined", pvs=list(effect.pvs[:20]), count=len(effect.pvs),
+                                 source=effect.source, actor=effect.actor)
             elif isinstance(effect, KillActor):
                 self.log.warning("actor_hung", actor=effect.actor, reason=effect.reason)
                 ctx.supervisor.kill(effect.actor)

@@ -1,22 +1,42 @@
 """The broker's rules: which actor owns a PV, what to do with each message, when an actor is
-restarted or declared hung, and when a client is forgotten.
+restarted, declared hung or given fewer PVs, and when a client is forgotten.
 
 Rule 1: no I/O. Inputs are decoded messages (with the raw bytes, forwarded untouched) and
 ``now``; outputs are effects for the broker loop to carry out.
-Rule 2: every PV has at most one owner. A PV named in a config group belongs to that group's
-actor; any other PV gets an actor of its own, started on first use. Ownership outlives the
-actor's process: a dead actor is restarted (immediately the first time, then with
-exponential backoff while it keeps dying young), and requests meanwhile wait for it.
+Rule 2: every PV has exactly one owner, an actor, and one actor process owns many PVs. A PV
+named in a config group belongs to that group's actor; a PV the config isolates (or one
+quarantined, Rule 5) gets an actor of its own; any other PV joins a pooled actor
+(``pool:N``, started with the daemon, so no process starts on the way of a request). The
+owner's process is told with ``AdoptPvs`` before any request for the PV reaches it.
+Ownership outlives the process: a dead actor is restarted (at once the first time, then with
+exponential backoff while it keeps dying young), its new incarnation adopts the same PVs, and
+requests meanwhile wait for it.
 Rule 3: a request is never left hanging. Requests that reach an actor not yet ready are
 queued for it; when an actor dies, every request queued for it or in flight to it is
 answered with ``actor_died`` (a put's outcome is then unknown, and it is never re-sent).
 Rule 4 (Paranoid Pirate): an actor silent for ``LIVENESS`` heartbeats is hung: it is killed,
 and restarted like any dead actor. A client silent for ``LIVENESS`` of its heartbeats (plus a
 margin) is forgotten.
+Rule 5 (quarantine): a PV is trusted once it has lived ``TRUST_S`` in a process that did not
+die. When a shared process dies, each untrusted PV it owned gets a strike; those with
+``QUARANTINE_STRIKES`` leave it: one alone moves to a process of its own (quarantined);
+several are split between two probation processes, and a probation process that dies is
+split again, so that a PV that kills whatever process holds it is found in about log2(n)
+deaths while the PVs that did nothing go on in their own process. Config groups stay whole.
+Rule 6: nothing per message costs O(all PVs) or O(all clients). A request costs dictionary
+lookups; placing a new PV costs O(pooled processes); an actor's heartbeat carries only the
+PVs whose state changed; a death costs O(the dead actor's PVs). Only ``status`` walks them all.
+Rule 7 (placement): PVs of one device or IOC (one name prefix, see ``device_prefix``) share a
+pooled process while it has room (``max_pvs_per_actor``); a new prefix goes to the least
+loaded one. When the last room is taken, one more pooled process starts at once, ahead of
+the next new PV.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import itertools
 from dataclasses import dataclass, field
 
 from pvhub import __version__
@@ -43,6 +63,15 @@ ACTOR_TIMEOUT = p.LIVENESS * p.ACTOR_HEARTBEAT_S + 1.0
 # not hear then was not silence.
 TICK_S = 0.2
 STALL_S = 1.0
+# Rule 5: a PV that lived this long in a process that did not die is no suspect.
+TRUST_S = 10.0
+QUARANTINE_STRIKES = 2
+# Update rates for ``pvhub status`` are measured over windows at least this long.
+RATE_WINDOW_S = 1.0
+# An identity is a ZeroMQ routing id (at most 255 bytes); longer actor names are hashed.
+_MAX_IDENTITY_BYTES = 200
+
+POOL, GROUP, OWN, PROBATION = "pool", "group", "own", "probation"
 
 # --- effects -------------------------------------------------------------------------------
 
@@ -55,16 +84,16 @@ class ToClient:
 
 @dataclass(frozen=True)
 class ToActor:
-    actor: str
-    client: bytes
+    actor: str  # the incarnation's identity
+    client: bytes  # b"" for the broker's own word (AdoptPvs)
     payload: bytes
 
 
 @dataclass(frozen=True)
 class SpawnActor:
     actor: str
-    pvs: tuple[str, ...]
     identity: str  # the incarnation's identity at the broker (see ``identity_of``)
+    pvs: int = 0  # how many PVs it will adopt once ready (for the log)
 
 
 @dataclass(frozen=True)
@@ -93,22 +122,35 @@ class Stalled:
     seconds: float  # between two ticks
 
 
-Effect = ToClient | ToActor | SpawnActor | KillActor | Announce | ClientForgotten | Stalled
+@dataclass(frozen=True)
+class Quarantined:
+    """PVs moved out of a process that kept dying (Rule 5), to ``actor``."""
+
+    pvs: tuple[str, ...]
+    source: str
+    actor: str
+
+
+Effect = ToClient | ToActor | SpawnActor | KillActor | Announce | ClientForgotten | Stalled | Quarantined
 
 
 def identity_of(actor: str, incarnation: int) -> str:
     """The routing identity of one incarnation of ``actor``: a restarted actor gets a new one,
     so nothing the dead process sent late (a reply, an ``ActorReady``) is taken for the new
     process's word, and nothing meant for the new one reaches the old."""
+    if len(actor.encode()) > _MAX_IDENTITY_BYTES:
+        kind = actor.split(":", 1)[0]
+        actor = f"{kind}#{hashlib.sha1(actor.encode()).hexdigest()}"
     # A space never occurs in a PV or group name (``pvhub.config`` checks both).
     return actor if incarnation == 0 else f"{actor} {incarnation}"
 
 
-def split_identity(identity: str) -> tuple[str, int]:
-    actor, sep, number = identity.rpartition(" ")
-    if sep and number.isdigit():
-        return actor, int(number)
-    return identity, 0
+def device_prefix(pv: str) -> str:
+    """The part of a PV's name its siblings on one device or IOC share (Rule 7): the record
+    name without its field, up to its last ``:`` (``IOC:m1.RBV`` -> ``IOC``)."""
+    record = pv.split(".", 1)[0]
+    head, sep, _ = record.rpartition(":")
+    return head if sep else record
 
 
 def restart_delay(streak: int) -> float:
@@ -122,8 +164,9 @@ def restart_delay(streak: int) -> float:
 @dataclass
 class ActorRecord:
     actor: str
-    pvs: tuple[str, ...]
+    kind: str  # POOL, GROUP, OWN or PROBATION
     started: float
+    pvs: set[str] = field(default_factory=set)
     ready: bool = False
     alive: bool = True  # its process exists (or is being started)
     pid: int | None = None
@@ -135,9 +178,24 @@ class ActorRecord:
     queued: list[tuple[bytes, int, str, bytes]] = field(default_factory=list)
     # (client, request id) -> op, for every request forwarded and not finally answered
     inflight: dict[tuple[bytes, int], str] = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
-    rates: dict = field(default_factory=dict)
-    stats_at: tuple[float, dict] | None = None
+
+    @property
+    def identity(self) -> str:
+        return identity_of(self.actor, self.restarts)
+
+
+@dataclass
+class PvRecord:
+    pv: str
+    actor: str
+    trusted: bool = False  # Rule 5
+    strikes: int = 0
+    quarantined: bool = False
+    connected: bool = False
+    updates: int = 0
+    last_update: float | None = None
+    rate: float = 0.0
+    window: tuple[float, int] | None = None  # (since, updates then), for the rate
 
 
 @dataclass
@@ -150,13 +208,6 @@ class ClientRecord:
     pvs: tuple[str, ...] | None = None  # None until a ping says which PVs the client follows
 
 
-def actor_id_for(pv: str, config: Config) -> tuple[str, tuple[str, ...]]:
-    group = config.group_of(pv)
-    if group is not None:
-        return f"group:{group}", config.groups[group]
-    return f"pv:{pv}", (pv,)
-
-
 class Router:
     """The broker's state: actors, PV owners, clients, requests in flight."""
 
@@ -164,8 +215,17 @@ class Router:
         self.config = config
         self.readings_endpoint = readings_endpoint
         self.actors: dict[str, ActorRecord] = {}
-        self.owner: dict[str, str] = {}
+        self.pvs: dict[str, PvRecord] = {}
         self.clients: dict[bytes, ClientRecord] = {}
+        # identity -> actor, for live incarnations only: a word from any other is ignored.
+        self.identities: dict[str, str] = {}
+        self.pool: list[str] = []
+        # Rule 7: device prefix -> the pooled actor holding its PVs. One entry per prefix of a
+        # PV ever placed, so it is bounded by the PVs the daemon allows.
+        self.homes: dict[str, str] = {}
+        # Rule 5: (trusted at, pv, actor, incarnation), in the order PVs joined.
+        self._trials: collections.deque[tuple[float, str, str, int]] = collections.deque()
+        self._probations = itertools.count(1)
         self.started = 0.0
         self.stopping = False
         self.last_tick: float | None = None
@@ -176,21 +236,89 @@ class Router:
     # --- start-up --------------------------------------------------------------------------
 
     def initial_actors(self, now: float) -> list[Effect]:
-        """Actors the config asks to start with the daemon."""
+        """The pool, the config's groups, and the PVs the config asks to start with."""
         self.started = now
         effects: list[Effect] = []
-        for pv in (*self.config.start, *(pv for pvs in self.config.groups.values() for pv in pvs)):
-            effects.extend(self._ensure_actor(pv, now))
+        for _ in range(self.config.pool_size):
+            effects.extend(self._grow_pool(now))
+        for group in self.config.groups:
+            effects.extend(self._group_actor(group, now)[1])
+        for pv in self.config.start:
+            effects.extend(self._ensure_owner(pv, now))
         return effects
 
-    def _ensure_actor(self, pv: str, now: float) -> list[Effect]:
-        if pv in self.owner:
+    def _new_actor(self, actor: str, kind: str, now: float) -> list[Effect]:
+        record = self.actors[actor] = ActorRecord(actor=actor, kind=kind, started=now, last_seen=now)
+        self.identities[record.identity] = actor
+        return [SpawnActor(actor, record.identity)]
+
+    def _group_actor(self, group: str, now: float) -> tuple[ActorRecord, list[Effect]]:
+        """The actor of a config group, made (with all its PVs) if it does not exist yet."""
+        actor = f"group:{group}"
+        if actor in self.actors:
+            return self.actors[actor], []
+        effects = self._new_actor(actor, GROUP, now)
+        for pv in self.config.groups[group]:
+            self._assign(pv, self.actors[actor], now)
+        return self.actors[actor], effects
+
+    def _grow_pool(self, now: float) -> list[Effect]:
+        actor = f"pool:{len(self.pool)}"
+        self.pool.append(actor)
+        return self._new_actor(actor, POOL, now)
+
+    def _ensure_owner(self, pv: str, now: float) -> list[Effect]:
+        """Give ``pv`` an owner if it has none (Rule 2), telling a running owner at once."""
+        if pv in self.pvs:
             return []
-        actor, pvs = actor_id_for(pv, self.config)
-        self.actors[actor] = ActorRecord(actor=actor, pvs=pvs, started=now, last_seen=now)
-        for owned in pvs:
-            self.owner[owned] = actor
-        return [SpawnActor(actor, pvs, identity_of(actor, 0))]
+        group = self.config.group_of(pv)
+        effects: list[Effect] = []
+        if group is not None:
+            record, spawned = self._group_actor(group, now)
+            effects.extend(spawned)
+        elif self.config.isolated(pv):
+            effects.extend(self._new_actor(f"pv:{pv}", OWN, now))
+            record = self.actors[f"pv:{pv}"]
+        else:
+            record, spawned = self._pool_member_for(pv, now)
+            effects.extend(spawned)
+        effects.extend(self._assign(pv, record, now))
+        if record.kind == POOL and not any(len(self.actors[a].pvs) < self.config.max_pvs_per_actor for a in self.pool):
+            effects.extend(self._grow_pool(now))  # Rule 7: room for the next new PV, ahead of it
+        return effects
+
+    def _pool_member_for(self, pv: str, now: float) -> tuple[ActorRecord, list[Effect]]:
+        cap = self.config.max_pvs_per_actor
+        prefix = device_prefix(pv)
+        home = self.homes.get(prefix)
+        if home is not None and len(self.actors[home].pvs) < cap:
+            return self.actors[home], []
+        effects: list[Effect] = []
+        roomy = [a for a in self.pool if len(self.actors[a].pvs) < cap]
+        if not roomy:
+            effects.extend(self._grow_pool(now))
+            roomy = [self.pool[-1]]
+        home = min(roomy, key=lambda a: len(self.actors[a].pvs))
+        self.homes[prefix] = home
+        return self.actors[home], effects
+
+    def _assign(self, pv: str, record: ActorRecord, now: float) -> list[Effect]:
+        """``pv`` belongs to ``record`` from now on; a ready process adopts it at once."""
+        pv_record = self.pvs.get(pv)
+        if pv_record is None:
+            pv_record = self.pvs[pv] = PvRecord(pv=pv, actor=record.actor)
+        pv_record.actor = record.actor
+        pv_record.connected = False
+        pv_record.window = None
+        record.pvs.add(pv)
+        if not record.ready:
+            return []  # adopted with the rest once it says ActorReady
+        self._on_trial(pv, record, now)
+        return [ToActor(record.identity, b"", p.encode(p.AdoptPvs(pvs=[pv])))]
+
+    def _on_trial(self, pv: str, record: ActorRecord, now: float) -> None:
+        if not self.pvs[pv].trusted:
+            self._trials.append((now + TRUST_S, pv, record.actor, record.restarts))
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -227,23 +355,24 @@ class Router:
     def _route(self, client: bytes, message: p.Message, payload: bytes, now: float) -> list[Effect]:
         pv: str = message.pv  # type: ignore[attr-defined]
         request_id: int = message.id  # type: ignore[attr-defined]
-        if not self.config.allows(pv):
+        pv_record = self.pvs.get(pv)
+        if pv_record is None and not self.config.allows(pv):
             return [ToClient(client, error_reply(request_id, PVNotAllowedError(f"{pv!r} is not allowed by this daemon"), pv))]
-        record = self.actors.get(self.owner.get(pv, ""))
+        record = self.actors[pv_record.actor] if pv_record is not None else None
         if self.stopping and (isinstance(message, p.SetRequest) or record is None or not record.ready):
             return [ToClient(client, error_reply(request_id, HubUnavailableError("the daemon is stopping; the request was not sent"), pv))]
-        effects = self._ensure_actor(pv, now)
-        record = self.actors[self.owner[pv]]
+        effects = self._ensure_owner(pv, now)
+        record = self.actors[self.pvs[pv].actor]
         if record.ready:
             record.inflight[(client, request_id)] = message.OP
-            effects.append(ToActor(identity_of(record.actor, record.restarts), client, payload))
+            effects.append(ToActor(record.identity, client, payload))
         else:
             record.queued.append((client, request_id, message.OP, payload))
         return effects
 
     def op_of(self, identity: str, client: bytes, request_id: int) -> str | None:
         """The operation of a request in flight to an actor (before its reply is routed)."""
-        record = self.actors.get(split_identity(identity)[0])
+        record = self.actors.get(self.identities.get(identity, ""))
         return record.inflight.get((client, request_id)) if record else None
 
     def client_gone(self, client: bytes) -> None:
@@ -252,10 +381,10 @@ class Router:
     # --- actors ----------------------------------------------------------------------------
 
     def actor_message(self, identity: str, client: bytes, message: p.Message, now: float) -> list[Effect]:
-        actor, incarnation = split_identity(identity)
-        record = self.actors.get(actor)
-        if record is None or not record.alive or incarnation != record.restarts:
+        actor = self.identities.get(identity)
+        if actor is None:
             return []  # from an incarnation already declared dead: ignore it
+        record = self.actors[actor]
         record.last_seen = now
         if client == b"":
             return self._actor_control(record, message, now)
@@ -266,10 +395,17 @@ class Router:
 
     def _actor_control(self, record: ActorRecord, message: p.Message, now: float) -> list[Effect]:
         if isinstance(message, p.ActorReady):
+            if record.ready:
+                return []
             record.ready = True
             record.pid = message.pid
             effects: list[Effect] = []
-            identity = identity_of(record.actor, record.restarts)
+            identity = record.identity
+            new = sorted(record.pvs - set(message.pvs))
+            if new:
+                effects.append(ToActor(identity, b"", p.encode(p.AdoptPvs(pvs=new))))
+            for pv in sorted(record.pvs):
+                self._on_trial(pv, record, now)
             for client, request_id, op, payload in record.queued:
                 record.inflight[(client, request_id)] = op
                 effects.append(ToActor(identity, client, payload))
@@ -280,25 +416,36 @@ class Router:
         return []
 
     def _take_stats(self, record: ActorRecord, stats: dict, now: float) -> None:
-        if record.stats_at is None:
-            record.stats_at = (now, stats)
-        else:
-            then, before = record.stats_at
-            if now - then >= 1.0:
-                record.rates = {
-                    pv: max(0.0, (s.get("updates", 0) - before.get(pv, {}).get("updates", 0)) / (now - then))
-                    for pv, s in stats.items()
-                }
-                record.stats_at = (now, stats)
-        record.stats = stats
+        """Rule 6: only PVs that changed are in ``stats``."""
+        if not isinstance(stats, dict):
+            return
+        for pv, values in stats.items():
+            pv_record = self.pvs.get(pv)
+            if pv_record is None or pv_record.actor != record.actor or not isinstance(values, dict):
+                continue
+            updates = values.get("updates", 0)
+            if not isinstance(updates, int):
+                continue
+            pv_record.connected = bool(values.get("connected", False))
+            pv_record.updates = updates
+            last = values.get("last_update")
+            pv_record.last_update = last if isinstance(last, (int, float)) else pv_record.last_update
+            if pv_record.window is None or updates < pv_record.window[1]:
+                pv_record.window = (now, updates)
+            elif now - pv_record.window[0] >= RATE_WINDOW_S:
+                pv_record.rate = (updates - pv_record.window[1]) / (now - pv_record.window[0])
+                pv_record.window = (now, updates)
 
     def actor_exited(self, actor: str, returncode: int | None, now: float = 0.0) -> list[Effect]:
-        """The actor's process is gone: answer everything it owed, tell subscribers, and
-        restart it (now, or after a backoff if it keeps dying young)."""
+        """The actor's process is gone: answer everything it owed, tell subscribers, move the
+        PVs that keep killing it out (Rule 5), and restart it (now, or after a backoff)."""
         record = self.actors.get(actor)
         if record is None or not record.alive:
             return []
-        reason = f"the actor owning {', '.join(record.pvs)} exited (code {returncode})"
+        self.identities.pop(record.identity, None)
+        pvs = sorted(record.pvs)
+        shown = ", ".join(pvs[:3]) + (f" and {len(pvs) - 3} more" if len(pvs) > 3 else "")
+        reason = f"the actor owning {shown or 'no PV'} exited (code {returncode})"
         effects: list[Effect] = []
         for (client, request_id), op in record.inflight.items():
             detail = "; the put's outcome is unknown" if op == p.SetRequest.OP else ""
@@ -307,15 +454,21 @@ class Router:
             effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason))))
         record.inflight.clear()
         record.queued.clear()
-        effects.extend(Announce(p.topic(pv), p.PvLost(pv=pv, reason=reason)) for pv in record.pvs)
+        effects.extend(Announce(p.topic(pv), p.PvLost(pv=pv, reason=reason)) for pv in pvs)
+        for pv in pvs:  # what the dead process counted died with it
+            pv_record = self.pvs[pv]
+            pv_record.connected, pv_record.updates, pv_record.rate = False, 0, 0.0
+            pv_record.last_update = pv_record.window = None
         # Dying young: soon after starting, or before ever becoming ready.
         young = now - record.started < DIES_YOUNG_S or not record.ready
         record.streak = record.streak + 1 if young else 0
         record.alive = record.ready = record.killing = False
         record.pid = None
-        record.stats, record.rates, record.stats_at = {}, {}, None
         if self.stopping:
             return effects
+        effects.extend(self._quarantine(record, now))
+        if record.actor not in self.actors:
+            return effects  # split into probation processes: nothing left to restart
         delay = restart_delay(record.streak)
         if delay <= 0:
             effects.extend(self._restart(record, now))
@@ -323,23 +476,67 @@ class Router:
             record.restart_at = now + delay
         return effects
 
+    def _quarantine(self, record: ActorRecord, now: float) -> list[Effect]:
+        """Rule 5, after ``record``'s process died."""
+        if record.kind == GROUP:
+            return []
+        suspects = [pv for pv in sorted(record.pvs) if not self.pvs[pv].trusted]
+        for pv in suspects:
+            self.pvs[pv].strikes += 1
+        movers = [pv for pv in suspects if self.pvs[pv].strikes >= QUARANTINE_STRIKES]
+        if not movers:
+            return []
+        if record.kind == OWN:
+            return []  # alone already: it only restarts, with backoff
+        if record.kind == PROBATION and len(record.pvs) == 1:
+            for pv in movers:
+                self.pvs[pv].quarantined = True
+            record.kind = OWN
+            return []
+        if record.kind == PROBATION and len(movers) == len(record.pvs):
+            del self.actors[record.actor]  # it is replaced by its two halves
+        for pv in movers:
+            record.pvs.discard(pv)
+        effects: list[Effect] = []
+        if len(movers) == 1:  # the only suspect: no doubt left
+            halves, kind = [movers], OWN
+            self.pvs[movers[0]].quarantined = True
+        else:  # one of them, or more: halve, and let the next deaths tell
+            halves, kind = [movers[: len(movers) // 2], movers[len(movers) // 2:]], PROBATION
+        for half in halves:
+            actor = f"pv:{half[0]}" if len(half) == 1 else f"probation:{next(self._probations)}"
+            effects.extend(self._new_actor(actor, kind, now))
+            for pv in half:
+                self._assign(pv, self.actors[actor], now)
+            effects.append(Quarantined(tuple(half), record.actor, actor))
+        return effects
+
     def _restart(self, record: ActorRecord, now: float) -> list[Effect]:
         record.restart_at = None
         record.alive = True
         record.started = record.last_seen = now
         record.restarts += 1
-        return [SpawnActor(record.actor, record.pvs, identity_of(record.actor, record.restarts))]
+        self.identities[record.identity] = record.actor
+        return [SpawnActor(record.actor, record.identity, len(record.pvs))]
 
     # --- time ------------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Effect]:
-        """Restarts that are due, hung actors to kill, silent clients to forget."""
+        """Restarts that are due, hung actors to kill, silent clients to forget, PVs that
+        earned trust."""
         effects: list[Effect] = []
         if self.last_tick is not None and now - self.last_tick > STALL_S:
             # Their heartbeats may still wait in the sockets: judge nobody for that time.
             self.listening_since = now
             effects.append(Stalled(now - self.last_tick))
         self.last_tick = now
+        while self._trials and self._trials[0][0] <= now:
+            _, pv, actor, incarnation = self._trials.popleft()
+            record = self.actors.get(actor)
+            pv_record = self.pvs.get(pv)
+            if (record is not None and pv_record is not None and pv_record.actor == actor
+                    and record.alive and record.restarts == incarnation):
+                pv_record.trusted = True
         for record in self.actors.values():
             if not record.alive:
                 if record.restart_at is not None and now >= record.restart_at and not self.stopping:
@@ -353,11 +550,11 @@ class Router:
             elif not record.ready and now - max(record.started, self.listening_since) > ACTOR_STARTUP_TIMEOUT:
                 record.killing = True
                 effects.append(KillActor(record.actor, f"not ready {now - record.started:.0f} s after its start"))
-        for client, record in list(self.clients.items()):
-            idle = now - record.last_seen
-            if now - max(record.last_seen, self.listening_since) > CLIENT_TIMEOUT:
+        for client, client_record in list(self.clients.items()):
+            idle = now - client_record.last_seen
+            if now - max(client_record.last_seen, self.listening_since) > CLIENT_TIMEOUT:
                 del self.clients[client]
-                effects.append(ClientForgotten(client, record.name, idle))
+                effects.append(ClientForgotten(client, client_record.name, idle))
         return effects
 
     # --- stopping --------------------------------------------------------------------------
@@ -401,20 +598,21 @@ class Router:
             for pv in client.pvs or ():
                 subscribers[pv] = subscribers.get(pv, 0) + 1
         pvs = []
-        for pv, actor in sorted(self.owner.items()):
-            record = self.actors[actor]
-            stats = record.stats.get(pv, {})
+        for pv in sorted(self.pvs):
+            pv_record = self.pvs[pv]
+            record = self.actors[pv_record.actor]
             pvs.append(
                 {
                     "pv": pv,
-                    "actor": actor,
+                    "actor": record.actor,
                     "pid": record.pid,
-                    "connected": bool(stats.get("connected", False)) and record.ready,
-                    "updates": stats.get("updates", 0),
-                    "rate": round(record.rates.get(pv, 0.0), 2),
-                    "last_update": stats.get("last_update"),
+                    "connected": pv_record.connected and record.ready,
+                    "updates": pv_record.updates,
+                    "rate": round(self._rate(pv_record, now), 2),
+                    "last_update": pv_record.last_update,
                     "subscribers": subscribers.get(pv, 0),
                     "restarts": record.restarts,
+                    "quarantined": pv_record.quarantined,
                 }
             )
         return {
@@ -425,7 +623,8 @@ class Router:
             "actors": [
                 {
                     "actor": r.actor,
-                    "pvs": list(r.pvs),
+                    "kind": r.kind,
+                    "pvs": sorted(r.pvs),
                     "pid": r.pid,
                     "ready": r.ready,
                     "inflight": len(r.inflight),
@@ -445,6 +644,16 @@ class Router:
                 for c in self.clients.values()
             ],
         }
+
+    @staticmethod
+    def _rate(pv_record: PvRecord, now: float) -> float:
+        # A PV that stopped changing sends no more stats: its rate decays as time goes by.
+        if pv_record.window is None:
+            return 0.0
+        since, updates = pv_record.window
+        if now - since <= 2 * RATE_WINDOW_S:
+            return pv_record.rate
+        return (pv_record.updates - updates) / (now - since)
 
 
 def error_reply(request_id: int, exc: PvhubError, pv: str = "") -> p.ErrorReply:

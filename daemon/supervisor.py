@@ -1,16 +1,21 @@
 """Actor processes: start them, notice when they exit, stop them all.
 
 Rule 1: every actor is a child of the daemon and is reaped by it; the supervisor never leaves
-a zombie or an orphan (actors also die with their parent, see ``pvhub.actors.loop``).
-Rule 2: stopping is bounded: SIGTERM to all, then SIGKILL to whoever is left at the deadline.
+a zombie or an orphan (actors also die with their parent, see ``pvhub.actors.__main__``).
+Rule 2: the broker never waits for a process to start: ``spawn`` hands the work to the
+supervisor's own thread and returns at once; the broker hears of the new process when it
+says ``ActorReady``, or of its failure through ``reap``.
+Rule 3: stopping is bounded: SIGTERM to all, then SIGKILL to whoever is left at the deadline.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -22,9 +27,10 @@ log = structlog.get_logger("pvhub.supervisor")
 @dataclass
 class ActorProcess:
     actor: str
-    pvs: tuple[str, ...]
-    process: subprocess.Popen
+    identity: str
+    process: subprocess.Popen | None  # None when it could not be started
     started: float
+    killed: bool = False
 
 
 class Supervisor:
@@ -35,15 +41,113 @@ class Supervisor:
         self.readings_endpoint = readings_endpoint
         self.log_format = log_format
         self.log_level = log_level
-        self.processes: dict[str, ActorProcess] = {}
+        self._lock = threading.Lock()
+        self._processes: dict[str, ActorProcess] = {}  # by actor; guarded by _lock
+        self._failed: list[tuple[str, int | None]] = []  # spawns that raised; guarded by _lock
+        self._requests: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._spawn_loop, name="actor-spawner", daemon=True)
+        self._thread.start()
 
-    def spawn(self, actor: str, pvs: tuple[str, ...], identity: str | None = None) -> ActorProcess:
+    # --- on the broker's thread --------------------------------------------------------------
+
+    def spawn(self, actor: str, identity: str) -> None:
+        """Start an incarnation of ``actor`` in the background (Rule 2)."""
+        with self._lock:
+            # Claimed now, so that reap() and kill() know of it before the process exists.
+            self._processes[actor] = ActorProcess(actor, identity, None, time.monotonic())
+        self._requests.put((actor, identity))
+
+    def reap(self) -> list[tuple[str, int | None]]:
+        """Actors whose process has exited (or could not start) since the last call."""
+        exited: list[tuple[str, int | None]] = []
+        with self._lock:
+            exited.extend(self._failed)
+            self._failed.clear()
+            for actor, record in list(self._processes.items()):
+                if record.process is None:
+                    continue
+                code = record.process.poll()
+                if code is not None:
+                    del self._processes[actor]
+                    exited.append((actor, code))
+                    log.warning("actor_exited", actor=actor, actor_pid=record.process.pid, code=code)
+        return exited
+
+    def kill(self, actor: str) -> None:
+        """SIGKILL a hung actor; ``reap`` reports its exit."""
+        with self._lock:
+            record = self._processes.get(actor)
+            if record is None:
+                return
+            record.killed = True  # a process still being started is killed once it exists
+            if record.process is not None:
+                _signal(record.process, signal.SIGKILL)
+
+    def pid_of(self, actor: str) -> int | None:
+        with self._lock:
+            record = self._processes.get(actor)
+            return record.process.pid if record and record.process else None
+
+    def stop_all(self, timeout: float = 5.0) -> None:
+        """Stop starting processes, then stop every actor (Rule 3)."""
+        self._requests.put(None)
+        self._thread.join(timeout)
+        with self._lock:
+            self._stopped = True
+            records = [r for r in self._processes.values() if r.process is not None]
+            self._processes.clear()
+        for record in records:
+            _signal(record.process, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for record in records:
+            try:
+                record.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("actor_killed", actor=record.actor, actor_pid=record.process.pid)
+                _signal(record.process, signal.SIGKILL)
+                record.process.wait()
+
+    # --- on the spawner's thread -------------------------------------------------------------
+
+    def _spawn_loop(self) -> None:
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            actor, identity = request
+            with self._lock:
+                claimed = self._processes.get(actor)
+                if self._stopped or claimed is None or claimed.identity != identity:
+                    continue  # stopped, or superseded before it started
+            try:
+                process = self._start(identity)
+            except OSError as exc:
+                log.error("actor_spawn_failed", actor=actor, error=str(exc))
+                with self._lock:
+                    if self._processes.get(actor) is claimed:
+                        del self._processes[actor]
+                        self._failed.append((actor, None))
+                continue
+            with self._lock:
+                if self._stopped or self._processes.get(actor) is not claimed:
+                    _signal(process, signal.SIGKILL)
+                    process.wait()
+                    continue
+                claimed.process = process
+                if claimed.killed:
+                    _signal(process, signal.SIGKILL)
+            log.info("actor_spawned", actor=actor, incarnation=identity, actor_pid=process.pid)
+
+    def _start(self, identity: str) -> subprocess.Popen:
         command = [
             sys.executable,
             "-m",
             "pvhub.actors",
+            "--parent-pid",
+            str(os.getpid()),
             "--actor",
-            identity or actor,
+            identity,
             "--broker",
             self.broker_endpoint,
             "--readings",
@@ -52,55 +156,16 @@ class Supervisor:
             self.log_format,
             "--log-level",
             self.log_level,
-            "--",
-            *pvs,
         ]
         # Actors inherit stderr: their log lines join the daemon's (and journald's) stream.
         # systemd's notify and watchdog variables are the daemon's own business.
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("WATCHDOG_")}
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, close_fds=True, env=env)
-        record = ActorProcess(actor, pvs, process, time.monotonic())
-        self.processes[actor] = record
-        log.info("actor_spawned", actor=actor, actor_pid=process.pid, pvs=list(pvs))
-        return record
-
-    def reap(self) -> list[tuple[str, int]]:
-        """Actors whose process has exited since the last call, with their exit codes."""
-        exited = []
-        for actor, record in list(self.processes.items()):
-            code = record.process.poll()
-            if code is not None:
-                del self.processes[actor]
-                exited.append((actor, code))
-                log.warning("actor_exited", actor=actor, actor_pid=record.process.pid, code=code)
-        return exited
-
-    def kill(self, actor: str) -> None:
-        """SIGKILL a hung actor; ``reap`` reports its exit."""
-        record = self.processes.get(actor)
-        if record is not None:
-            _signal(record.process, signal.SIGKILL)
-
-    def pid_of(self, actor: str) -> int | None:
-        record = self.processes.get(actor)
-        return record.process.pid if record else None
-
-    def stop_all(self, timeout: float = 5.0) -> None:
-        for record in self.processes.values():
-            _signal(record.process, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for record in self.processes.values():
-            try:
-                record.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("actor_killed", actor=record.actor, actor_pid=record.process.pid)
-                _signal(record.process, signal.SIGKILL)
-                record.process.wait()
-        self.processes.clear()
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, close_fds=True, env=env)
 
 
 def _signal(process: subprocess.Popen, signum: int) -> None:
+    # Popen.send_signal does nothing once the process was reaped: its pid may be reused.
     try:
-        os.kill(process.pid, signum)
+        process.send_signal(signum)
     except ProcessLookupError:
         pass

@@ -6,9 +6,15 @@ address = "tcp://127.0.0.1:5570"    # where clients connect (requests; hello nam
 readings = "tcp://127.0.0.1:5571"   # where readings are published (default: port + 1)
 readings_hwm = 10000                # readings queued per client before a slow one loses some
 
+[actors]
+pool_size = 4                       # pooled actor processes started with the daemon
+                                    # (default: the CPU count, at least 2; 0: a process per PV)
+max_pvs_per_actor = 2500            # a pooled process takes no more; the pool grows past it
+isolate = ["IOC:fragile*"]          # glob patterns: PVs that get a process of their own
+
 [pvs]
 allow = ["*"]                       # glob patterns; a PV that matches none is refused
-start = ["random_walk:x"]           # actors started with the daemon, one process each
+start = ["random_walk:x"]           # PVs connected when the daemon starts (READY waits)
 
 [groups.motors]                     # one process owns all of these PVs, started with the daemon
 pvs = ["IOC:m1", "IOC:m2"]
@@ -18,6 +24,7 @@ pvs = ["IOC:m1", "IOC:m2"]
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -27,6 +34,19 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 # Readings the daemon queues for one client that does not read them; past this many that
 # client loses updates (and learns it from a seq gap); memory per slow client stays bounded.
 DEFAULT_READINGS_HWM = 10_000
+# A pooled actor process owns at most this many PVs: a process that dies takes its PVs down
+# for a moment, and one Python process serves a few thousand updating PVs comfortably.
+DEFAULT_MAX_PVS_PER_ACTOR = 2_500
+
+
+def default_pool_size() -> int:
+    """One pooled actor process per CPU this process may run on, at least two (so that one
+    process's death or a busy IOC never holds every PV)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 2
+    return max(2, cpus)
 
 # Printable ASCII without spaces: what EPICS record and field names are made of.
 _PV_NAME = re.compile(r"^[!-~]{1,256}$")
@@ -45,15 +65,24 @@ class Config:
     allow: tuple[str, ...] = ("*",)
     start: tuple[str, ...] = ()
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    pool_size: int = field(default_factory=default_pool_size)
+    max_pvs_per_actor: int = DEFAULT_MAX_PVS_PER_ACTOR
+    isolate: tuple[str, ...] = ()
+
+    def isolated(self, pv: str) -> bool:
+        """Whether ``pv`` gets an actor process of its own (``[actors] isolate``, or no pool)."""
+        return self.pool_size == 0 or any(fnmatch.fnmatchcase(pv, pat) for pat in self.isolate)
 
     def allows(self, pv: str) -> bool:
         return bool(_PV_NAME.match(pv)) and any(fnmatch.fnmatchcase(pv, pat) for pat in self.allow)
 
+    def __post_init__(self) -> None:
+        # PV -> group, so that placing a PV costs one lookup however many groups there are.
+        index = {pv: name for name, pvs in self.groups.items() for pv in pvs}
+        object.__setattr__(self, "_group_index", index)
+
     def group_of(self, pv: str) -> str | None:
-        for name, pvs in self.groups.items():
-            if pv in pvs:
-                return name
-        return None
+        return self._group_index.get(pv)  # type: ignore[attr-defined]
 
 
 def valid_pv_name(pv: str) -> bool:
@@ -74,7 +103,7 @@ def load(path: str | Path | None) -> Config:
 
 
 def parse(data: dict, source: str = "<config>") -> Config:
-    known = {"daemon", "pvs", "groups"}
+    known = {"daemon", "pvs", "groups", "actors"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}")
@@ -84,6 +113,17 @@ def parse(data: dict, source: str = "<config>") -> Config:
     daemon = data.get("daemon", {})
     pvs = data.get("pvs", {})
     groups_raw = data.get("groups", {})
+    actors = data.get("actors", {})
+    unknown_keys = set(actors) - {"pool_size", "max_pvs_per_actor", "isolate"}
+    if unknown_keys:
+        raise ConfigError(f"{source}: unknown key(s) in [actors]: {sorted(unknown_keys)}")
+    pool_size = actors.get("pool_size", default_pool_size())
+    if not isinstance(pool_size, int) or isinstance(pool_size, bool) or not 0 <= pool_size <= 256:
+        raise ConfigError(f"{source}: actors.pool_size must be an integer from 0 to 256")
+    max_pvs = actors.get("max_pvs_per_actor", DEFAULT_MAX_PVS_PER_ACTOR)
+    if not isinstance(max_pvs, int) or isinstance(max_pvs, bool) or max_pvs < 1:
+        raise ConfigError(f"{source}: actors.max_pvs_per_actor must be a positive integer")
+    isolate = tuple(_strings(actors.get("isolate", []), "actors.isolate", source))
     address = _string(daemon.get("address", DEFAULT_ADDRESS), "daemon.address", source)
     readings = daemon.get("readings")
     if readings is not None:
@@ -109,7 +149,8 @@ def parse(data: dict, source: str = "<config>") -> Config:
     for pv in (*start, *seen):
         if not valid_pv_name(pv):
             raise ConfigError(f"{source}: {pv!r} is not a valid PV name")
-    return Config(address=address, readings=readings, readings_hwm=hwm, allow=allow, start=start, groups=groups)
+    return Config(address=address, readings=readings, readings_hwm=hwm, allow=allow, start=start, groups=groups,
+                  pool_size=pool_size, max_pvs_per_actor=max_pvs, isolate=isolate)
 
 
 def _string(value: object, key: str, source: str) -> str:

@@ -51,11 +51,17 @@ def configure(log_format: LogFormat = "auto", level: str = "info", stream=None) 
 
 
 def loggable(value: Any, limit: int = 8) -> Any:
-    """A value short enough for a log line: arrays as lists, long lists cut."""
+    """A value short enough for a log line: arrays as lists, long lists cut. Cut first: a
+    large array is never converted whole (a log line must not cost a copy of it)."""
+    if hasattr(value, "tolist") and getattr(value, "ndim", 0) > 0:
+        head = value.reshape(-1)[:limit].tolist()
+        return head + ["..."] if value.size > limit else head
     if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, list) and len(value) > limit:
-        return value[:limit] + ["..."]
+        return value.tolist()
+    if isinstance(value, (list, tuple)) and len(value) > limit:
+        return [loggable(v, limit) for v in value[:limit]] + ["..."]
+    if isinstance(value, (str, bytes)) and len(value) > 4 * limit * 8:
+        return value[: 4 * limit * 8] + (b"..." if isinstance(value, bytes) else "...")
     return value
 
 

@@ -315,9 +315,19 @@ class ActorReady(Message):
 
 
 @dataclass(frozen=True)
+class AdoptPvs(Message):
+    """Broker -> actor: own these PVs from now on. Sent before any request for them (one
+    socket keeps the order), after ``ActorReady`` for the PVs an incarnation starts with."""
+
+    OP: ClassVar[str] = "adopt"
+    pvs: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Heartbeat(Message):
     """Liveness of an actor, sent by its loop every ``ACTOR_HEARTBEAT_S``; ``stats`` maps each
-    of its PVs to ``{connected, updates, last_update}`` for ``pvhub status``."""
+    of its PVs whose state changed since the last heartbeat (and each PV it adopted since) to
+    ``{connected, updates, last_update}`` for ``pvhub status``: an idle PV costs nothing."""
 
     OP: ClassVar[str] = "heartbeat"
     sender: str = ""
@@ -345,6 +355,7 @@ MESSAGES: dict[str, type[Message]] = {
         PvLost,
         HubStopping,
         ActorReady,
+        AdoptPvs,
         Heartbeat,
     )
 }

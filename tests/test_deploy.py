@@ -197,6 +197,9 @@ CONFIG_KEYS = {
     ("pvs", "allow"): "allow",
     ("pvs", "start"): "start",
     ("groups", "*", "pvs"): "groups",
+    ("actors", "pool_size"): "pool_size",
+    ("actors", "max_pvs_per_actor"): "max_pvs_per_actor",
+    ("actors", "isolate"): "isolate",
 }
 
 

@@ -28,7 +28,6 @@ from pvhub.daemon.routing import (
     ToClient,
     identity_of,
     restart_delay,
-    split_identity,
 )
 
 READINGS = "tcp://127.0.0.1:5571"
@@ -37,12 +36,25 @@ BOB = b"\x00bob"
 
 
 def make_router(**config) -> Router:
+    """A router; unless told otherwise, with no pool (each PV in a process of its own), the
+    rules most tests here are about. Pooled placement has tests of its own below."""
+    config.setdefault("pool_size", 0)
     return Router(Config(**config), READINGS)
 
 
-def spawn(actor: str, pvs: tuple[str, ...], incarnation: int = 0) -> SpawnActor:
-    """The effect that starts incarnation ``incarnation`` of ``actor``."""
-    return SpawnActor(actor, pvs, identity_of(actor, incarnation))
+def spawn(actor: str, pvs: tuple[str, ...] = (), incarnation: int = 0) -> SpawnActor:
+    """The effect that starts incarnation ``incarnation`` of ``actor`` (which, once ready, is
+    given ``pvs``: a restart says how many)."""
+    return SpawnActor(actor, identity_of(actor, incarnation), len(pvs) if incarnation else 0)
+
+
+def adopt(identity: str, *pvs: str) -> ToActor:
+    """The broker's word to an actor that it owns ``pvs`` from now on."""
+    return ToActor(identity, b"", p.encode(p.AdoptPvs(pvs=list(pvs))))
+
+
+def owner(router: Router, pv: str) -> str:
+    return router.pvs[pv].actor
 
 
 def send(router: Router, message: p.Message, client: bytes = ALICE, now: float = 10.0):
@@ -74,7 +86,7 @@ def inflight(router: Router, actor: str) -> int:
 def running(router: Router, pv: str = "X:a") -> str:
     """Route one request to ``pv`` and make its actor ready; return the actor's id."""
     send(router, p.DescribeRequest(id=999, pv=pv))
-    actor = router.owner[pv]
+    actor = owner(router, pv)
     ready(router, actor)
     from_actor(router, actor, ALICE, p.DescribeReply(id=999, pv=pv, connected=True))
     assert inflight(router, actor) == 0
@@ -143,7 +155,7 @@ def test_status_describes_actors_and_clients():
     assert status["readings"] == READINGS
     assert status["uptime"] == pytest.approx(5.0)
     assert status["actors"] == [
-        {"actor": "pv:X:a", "pvs": ["X:a"], "pid": None, "ready": False, "inflight": 0,
+        {"actor": "pv:X:a", "kind": "own", "pvs": ["X:a"], "pid": None, "ready": False, "inflight": 0,
          "restarts": 0, "age": 5.0}
     ]
     assert status["clients"] == [
@@ -182,7 +194,7 @@ def test_the_first_request_for_a_pv_spawns_its_actor_and_waits_for_it():
     router = make_router()
     effects = send(router, p.ReadRequest(id=1, pv="X:a"))
     assert effects == [spawn("pv:X:a", ("X:a",))]
-    assert router.owner == {"X:a": "pv:X:a"}
+    assert owner(router, "X:a") == "pv:X:a"
 
 
 def test_queued_requests_are_forwarded_untouched_once_the_actor_is_ready():
@@ -193,6 +205,7 @@ def test_queued_requests_are_forwarded_untouched_once_the_actor_is_ready():
     assert send(router, second, client=BOB) == []  # no second spawn, still queued
     effects = ready(router, "pv:X:a")
     assert effects == [
+        adopt("pv:X:a", "X:a"),  # first: the actor must own the PV before it is asked
         ToActor("pv:X:a", ALICE, p.encode(first)),
         ToActor("pv:X:a", BOB, p.encode(second)),
     ]
@@ -220,9 +233,10 @@ def test_pvs_of_a_group_share_the_group_actor():
         spawn("group:motors", ("M:1", "M:2"))
     ]
     assert send(router, p.ReadRequest(id=2, pv="M:1")) == []
-    assert router.owner == {"M:1": "group:motors", "M:2": "group:motors"}
+    assert {pv: owner(router, pv) for pv in ("M:1", "M:2")} == {"M:1": "group:motors", "M:2": "group:motors"}
     effects = ready(router, "group:motors")
-    assert [e.actor for e in effects] == ["group:motors", "group:motors"]
+    assert effects[0] == adopt("group:motors", "M:1", "M:2")
+    assert [e.actor for e in effects] == ["group:motors"] * 3
 
 
 def test_initial_actors_start_groups_and_start_pvs_once_each():
@@ -388,8 +402,8 @@ def test_the_first_death_restarts_the_actor_at_once_as_a_new_incarnation_keeping
     router = make_router()
     actor = running(router)
     effects = router.actor_exited(actor, returncode=0, now=13.0)
-    assert of_type(effects, SpawnActor) == [SpawnActor(actor, ("X:a",), f"{actor} 1")]
-    assert router.owner == {"X:a": actor}
+    assert of_type(effects, SpawnActor) == [SpawnActor(actor, f"{actor} 1", 1)]
+    assert owner(router, "X:a") == actor
     record = router.actors[actor]
     assert (record.alive, record.ready, record.pid, record.restarts) == (True, False, None, 1)
     assert record.started == 13.0 and record.restart_at is None
@@ -410,7 +424,8 @@ def test_a_request_during_a_restart_waits_for_the_new_incarnations_ready():
     request = p.ReadRequest(id=7, pv="X:a")
     assert send(router, request, now=13.5) == []
     assert router.op_of(f"{actor} 1", ALICE, 7) is None  # queued, not in flight
-    assert ready(router, f"{actor} 1", pid=5555, now=14.0) == [ToActor(f"{actor} 1", ALICE, p.encode(request))]
+    assert ready(router, f"{actor} 1", pid=5555, now=14.0) == [
+        adopt(f"{actor} 1", "X:a"), ToActor(f"{actor} 1", ALICE, p.encode(request))]
     assert router.op_of(f"{actor} 1", ALICE, 7) == "read"
     assert router.actors[actor].pid == 5555
     # Later requests go to the new incarnation too, and its replies are routed.
@@ -424,14 +439,24 @@ def test_a_request_during_a_restart_waits_for_the_new_incarnations_ready():
     ("actor", "incarnation", "identity"),
     [("pv:X:a", 0, "pv:X:a"), ("pv:X:a", 1, "pv:X:a 1"), ("group:motors", 12, "group:motors 12")],
 )
-def test_identity_of_an_incarnation_and_back(actor, incarnation, identity):
+def test_identity_of_an_incarnation(actor, incarnation, identity):
     assert identity_of(actor, incarnation) == identity
-    assert split_identity(identity) == (actor, incarnation)
 
 
-def test_split_identity_of_a_name_without_an_incarnation_number():
-    assert split_identity("pv:X:a#1") == ("pv:X:a#1", 0)
-    assert split_identity("pv:X:a 1") == ("pv:X:a", 1)
+def test_a_long_actor_name_gets_a_short_identity_that_stays_apart():
+    long_a, long_b = "pv:" + "A" * 300, "pv:" + "A" * 299 + "B"
+    identities = {identity_of(name, n) for name in (long_a, long_b) for n in (0, 1)}
+    assert len(identities) == 4
+    assert all(len(identity.encode()) <= 255 for identity in identities)
+
+
+def test_a_pv_too_long_for_a_zeromq_identity_still_gets_a_working_actor():
+    router = make_router()
+    pv = "X:" + "a" * 254
+    request = p.ReadRequest(id=1, pv=pv)
+    (spawn_effect,) = send(router, request, now=0.0)
+    assert len(spawn_effect.identity.encode()) <= 255
+    assert ready(router, spawn_effect.identity, now=1.0)[-1] == ToActor(spawn_effect.identity, ALICE, p.encode(request))
 
 
 def test_a_pv_whose_name_ends_in_hash_and_digits_gets_a_working_actor():
@@ -439,7 +464,7 @@ def test_a_pv_whose_name_ends_in_hash_and_digits_gets_a_working_actor():
     request = p.ReadRequest(id=1, pv="X:a#1")
     (spawn_effect,) = send(router, request, now=0.0)
     identity = spawn_effect.identity
-    assert ready(router, identity, now=1.0) == [ToActor(identity, ALICE, p.encode(request))]
+    assert ready(router, identity, now=1.0) == [adopt(identity, "X:a#1"), ToActor(identity, ALICE, p.encode(request))]
 
 
 def test_restart_delay_is_zero_first_then_doubles_up_to_the_cap():
@@ -534,7 +559,7 @@ def test_requests_waiting_for_a_backoff_restart_are_forwarded_after_it():
     assert send(router, request, now=11.6) == []
     assert router.puts_in_flight() == 1  # a queued put counts: it is owed an answer
     actor_tick(router, 12.0)
-    assert ready(router, f"{actor} 2", now=12.5) == [ToActor(f"{actor} 2", ALICE, p.encode(request))]
+    assert ready(router, f"{actor} 2", now=12.5) == [adopt(f"{actor} 2", "X:a"), ToActor(f"{actor} 2", ALICE, p.encode(request))]
     assert router.puts_in_flight() == 1
 
 
@@ -574,7 +599,7 @@ def test_a_late_actor_ready_from_the_dead_incarnation_does_not_make_the_new_one_
     assert ready(router, "pv:X:a", pid=4321, now=1.2) == []  # sent by the process that died at 1.0
     assert router.actors["pv:X:a"].ready is False
     # The new process's own ActorReady is the one that counts.
-    assert ready(router, "pv:X:a 1", pid=5555, now=1.3) == [ToActor("pv:X:a 1", ALICE, p.encode(second))]
+    assert ready(router, "pv:X:a 1", pid=5555, now=1.3) == [adopt("pv:X:a 1", "X:a"), ToActor("pv:X:a 1", ALICE, p.encode(second))]
     assert (router.actors["pv:X:a"].ready, router.actors["pv:X:a"].pid) == (True, 5555)
 
 
@@ -971,6 +996,7 @@ def test_status_of_a_pv_comes_from_its_actors_heartbeats():
         "last_update": 19.5,
         "subscribers": 0,
         "restarts": 0,
+        "quarantined": False,
     }
 
 

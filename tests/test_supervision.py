@@ -18,11 +18,13 @@ from pvhub.errors import ActorDiedError
 pytestmark = pytest.mark.system
 
 
+def pv_status(pv: str) -> dict:
+    return next(entry for entry in status()["pvs"] if entry["pv"] == pv)
+
+
 def actor_pid(pv: str) -> int | None:
-    for actor in status()["actors"]:
-        if pv in actor["pvs"]:
-            return actor["pid"] if actor["ready"] else None
-    return None
+    """The pid of the process that owns ``pv`` now, once it is ready."""
+    return pv_status(pv)["pid"]
 
 
 class Recorder:
@@ -75,7 +77,7 @@ def test_restart_happens_within_a_second(hub, prefix):
     os.kill(old_pid, signal.SIGKILL)
     wait_until(lambda: actor_pid(f"{prefix}dt") not in (None, old_pid), 5)
     exited = next(e for e in log_events(hub, "actor_exited") if e["actor_pid"] == old_pid)
-    spawned = [e for e in log_events(hub, "actor_spawned") if e["actor"] == f"pv:{prefix}dt"][-1]
+    spawned = [e for e in log_events(hub, "actor_spawned") if e["actor"] == exited["actor"]][-1]
     gap = _seconds(spawned["timestamp"]) - _seconds(exited["timestamp"])
     assert 0 <= gap < 1.0
 
@@ -112,7 +114,12 @@ def test_put_in_flight_to_a_dying_actor_fails_as_unknown_and_is_not_resent(hub, 
     assert len(log_events(hub, "put_requested")) == 2
 
 
-def test_actor_that_keeps_dying_is_restarted_with_backoff(hub, prefix):
+def test_actor_that_keeps_dying_is_restarted_with_backoff(zoo_ioc, hub_factory, prefix, tmp_path, monkeypatch):
+    # dt in a process of its own (config), so that its deaths are its process's alone.
+    config = tmp_path / "pvhub.toml"
+    config.write_text(f'[actors]\nisolate = ["{prefix}dt"]\n')
+    hub = hub_factory(zoo_ioc, args=["--config", str(config)])
+    monkeypatch.setenv("PVHUB_ADDRESS", hub.address)
     dt = EpicsSignalRO(f"{prefix}dt", name="dt")
     dt.wait_for_connection(timeout=15)
     pids = []

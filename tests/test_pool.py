@@ -1,0 +1,236 @@
+"""Pooled actors (``pvhub.daemon.routing``, Rules 2, 5 and 7): many PVs per actor process,
+placed by device prefix, a pool that grows ahead of need, and quarantine of a PV that keeps
+killing its process. No sockets and no clock: messages and ``now`` in, effects out."""
+
+from __future__ import annotations
+
+from pvhub import protocol as p
+from pvhub.config import Config
+from pvhub.daemon.routing import (
+    QUARANTINE_STRIKES,
+    TRUST_S,
+    Quarantined,
+    Router,
+    SpawnActor,
+    ToActor,
+    ToClient,
+    device_prefix,
+    identity_of,
+)
+
+READINGS = "tcp://127.0.0.1:5571"
+ALICE = b"\x00alice"
+
+
+def pooled(pool_size: int = 2, **config) -> Router:
+    router = Router(Config(pool_size=pool_size, **config), READINGS)
+    router.initial_actors(now=0.0)
+    return router
+
+
+def send(router: Router, message: p.Message, now: float = 1.0) -> list:
+    return router.client_message(ALICE, message, p.encode(message), now)
+
+
+def ready(router: Router, actor: str, now: float = 1.0, pid: int = 100) -> list:
+    record = router.actors[actor]
+    return router.actor_message(record.identity, b"", p.ActorReady(actor=record.identity, pid=pid), now)
+
+
+def adopted(effects) -> list[tuple[str, list[str]]]:
+    """(identity, pvs) of every AdoptPvs among ``effects``."""
+    out = []
+    for effect in effects:
+        if isinstance(effect, ToActor) and effect.client == b"":
+            message = p.decode(effect.payload)
+            assert isinstance(message, p.AdoptPvs)
+            out.append((effect.actor, message.pvs))
+    return out
+
+
+def owner(router: Router, pv: str) -> str:
+    return router.pvs[pv].actor
+
+
+def test_the_pool_starts_with_the_daemon_and_a_new_pv_spawns_nothing():
+    router = Router(Config(pool_size=3), READINGS)
+    effects = router.initial_actors(now=0.0)
+    assert effects == [SpawnActor(f"pool:{i}", f"pool:{i}") for i in range(3)]
+    for actor in router.pool:
+        ready(router, actor)
+    request = p.ReadRequest(id=1, pv="IOC1:m1")
+    effects = send(router, request)
+    actor = owner(router, "IOC1:m1")
+    identity = router.actors[actor].identity
+    # No process starts on the way of a request: the pooled one adopts the PV, then is asked.
+    assert not [e for e in effects if isinstance(e, SpawnActor)]
+    assert effects == [
+        ToActor(identity, b"", p.encode(p.AdoptPvs(pvs=["IOC1:m1"]))),
+        ToActor(identity, ALICE, p.encode(request)),
+    ]
+
+
+def test_pvs_of_one_device_prefix_share_a_process_and_new_prefixes_spread():
+    router = pooled(2)
+    for actor in router.pool:
+        ready(router, actor)
+    for i, pv in enumerate(["IOC1:m1.VAL", "IOC1:m1.RBV", "IOC1:m2", "IOC2:x", "IOC2:y"]):
+        send(router, p.ReadRequest(id=i, pv=pv))
+    assert len({owner(router, pv) for pv in ["IOC1:m1.VAL", "IOC1:m1.RBV", "IOC1:m2"]}) == 1
+    assert owner(router, "IOC2:x") == owner(router, "IOC2:y") != owner(router, "IOC1:m1.VAL")
+
+
+def test_device_prefix():
+    assert device_prefix("IOC:m1.RBV") == "IOC"
+    assert device_prefix("BL1:mono:energy") == "BL1:mono"
+    assert device_prefix("XF:31IDA-OP{Tbl-Ax:X1}Mtr.RBV") == "XF:31IDA-OP{Tbl-Ax"
+    assert device_prefix("plain") == "plain"
+
+
+def test_a_full_process_takes_no_more_and_the_pool_grows_ahead_of_the_next_pv():
+    router = pooled(1, max_pvs_per_actor=3)
+    ready(router, "pool:0")
+    spawned = []
+    for i in range(3):
+        spawned += [e for e in send(router, p.ReadRequest(id=i, pv=f"A:{i}")) if isinstance(e, SpawnActor)]
+    # The third PV took the last room: one more process starts now, before anyone needs it.
+    assert spawned == [SpawnActor("pool:1", "pool:1")]
+    assert len(router.actors["pool:0"].pvs) == 3
+    ready(router, "pool:1")
+    effects = send(router, p.ReadRequest(id=9, pv="A:3"))
+    assert owner(router, "A:3") == "pool:1"
+    assert not [e for e in effects if isinstance(e, SpawnActor)]
+
+
+def test_a_pv_adopted_before_its_process_is_ready_is_adopted_with_the_ready():
+    router = pooled(1)
+    request = p.ReadRequest(id=1, pv="A:x")
+    assert send(router, request) == []  # queued: the pooled process is still starting
+    effects = ready(router, "pool:0")
+    assert adopted(effects) == [("pool:0", ["A:x"])]
+    assert effects[-1] == ToActor("pool:0", ALICE, p.encode(request))
+
+
+def test_a_restarted_process_adopts_all_its_pvs_again_in_one_message():
+    router = pooled(1)
+    ready(router, "pool:0")
+    for i in range(5):
+        send(router, p.ReadRequest(id=i, pv=f"A:{i}"))
+    router.actor_exited("pool:0", 1, now=100.0)
+    effects = ready(router, "pool:0", now=100.5)
+    assert adopted(effects) == [(identity_of("pool:0", 1), [f"A:{i}" for i in range(5)])]
+
+
+def test_only_the_dead_processs_pvs_are_lost():
+    router = pooled(2)
+    for actor in router.pool:
+        ready(router, actor)
+    send(router, p.ReadRequest(id=1, pv="A:x"))
+    send(router, p.ReadRequest(id=2, pv="B:y"))
+    victim = owner(router, "A:x")
+    assert owner(router, "B:y") != victim
+    effects = router.actor_exited(victim, 1, now=50.0)
+    lost = [e.message.pv for e in effects if isinstance(getattr(e, "message", None), p.PvLost)]
+    assert lost == ["A:x"]
+
+
+def kill_young(router: Router, actor: str, now: float) -> list:
+    """The process of ``actor`` dies right after it was ready (its restart is then due)."""
+    ready(router, actor, now=now)
+    effects = router.actor_exited(actor, 139, now=now + 0.1)
+    record = router.actors.get(actor)
+    if record is not None and record.restart_at is not None:
+        router.tick(record.restart_at)
+    return effects
+
+
+def test_a_pv_that_keeps_killing_its_pooled_process_is_quarantined_alone():
+    router = pooled(1)
+    ready(router, "pool:0", now=0.0)
+    for i in range(3):
+        send(router, p.ReadRequest(id=i, pv=f"OLD:{i}"), now=0.0)
+    router.tick(TRUST_S + 1)  # these lived long enough: trusted
+    send(router, p.ReadRequest(id=9, pv="BAD:pv"), now=TRUST_S + 1)
+    effects = router.actor_exited("pool:0", 139, now=TRUST_S + 2)
+    assert not [e for e in effects if isinstance(e, Quarantined)]  # one strike: it may be bad luck
+    assert router.pvs["BAD:pv"].strikes == 1 and router.pvs["OLD:0"].strikes == 0
+    effects = kill_young(router, "pool:0", TRUST_S + 3)
+    assert [e for e in effects if isinstance(e, Quarantined)] == [Quarantined(("BAD:pv",), "pool:0", "pv:BAD:pv")]
+    assert owner(router, "BAD:pv") == "pv:BAD:pv"
+    assert router.pvs["BAD:pv"].quarantined
+    assert SpawnActor("pv:BAD:pv", "pv:BAD:pv") in effects
+    assert router.actors["pool:0"].pvs == {"OLD:0", "OLD:1", "OLD:2"}
+    status = {entry["pv"]: entry for entry in router.status(20.0)["pvs"]}
+    assert status["BAD:pv"]["quarantined"] is True and status["OLD:0"]["quarantined"] is False
+
+
+def test_many_suspects_are_halved_until_the_bad_one_is_alone():
+    router = pooled(1)
+    ready(router, "pool:0", now=0.0)
+    suspects = [f"NEW:{i}" for i in range(8)]
+    for i, pv in enumerate(suspects):
+        send(router, p.ReadRequest(id=i, pv=pv), now=0.0)
+    bad = "NEW:5"
+    router.actor_exited("pool:0", 139, now=1.0)
+    effects = kill_young(router, "pool:0", 2.0)  # second strike for all 8: split in two
+    moved = [e for e in effects if isinstance(e, Quarantined)]
+    assert sorted(pv for e in moved for pv in e.pvs) == suspects
+    assert not router.actors["pool:0"].pvs
+    now, deaths = 3.0, 2
+    while not router.pvs[bad].quarantined:
+        holder = owner(router, bad)
+        kill_young(router, holder, now)  # whatever holds the bad PV dies
+        now, deaths = now + 1.0, deaths + 1
+        assert deaths < 10
+    assert owner(router, bad) == f"pv:{bad}"
+    # The others were never quarantined; every one has an owner that is not the bad one's.
+    assert all(not router.pvs[pv].quarantined and owner(router, pv) != owner(router, bad)
+               for pv in suspects if pv != bad)
+    assert deaths <= 2 + 3  # log2(8) more deaths
+
+
+def test_a_group_stays_whole_however_often_it_dies():
+    router = pooled(0, groups={"motion": ("M:1", "M:2")})
+    for now in (1.0, 2.0, 3.0):
+        kill_young(router, "group:motion", now)
+    assert router.actors["group:motion"].pvs == {"M:1", "M:2"}
+    assert QUARANTINE_STRIKES <= 3
+
+
+def test_heartbeats_carry_only_changed_pvs_and_status_keeps_the_others():
+    router = pooled(1)
+    ready(router, "pool:0")
+    for i in range(3):
+        send(router, p.ReadRequest(id=i, pv=f"A:{i}"))
+    stats = {f"A:{i}": {"connected": True, "updates": 1, "last_update": 5.0} for i in range(3)}
+    router.actor_message("pool:0", b"", p.Heartbeat(sender="pool:0", stats=stats), now=2.0)
+    router.actor_message("pool:0", b"", p.Heartbeat(sender="pool:0", stats={"A:1": {"connected": False, "updates": 2}}), now=2.5)
+    status = {entry["pv"]: entry for entry in router.status(3.0)["pvs"]}
+    assert [status[f"A:{i}"]["connected"] for i in range(3)] == [True, False, True]
+    assert status["A:1"]["updates"] == 2 and status["A:0"]["updates"] == 1
+
+
+def test_a_bad_heartbeat_is_ignored():
+    router = pooled(1)
+    ready(router, "pool:0")
+    send(router, p.ReadRequest(id=1, pv="A:1"))
+    for stats in ({"A:1": "nonsense"}, {"A:1": {"updates": "many"}}, {"nobody:pv": {"updates": 3}}):
+        assert router.actor_message("pool:0", b"", p.Heartbeat(sender="pool:0", stats=stats), now=2.0) == []
+    assert router.status(3.0)["pvs"][0]["updates"] == 0
+
+
+def test_isolated_pvs_get_a_process_of_their_own():
+    router = pooled(2, isolate=("FRAGILE:*",))
+    effects = send(router, p.ReadRequest(id=1, pv="FRAGILE:x"))
+    assert effects == [SpawnActor("pv:FRAGILE:x", "pv:FRAGILE:x")]
+    assert owner(router, "FRAGILE:x") == "pv:FRAGILE:x"
+
+
+def test_a_request_is_answered_once_its_pooled_process_is_ready_even_after_a_death():
+    router = pooled(1)
+    ready(router, "pool:0")
+    request = p.SetRequest(id=4, pv="A:1", value=1.0)
+    send(router, request)
+    effects = router.actor_exited("pool:0", 1, now=3.0)
+    (reply,) = [e for e in effects if isinstance(e, ToClient)]
+    assert reply.message.code == "actor_died" and "outcome is unknown" in reply.message.message
