@@ -388,6 +388,8 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
         except (PvhubError, TimeoutError) as exc:
             log.debug("signal_not_connected", pv=pv, error=str(exc))
             raise NotConnectedError(f"{SCHEME}{pv}") from exc
+        finally:
+            self._wakers.pop(pv, None)  # connected or not, nobody waits for its events now
         self.initial_values[pv] = (snapshot.metadata or {}, snapshot.reading.value)  # type: ignore[union-attr]
 
     async def _until_ready(self, channel: Channel, timeout: float) -> None:
@@ -481,6 +483,10 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
         if callback and self._callback:
             raise RuntimeError("Cannot set a callback when one is already set")
         channel = self.hub.channel(self.read_pv)
+        try:  # the loop that asks (the RunEngine's, say), if not the one that connected
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # asked from a thread with no loop: the loop that connected gets the calls
         loop = self._loop
         with channel.cond:
             # Under the channel's lock, so that no update the I/O thread queues can overtake
@@ -508,8 +514,9 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
         try:
             if kind == "value" and channel.pv == self.read_pv and self._callback is not None:
                 loop.call_soon_threadsafe(self._deliver, self._generation, channel.reading)
-            if channel.pv in self._wakers:
-                loop.call_soon_threadsafe(self._wakers[channel.pv].set)
+            waker = self._wakers.get(channel.pv)  # only while a connect waits
+            if waker is not None:
+                loop.call_soon_threadsafe(waker.set)
         except RuntimeError as exc:  # the loop was closed: nobody is left to tell
             log.debug("signal_event_dropped", pv=channel.pv, kind=kind, error=str(exc))
 
