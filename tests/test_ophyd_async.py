@@ -38,6 +38,7 @@ from pvhub.client.ophyd_async import (
     pvhub_signal_x,
     signal_metadata,
 )
+from pvhub.errors import PVNotAllowedError
 from pvhub.sim import free_tcp_port
 
 SCRIPT = Path(__file__).with_name("side_by_side_async.py")
@@ -413,3 +414,30 @@ def test_signal_x_puts_back_the_value_it_connected_with(hub, prefix):
         return await count.get_value()
 
     assert run(scenario()) == 5
+
+
+@pytest.mark.system
+@pytest.mark.timeout(60)
+def test_a_refused_pv_fails_at_once_naming_which_pv(zoo_ioc, hub_factory, prefix, tmp_path, monkeypatch):
+    config = tmp_path / "pvhub.toml"
+    config.write_text(f'[pvs]\nallow = ["{prefix}*"]\n')
+    daemon = hub_factory(zoo_ioc, args=["--config", str(config)])
+    monkeypatch.setenv("PVHUB_ADDRESS", daemon.address)
+
+    async def scenario():
+        # Read and write PVs connect together; the error names the one that failed.
+        signal = pvhub_signal_rw(float, prefix + "motor", "elsewhere:motor")
+        start = time.monotonic()
+        with pytest.raises(NotConnectedError) as caught:
+            await signal.connect(timeout=10)
+        return caught.value, time.monotonic() - start
+
+    try:
+        error, took = run(scenario())
+    finally:
+        close_hubs()
+    assert set(error.sub_errors) == {"write_pv"}
+    refused = error.sub_errors["write_pv"]
+    assert isinstance(refused, NotConnectedError) and str(refused) == " pvhub://elsewhere:motor\n"
+    assert isinstance(refused.__cause__, PVNotAllowedError)
+    assert took < 5.0  # refused, not timed out
