@@ -12,11 +12,15 @@ with an error and logged with its traceback.
 Rule 4: the broker gives the actor its PVs (``AdoptPvs``, before any request for them); the
 actor's heartbeat names only the PVs whose state changed since the last one, so a process
 that owns thousands of quiet PVs sends almost nothing.
+Rule 5: ``PVHUB_FAULT_EXIT_ON_ADOPT`` (a glob pattern) makes the process exit when it adopts a
+PV that matches: a PV that crashes whatever process holds it, for the tests of the broker's
+quarantine. Unset, it costs nothing.
 """
 
 from __future__ import annotations
 
 import collections
+import fnmatch
 import os
 import socket
 import time
@@ -84,6 +88,10 @@ class Actor:
     def adopt(self, pvs: list[str]) -> None:
         """Own ``pvs`` from now on (those not owned yet): connect and monitor them."""
         new = [pv for pv in dict.fromkeys(pvs) if isinstance(pv, str) and pv and pv not in self.states]
+        fault = os.environ.get("PVHUB_FAULT_EXIT_ON_ADOPT")
+        if fault and any(fnmatch.fnmatchcase(pv, fault) for pv in new):
+            self.log.error("fault_injected", pvs=new[:5])
+            os._exit(70)
         for pv in new:
             self.states[pv] = PvState(pv, self.epoch)
             self._changed.add(pv)
