@@ -8,10 +8,20 @@ channel that just dropped fails at once instead of being sent later, when nobody
 Rule 3: a put's outcome comes from the IOC's put-completion (WRITE_NOTIFY). caproto's
 threading client drops the IOC's ``ErrorResponse`` to a put on the floor; we route it to the
 put's callback, so a refused put fails instead of hanging.
+Rule 4: we acknowledge every TCP segment from an IOC at once (``TCP_QUICKACK`` after each
+receive). caproto's own IOC server leaves Nagle's algorithm on (EPICS base's rsrv turns it
+off), so it holds a small reply until its previous one is acknowledged, and Linux delays an
+acknowledgement by 40 ms or more when the receiver looks interactive. The actor's put meets
+exactly that: the IOC answers WRITE_NOTIFY, and holds the monitor update the write caused;
+our read-back request acknowledges the answer and releases the update; the read-back's reply
+then waits behind the unacknowledged update for our delayed ACK. ``bench/nagle_probe.py``
+shows the sequence and its variations. Against an IOC with ``TCP_NODELAY`` this costs one
+empty ACK per receive and changes nothing else.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -149,6 +159,40 @@ def _route_error_responses(manager_cls: type) -> None:
 
 
 _route_error_responses(ca_client.VirtualCircuitManager)
+
+# Linux only; elsewhere delayed acknowledgements are left to the system (Rule 4).
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def _acknowledge_at_once(manager_cls: type) -> None:
+    """Make caproto's circuits acknowledge every receipt without delay (see Rule 4).
+
+    ``received`` runs on caproto's selector thread right after its ``recv``, before the bytes
+    are parsed, so the ACK leaves as early as user space can send it. Linux re-arms delayed
+    acknowledgement whenever we send soon after receiving, hence the option on every receipt,
+    not once per socket.
+    """
+    if _TCP_QUICKACK is None or getattr(manager_cls, "_pvhub_acks_at_once", False):
+        return
+    original = manager_cls.received
+    option = _TCP_QUICKACK
+
+    def received(self: Any, bytes_recv: bytes, address: Any) -> Any:
+        sock = self.socket
+        if bytes_recv and sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+            except OSError:
+                # The socket closed under us: the next receive reports the disconnection, and
+                # an ACK for a dead circuit is nothing lost.
+                pass
+        return original(self, bytes_recv, address)
+
+    manager_cls.received = received
+    manager_cls._pvhub_acks_at_once = True
+
+
+_acknowledge_at_once(ca_client.VirtualCircuitManager)
 
 
 class ChannelAccessBackend:
