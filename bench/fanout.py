@@ -1,4 +1,5 @@
-"""The fan-out part of ``bench_core.py``: N subscriber processes on one fast PV.
+"""N subscriber processes on one counting PV: the fan-out of ``bench_core.py`` and the
+streaming parts of ``python -m bench`` (fanout, throughput, waveform).
 
 Rule 1: every subscriber is a process of its own (``subscriber.py``), as real clients are; a
 pvhub subscriber goes through the daemon, a direct one holds its own Channel Access monitor.
@@ -40,13 +41,16 @@ QUIT_TIMEOUT = 5.0
 class Subscribers:
     """``n`` subscriber processes of one ``mode`` ("pvhub" or "caproto") on ``pv``."""
 
-    def __init__(self, mode: str, pv: str, n: int, env: dict[str, str], stderr: IO[Any]) -> None:
+    def __init__(self, mode: str, pv: str, n: int, env: dict[str, str], stderr: IO[Any],
+                 extra: tuple[str, int] | None = None) -> None:
         self.mode = mode
         self._lines: list[queue.SimpleQueue[str | None]] = []
         self.processes: list[subprocess.Popen[str]] = []
+        # extra: (name prefix, count) of more counting PVs each subscriber also watches.
+        more = ["--extra", extra[0], str(extra[1])] if extra else []
         for _ in range(n):
             process = subprocess.Popen(
-                [sys.executable, str(SUBSCRIBER), mode, pv],
+                [sys.executable, str(SUBSCRIBER), mode, pv, *more],
                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
             )  # fmt: skip
             lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -117,7 +121,7 @@ class Window:
     elapsed: float
     first: int
     last: int
-    monitors: int  # CA monitors the IOC held on the PV (its fast_monitors PV)
+    monitors: int  # CA monitors the IOC held on the PV (its fast_monitors PV; -1: unknown)
     probe: float  # seconds the slower of the two counter reads took (each a new client: search, connect, read)
     ioc_cpu: float  # % of one core
     hub_cpu: float  # daemon plus its actors, % of one core (0 for direct)
@@ -185,6 +189,23 @@ class Window:
         return 100.0 * sum(r["cpu"] / r["elapsed"] for r in self.results) / len(self.results)
 
     @property
+    def extra_received(self) -> int:
+        """Updates of the extra PVs received during the window, all subscribers together."""
+        return sum(r.get("extra_received", 0) for r in self.results)
+
+    @property
+    def extra_lost(self) -> int:
+        """Values of the extra PVs skipped over (gaps in their counts), all subscribers."""
+        return sum(r.get("extra_lost", 0) for r in self.results)
+
+    @property
+    def delivered_per_s(self) -> float:
+        """Readings per second delivered to all subscribers together: the counting PV's
+        window values and the extra PVs' updates."""
+        counted = sum(self.delivered(r) for r in self.results) + self.extra_received
+        return counted / self.elapsed
+
+    @property
     def backwards(self) -> int:
         return sum(r["backwards"] for r in self.results)
 
@@ -203,6 +224,8 @@ class Window:
             "dropped_percent": self.dropped_percent, "late_percent": self.late_percent,
             "seq_missed_percent": self.seq_missed_percent,
             "backwards": self.backwards,
+            "extra_received": self.extra_received, "extra_lost": self.extra_lost,
+            "delivered_per_s": self.delivered_per_s,
             "latency_p50": percentile(self.latencies, 50), "latency_p99": percentile(self.latencies, 99),
             "ioc_cpu": self.ioc_cpu, "hub_cpu": self.hub_cpu, "clients_cpu": self.clients_cpu,
             "others_cpu": self.others_cpu,
@@ -210,16 +233,19 @@ class Window:
 
 
 class IOCControl:
-    """The benchmark's hands on the IOC: the rate and the counter of its fast PV, and a
-    restart for when it no longer answers.
+    """The benchmark's hands on the IOC: the rate and the counter of one of its counting PVs
+    (``fast`` by default; its first element for an array), and a restart for when it no
+    longer answers.
 
     Every read and write goes over a circuit of its own. A long-lived client is no good here:
     when an IOC swamped by monitors drops its circuit, caproto's threading client searches
     again, and after 8 s of no answer it searches only once a minute.
     """
 
-    def __init__(self, ioc: SimulatedIOC) -> None:
+    def __init__(self, ioc: SimulatedIOC, counter: str = "fast", rate: str = "fast_rate",
+                 monitors: str | None = "fast_monitors") -> None:
         self.ioc = ioc
+        self.counter_pv, self.rate_pv, self.monitors_pv = counter, rate, monitors
         self.pids = [ioc.pid]
         self.restarts: list[str] = []
 
@@ -236,20 +262,22 @@ class IOCControl:
         while True:
             try:
                 # repeater=False: the sync client would otherwise spawn a caproto-repeater.
-                write(self.ioc.pv("fast_rate"), hz, notify=True, timeout=5.0, repeater=False)
+                write(self.ioc.pv(self.rate_pv), hz, notify=True, timeout=5.0, repeater=False)
                 return
             except (CaprotoError, OSError):
                 if time.monotonic() > deadline:
                     raise
 
     def counter(self) -> int:
-        return int(self.ioc.read("fast", timeout=CONTROL_TIMEOUT).data[0])
+        return int(self.ioc.read(self.counter_pv, timeout=CONTROL_TIMEOUT).data[0])
 
     def monitors(self) -> int:
-        return int(self.ioc.read("fast_monitors", timeout=CONTROL_TIMEOUT).data[0])
+        if self.monitors_pv is None:
+            return -1
+        return int(self.ioc.read(self.monitors_pv, timeout=CONTROL_TIMEOUT).data[0])
 
     def quiet(self, after: str) -> None:
-        """Pause ``fast``; restart the IOC if it does not answer within ``RECOVER_TIMEOUT``."""
+        """Pause the counter; restart the IOC if it does not answer within ``RECOVER_TIMEOUT``."""
         from caproto import CaprotoError
 
         try:

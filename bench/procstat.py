@@ -88,3 +88,29 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+def descendants(root: int) -> list[int]:
+    """Every living process below ``root`` in the process tree (children, theirs, ...)."""
+    found: list[int] = []
+    stack = [root]
+    while stack:
+        for child in children(stack.pop()):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def rss_bytes(pids: list[int] | tuple[int, ...]) -> int:
+    """Resident memory of ``pids`` added up (shared pages count once per process)."""
+    total = 0
+    for pid in pids:
+        try:
+            status = (_PROC / str(pid) / "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+                break
+    return total

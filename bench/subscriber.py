@@ -1,10 +1,15 @@
 """One subscriber process of the fan-out part of ``bench_core.py``.
 
-    python bench/subscriber.py pvhub|caproto PV
+    python bench/subscriber.py pvhub|caproto PV [--extra NAME_PREFIX COUNT]
 
 ``pvhub`` subscribes through ``pvhub.client.EpicsSignalRO`` (``PVHUB_ADDRESS`` in the
 environment); ``caproto`` subscribes straight to the IOC with caproto's threading client
-(``EPICS_CA_*`` in the environment), one Channel Access monitor per process.
+(``EPICS_CA_*`` in the environment), one Channel Access monitor per process. PV counts up by one per update; for
+an array PV, its first element does.
+
+``--extra NAME_PREFIX COUNT`` also subscribes (pvhub only) to COUNT more counting PVs,
+``NAME_PREFIX00000`` onwards, and reports how many of their updates arrived during a window
+and how many of their values were skipped.
 
 It prints ``ready`` once the first value has arrived, then obeys lines on stdin:
 ``window SECONDS TAIL`` collects the counter values that arrive during SECONDS + TAIL and
@@ -36,6 +41,9 @@ _collecting = False
 _values: list[int] = []
 _latencies: list[float] = []
 _first = threading.Event()
+_extra_received = 0
+_extra_lost = 0
+_extra_last: dict[str, int] = {}
 
 
 def on_value(value: int, timestamp: float) -> None:
@@ -46,7 +54,20 @@ def on_value(value: int, timestamp: float) -> None:
     _first.set()
 
 
-def subscribe_pvhub(pv: str):
+def on_extra(pv: str, value: int) -> None:
+    global _extra_received, _extra_lost
+    last = _extra_last.get(pv)
+    _extra_last[pv] = value
+    if _collecting and last is not None:
+        _extra_received += 1
+        _extra_lost += max(0, value - last - 1)
+
+
+def first_element(value) -> int:
+    return int(value[0]) if hasattr(value, "__len__") else int(value)
+
+
+def subscribe_pvhub(pv: str, extra: tuple[str, int] | None = None):
     import structlog
 
     # The client's warnings (gaps, resyncs) go to stderr: stdout is the line protocol.
@@ -57,9 +78,18 @@ def subscribe_pvhub(pv: str):
     signal.wait_for_connection(timeout=60)
 
     def callback(value, timestamp, **kwargs):
-        on_value(value, timestamp)
+        on_value(first_element(value), timestamp)
 
     signal.subscribe(callback)
+    extras = []
+    if extra is not None:
+        prefix, count = extra
+        for i in range(count):
+            name = f"{prefix}{i:05d}"
+            extras.append(EpicsSignalRO(name, name=f"extra{i}"))
+        for i, other in enumerate(extras):
+            other.wait_for_connection(timeout=120)
+            other.subscribe(lambda value, _pv=other.pvname, **kw: on_extra(_pv, int(value)))
 
     def stop() -> None:
         signal.unsubscribe_all()
@@ -68,12 +98,12 @@ def subscribe_pvhub(pv: str):
     def missed() -> int | None:
         # Updates the client saw the actor publish but never received (gaps in their seq):
         # lost between the actor and this process, not upstream of the actor.
-        return getattr(getattr(signal, "_read_channel", None), "missed", None)
+        return signal.missed_updates + sum(other.missed_updates for other in extras)
 
-    return stop, missed, (signal, callback)
+    return stop, missed, (signal, callback, extras)
 
 
-def subscribe_caproto(pv: str):
+def subscribe_caproto(pv: str, extra: tuple[str, int] | None = None):
     from caproto.threading.client import Context
 
     context = Context()
@@ -95,14 +125,17 @@ def subscribe_caproto(pv: str):
 
 def window(seconds: float, tail: float, missed: Callable[[], int | None]) -> dict:
     """Collect for ``seconds`` plus ``tail``; CPU time is that of the first ``seconds``."""
-    global _collecting, _values, _latencies
+    global _collecting, _values, _latencies, _extra_received, _extra_lost
     _values, _latencies = [], []
+    _extra_received = _extra_lost = 0
     missed0 = missed()
     cpu0, t0 = sum(os.times()[:2]), time.monotonic()
     _collecting = True
     time.sleep(seconds)
     cpu = sum(os.times()[:2]) - cpu0
     elapsed = time.monotonic() - t0
+    # The extra PVs count during the window only (their values are not tied to it).
+    extra_received, extra_lost = _extra_received, _extra_lost
     time.sleep(tail)
     _collecting = False
     missed1 = missed()
@@ -115,6 +148,8 @@ def window(seconds: float, tail: float, missed: Callable[[], int | None]) -> dic
         "backwards": backwards,
         "elapsed": elapsed,
         "cpu": cpu,
+        "extra_received": extra_received,
+        "extra_lost": extra_lost,
         "seq_missed": None if missed0 is None or missed1 is None else missed1 - missed0,
         "latencies": [[v, lat] for v, lat in zip(values[::step], latencies[::step])],
     }
@@ -133,9 +168,10 @@ def runs(values: list[int]) -> list[list[int]]:
 
 def main() -> int:
     mode, pv = sys.argv[1], sys.argv[2]
+    extra = (sys.argv[4], int(sys.argv[5])) if sys.argv[3:4] == ["--extra"] else None
     threading.Timer(MAX_LIFETIME, os._exit, args=(3,)).start()
     subscribe = {"pvhub": subscribe_pvhub, "caproto": subscribe_caproto}[mode]
-    stop, missed, keep = subscribe(pv)
+    stop, missed, keep = subscribe(pv, extra)
     if not _first.wait(60):
         print(json.dumps({"error": "no value within 60 s"}), flush=True)
         os._exit(2)
