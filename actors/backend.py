@@ -27,10 +27,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import caproto
+import structlog
 from caproto import ChannelType
 from caproto.threading import client as ca_client
 
 from pvhub import protocol as p
+
+log = structlog.get_logger("pvhub.actor")
 
 # --- events ---------------------------------------------------------------------------------
 
@@ -182,10 +185,10 @@ def _acknowledge_at_once(manager_cls: type) -> None:
         if bytes_recv and sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, option, 1)
-            except OSError:
+            except OSError as exc:
                 # The socket closed under us: the next receive reports the disconnection, and
                 # an ACK for a dead circuit is nothing lost.
-                pass
+                log.debug("quickack_not_set", error=str(exc))
         return original(self, bytes_recv, address)
 
     manager_cls.received = received
@@ -249,6 +252,7 @@ class ChannelAccessBackend:
 
         def on_control(response: Any) -> None:
             if isinstance(response, caproto.ErrorResponse):
+                log.warning("metadata_read_refused", pv=pv.name, error=_text(bytes(response.error_message)))
                 return
             self._emit(MetadataEvent(pv.name, metadata_of(response, native, count, host)))
 
@@ -256,8 +260,8 @@ class ChannelAccessBackend:
             ca_client.PV.read.__wrapped__(
                 pv, wait=False, callback=on_control, data_type="control", timeout=None
             )
-        except Exception:  # a circuit that died right after connecting: reconnection retries
-            pass
+        except Exception as exc:  # a circuit that died right after connecting: reconnection retries
+            log.warning("metadata_read_not_sent", pv=pv.name, error=str(exc))
 
     # --- requests from the actor loop --------------------------------------------------------
 
@@ -290,13 +294,17 @@ class ChannelAccessBackend:
 
         def on_read(response: Any) -> None:
             readback = None
-            if not isinstance(response, caproto.ErrorResponse) and channel is not None:
+            if isinstance(response, caproto.ErrorResponse):
+                # The put itself completed; only its read-back is lost (the monitor follows).
+                log.warning("readback_refused", pv=pv.name, error=_text(bytes(response.error_message)))
+            elif channel is not None:
                 readback = reading_of(response, channel.native_data_type)
             self._emit(PutDoneEvent(pv.name, put_id, None, readback))
 
         try:
             ca_client.PV.read.__wrapped__(pv, wait=False, callback=on_read, data_type="time", timeout=None)
-        except Exception:
+        except Exception as exc:
+            log.warning("readback_not_sent", pv=pv.name, error=str(exc))
             self._emit(PutDoneEvent(pv.name, put_id, None, None))
 
     def close(self) -> None:
@@ -306,5 +314,5 @@ class ChannelAccessBackend:
         for subscription in self._subscriptions.values():
             try:
                 subscription.clear()
-            except Exception:
-                pass
+            except Exception as exc:  # a dead circuit: the IOC drops the monitor with it
+                log.warning("monitor_not_cleared", pv=subscription.pv.name, error=str(exc))
