@@ -9,6 +9,10 @@ Rule 2: only a snapshot (an answer to the channel's own request) makes a channel
 describe at once.
 Rule 3: state is written only by the hub's I/O thread and read by any thread under ``cond``;
 listeners run under ``cond`` too and only queue work for the callback thread.
+Rule 4: every change that tells listeners anything gets the next ``version``, a number of the
+channel's own that only grows. A subscriber remembers the version of the last change it
+delivered and so skips what its first call already showed. ``(epoch, seq)`` cannot serve: a
+lost PV forgets its ``seq`` and may come back at the same or a lower one.
 """
 
 from __future__ import annotations
@@ -46,8 +50,14 @@ class Channel:
         self.gaps = 0
         self.missed = 0
         self.error: BaseException | None = None  # the daemon refused this PV
-        self._last_proof = 0.0
-        self._proof_pending = False
+        self.version = 0  # Rule 4: the last change listeners were told of
+        self.value_version = 0  # the last change that was a new value (0: none yet)
+        self.previous: p.Reading | None = None  # the reading that new value replaced
+        # The hub's bookkeeping for proving the subscription (hub.py, Rule 4): the snapshot
+        # request outstanding, if any, and when the hub looks at this channel next.
+        self.proof_request: int | None = None
+        self.proof_asked = 0.0  # when proof_request was sent
+        self.proof_due: float | None = None
         # listener(kind, channel, old_reading) with kind "value" or "meta"; run on the I/O
         # thread, so listeners only hand work to the dispatcher. Held weakly: a Signal the
         # user dropped is not kept alive (or called) by its channel.
@@ -89,6 +99,11 @@ class Channel:
     ) -> None:
         with self.cond:
             events = self._apply(epoch, seq, connected, reading, metadata, from_stream)
+            if events:
+                self.version += 1
+                for kind, old in events:
+                    if kind == "value":
+                        self.value_version, self.previous = self.version, old
             # Listeners only queue work for the callback thread, so they run under the lock:
             # a user thread that sees the new state (say, ready) also finds its events
             # queued ahead of anything it queues next (a new subscription's first call).
@@ -159,8 +174,10 @@ class Channel:
             # Whatever comes next (a new actor, or the same one after the client lost the
             # daemon for a while) must be accepted, even at the seq we already have.
             self.seq = -1
-            self._proof_pending = False
+            self.proof_request = None  # its answer, if it comes, is no proof of anything now
             self.cond.notify_all()
+            if was_connected:
+                self.version += 1
             for listener in self._live_listeners() if was_connected else []:
                 listener("meta", self, self.reading)
         if was_connected:

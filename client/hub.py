@@ -8,7 +8,13 @@ Rule 3 (the Clone pattern): a PV's channel subscribes to its topic first, then a
 snapshot; ``pvhub.client.channel`` holds the rules for what it then accepts.
 Rule 4: a subscription is known to be live once something arrives on it. Until then the
 channel asks the actor to publish its snapshot again every ``PROOF_INTERVAL`` (one request
-outstanding at a time), which proves the subscription without any fixed wait.
+outstanding at a time), which proves the subscription without any fixed wait. Each time it
+asks again it also subscribes again: a subscription is a message, and one that met a full
+queue on its way to the actor (ZeroMQ drops those silently) is otherwise lost for good. For
+the same reason a snapshot request unanswered after ``SNAPSHOT_TIMEOUT`` is given up (a late
+answer is ignored) and asked again: a read changes nothing, so asking twice is harmless. Only
+channels waiting for a proof or a snapshot are looked at, in a heap by when they are due: a
+wake-up costs nothing per idle channel, so a process may hold thousands of them.
 Rule 5 (Paranoid Pirate): the client pings the daemon every ``CLIENT_HEARTBEAT_S``; a daemon
 silent for ``LIVENESS`` beats, or one that announces it is stopping, is lost: every request in
 flight fails at once (a put's outcome is then unknown; nothing is ever re-sent), every channel
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import heapq
 import itertools
 import os
 import queue
@@ -44,6 +51,7 @@ log = library_logger("pvhub.client")
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 PROOF_INTERVAL = 0.1
+SNAPSHOT_TIMEOUT = 5.0
 HELLO_RETRY = 0.1
 POLL_MS = 50
 
@@ -86,8 +94,14 @@ class Hub:
         self._unanswered = 0  # pings sent (or tried) since the daemon last said anything
         self._stopping_hub = False  # the daemon said it is stopping: answers still come
         self.losses = 0
+        self.wakeups = 0  # passes of the I/O loop (benchmarks: work per wake-up)
+        self.dispatches = 0  # callbacks queued for the callback thread
         self._channels: dict[str, Channel] = {}
         self._channels_lock = threading.Lock()
+        # Channels whose subscription is not proven yet (Rule 4): (due, order, channel). An
+        # entry whose due is no longer its channel's ``proof_due`` is stale, and skipped.
+        self._proofs: list[tuple[float, int, Channel]] = []
+        self._proof_order = itertools.count()
         self._dispatch: queue.SimpleQueue = queue.SimpleQueue()
         self._ctx = zmq.Context()
         self._io = threading.Thread(target=self._run, name=f"pvhub-io {self.address}", daemon=True)
@@ -164,6 +178,11 @@ class Hub:
         except TimeoutError:
             raise HubUnavailableError(f"no answer from the pvhub daemon at {self.address} within {timeout} s") from None
 
+    @property
+    def unproven(self) -> int:
+        """How many channels wait for the proof of their subscription (Rule 4)."""
+        return sum(1 for due, _, channel in list(self._proofs) if channel.proof_due == due)
+
     def wait_for_hello(self, timeout: float | None) -> None:
         if not self._hello.wait(timeout):
             raise HubUnavailableError(
@@ -176,6 +195,7 @@ class Hub:
         if self._closed.is_set() and not self._dispatcher.is_alive():
             func(*args, **kwargs)
             return
+        self.dispatches += 1
         self._dispatch.put((func, args, kwargs))
 
     def close(self) -> None:
@@ -212,6 +232,10 @@ class Hub:
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, DEFAULT_READINGS_HWM)  # and the daemon's own bound
+        # Subscriptions travel as outgoing messages: past SNDHWM (1000 by default) a SUB drops
+        # them without a word, and a process may subscribe to thousands of PVs at once (or
+        # again, all together, when it reconnects).
+        self._sub.setsockopt(zmq.SNDHWM, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, p.HUB_TOPIC)
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
@@ -220,6 +244,7 @@ class Hub:
         try:
             while not self._closed.is_set():
                 ready = dict(poller.poll(POLL_MS))
+                self.wakeups += 1
                 if self._wake_r.fileno() in ready:
                     _drain(self._wake_r)
                 while self._calls:
@@ -232,8 +257,9 @@ class Hub:
                     self._drain_replies()
                 if self._sub in ready:
                     self._drain_readings()
-                self._keep_alive(time.monotonic())
-                self._prove_subscriptions()
+                now = time.monotonic()
+                self._keep_alive(now)
+                self._prove_subscriptions(now)
         except Exception:
             log.exception("hub_io_failed", address=self.address)
         finally:
@@ -389,6 +415,7 @@ class Hub:
                 lost = self._channels.get(update.pv)
                 if lost is not None:
                     lost.lose(update.reason)
+                    self._schedule_proof(lost, time.monotonic())
                 continue
             if not isinstance(update, p.Update):
                 continue
@@ -408,11 +435,14 @@ class Hub:
             self._request_snapshot(channel)
 
     def _request_snapshot(self, channel: Channel) -> None:
-        channel._last_proof = time.monotonic()
-        channel._proof_pending = True
+        now = time.monotonic()
+        request_id = next(self._ids)
+        channel.proof_request = request_id
 
         def on_snapshot(message: p.Message) -> bool:
-            channel._proof_pending = False
+            if channel.proof_request != request_id:
+                return True  # given up (Rule 4), or the PV was lost since: a newer one counts
+            channel.proof_request = None
             if isinstance(message, p.Snapshot):
                 channel.apply(
                     message.epoch, message.seq, message.connected, message.reading, message.metadata,
@@ -424,13 +454,16 @@ class Hub:
                     channel.cond.notify_all()
             # Other errors (the actor or the daemon restarting) are passing: the channel
             # asks again (Rule 4) until it gets a snapshot.
+            self._schedule_proof(channel, now + PROOF_INTERVAL)
             return True
 
-        request_id = next(self._ids)
         if self._send(p.ReadRequest(id=request_id, pv=channel.pv, publish=not channel.live)):
             self._pending[request_id] = on_snapshot
+            channel.proof_asked = now
+            self._schedule_proof(channel, now + SNAPSHOT_TIMEOUT)
         else:
-            channel._proof_pending = False
+            channel.proof_request = None
+            self._schedule_proof(channel, now + PROOF_INTERVAL)
 
     def _all_channels(self) -> list[Channel]:
         with self._channels_lock:
@@ -439,14 +472,45 @@ class Hub:
     def _resync(self, channel: Channel) -> None:
         self._request_snapshot(channel)
 
-    def _prove_subscriptions(self) -> None:
+    def _schedule_proof(self, channel: Channel, due: float) -> None:
+        """Look at ``channel`` again at ``due`` if it is not live and attached by then."""
+        if (channel.live and channel.attached) or channel.error is not None:
+            return
+        if channel.proof_due is not None and channel.proof_due <= due:
+            return  # it is looked at sooner already
+        channel.proof_due = due
+        heapq.heappush(self._proofs, (due, next(self._proof_order), channel))
+
+    def _prove_subscriptions(self, now: float) -> None:
+        """Rule 4, for the channels that are due: ask again where no request is outstanding
+        (its answer schedules the next look) or where it is overdue."""
         if not self._hello.is_set():
             return
-        now = time.monotonic()
-        for channel in self._all_channels():
-            if (not channel.live and channel.error is None and not channel._proof_pending
-                    and now - channel._last_proof >= PROOF_INTERVAL):
-                self._request_snapshot(channel)
+        proofs = self._proofs
+        unanswered: list[str] = []
+        while proofs and proofs[0][0] <= now:
+            due, _, channel = heapq.heappop(proofs)
+            if channel.proof_due != due:
+                continue
+            channel.proof_due = None
+            if (channel.live and channel.attached) or channel.error is not None:
+                continue
+            if channel.proof_request is not None:
+                if now - channel.proof_asked < SNAPSHOT_TIMEOUT:
+                    self._schedule_proof(channel, channel.proof_asked + SNAPSHOT_TIMEOUT)
+                    continue
+                unanswered.append(channel.pv)
+                self._pending.pop(channel.proof_request, None)
+                channel.proof_request = None
+            if not channel.live:
+                # Anew, so that every hop forwards it again (a repeated subscribe is not).
+                topic = p.topic(channel.pv)
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, topic)
+                self._sub.setsockopt(zmq.SUBSCRIBE, topic)
+            self._request_snapshot(channel)
+        if unanswered:
+            log.warning("snapshots_unanswered", count=len(unanswered), pvs=unanswered[:5],
+                        after_s=SNAPSHOT_TIMEOUT)
 
     # --- the dispatcher thread -------------------------------------------------------------
 

@@ -5,9 +5,14 @@ hub from published readings) and sends ``set`` requests. ``read()`` therefore an
 latest reading without a round trip, like ophyd with ``auto_monitor=True``; a completed
 ``set`` carries the value read back after the put, so a read after a set sees it.
 Rule 2: user callbacks run on the hub's callback thread, in the order the updates arrived.
-A new subscription is primed on that same thread, so its first call is the latest value
-delivered and no update is seen twice or skipped.
-Rule 3: what ophyd users rely on keeps ophyd's names and shapes: ``read``/``describe`` keys,
+A new subscription is primed on that same thread with the channel's state and its
+``version`` (channel.py, Rule 4); it then takes only changes of a later version, so its first
+call is the latest value and no update is seen twice or skipped after it.
+Rule 3: a Signal nobody subscribed to costs nothing per update: it listens to its channel only
+while it has subscriptions, and dispatches only events some subscription takes. Lock order:
+the channel's ``cond``, then the Signal's ``_subs_lock`` (the I/O thread holds ``cond`` when it
+calls listeners).
+Rule 4: what ophyd users rely on keeps ophyd's names and shapes: ``read``/``describe`` keys,
 callback keywords (``value``, ``old_value``, ``timestamp``, ``sub_type``, ``obj``, ...),
 ``TimeoutError`` from waits, ``ReadOnlyError`` from writing a read-only Signal.
 """
@@ -66,13 +71,14 @@ def data_shape(value: Any) -> list[int]:
 
 
 class _Subscription:
-    __slots__ = ("callback", "event_type", "primed", "run")
+    __slots__ = ("callback", "event_type", "primed", "run", "version")
 
     def __init__(self, callback: Callable[..., Any], event_type: str, run: bool) -> None:
         self.callback = callback
         self.event_type = event_type
         self.run = run
         self.primed = False
+        self.version = 0  # of the channel's last change this subscription delivered (Rule 2)
 
 
 class EpicsSignalBase:
@@ -118,9 +124,8 @@ class EpicsSignalBase:
         self._hub = hub or get_hub(address)
         self._subs: dict[int, _Subscription] = {}
         self._subs_lock = threading.Lock()
-        self._last_value_event: dict[str, Any] | None = None
+        self._listening = False  # Rule 3: on the read channel, while there are subscriptions
         self._read_channel = self._hub.channel(read_pv)
-        self._read_channel.add_listener(self._on_channel)
 
     # --- identity ---------------------------------------------------------------------------
 
@@ -350,37 +355,43 @@ class EpicsSignalBase:
             raise KeyError(f"unknown event type {event_type!r}; use 'value' or 'meta'")
         cid = next(_cids)
         subscription = _Subscription(callback, event_type, run)
-        with self._subs_lock:
+        channel = self._read_channel
+        with channel.cond, self._subs_lock:
             self._subs[cid] = subscription
             _subscribed.add(self)
+            if not self._listening:
+                self._listening = True
+                channel.add_listener(self._on_channel)
         self._hub.dispatch(self._prime, cid)
         return cid
 
     def unsubscribe(self, cid: int) -> None:
-        with self._subs_lock:
+        with self._read_channel.cond, self._subs_lock:
             self._subs.pop(cid, None)
             self._release_if_unsubscribed()
 
     def clear_sub(self, cb: Callable[..., Any], event_type: str | None = None) -> None:
-        with self._subs_lock:
+        with self._read_channel.cond, self._subs_lock:
             for cid, sub in list(self._subs.items()):
                 if sub.callback == cb and (event_type is None or sub.event_type == event_type):
                     del self._subs[cid]
             self._release_if_unsubscribed()
 
     def unsubscribe_all(self) -> None:
-        with self._subs_lock:
+        with self._read_channel.cond, self._subs_lock:
             self._subs.clear()
             self._release_if_unsubscribed()
 
     def _release_if_unsubscribed(self) -> None:
+        """With ``cond`` and ``_subs_lock`` held: no subscription left, no cost left (Rule 3)."""
         if not self._subs:
             _subscribed.discard(self)
+            if self._listening:
+                self._listening = False
+                self._read_channel.remove_listener(self._on_channel)
 
     def destroy(self) -> None:
         self.unsubscribe_all()
-        for channel in self._channels():
-            channel.remove_listener(self._on_channel)
 
     # Runs on the callback thread.
     def _prime(self, cid: int) -> None:
@@ -388,24 +399,27 @@ class EpicsSignalBase:
             sub = self._subs.get(cid)
         if sub is None or sub.primed:
             return
+        channel = self._read_channel
+        with channel.cond:  # the state and its version together
+            sub.version = channel.version
+            if not sub.run:
+                kwargs = None
+            elif sub.event_type == self.SUB_META:
+                kwargs = self._meta_kwargs()
+            else:
+                kwargs = self._current_value_event()
         sub.primed = True
-        if not sub.run:
-            return
-        if sub.event_type == self.SUB_META:
-            kwargs = self._meta_kwargs()
-        else:
-            kwargs = self._last_value_event or self._current_value_event()
-            if kwargs is None:
-                return
-        self._call(sub.callback, sub.event_type, kwargs)
+        if kwargs is not None:
+            self._call(sub.callback, sub.event_type, kwargs)
 
     def _current_value_event(self) -> dict[str, Any] | None:
+        """The last new value the channel had, as its callback gets it (None before any)."""
         channel = self._read_channel
         with channel.cond:
-            reading, metadata, ready = channel.reading, channel.metadata, channel.ready
-        if not ready or reading is None:
-            return None
-        return self._value_kwargs(reading, None, metadata)
+            reading, metadata, previous = channel.reading, channel.metadata, channel.previous
+            if channel.value_version == 0 or reading is None:
+                return None
+        return self._value_kwargs(reading, previous, metadata)
 
     def _value_kwargs(self, reading: p.Reading, old: p.Reading | None, metadata: p.PVMetadata) -> dict[str, Any]:
         return {
@@ -424,23 +438,28 @@ class EpicsSignalBase:
         kwargs["enum_strs"] = self.enum_strs
         return kwargs
 
-    # Runs on the I/O thread: capture the state now, call users later on the callback thread.
+    # Runs on the I/O thread, with the channel's cond held: capture the state now, call users
+    # later on the callback thread; nothing at all unless a subscription takes it (Rule 3).
     def _on_channel(self, kind: str, channel: Channel, old: p.Reading | None) -> None:
-        if kind == self.SUB_VALUE and channel is self._read_channel and channel.reading is not None:
-            kwargs = self._value_kwargs(channel.reading, old, channel.metadata)
-            self._hub.dispatch(self._run_subs, self.SUB_VALUE, kwargs)
-        elif kind == self.SUB_META:
-            self._hub.dispatch(self._run_meta_subs)
-
-    def _run_meta_subs(self) -> None:
-        self._run_subs(self.SUB_META, self._meta_kwargs())
-
-    def _run_subs(self, event_type: str, kwargs: dict[str, Any]) -> None:
-        if event_type == self.SUB_VALUE:
-            self._last_value_event = kwargs
         with self._subs_lock:
-            subs = [s for s in self._subs.values() if s.event_type == event_type and s.primed]
+            if not any(sub.event_type == kind for sub in self._subs.values()):
+                return
+        if kind == self.SUB_VALUE and channel.reading is not None:
+            kwargs = self._value_kwargs(channel.reading, old, channel.metadata)
+            self._hub.dispatch(self._run_subs, self.SUB_VALUE, channel.version, kwargs)
+        elif kind == self.SUB_META:
+            self._hub.dispatch(self._run_meta_subs, channel.version)
+
+    def _run_meta_subs(self, version: int) -> None:
+        self._run_subs(self.SUB_META, version, self._meta_kwargs())
+
+    def _run_subs(self, event_type: str, version: int, kwargs: dict[str, Any]) -> None:
+        """Deliver the change ``version`` to every primed subscription that has not seen it."""
+        with self._subs_lock:
+            subs = [s for s in self._subs.values()
+                    if s.event_type == event_type and s.primed and s.version < version]
         for sub in subs:
+            sub.version = version
             self._call(sub.callback, event_type, kwargs)
 
     def _call(self, callback: Callable[..., Any], event_type: str, kwargs: dict[str, Any]) -> None:

@@ -403,3 +403,46 @@ def test_a_new_actors_first_reading_equal_to_the_one_held_is_not_a_new_value():
     assert [kind for kind, *_ in listener.calls] == ["meta", "meta"]  # lost, then back
     update(channel, 2, 2.0, epoch=EPOCH + 1)
     assert listener.calls[-1] == ("value", 2.0, 1.0)
+
+
+# --- versions: what a subscriber has already seen ----------------------------------------------
+
+
+class VersionListener(Listener):
+    """Records the channel's version as each listener call sees it."""
+
+    def on_change(self, kind: str, channel: Channel, old: p.Reading | None) -> None:
+        self.calls.append((kind, channel.version, channel.value_version))
+
+
+def test_every_change_listeners_hear_of_gets_the_next_version_and_both_events_of_one_share_it():
+    _, channel = make_channel()
+    listener = VersionListener()
+    channel.add_listener(listener.on_change)
+    assert (channel.version, channel.value_version, channel.previous) == (0, 0, None)
+    snapshot(channel, 5, 1.0)
+    update(channel, 6, 2.0)
+    update(channel, 7, 2.0, metadata={"units": "m"})  # metadata only
+    assert listener.calls == [("meta", 1, 1), ("value", 1, 1), ("value", 2, 2), ("meta", 3, 2)]
+    assert channel.previous == reading(1.0)  # what the last new value replaced
+
+
+def test_what_changes_nothing_takes_no_version():
+    _, channel, _ = attached(seq=5, value=1.0)
+    version = channel.version
+    update(channel, 5, 3.0)  # not newer
+    update(channel, 4, 3.0, epoch=EPOCH - 1)  # an older actor
+    snapshot(channel, 5, 1.0)  # the same again
+    assert channel.version == version
+
+
+def test_losing_a_pv_takes_a_version_and_its_return_a_greater_one_at_a_lower_seq():
+    _, channel, _ = attached(seq=50, value=1.0)
+    before = channel.version
+    channel.lose("actor died")
+    assert channel.version == before + 1
+    snapshot(channel, 0, 2.0, epoch=EPOCH + 1)
+    assert channel.version == before + 2 and channel.value_version == before + 2
+    channel.lose("again")
+    channel.lose("and again")  # was not connected: nobody is told, no version
+    assert channel.version == before + 3
