@@ -109,7 +109,9 @@ def value_of(response: Any, native: ChannelType) -> Any:
         items = [_text(item) for item in data]
         return items[0] if len(items) == 1 else items
     if len(data) == 1:
-        return data[0].item() if hasattr(data[0], "item") else data[0]
+        # ndarray.item(0) gives the Python scalar in one call (indexing first makes a numpy
+        # scalar, then converts it): this runs for every monitor update and read-back.
+        return data.item(0) if hasattr(data, "item") else data[0]
     return data.copy()
 
 
