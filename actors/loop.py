@@ -38,6 +38,8 @@ from pvhub.logs import loggable
 log = structlog.get_logger("pvhub.actor")
 
 POLL_MS = 250
+# Requests, or Channel Access events, taken in one go before the loop looks around again.
+DRAIN_LIMIT = 2000
 
 
 class Actor:
@@ -56,10 +58,13 @@ class Actor:
         self._wake_w.setblocking(False)
         self._stopping = False
         self._parent = parent_pid if parent_pid is not None else os.getppid()
+        self._last_beat = time.monotonic()
         self._ctx = zmq.Context()
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.IDENTITY, actor_id.encode())
         self._dealer.setsockopt(zmq.LINGER, 1000)
+        self._dealer.setsockopt(zmq.SNDHWM, p.ACTOR_QUEUE_HWM)
+        self._dealer.setsockopt(zmq.RCVHWM, p.ACTOR_QUEUE_HWM)
         self._dealer.connect(broker)
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 1000)
@@ -95,8 +100,10 @@ class Actor:
         for pv in new:
             self.states[pv] = PvState(pv, self.epoch)
             self._changed.add(pv)
-        for pv in new:
+        for i, pv in enumerate(new):
             self._backend.add(pv)
+            if i % 100 == 99:
+                self._beat_if_due()
         if new:
             self.log.info("pvs_adopted", count=len(new), pvs=new[:5])
 
@@ -107,18 +114,15 @@ class Actor:
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        last_beat = time.monotonic()
         try:
             while not self._stopping:
-                ready = dict(poller.poll(POLL_MS))
+                # Work left over from a bounded drain is taken up again at once.
+                ready = dict(poller.poll(0 if self._events else POLL_MS))
                 if self._dealer in ready:
                     self._drain_requests()
                 if self._wake_r.fileno() in ready or self._events:
                     self._drain_events()
-                now = time.monotonic()
-                if now - last_beat >= p.ACTOR_HEARTBEAT_S:
-                    last_beat = now
-                    self._send_control(p.Heartbeat(sender=self.actor_id, stats=self._stats()))
+                self._beat_if_due()
                 if os.getppid() != self._parent:
                     self.log.warning("actor_orphaned")
                     os._exit(0)  # Rule 2: nobody is left to answer
@@ -148,11 +152,21 @@ class Actor:
             if (state := self.states.get(pv)) is not None
         }
 
+    def _beat_if_due(self) -> None:
+        """The heartbeat (Rule 4). Long work (a burst of events, an adoption of thousands of
+        PVs) calls this as it goes, so that a busy actor is never taken for a hung one."""
+        now = time.monotonic()
+        if now - self._last_beat >= p.ACTOR_HEARTBEAT_S:
+            self._last_beat = now
+            self._send_control(p.Heartbeat(sender=self.actor_id, stats=self._stats()))
+
     def _send_control(self, message: p.Message) -> None:
         self._dealer.send_multipart([b"", p.encode(message)])
 
     def _drain_requests(self) -> None:
-        while True:
+        for count in range(1, DRAIN_LIMIT + 1):
+            if count % 100 == 0:
+                self._beat_if_due()
             try:
                 frames = self._dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -200,7 +214,11 @@ class Actor:
                 pass
         except BlockingIOError:
             pass
-        while self._events:
+        for count in range(1, DRAIN_LIMIT + 1):
+            if not self._events:
+                return
+            if count % 100 == 0:
+                self._beat_if_due()
             event = self._events.popleft()
             state = self.states.get(event.pv)
             if state is None:

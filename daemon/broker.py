@@ -30,6 +30,7 @@ from pvhub.logs import loggable
 from pvhub.config import DEFAULT_READINGS_HWM, Config
 from pvhub.daemon.notify import Notifier, watchdog_interval
 from pvhub.daemon.routing import (
+    Adopt,
     Announce,
     ClientForgotten,
     KillActor,
@@ -40,10 +41,11 @@ from pvhub.daemon.routing import (
     Stalled,
     ToActor,
     ToClient,
+    coalesce,
     error_reply,
 )
 from pvhub.daemon.supervisor import Supervisor
-from pvhub.errors import InternalError, ProtocolError
+from pvhub.errors import ActorDiedError, InternalError, ProtocolError
 
 log = structlog.get_logger("pvhub.daemon")
 
@@ -106,6 +108,10 @@ class Broker:
         clients.bind(self.address)
         actors = self._ctx.socket(zmq.ROUTER)
         actors.setsockopt(zmq.LINGER, 0)
+        # A message an actor cannot take raises here instead of vanishing (ZeroMQ's default).
+        actors.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        actors.setsockopt(zmq.SNDHWM, p.ACTOR_QUEUE_HWM)
+        actors.setsockopt(zmq.RCVHWM, p.ACTOR_QUEUE_HWM)
         actor_endpoint = f"ipc://{self._rundir}/actors"
         actors.bind(actor_endpoint)
         readings_in_endpoint = f"ipc://{self._rundir}/readings"
@@ -197,32 +203,39 @@ class Broker:
     # --- messages --------------------------------------------------------------------------
 
     def _drain_clients(self, ctx: "_LoopContext") -> None:
-        for _ in range(1000):  # bounded, so actors and reaping get their turn
-            try:
-                frames = ctx.clients.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 2:
-                self.log.warning("malformed_envelope", frames=len(frames))
-                continue
-            client, payload = frames
-            try:
-                message = p.decode(payload)
-            except ProtocolError as exc:
-                self._refuse(ctx, client, payload, exc)
-                continue
-            if isinstance(message, p.HelloRequest):
-                self.log.info("client_connected", client=client.hex(), name=message.client)
-            elif isinstance(message, p.SetRequest):
-                name = ctx.router.clients.get(client)
-                self.log.info("put_requested", client=client.hex(), name=name.name if name else "",
-                              pv=message.pv, value=loggable(message.value))
-            try:
-                effects = ctx.router.client_message(client, message, payload, time.monotonic())
-            except Exception as exc:  # the loop boundary: answer, log, go on
-                self.log.exception("client_message_failed", client=client.hex())
-                effects = [ToClient(client, error_reply(getattr(message, "id", 0), InternalError(repr(exc))))]
-            self._carry_out(ctx, effects)
+        batch: list = []
+        try:
+            for _ in range(1000):  # bounded, so actors and reaping get their turn
+                try:
+                    frames = ctx.clients.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                batch.extend(self._client_frames(ctx, frames))
+        finally:
+            # One adoption per actor for a burst of new PVs (``coalesce``).
+            self._carry_out(ctx, coalesce(batch))
+
+    def _client_frames(self, ctx: "_LoopContext", frames: list[bytes]) -> list:
+        if len(frames) != 2:
+            self.log.warning("malformed_envelope", frames=len(frames))
+            return []
+        client, payload = frames
+        try:
+            message = p.decode(payload)
+        except ProtocolError as exc:
+            self._refuse(ctx, client, payload, exc)
+            return []
+        if isinstance(message, p.HelloRequest):
+            self.log.info("client_connected", client=client.hex(), name=message.client)
+        elif isinstance(message, p.SetRequest):
+            name = ctx.router.clients.get(client)
+            self.log.info("put_requested", client=client.hex(), name=name.name if name else "",
+                          pv=message.pv, value=loggable(message.value))
+        try:
+            return ctx.router.client_message(client, message, payload, time.monotonic())
+        except Exception as exc:  # the loop boundary: answer, log, go on
+            self.log.exception("client_message_failed", client=client.hex())
+            return [ToClient(client, error_reply(getattr(message, "id", 0), InternalError(repr(exc))))]
 
     def _refuse(self, ctx: "_LoopContext", client: bytes, payload: bytes, exc: ProtocolError) -> None:
         request_id = _salvage_id(payload)
@@ -270,7 +283,19 @@ class Broker:
             if isinstance(effect, ToClient):
                 ctx.clients.send_multipart([effect.client, p.encode(effect.message)])
             elif isinstance(effect, ToActor):
-                ctx.actors.send_multipart([effect.actor.encode(), effect.client, effect.payload])
+                try:
+                    ctx.actors.send_multipart([effect.actor.encode(), effect.client, effect.payload], zmq.NOBLOCK)
+                except zmq.ZMQError as exc:  # gone (its death is reaped next), or full
+                    ctx.router.not_delivered(effect.actor, effect.client, effect.request_id)
+                    self.log.warning("request_not_delivered", actor=effect.actor, error=str(exc))
+                    ctx.clients.send_multipart([effect.client, p.encode(error_reply(
+                        effect.request_id, ActorDiedError(f"the PV's actor could not take the request ({exc}); it was not sent")))])
+            elif isinstance(effect, Adopt):
+                try:
+                    ctx.actors.send_multipart([effect.actor.encode(), b"", p.encode(p.AdoptPvs(pvs=list(effect.pvs)))],
+                                              zmq.NOBLOCK)
+                except zmq.ZMQError as exc:  # its incarnation is gone: the next one adopts them all
+                    self.log.warning("adoption_not_delivered", actor=effect.actor, pvs=len(effect.pvs), error=str(exc))
             elif isinstance(effect, SpawnActor):
                 if effect.identity != effect.actor:
                     self.log.warning("actor_restarted", actor=effect.actor, incarnation=effect.identity,

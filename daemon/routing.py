@@ -85,8 +85,17 @@ class ToClient:
 @dataclass(frozen=True)
 class ToActor:
     actor: str  # the incarnation's identity
-    client: bytes  # b"" for the broker's own word (AdoptPvs)
+    client: bytes
     payload: bytes
+    request_id: int = field(default=0, compare=False)  # to answer, should the broker fail to hand it over
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """Tell the incarnation ``actor`` (an identity) that it owns ``pvs`` from now on."""
+
+    actor: str
+    pvs: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -131,7 +140,24 @@ class Quarantined:
     actor: str
 
 
-Effect = ToClient | ToActor | SpawnActor | KillActor | Announce | ClientForgotten | Stalled | Quarantined
+Effect = ToClient | ToActor | Adopt | SpawnActor | KillActor | Announce | ClientForgotten | Stalled | Quarantined
+
+
+def coalesce(effects: list[Effect]) -> list[Effect]:
+    """``effects`` with every ``Adopt`` of one incarnation merged into its first: a burst of
+    new PVs becomes one message per actor. Adopting earlier than asked is harmless, and each
+    request still follows the adoption of its PV."""
+    merged: dict[str, list[str]] = {}
+    out: list[Effect | str] = []
+    for effect in effects:
+        if isinstance(effect, Adopt):
+            if effect.actor not in merged:
+                merged[effect.actor] = []
+                out.append(effect.actor)  # the first one's place
+            merged[effect.actor].extend(effect.pvs)
+        else:
+            out.append(effect)
+    return [Adopt(e, tuple(merged[e])) if isinstance(e, str) else e for e in out]
 
 
 def identity_of(actor: str, incarnation: int) -> str:
@@ -314,7 +340,7 @@ class Router:
         if not record.ready:
             return []  # adopted with the rest once it says ActorReady
         self._on_trial(pv, record, now)
-        return [ToActor(record.identity, b"", p.encode(p.AdoptPvs(pvs=[pv])))]
+        return [Adopt(record.identity, (pv,))]
 
     def _on_trial(self, pv: str, record: ActorRecord, now: float) -> None:
         if not self.pvs[pv].trusted:
@@ -365,7 +391,7 @@ class Router:
         record = self.actors[self.pvs[pv].actor]
         if record.ready:
             record.inflight[(client, request_id)] = message.OP
-            effects.append(ToActor(record.identity, client, payload))
+            effects.append(ToActor(record.identity, client, payload, request_id))
         else:
             record.queued.append((client, request_id, message.OP, payload))
         return effects
@@ -374,6 +400,13 @@ class Router:
         """The operation of a request in flight to an actor (before its reply is routed)."""
         record = self.actors.get(self.identities.get(identity, ""))
         return record.inflight.get((client, request_id)) if record else None
+
+    def not_delivered(self, identity: str, client: bytes, request_id: int) -> None:
+        """The broker could not hand a request to its actor: it is answered there, and no
+        longer owed by the actor."""
+        record = self.actors.get(self.identities.get(identity, ""))
+        if record is not None:
+            record.inflight.pop((client, request_id), None)
 
     def client_gone(self, client: bytes) -> None:
         self.clients.pop(client, None)
@@ -403,12 +436,12 @@ class Router:
             identity = record.identity
             new = sorted(record.pvs - set(message.pvs))
             if new:
-                effects.append(ToActor(identity, b"", p.encode(p.AdoptPvs(pvs=new))))
+                effects.append(Adopt(identity, tuple(new)))
             for pv in sorted(record.pvs):
                 self._on_trial(pv, record, now)
             for client, request_id, op, payload in record.queued:
                 record.inflight[(client, request_id)] = op
-                effects.append(ToActor(identity, client, payload))
+                effects.append(ToActor(identity, client, payload, request_id))
             record.queued.clear()
             return effects
         if isinstance(message, p.Heartbeat):
@@ -462,11 +495,15 @@ class Router:
         # Dying young: soon after starting, or before ever becoming ready.
         young = now - record.started < DIES_YOUNG_S or not record.ready
         record.streak = record.streak + 1 if young else 0
+        # Killed as hung: a process too busy (a burst of thousands of new PVs on a loaded
+        # machine) is no evidence against any one of its PVs.
+        crashed = not record.killing
         record.alive = record.ready = record.killing = False
         record.pid = None
         if self.stopping:
             return effects
-        effects.extend(self._quarantine(record, now))
+        if crashed:
+            effects.extend(self._quarantine(record, now))
         if record.actor not in self.actors:
             return effects  # split into probation processes: nothing left to restart
         delay = restart_delay(record.streak)

@@ -447,6 +447,10 @@ HUB_TOPIC = b"\0hub"
 
 # Liveness (the ZeroMQ guide's Paranoid Pirate): a peer silent for ``LIVENESS`` beats is dead.
 ACTOR_HEARTBEAT_S = 0.5
+# Messages that may wait between the broker and one actor process, each way. ZeroMQ drops
+# what passes its high-water mark, silently: a burst of thousands of new PVs (an adoption and
+# a request each) must never reach it. Requests are bounded per client; adoptions by PVs.
+ACTOR_QUEUE_HWM = 1_000_000
 CLIENT_HEARTBEAT_S = 1.0
 LIVENESS = 3
 

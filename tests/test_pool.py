@@ -8,12 +8,14 @@ from pvhub import protocol as p
 from pvhub.config import Config
 from pvhub.daemon.routing import (
     QUARANTINE_STRIKES,
+    Adopt,
     TRUST_S,
     Quarantined,
     Router,
     SpawnActor,
     ToActor,
     ToClient,
+    coalesce,
     device_prefix,
     identity_of,
 )
@@ -38,14 +40,8 @@ def ready(router: Router, actor: str, now: float = 1.0, pid: int = 100) -> list:
 
 
 def adopted(effects) -> list[tuple[str, list[str]]]:
-    """(identity, pvs) of every AdoptPvs among ``effects``."""
-    out = []
-    for effect in effects:
-        if isinstance(effect, ToActor) and effect.client == b"":
-            message = p.decode(effect.payload)
-            assert isinstance(message, p.AdoptPvs)
-            out.append((effect.actor, message.pvs))
-    return out
+    """(identity, pvs) of every adoption among ``effects``."""
+    return [(effect.actor, list(effect.pvs)) for effect in effects if isinstance(effect, Adopt)]
 
 
 def owner(router: Router, pv: str) -> str:
@@ -64,10 +60,7 @@ def test_the_pool_starts_with_the_daemon_and_a_new_pv_spawns_nothing():
     identity = router.actors[actor].identity
     # No process starts on the way of a request: the pooled one adopts the PV, then is asked.
     assert not [e for e in effects if isinstance(e, SpawnActor)]
-    assert effects == [
-        ToActor(identity, b"", p.encode(p.AdoptPvs(pvs=["IOC1:m1"]))),
-        ToActor(identity, ALICE, p.encode(request)),
-    ]
+    assert effects == [Adopt(identity, ("IOC1:m1",)), ToActor(identity, ALICE, p.encode(request))]
 
 
 def test_pvs_of_one_device_prefix_share_a_process_and_new_prefixes_spread():
@@ -149,6 +142,7 @@ def test_a_pv_that_keeps_killing_its_pooled_process_is_quarantined_alone():
     ready(router, "pool:0", now=0.0)
     for i in range(3):
         send(router, p.ReadRequest(id=i, pv=f"OLD:{i}"), now=0.0)
+    router.actor_message("pool:0", b"", p.Heartbeat(sender="pool:0"), now=TRUST_S + 1)
     router.tick(TRUST_S + 1)  # these lived long enough: trusted
     send(router, p.ReadRequest(id=9, pv="BAD:pv"), now=TRUST_S + 1)
     effects = router.actor_exited("pool:0", 139, now=TRUST_S + 2)
@@ -234,3 +228,26 @@ def test_a_request_is_answered_once_its_pooled_process_is_ready_even_after_a_dea
     effects = router.actor_exited("pool:0", 1, now=3.0)
     (reply,) = [e for e in effects if isinstance(e, ToClient)]
     assert reply.message.code == "actor_died" and "outcome is unknown" in reply.message.message
+
+
+def test_a_burst_of_new_pvs_is_adopted_in_one_message_per_actor_before_its_requests():
+    router = pooled(2)
+    for actor in router.pool:
+        ready(router, actor)
+    requests = [p.ReadRequest(id=i, pv=f"{'AB'[i % 2]}:{i}") for i in range(6)]
+    effects = coalesce([e for r in requests for e in send(router, r)])
+    adoptions = [e for e in effects if isinstance(e, Adopt)]
+    assert len(adoptions) == 2 and sorted(pv for a in adoptions for pv in a.pvs) == sorted(r.pv for r in requests)
+    for request in requests:  # each request comes after the adoption of its PV
+        at = next(i for i, e in enumerate(effects) if isinstance(e, ToActor) and e.payload == p.encode(request))
+        assert any(isinstance(e, Adopt) and request.pv in e.pvs for e in effects[:at])
+
+
+def test_a_process_killed_as_hung_gives_its_pvs_no_strike():
+    router = pooled(1)
+    ready(router, "pool:0", now=0.0)
+    send(router, p.ReadRequest(id=1, pv="A:x"), now=0.0)
+    kills = [e for e in router.tick(5.0) if type(e).__name__ == "KillActor"]  # silent: hung
+    assert kills
+    router.actor_exited("pool:0", -9, now=5.1)
+    assert router.pvs["A:x"].strikes == 0

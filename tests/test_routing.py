@@ -12,6 +12,7 @@ from pvhub import protocol as p
 from pvhub.config import Config
 from pvhub.daemon.routing import (
     ACTOR_STARTUP_TIMEOUT,
+    Adopt,
     ACTOR_TIMEOUT,
     BACKOFF_MAX_S,
     CLIENT_TIMEOUT,
@@ -48,9 +49,9 @@ def spawn(actor: str, pvs: tuple[str, ...] = (), incarnation: int = 0) -> SpawnA
     return SpawnActor(actor, identity_of(actor, incarnation), len(pvs) if incarnation else 0)
 
 
-def adopt(identity: str, *pvs: str) -> ToActor:
+def adopt(identity: str, *pvs: str) -> Adopt:
     """The broker's word to an actor that it owns ``pvs`` from now on."""
-    return ToActor(identity, b"", p.encode(p.AdoptPvs(pvs=list(pvs))))
+    return Adopt(identity, pvs)
 
 
 def owner(router: Router, pv: str) -> str:
