@@ -27,6 +27,16 @@ that a noisy moment of a shared machine does not land on one of them only. The t
 the median, p99 and maximum, and how many puts took longer than 20 ms (a delayed ACK on
 Linux takes 40 ms or more; nothing else in this loop takes that long on an idle machine).
 
+What it shows against the zoo (strace of the client, ``-e trace=sendto,recvfrom``): the IOC
+answers WRITE_NOTIFY at once, but holds the monitor update the write caused (Nagle: its
+answer is not yet acknowledged). The read-back request acknowledges the answer, so the update
+leaves; the read-back's reply is then held behind the update until the client's delayed ACK,
+40 ms later. Without the read-back every other put pays it (the update is released by the
+next put's request and holds that put's answer); without the monitor, or with the IOC on
+``TCP_NODELAY``, or with the monitor on another circuit, or with ``TCP_QUICKACK`` after every
+receive, none does. A monitor whose only callback is a lambda looks like no monitor at all:
+caproto holds callbacks by weak reference and cancels a subscription left without any.
+
 Rule 1: loopback only; the IOC and the daemon are this run's own, on ports picked at run time.
 Rule 2: every wait has a deadline; every process started here is stopped in ``finally``.
 """
