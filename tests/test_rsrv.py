@@ -6,6 +6,11 @@ every test has a daemon of its own in front of it.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +22,7 @@ from helpers import wait_until
 
 from pvhub.client import EpicsSignal, EpicsSignalRO, ReadOnlyError, close_hubs
 from pvhub.process import DaemonProcess
-from pvhub.sim import SimulatedIOC
+from pvhub.sim import SimulatedIOC, free_tcp_port
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
 
@@ -173,3 +178,59 @@ def test_the_ophyd_tutorials_plans(rsrv_hub, prefix):
 
     RE(bps.mv(motor, 4.125))
     assert motor.get() == 4.125
+
+
+PARENT = """
+import subprocess, sys, time
+ioc = subprocess.Popen([sys.executable, "-m", "tests.iocs.rsrv", "--prefix", sys.argv[1]])
+print(ioc.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+def test_the_ioc_dies_with_its_parent(prefix):
+    """Killed parent, no IOC: the kernel's PR_SET_PDEATHSIG reaches it (SIGKILL, no cleanup)."""
+    beacons = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # as SimulatedIOC holds it
+    beacons.bind(("127.0.0.1", 0))
+    port = free_tcp_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("EPICS_")},
+        "EPICS_CA_SERVER_PORT": str(port), "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1", "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_CA_REPEATER_PORT": str(beacons.getsockname()[1]),
+        "EPICS_CAS_BEACON_PORT": str(beacons.getsockname()[1]),
+        "EPICS_CA_AUTO_ADDR_LIST": "NO", "EPICS_CA_ADDR_LIST": "127.0.0.1",
+    }  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, prefix], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    ioc: int | None = None
+    try:
+        ioc = int(parent.stdout.readline())
+
+        def serving() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(serving, 30, interval=0.1, message="the IOC never listened")
+        parent.kill()
+        parent.wait(5)
+
+        wait_until(lambda: _gone(ioc), 5, interval=0.05, message=f"the IOC {ioc} outlived its parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(5)
+        if ioc is not None and not _gone(ioc):
+            os.kill(ioc, signal.SIGKILL)  # the test failed: leave nothing behind
+        beacons.close()

@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 LOOPBACK = "127.0.0.1"
 BIG_LENGTH = 131_072  # float64 elements: 1 MiB
@@ -90,7 +91,7 @@ def die_with_parent() -> None:
 class Clock:
     """Calls ``tick(n)`` with n = 1, 2, ... at ``rate()`` Hz on a thread of its own."""
 
-    def __init__(self, name: str, rate, tick) -> None:
+    def __init__(self, name: str, rate: Callable[[], float], tick: Callable[[int], object]) -> None:
         self._rate = rate
         self._tick = tick
         threading.Thread(target=self._run, name=name, daemon=True).start()
