@@ -522,7 +522,14 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
 
 
 def _strip_scheme(pv: str) -> str:
-    return pv[len(SCHEME):] if pv.startswith(SCHEME) else pv
+    """The PV name in ``pv``: a ``pvhub://`` or ``ca://`` prefix (as a device written for
+    ``epics_signal_*`` may carry) is dropped; pvhub serves no PV Access."""
+    scheme, sep, name = pv.partition("://")
+    if not sep:
+        return pv
+    if f"{scheme}://" in (SCHEME, "ca://"):
+        return name
+    raise ValueError(f"{pv}: pvhub serves Channel Access PVs (pvhub:// or ca://), not {scheme}://")
 
 
 # --- the factories: ``epics_signal_*``'s signatures ----------------------------------------
