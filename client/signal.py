@@ -14,7 +14,23 @@ the channel's ``cond``, then the Signal's ``_subs_lock`` (the I/O thread holds `
 calls listeners).
 Rule 4: what ophyd users rely on keeps ophyd's names and shapes: ``read``/``describe`` keys,
 callback keywords (``value``, ``old_value``, ``timestamp``, ``sub_type``, ``obj``, ...),
-``TimeoutError`` from waits, ``ReadOnlyError`` from writing a read-only Signal.
+``TimeoutError`` from waits, ``ReadOnlyError`` from writing a read-only Signal, ``LimitError``
+from a value outside the control limits with ``limits=True``, ``dotted_name``, ``attr_name``,
+``parent`` and ``_ophyd_labels_`` as ``OphydObject`` has them. The keywords are ophyd's, each
+one does what it does there, and any other raises ``TypeError``: a misspelt option must not
+pass unnoticed.
+Rule 5 (when a set is done): the daemon always puts with completion. pvhub's default is
+``put_complete=True``: a set is done when the IOC reports the put complete, with the value
+read back after it applied first (ophyd's default is ``False``, which polls the readback;
+through the daemon the completion is both sooner and sure). Given ``tolerance`` or
+``rtolerance``, a set also waits, after the completion, until the readback (``read_pv``) is
+within tolerance of the target, as ophyd's ``_wait_for_value`` does, or fails when the set's
+timeout expires. With ``put_complete=False`` a set is done as soon as the readback is within
+``tolerance`` (given, or ``10**-precision``, or exact, as ophyd derives it) of the target,
+whether or not the put has completed; a put that fails still fails it.
+Rule 6 (``auto_monitor``): ``True`` (the default, and ``None``) reads the channel's copy;
+``False`` asks the daemon for a fresh snapshot on every ``get`` and ``read``, as ophyd then
+asks the IOC; the snapshot is applied to the channel on the I/O thread like any other.
 """
 
 from __future__ import annotations
@@ -30,7 +46,14 @@ import numpy as np
 from pvhub import protocol as p
 from pvhub.client.hub import Channel, Hub, get_hub, log
 from pvhub.client.status import Status
-from pvhub.errors import ConnectionTimeoutError, ReadOnlyError, error_from_code
+from pvhub.errors import ConnectionTimeoutError, HubUnavailableError, ReadOnlyError, error_from_code
+
+try:  # ophyd's own class when ophyd is there, so that code catching it keeps working
+    from ophyd.utils import LimitError
+except ImportError:  # pragma: no cover - ophyd is optional
+
+    class LimitError(ValueError):  # type: ignore[no-redef]
+        """A value outside a Signal's control limits (ophyd's ``LimitError``)."""
 
 DEFAULT_CONNECTION_TIMEOUT = 5.0  # the first use of a PV starts its actor process
 DEFAULT_TIMEOUT = 2.0
@@ -98,28 +121,31 @@ class EpicsSignalBase:
         parent: Any = None,
         labels: Iterable[str] | None = None,
         attr_name: str = "",
+        tolerance: Any = None,
+        rtolerance: Any = None,
         timeout: float | None = None,
         connection_timeout: float | None = None,
         write_timeout: float | None = None,
         auto_monitor: bool | None = None,
         address: str | None = None,
         hub: Hub | None = None,
-        **kwargs: Any,
     ) -> None:
         if not isinstance(read_pv, str) or not read_pv:
             raise ValueError("read_pv must be a non-empty PV name")
         if not isinstance(name, str):
             raise ValueError("name must be a string")
         self.name = name
-        self.attr_name = attr_name
-        self.parent = parent
+        self._attr_name = attr_name
+        self._parent = parent
         self._kind = Kind[kind] if isinstance(kind, str) else Kind(kind)
-        self._labels = set(labels or ())
+        self._ophyd_labels_ = set(labels or ())
         self.as_string = bool(string)
+        self._tolerance = tolerance
+        self.rtolerance = rtolerance
         self.timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         self.connection_timeout = DEFAULT_CONNECTION_TIMEOUT if connection_timeout is None else connection_timeout
         self.write_timeout = write_timeout
-        self.auto_monitor = auto_monitor  # accepted for ophyd compatibility; readings are always monitored
+        self.auto_monitor = True if auto_monitor is None else bool(auto_monitor)  # Rule 6
         self._read_pv = read_pv
         self._hub = hub or get_hub(address)
         self._subs: dict[int, _Subscription] = {}
@@ -142,12 +168,39 @@ class EpicsSignalBase:
         return {"fields": [self.name] if (~Kind.normal & Kind.hinted) & self._kind else []}
 
     @property
+    def attr_name(self) -> str:
+        return self._attr_name
+
+    @property
+    def parent(self) -> Any:
+        """The device this Signal belongs to, None at the top of its hierarchy."""
+        return self._parent
+
+    @property
     def root(self) -> Any:
-        return self if self.parent is None else self.parent.root
+        root = self
+        while root.parent is not None:
+            root = root.parent
+        return root
 
     @property
     def dotted_name(self) -> str:
-        return self.attr_name or self.name
+        """The attribute names from the root down to this Signal, joined by dots (ophyd's)."""
+        names = []
+        obj = self
+        while obj.parent is not None:
+            names.append(obj.attr_name)
+            obj = obj.parent
+        return ".".join(reversed(names))
+
+    @property
+    def tolerance(self) -> Any:
+        """The absolute tolerance of a set (Rule 5)."""
+        return self._tolerance
+
+    @tolerance.setter
+    def tolerance(self, tolerance: Any) -> None:
+        self._tolerance = tolerance
 
     @property
     def pvname(self) -> str:
@@ -210,19 +263,58 @@ class EpicsSignalBase:
             raise ConnectionTimeoutError(f"{channel.pv} has no value yet")
         return reading, metadata
 
-    def get(self, *, as_string: bool | None = None, timeout: float | None = None,
-            connection_timeout: float | None = None, **kwargs: Any) -> Any:
-        """The PV's latest value (a label for an enum when ``string=True``)."""
-        reading, metadata = self._latest(connection_timeout)
-        return self._convert(reading.value, metadata, self.as_string if as_string is None else as_string)
+    def _fresh(self, timeout: float | None, connection_timeout: float | None) -> tuple[p.Reading, p.PVMetadata]:
+        """A snapshot asked of the daemon now (Rule 6), applied to the channel on the way."""
+        channel = self._read_channel
+        if not channel.ready:
+            self.wait_for_connection(timeout=connection_timeout)
+        timeout = self.timeout if timeout is None else timeout
+
+        def on_reply(message: p.Message) -> bool:  # on the I/O thread, as channels need
+            if isinstance(message, p.Snapshot):
+                channel.apply(message.epoch, message.seq, message.connected, message.reading,
+                              message.metadata, from_stream=False)
+            return isinstance(message, p.FINAL_REPLIES)
+
+        future = self._hub.request(lambda rid: p.ReadRequest(id=rid, pv=channel.pv), on_reply)
+        try:
+            snapshot = future.result(timeout)
+        except TimeoutError:
+            raise HubUnavailableError(f"{channel.pv}: no answer from the pvhub daemon within {timeout} s") from None
+        if snapshot.reading is None or not snapshot.connected:
+            raise ConnectionTimeoutError(f"{channel.pv} is not connected")
+        with channel.cond:
+            metadata = channel.metadata
+        return snapshot.reading, metadata
+
+    def _reading(self, use_monitor: bool | None, timeout: float | None = None,
+                 connection_timeout: float | None = None) -> tuple[p.Reading, p.PVMetadata]:
+        use_monitor = self.auto_monitor if use_monitor is None else use_monitor
+        if use_monitor:
+            return self._latest(connection_timeout)
+        return self._fresh(timeout, connection_timeout)
+
+    def get(self, *, count: int | None = None, as_string: bool | None = None, timeout: float | None = None,
+            connection_timeout: float | None = None, form: str = "time", use_monitor: bool | None = None) -> Any:
+        """The PV's value (a label for an enum when ``string=True``): the latest one the
+        channel holds, or with ``auto_monitor=False`` (or ``use_monitor=False``) a fresh one
+        from the daemon. ``count`` keeps the first elements of an array, as ophyd's does."""
+        if form not in ("time", "ctrl"):
+            raise ValueError(f"form must be 'time' or 'ctrl', not {form!r}")
+        reading, metadata = self._reading(use_monitor, timeout, connection_timeout)
+        value = self._convert(reading.value, metadata, self.as_string if as_string is None else as_string)
+        if count is not None and isinstance(value, (np.ndarray, list)):
+            value = value[:count]
+        return value
 
     @property
     def value(self) -> Any:
         return self.get()
 
     def read(self) -> dict[str, dict[str, Any]]:
-        """``{name: {"value", "timestamp"}}`` from the latest reading."""
-        reading, metadata = self._latest()
+        """``{name: {"value", "timestamp"}}`` from the latest reading (a fresh one with
+        ``auto_monitor=False`` unless subscribed: Bluesky reads inside its callbacks)."""
+        reading, metadata = self._reading(True if self._subs else None)
         return {self.name: {"value": self._convert(reading.value, metadata, self.as_string),
                             "timestamp": reading.timestamp}}
 
@@ -472,23 +564,104 @@ class EpicsSignalBase:
 class EpicsSignalRO(EpicsSignalBase):
     """A read-only EPICS signal: ``set`` and ``put`` raise ``ReadOnlyError``."""
 
-    def set(self, value: Any, **kwargs: Any) -> Status:
+    def set(self, value: Any, *, timeout: float | None = None, settle_time: float | None = None) -> Status:
         raise ReadOnlyError(f"{self.name} is read-only ({type(self).__name__})")
 
-    def put(self, value: Any, **kwargs: Any) -> None:
+    def put(self, value: Any, *, force: bool = False, connection_timeout: float | None = None,
+            callback: Callable[..., Any] | None = None, use_complete: bool | None = None,
+            timeout: float | None = None, wait: bool = False) -> None:
         raise ReadOnlyError(f"{self.name} is read-only ({type(self).__name__})")
+
+
+def within_tolerance(target: Any, current: Any, enum_strs: Iterable[str] | None, atol: Any, rtol: Any) -> bool:
+    """Whether ``current`` has reached ``target``: ophyd's ``_compare_maybe_enum``."""
+    if current is None:
+        return target is None
+    if enum_strs:
+        strs = list(enum_strs)
+        try:
+            a = target if isinstance(target, str) else strs[int(target)]
+            b = current if isinstance(current, str) else strs[int(current)]
+        except (IndexError, TypeError, ValueError):
+            return False
+        return a == b
+    try:
+        if atol is not None or rtol is not None:
+            return bool(np.allclose(target, current, rtol=rtol if rtol is not None else 1e-5,
+                                    atol=atol if atol is not None else 1e-8))
+        return bool(np.all(np.asarray(target == current)))
+    except (TypeError, ValueError):  # shapes or types that cannot be compared: not there
+        return False
+
+
+class _ReadbackWatch:
+    """Finishes ``status`` once the read channel holds a value within tolerance of ``target``
+    (Rule 5); ``armed`` by the put's completion (or at once without ``put_complete``)."""
+
+    def __init__(self, signal: EpicsSignal, status: Status, target: Any, atol: Any, rtol: Any) -> None:
+        self.signal = signal
+        self.status = status
+        self.target = target
+        self.atol = atol
+        self.rtol = rtol
+        self.armed = False
+        self.channel = signal._read_channel
+
+    def start(self) -> None:
+        self.channel.add_listener(self.on_change)
+        self.status.add_callback(lambda _: self.channel.remove_listener(self.on_change))
+
+    def arm(self) -> None:
+        """From now on the readback decides; it may already be there."""
+        with self.channel.cond:
+            self.armed = True
+            self.on_change("value", self.channel, None)
+
+    # On the I/O thread with the channel's cond held (or from ``arm``).
+    def on_change(self, kind: str, channel: Channel, old: p.Reading | None) -> None:
+        if not self.armed or self.status.done or channel.reading is None:
+            return
+        if within_tolerance(self.target, channel.reading.value, channel.metadata.get("enum_strs"),
+                            self.atol, self.rtol):
+            self.signal._hub.dispatch(self.status.set_finished)
 
 
 class EpicsSignal(EpicsSignalBase):
-    """A read-write EPICS signal; ``set`` puts with completion and returns a ``Status``."""
+    """A read-write EPICS signal; ``set`` returns a ``Status`` that finishes as Rule 5 says."""
 
     _writable = True
 
-    def __init__(self, read_pv: str, write_pv: str | None = None, *, put_complete: bool = True,
-                 **kwargs: Any) -> None:
-        super().__init__(read_pv, **kwargs)
+    def __init__(
+        self,
+        read_pv: str,
+        write_pv: str | None = None,
+        *,
+        name: str,
+        put_complete: bool = True,
+        limits: bool = False,
+        string: bool = False,
+        kind: Kind | str = Kind.hinted,
+        parent: Any = None,
+        labels: Iterable[str] | None = None,
+        attr_name: str = "",
+        tolerance: Any = None,
+        rtolerance: Any = None,
+        timeout: float | None = None,
+        connection_timeout: float | None = None,
+        write_timeout: float | None = None,
+        auto_monitor: bool | None = None,
+        address: str | None = None,
+        hub: Hub | None = None,
+    ) -> None:
+        super().__init__(
+            read_pv, name=name, string=string, kind=kind, parent=parent, labels=labels,
+            attr_name=attr_name, tolerance=tolerance, rtolerance=rtolerance, timeout=timeout,
+            connection_timeout=connection_timeout, write_timeout=write_timeout,
+            auto_monitor=auto_monitor, address=address, hub=hub,
+        )
         self._write_pv = write_pv or read_pv
-        self.put_complete = put_complete
+        self.put_complete = bool(put_complete)
+        self.use_limits = bool(limits)
         self._write_channel = self._read_channel if self._write_pv == read_pv else self._hub.channel(self._write_pv)
 
     def _channels(self) -> tuple[Channel, ...]:
@@ -505,21 +678,68 @@ class EpicsSignal(EpicsSignalBase):
         channel = self._write_channel
         return bool(channel.ready and channel.metadata.get("write_access", False))
 
+    @property
+    def limits(self) -> tuple[Any, Any]:
+        """The write PV's control limits (ophyd's, for a Signal that writes elsewhere)."""
+        md = self._write_channel.metadata
+        return (md.get("lower_ctrl_limit"), md.get("upper_ctrl_limit"))
+
+    @property
+    def tolerance(self) -> Any:
+        """As ophyd's: the one given, else ``10**-precision`` (None for precision 0)."""
+        if self._tolerance is not None:
+            return self._tolerance
+        precision = self._write_channel.metadata.get("precision")
+        return None if not precision else 10.0 ** (-precision)
+
+    @tolerance.setter
+    def tolerance(self, tolerance: Any) -> None:
+        self._tolerance = tolerance
+
     def __repr__(self) -> str:
         extra = f", write_pv={self._write_pv!r}" if self._write_pv != self._read_pv else ""
         return f"{type(self).__name__}(read_pv={self._read_pv!r}{extra}, name={self.name!r})"
 
-    def set(self, value: Any, *, timeout: float | None = None, settle_time: float | None = None,
-            **kwargs: Any) -> Status:
-        """Put ``value``; the Status finishes when the IOC reports the put complete.
+    def check_value(self, value: Any) -> None:
+        """ophyd's check: no None, and with ``limits=True`` a value within the control limits
+        (unless they are empty, low >= high); ``LimitError`` otherwise."""
+        if value is None:
+            raise ValueError("Cannot write None to epics PVs")
+        if not self.use_limits:
+            return
+        low, high = self.limits
+        if low is None or high is None or low >= high:
+            return
+        if not (low <= value <= high):
+            raise LimitError(f"{self.name}: value {value} outside of range: [{low}, {high}]")
+
+    def set(self, value: Any, *, timeout: float | None = None, settle_time: float | None = None) -> Status:
+        """Put ``value``; the Status finishes as Rule 5 says, or fails with the put's error or
+        when ``timeout`` (default ``write_timeout``) expires.
 
         Like ophyd, a Signal not yet connected first waits up to ``connection_timeout``."""
+        return self._write(value, timeout=timeout, settle_time=settle_time, force=False,
+                           connection_timeout=None, use_complete=self.put_complete)
+
+    def _write(self, value: Any, *, timeout: float | None, settle_time: float | None, force: bool,
+               connection_timeout: float | None, use_complete: bool) -> Status:
         if not self.connected:
-            self.wait_for_connection()
+            self.wait_for_connection(timeout=connection_timeout)
+        if not force:
+            self.check_value(value)
         status = Status(self, timeout=timeout if timeout is not None else self.write_timeout,
                         settle_time=settle_time or 0.0)
         write_channel = self._write_channel
         hub = self._hub
+        watch = None
+        if not use_complete:
+            watch = _ReadbackWatch(self, status, value, self.tolerance, self.rtolerance)
+        elif self._tolerance is not None or self.rtolerance is not None:
+            watch = _ReadbackWatch(self, status, value, self._tolerance, self.rtolerance)
+        if watch is not None:
+            watch.start()
+            if not use_complete:
+                watch.arm()
 
         def on_reply(message: p.Message) -> bool:
             if isinstance(message, p.SetAccepted):
@@ -528,7 +748,10 @@ class EpicsSignal(EpicsSignalBase):
                 if message.reading is not None:
                     # Read-your-writes: apply the read-back before anyone hears "done".
                     write_channel.apply(message.epoch, message.seq, True, message.reading, None, from_stream=False)
-                hub.dispatch(status.set_finished)
+                if watch is None:
+                    hub.dispatch(status.set_finished)
+                elif use_complete:
+                    watch.arm()
             elif isinstance(message, p.ErrorReply):
                 hub.dispatch(status.set_exception, error_from_code(message.code, message.message))
             else:
@@ -538,11 +761,17 @@ class EpicsSignal(EpicsSignalBase):
         hub.request(lambda rid: p.SetRequest(id=rid, pv=self._write_pv, value=value), on_reply)
         return status
 
-    def put(self, value: Any, *, wait: bool = False, timeout: float | None = None,
-            callback: Callable[..., Any] | None = None, **kwargs: Any) -> None:
-        """Put ``value``; with ``wait``, block until the IOC reports completion."""
-        status = self.set(value)
+    def put(self, value: Any, *, force: bool = False, connection_timeout: float | None = None,
+            callback: Callable[..., Any] | None = None, use_complete: bool | None = None,
+            timeout: float | None = None, wait: bool = False) -> None:
+        """Put ``value`` and return at once, as ophyd's ``put``; ``callback()`` runs when the
+        IOC reports completion (``use_complete``, default ``put_complete``), or when the
+        readback reaches the value without it. ``wait`` blocks until then, up to ``timeout``.
+        ``force`` skips ``check_value``."""
+        use_complete = self.put_complete if use_complete is None else bool(use_complete)
+        status = self._write(value, timeout=None, settle_time=None, force=force,
+                             connection_timeout=connection_timeout, use_complete=use_complete)
         if callback is not None:
-            status.add_callback(lambda st: callback())
+            status.add_callback(lambda st: callback() if st.success else None)
         if wait:
             status.wait(timeout)
