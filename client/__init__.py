@@ -4,7 +4,7 @@
 """
 
 from pvhub.client.hub import Hub, close_hubs, get_hub
-from pvhub.client.signal import EpicsSignal, EpicsSignalBase, EpicsSignalRO, Kind
+from pvhub.client.signal import EpicsSignal, EpicsSignalBase, EpicsSignalRO, Kind, LimitError
 from pvhub.client.status import AndStatus, Status, wait
 from pvhub.errors import (
     ConnectionTimeoutError,
@@ -23,6 +23,7 @@ __all__ = [
     "EpicsSignalRO",
     "Hub",
     "Kind",
+    "LimitError",
     "PvhubError",
     "ReadOnlyError",
     "Status",

@@ -766,10 +766,11 @@ class EpicsSignal(EpicsSignalBase):
             timeout: float | None = None, wait: bool = False) -> None:
         """Put ``value`` and return at once, as ophyd's ``put``; ``callback()`` runs when the
         IOC reports completion (``use_complete``, default ``put_complete``), or when the
-        readback reaches the value without it. ``wait`` blocks until then, up to ``timeout``.
-        ``force`` skips ``check_value``."""
+        readback reaches the value without it. ``wait`` blocks until then; past ``timeout``
+        (default ``write_timeout``) the put counts as failed, as in ophyd, though it goes on in
+        the IOC. ``force`` skips ``check_value``."""
         use_complete = self.put_complete if use_complete is None else bool(use_complete)
-        status = self._write(value, timeout=None, settle_time=None, force=force,
+        status = self._write(value, timeout=timeout, settle_time=None, force=force,
                              connection_timeout=connection_timeout, use_complete=use_complete)
         if callback is not None:
             status.add_callback(lambda st: callback() if st.success else None)
