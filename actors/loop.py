@@ -31,6 +31,7 @@ import zmq
 
 from pvhub import protocol as p
 from pvhub.actors import backend as ca
+from pvhub.config import DEFAULT_READINGS_HWM
 from pvhub.actors.state import Effect, Publish, PvState, Reply, StartPut
 from pvhub.errors import ActorDiedError, InternalError, ProtocolError
 from pvhub.logs import loggable
@@ -68,6 +69,9 @@ class Actor:
         self._dealer.connect(broker)
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 1000)
+        # Readings wait here only while the daemon's forwarder is behind (a burst of a
+        # thousand PVs changing at once); past this a PUB drops, and clients see the gap.
+        self._pub.setsockopt(zmq.SNDHWM, DEFAULT_READINGS_HWM)
         self._pub.connect(readings)
         self._backend = ca.ChannelAccessBackend(self._emit)
         self.log = log.bind(actor=actor_id, actor_pid=os.getpid())

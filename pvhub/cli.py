@@ -241,12 +241,18 @@ def format_status(status: dict, address: str) -> str:
     now = time.time()
     lines = [f"pvhub {status['version']} at {address}, up {_duration(status['uptime'])}, "
              f"readings on {status['readings']}", ""]
-    rows = [("PV", "CONNECTED", "RATE/S", "SUBSCRIBERS", "LAST UPDATE", "ACTOR PID", "RESTARTS")]
+    rows = [("PV", "CONNECTED", "RATE/S", "SUBSCRIBERS", "LAST UPDATE", "ACTOR", "ACTOR PID", "RESTARTS")]
     for pv in status["pvs"]:
         last = pv["last_update"]
+        actor = pv["actor"] + (" (quarantined)" if pv.get("quarantined") else "")
         rows.append((pv["pv"], "yes" if pv["connected"] else "NO", f"{pv['rate']:.1f}",
                      str(pv["subscribers"]), f"{_duration(now - last)} ago" if last else "-",
-                     str(pv["pid"] or "-"), str(pv["restarts"])))
+                     actor, str(pv["pid"] or "-"), str(pv["restarts"])))
+    lines += _table(rows) + [""]
+    rows = [("ACTOR", "KIND", "PVS", "PID", "READY", "RESTARTS")]
+    for actor in status.get("actors", []):
+        rows.append((actor["actor"], actor.get("kind", "-"), str(len(actor["pvs"])), str(actor["pid"] or "-"),
+                     "yes" if actor["ready"] else "NO", str(actor["restarts"])))
     lines += _table(rows) + [""]
     rows = [("CLIENT", "NAME", "PVS", "REQUESTS", "IDLE")]
     for client in status["clients"]:
