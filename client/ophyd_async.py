@@ -349,7 +349,7 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
         self._address = address
         self._hub = hub
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._listening: set[str] = set()
+        self._listening: set[Channel] = set()  # channels that call _on_channel
         self._wakers: dict[str, asyncio.Event] = {}
         self._callback: Callback[Reading[SignalDatatypeT]] | None = None
         self._generation = 0  # which set_callback a queued reading belongs to
@@ -360,9 +360,9 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
 
     @property
     def hub(self) -> Hub:
-        if self._hub is None:
-            self._hub = get_hub(self._address)
-        return self._hub
+        """The hub given, or the process's shared one for the address (a new one after
+        ``close_hubs``)."""
+        return self._hub if self._hub is not None else get_hub(self._address)
 
     # --- connecting ---------------------------------------------------------------------
 
@@ -379,8 +379,8 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
 
     async def _connect_pv(self, pv: str, timeout: float) -> None:
         channel = self.hub.channel(pv)
-        if pv not in self._listening:
-            self._listening.add(pv)
+        if channel not in self._listening:
+            self._listening.add(channel)
             channel.add_listener(self._on_channel)
         try:
             await self._until_ready(channel, timeout)
