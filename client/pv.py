@@ -15,6 +15,8 @@ connect or times out; callbacks get ``pvname``, ``value``, ``char_value``, ``tim
 Rule 4: every put asks for completion (the protocol's only put). ``put`` waits for the
 daemon to accept or refuse it, so a value the PV cannot take raises at once, as pyepics'
 does; ``wait=True`` (or ``use_complete``) then waits for, or watches, the completion.
+Rule 5: a value is converted to the PV's native type as a CA client converts it before
+sending (a float put to an integer PV is truncated); the daemon checks what remains.
 """
 
 from __future__ import annotations
@@ -317,6 +319,7 @@ class PV:
             hub.dispatch(finish, error)
             return True
 
+        value = as_native(value, self._metadata())
         hub.request(lambda rid: p.SetRequest(id=rid, pv=pvname, value=value), on_reply)
         try:
             answer = accepted.result(ACCEPT_TIMEOUT)
@@ -659,6 +662,22 @@ def _shaped(value: Any, metadata: dict[str, Any], count: int | None, as_numpy: b
         if count is not None and count < len(value):
             value = value[:count]
         return np.asarray(value) if as_numpy and metadata.get("native_type") != "string" else value
+    return value
+
+
+def as_native(value: Any, metadata: dict[str, Any]) -> Any:
+    """``value`` as a Channel Access client sends it to a PV of this native type: a number
+    with a fraction, put to an integer or enum PV, arrives truncated (CA clients convert to
+    the channel's native type before sending; C's conversion truncates toward zero)."""
+    if metadata.get("native_type") not in ("int", "enum"):
+        return value
+    if isinstance(value, (float, np.floating)) and math.isfinite(value):
+        return int(value)
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f" and np.isfinite(value).all():
+        return np.trunc(value).astype(np.int64)
+    if (isinstance(value, (list, tuple)) and value
+            and all(isinstance(v, (float, np.floating)) and math.isfinite(v) for v in value)):
+        return [int(v) for v in value]
     return value
 
 

@@ -70,6 +70,16 @@ def test_caput_wait_times_out_as_pyepics(prefix):
 
 
 @pytest.mark.timeout(60)
+def test_a_float_put_to_an_integer_pv_is_truncated_as_over_ca(prefix):
+    assert epics.caput(prefix + "count", 3.7, wait=True) == 1
+    assert epics.caget(prefix + "count") == 3
+    assert epics.caput(prefix + "count", -2.5, wait=True) == 1
+    assert epics.caget(prefix + "count", use_monitor=False) == -2
+    assert epics.caput(prefix + "mode", 1.0, wait=True) == 1
+    assert epics.caget(prefix + "mode", as_string=True) == "On"
+
+
+@pytest.mark.timeout(60)
 def test_refused_puts_raise(prefix):
     with pytest.raises(ReadOnlyError):
         epics.caput(prefix + "ro", 2.0)

@@ -193,3 +193,18 @@ def test_caget_caput_of_the_layer(layer, prefix):
     assert ophyd.cl.caput(prefix + "count", 5, wait=True) == 1
     assert ophyd.cl.caget(prefix + "count") == 5
     assert ophyd.cl.caget(prefix + "mode", as_string=True) == "Off"
+
+
+@pytest.mark.timeout(90)
+def test_a_lost_ioc_disconnects_the_signal_and_its_return_reconnects_it(layer, prefix, zoo_ioc):
+    motor = connected(layer, EpicsSignal(prefix + "motor", name="motor"))
+    motor.put(4.0, wait=True)
+    states = []
+    motor.subscribe(lambda connected=None, **kw: states.append(connected), event_type="meta", run=False)
+    zoo_ioc.stop()
+    wait_until(lambda: not motor.connected, 20, message="the signal still says it is connected")
+    wait_until(lambda: False in states, 10, message=lambda: f"meta callbacks {states}")
+    zoo_ioc.start()
+    motor.wait_for_connection(timeout=30)
+    assert motor.get() == 0.0  # a new IOC process: its initial value
+    wait_until(lambda: states[-1] is True, 10, message=lambda: f"meta callbacks {states}")
