@@ -180,7 +180,8 @@ class Hub:
 
     @property
     def unproven(self) -> int:
-        """How many channels wait for the proof of their subscription (Rule 4)."""
+        """How many channels the I/O thread still looks after (Rule 4): not yet proven live,
+        or not yet attached."""
         return sum(1 for due, _, channel in list(self._proofs) if channel.proof_due == due)
 
     def wait_for_hello(self, timeout: float | None) -> None:
