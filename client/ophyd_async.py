@@ -52,6 +52,10 @@ from ophyd_async.core import (
     wait_for_connection,
 )
 from ophyd_async.epics.core import EpicsOptions
+
+# ophyd-async's own helpers, not copies, so that the datatype errors keep its words (Rule 1);
+# they live in a private module (0.21). Importing ``ophyd_async.epics.core`` loads aioca's
+# libca when aioca is installed, but opens no Channel Access context.
 from ophyd_async.epics.core._util import EpicsSignalBackend, format_datatype, get_supported_values
 
 from pvhub import protocol as p
@@ -149,8 +153,9 @@ class _ArrayConverter(PvhubConverter[np.ndarray]):
         self._dtype = dtype
 
     def value(self, raw: Any) -> np.ndarray:
-        # pvhub sends one element as a scalar; Channel Access gives an array of one.
-        return np.atleast_1d(np.asarray(raw)).astype(self._dtype, copy=False)
+        # pvhub sends one element as a scalar; Channel Access gives an array of one. A copy:
+        # the reading is the channel's, and each caller gets an array of its own, as from CA.
+        return np.array(np.atleast_1d(raw), dtype=self._dtype)
 
 
 class _SequenceStrConverter(PvhubConverter[Sequence[str]]):

@@ -97,6 +97,14 @@ def test_values_convert_as_channel_access_gives_them(metadata, raw, datatype, ex
         assert value == expected
 
 
+def test_each_array_read_is_an_array_of_its_own():
+    raw = np.arange(4.0)
+    converter = make_converter(None, {"PV": (md("float", 4), raw)})
+    first, second = converter.value(raw), converter.value(raw)
+    first[0] = 99.0
+    assert raw[0] == second[0] == 0.0
+
+
 @pytest.mark.parametrize(
     ("metadata", "raw", "datatype", "message"),
     [
