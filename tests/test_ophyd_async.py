@@ -170,6 +170,21 @@ def test_sources_say_pvhub():
         PvhubSignalBackend(float, "pva://A", "A")
 
 
+def test_mock_mode_needs_no_daemon():
+    from ophyd_async.core import set_mock_value
+
+    async def scenario():
+        stage = Stage("mock:", name="stage")
+        await stage.connect(mock=True)
+        set_mock_value(stage.motor, 3.5)
+        await stage.motor.set(4.5)
+        return await stage.read(), stage.motor.source
+
+    reading, source = run(scenario())
+    assert reading["stage-motor"]["value"] == 4.5
+    assert source == "mock+pvhub://mock:motor"
+
+
 # --- side by side with ophyd-async's Channel Access backend, on one IOC --------------------------
 
 
