@@ -13,10 +13,14 @@ Rule 4: every change that tells listeners anything gets the next ``version``, a 
 channel's own that only grows. A subscriber remembers the version of the last change it
 delivered and so skips what its first call already showed. ``(epoch, seq)`` cannot serve: a
 lost PV forgets its ``seq`` and may come back at the same or a lower one.
+Rule 5: ``ProofSchedule`` is the hub's rule for asking (hub.py, Rule 4), kept here without
+I/O: it holds only channels not yet live and attached, by when they are due.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import weakref
 from typing import TYPE_CHECKING, Callable
@@ -182,3 +186,80 @@ class Channel:
                 listener("meta", self, self.reading)
         if was_connected:
             log.warning("pv_lost", pv=self.pv, reason=reason)
+
+
+class ProofSchedule:
+    """Which channels the hub must ask for a snapshot, and when (hub.py, Rule 4).
+
+    No I/O and no clock of its own: the hub says what it sent, what was answered and what was
+    lost, and asks what is due at ``now``. Only channels that are not yet live and attached
+    are held, in a heap by when they are due, so asking costs nothing per idle channel. Used
+    by the I/O thread only.
+    """
+
+    def __init__(self, interval: float, timeout: float) -> None:
+        self.interval = interval  # between a channel's answer and its next request
+        self.timeout = timeout  # after which an unanswered request is given up
+        # (due, order, channel); an entry whose due is no longer its channel's proof_due is
+        # stale, and skipped.
+        self._heap: list[tuple[float, int, Channel]] = []
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        """How many channels are still looked after."""
+        return sum(1 for due, _, channel in list(self._heap) if channel.proof_due == due)
+
+    def sent(self, channel: Channel, request_id: int, now: float) -> None:
+        channel.proof_request = request_id
+        channel.proof_asked = now
+        self._at(channel, now + self.timeout)
+
+    def not_sent(self, channel: Channel, now: float) -> None:
+        channel.proof_request = None
+        self._at(channel, now + self.interval)
+
+    def answered(self, channel: Channel, request_id: int) -> bool:
+        """The answer to ``request_id`` came; False if it no longer counts (given up, or the
+        PV was lost since), and then it must be ignored."""
+        if channel.proof_request != request_id:
+            return False
+        channel.proof_request = None
+        self._at(channel, channel.proof_asked + self.interval)
+        return True
+
+    def lost(self, channel: Channel, now: float) -> None:
+        """The PV's actor went away: ask for the new one's snapshot at once."""
+        self._at(channel, now)
+
+    def due(self, now: float) -> tuple[list[Channel], list[tuple[Channel, int]]]:
+        """The channels to ask again now, and of those the requests given up (channel, id)."""
+        ask: list[Channel] = []
+        given_up: list[tuple[Channel, int]] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            due, _, channel = heapq.heappop(heap)
+            if channel.proof_due != due:
+                continue
+            channel.proof_due = None
+            if self._done(channel):
+                continue
+            if channel.proof_request is not None:
+                if now - channel.proof_asked < self.timeout:
+                    self._at(channel, channel.proof_asked + self.timeout)
+                    continue
+                given_up.append((channel, channel.proof_request))
+                channel.proof_request = None
+            ask.append(channel)
+        return ask, given_up
+
+    @staticmethod
+    def _done(channel: Channel) -> bool:
+        return (channel.live and channel.attached) or channel.error is not None
+
+    def _at(self, channel: Channel, due: float) -> None:
+        if self._done(channel):
+            return
+        if channel.proof_due is not None and channel.proof_due <= due:
+            return  # it is looked at sooner already
+        channel.proof_due = due
+        heapq.heappush(self._heap, (due, next(self._order), channel))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import heapq
 import itertools
 import os
 import queue
@@ -44,7 +43,7 @@ import zmq
 from pvhub import protocol as p
 from pvhub.config import DEFAULT_READINGS_HWM
 from pvhub.errors import HubUnavailableError, ProtocolError, error_from_code
-from pvhub.client.channel import Channel
+from pvhub.client.channel import Channel, ProofSchedule
 from pvhub.logs import library_logger
 
 log = library_logger("pvhub.client")
@@ -98,10 +97,7 @@ class Hub:
         self.dispatches = 0  # callbacks queued for the callback thread
         self._channels: dict[str, Channel] = {}
         self._channels_lock = threading.Lock()
-        # Channels whose subscription is not proven yet (Rule 4): (due, order, channel). An
-        # entry whose due is no longer its channel's ``proof_due`` is stale, and skipped.
-        self._proofs: list[tuple[float, int, Channel]] = []
-        self._proof_order = itertools.count()
+        self._proofs = ProofSchedule(PROOF_INTERVAL, SNAPSHOT_TIMEOUT)  # Rule 4
         self._dispatch: queue.SimpleQueue = queue.SimpleQueue()
         self._ctx = zmq.Context()
         self._io = threading.Thread(target=self._run, name=f"pvhub-io {self.address}", daemon=True)
@@ -182,7 +178,7 @@ class Hub:
     def unproven(self) -> int:
         """How many channels the I/O thread still looks after (Rule 4): not yet proven live,
         or not yet attached."""
-        return sum(1 for due, _, channel in list(self._proofs) if channel.proof_due == due)
+        return len(self._proofs)
 
     def wait_for_hello(self, timeout: float | None) -> None:
         if not self._hello.wait(timeout):
@@ -416,7 +412,7 @@ class Hub:
                 lost = self._channels.get(update.pv)
                 if lost is not None:
                     lost.lose(update.reason)
-                    self._schedule_proof(lost, time.monotonic())
+                    self._proofs.lost(lost, time.monotonic())
                 continue
             if not isinstance(update, p.Update):
                 continue
@@ -438,12 +434,10 @@ class Hub:
     def _request_snapshot(self, channel: Channel) -> None:
         now = time.monotonic()
         request_id = next(self._ids)
-        channel.proof_request = request_id
 
         def on_snapshot(message: p.Message) -> bool:
-            if channel.proof_request != request_id:
+            if not self._proofs.answered(channel, request_id):
                 return True  # given up (Rule 4), or the PV was lost since: a newer one counts
-            channel.proof_request = None
             if isinstance(message, p.Snapshot):
                 channel.apply(
                     message.epoch, message.seq, message.connected, message.reading, message.metadata,
@@ -455,16 +449,13 @@ class Hub:
                     channel.cond.notify_all()
             # Other errors (the actor or the daemon restarting) are passing: the channel
             # asks again (Rule 4) until it gets a snapshot.
-            self._schedule_proof(channel, now + PROOF_INTERVAL)
             return True
 
         if self._send(p.ReadRequest(id=request_id, pv=channel.pv, publish=not channel.live)):
             self._pending[request_id] = on_snapshot
-            channel.proof_asked = now
-            self._schedule_proof(channel, now + SNAPSHOT_TIMEOUT)
+            self._proofs.sent(channel, request_id, now)
         else:
-            channel.proof_request = None
-            self._schedule_proof(channel, now + PROOF_INTERVAL)
+            self._proofs.not_sent(channel, now)
 
     def _all_channels(self) -> list[Channel]:
         with self._channels_lock:
@@ -473,45 +464,23 @@ class Hub:
     def _resync(self, channel: Channel) -> None:
         self._request_snapshot(channel)
 
-    def _schedule_proof(self, channel: Channel, due: float) -> None:
-        """Look at ``channel`` again at ``due`` if it is not live and attached by then."""
-        if (channel.live and channel.attached) or channel.error is not None:
-            return
-        if channel.proof_due is not None and channel.proof_due <= due:
-            return  # it is looked at sooner already
-        channel.proof_due = due
-        heapq.heappush(self._proofs, (due, next(self._proof_order), channel))
-
     def _prove_subscriptions(self, now: float) -> None:
-        """Rule 4, for the channels that are due: ask again where no request is outstanding
-        (its answer schedules the next look) or where it is overdue."""
+        """Rule 4, for the channels that are due."""
         if not self._hello.is_set():
             return
-        proofs = self._proofs
-        unanswered: list[str] = []
-        while proofs and proofs[0][0] <= now:
-            due, _, channel = heapq.heappop(proofs)
-            if channel.proof_due != due:
-                continue
-            channel.proof_due = None
-            if (channel.live and channel.attached) or channel.error is not None:
-                continue
-            if channel.proof_request is not None:
-                if now - channel.proof_asked < SNAPSHOT_TIMEOUT:
-                    self._schedule_proof(channel, channel.proof_asked + SNAPSHOT_TIMEOUT)
-                    continue
-                unanswered.append(channel.pv)
-                self._pending.pop(channel.proof_request, None)
-                channel.proof_request = None
+        ask, given_up = self._proofs.due(now)
+        for _, request_id in given_up:
+            self._pending.pop(request_id, None)
+        if given_up:
+            log.warning("snapshots_unanswered", count=len(given_up), pvs=[c.pv for c, _ in given_up[:5]],
+                        after_s=SNAPSHOT_TIMEOUT)
+        for channel in ask:
             if not channel.live:
                 # Anew, so that every hop forwards it again (a repeated subscribe is not).
                 topic = p.topic(channel.pv)
                 self._sub.setsockopt(zmq.UNSUBSCRIBE, topic)
                 self._sub.setsockopt(zmq.SUBSCRIBE, topic)
             self._request_snapshot(channel)
-        if unanswered:
-            log.warning("snapshots_unanswered", count=len(unanswered), pvs=unanswered[:5],
-                        after_s=SNAPSHOT_TIMEOUT)
 
     # --- the dispatcher thread -------------------------------------------------------------
 

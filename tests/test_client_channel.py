@@ -1,6 +1,7 @@
 """A client's copy of one PV (``pvhub.client.hub.Channel``): the Clone rules for snapshots and
-published updates, its listeners, and losing the PV. No sockets: the hub is a stub that records
-the snapshots the channel asks for (``_resync``), the only thing a Channel asks of its hub.
+published updates, its listeners, and losing the PV; and the schedule by which the hub asks
+for snapshots until a channel is live (``ProofSchedule``). No sockets: the hub is a stub that
+records the snapshots the channel asks for (``_resync``), the only thing a Channel asks of it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 import pytest
 
 from pvhub import protocol as p
-from pvhub.client.channel import Channel
+from pvhub.client.channel import Channel, ProofSchedule
 
 EPOCH = 1_700_000_000_000_000_000
 METADATA: p.PVMetadata = {"units": "mm", "precision": 3, "write_access": True}
@@ -446,3 +447,94 @@ def test_losing_a_pv_takes_a_version_and_its_return_a_greater_one_at_a_lower_seq
     channel.lose("again")
     channel.lose("and again")  # was not connected: nobody is told, no version
     assert channel.version == before + 3
+
+
+# --- the proof schedule: which channels the hub asks again, and when ---------------------------
+
+
+def schedule() -> ProofSchedule:
+    return ProofSchedule(interval=0.1, timeout=5.0)
+
+
+def test_an_answered_channel_that_is_not_live_is_asked_again_after_the_interval():
+    proofs = schedule()
+    _, channel = make_channel()
+    proofs.sent(channel, 1, now=10.0)
+    assert proofs.due(10.05) == ([], [])
+    assert proofs.answered(channel, 1)
+    snapshot(channel, 5, 1.0)  # attached, but nothing came on the subscription yet
+    assert proofs.due(10.09) == ([], [])
+    assert proofs.due(10.1) == ([channel], [])
+    assert len(proofs) == 0  # until the hub sends again
+
+
+def test_a_live_and_attached_channel_is_no_longer_looked_at():
+    proofs = schedule()
+    _, channel = make_channel()
+    proofs.sent(channel, 1, now=10.0)
+    assert proofs.answered(channel, 1)
+    snapshot(channel, 5, 1.0)
+    channel.live = True
+    assert len(proofs) == 1  # a stale entry, dropped when due
+    assert proofs.due(100.0) == ([], [])
+    assert len(proofs) == 0
+
+
+def test_a_wake_up_pops_only_what_is_due_however_many_channels_wait():
+    proofs = schedule()
+    channels = [Channel(StubHub(), f"X:{i}") for i in range(10_000)]  # type: ignore[arg-type]
+    for i, channel in enumerate(channels):
+        proofs.sent(channel, i, now=float(i))
+    assert len(proofs) == 10_000
+    ask, given_up = proofs.due(5.0 + 2.5)  # timeout 5: requests sent at 0, 1 and 2 are overdue
+    assert ask == channels[:3] and given_up == [(c, i) for i, c in enumerate(channels[:3])]
+    assert all(c.proof_request is None for c in channels[:3])
+    assert channels[3].proof_request == 3
+
+
+def test_an_answer_to_a_request_given_up_or_overtaken_does_not_count():
+    proofs = schedule()
+    _, channel = make_channel()
+    proofs.sent(channel, 1, now=0.0)
+    assert proofs.due(5.0) == ([channel], [(channel, 1)])
+    proofs.sent(channel, 2, now=5.0)
+    assert not proofs.answered(channel, 1)
+    assert channel.proof_request == 2
+    assert proofs.answered(channel, 2)
+
+
+def test_a_lost_pv_is_asked_for_at_once_and_its_old_answer_is_ignored():
+    proofs = schedule()
+    _, channel, _ = attached(seq=5)
+    proofs.sent(channel, 1, now=0.0)
+    channel.lose("actor died")
+    proofs.lost(channel, now=1.0)
+    assert not proofs.answered(channel, 1)
+    assert proofs.due(1.0) == ([channel], [])
+
+
+def test_a_request_that_could_not_be_sent_is_tried_again_after_the_interval():
+    proofs = schedule()
+    _, channel = make_channel()
+    proofs.not_sent(channel, now=3.0)
+    assert channel.proof_request is None
+    assert proofs.due(3.05) == ([], [])
+    assert proofs.due(3.1) == ([channel], [])
+
+
+def test_an_outstanding_request_is_not_asked_again_before_its_timeout():
+    proofs = schedule()
+    _, channel = make_channel()
+    proofs.not_sent(channel, now=0.0)  # due at 0.1
+    proofs.sent(channel, 7, now=0.05)  # sooner entry kept; the request is outstanding then
+    assert proofs.due(0.1) == ([], [])
+    assert len(proofs) == 1  # looked at again when it is overdue
+    assert proofs.due(5.05) == ([channel], [(channel, 7)])
+
+
+def test_a_refused_pv_is_not_looked_at():
+    proofs = schedule()
+    _, channel = make_channel()
+    channel.error = PermissionError("not allowed")
+    proofs.lost(channel, now=0.0)
+    assert len(proofs) == 0 and proofs.due(1.0) == ([], [])
