@@ -75,10 +75,10 @@ class Plan:
 
 
 FULL = Plan(
-    latency_rounds=2, latency_puts=300, latency_budget=3.0, latency_points=20, latency_runs=3,
-    scale_counts=(1000, 10000), scale_window=8.0,
+    latency_rounds=2, latency_puts=300, latency_budget=2.5, latency_points=20, latency_runs=2,
+    scale_counts=(1000, 10000), scale_window=5.0,
     fanout=((1000.0, 100), (5000.0, 10)),
-    throughput=((10, (1000.0, 2000.0, 5000.0)), (20, (5000.0, 10000.0))), throughput_extra=1000,
+    throughput=((10, (1000.0, 2000.0, 5000.0, 10000.0)),), throughput_extra=1000,
     waveform_clients=10, waveform_rate=10.0, window=4.0, tail=1.5, settle=1.0,
 )  # fmt: skip
 QUICK = Plan(

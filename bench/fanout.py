@@ -62,7 +62,9 @@ class Subscribers:
     def pids(self) -> list[int]:
         return [process.pid for process in self.processes]
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+    def wait_ready(self, timeout: float | None = None) -> None:
+        # A hundred Python processes importing numpy on two cores take a couple of minutes.
+        timeout = max(READY_TIMEOUT, 2.0 * len(self.processes)) if timeout is None else timeout
         for line in self._next_lines(timeout):
             if line != "ready":
                 raise RuntimeError(f"{self.mode} subscriber did not start: {line!r}")

@@ -36,6 +36,7 @@ from typing import Callable
 
 MAX_LIFETIME = 900.0
 LATENCY_SAMPLES = 4000  # at most this many latencies go back per window
+EXTRA_BATCH = 200
 
 _collecting = False
 _values: list[int] = []
@@ -83,13 +84,21 @@ def subscribe_pvhub(pv: str, extra: tuple[str, int] | None = None):
     signal.subscribe(callback)
     extras = []
     if extra is not None:
+        from pvhub.client import PvhubError
+
         prefix, count = extra
-        for i in range(count):
-            name = f"{prefix}{i:05d}"
-            extras.append(EpicsSignalRO(name, name=f"extra{i}"))
-        for i, other in enumerate(extras):
-            other.wait_for_connection(timeout=120)
-            other.subscribe(lambda value, _pv=other.pvname, **kw: on_extra(_pv, int(value)))
+        # A batch at a time: a daemon asked for thousands of new PVs at once loses some.
+        for start in range(0, count, EXTRA_BATCH):
+            batch = [EpicsSignalRO(f"{prefix}{i:05d}", name=f"extra{i}")
+                     for i in range(start, min(count, start + EXTRA_BATCH))]  # fmt: skip
+            for other in batch:
+                try:
+                    other.wait_for_connection(timeout=60)
+                except PvhubError as exc:  # watched no further; the window counts the others
+                    print(f"extra PV not connected: {exc}", file=sys.stderr, flush=True)
+                    continue
+                other.subscribe(lambda value, _pv=other.pvname, **kw: on_extra(_pv, int(value)))
+                extras.append(other)
 
     def stop() -> None:
         signal.unsubscribe_all()
