@@ -36,7 +36,7 @@ from typing import Callable
 
 MAX_LIFETIME = 900.0
 LATENCY_SAMPLES = 4000  # at most this many latencies go back per window
-EXTRA_BATCH = 200
+EXTRA_BATCH = 50  # ten subscribers asking at once stay well below a thousand requests
 
 _collecting = False
 _values: list[int] = []
@@ -93,7 +93,7 @@ def subscribe_pvhub(pv: str, extra: tuple[str, int] | None = None):
                      for i in range(start, min(count, start + EXTRA_BATCH))]  # fmt: skip
             for other in batch:
                 try:
-                    other.wait_for_connection(timeout=60)
+                    other.wait_for_connection(timeout=20)
                 except PvhubError as exc:  # watched no further; the window counts the others
                     print(f"extra PV not connected: {exc}", file=sys.stderr, flush=True)
                     continue
