@@ -15,7 +15,10 @@ I/O thread, where they are only handed to the loop with ``call_soon_threadsafe``
 Rule 3: ``get_value``, ``get_reading``, ``get_datakey`` and ``get_setpoint`` ask the PV's
 actor for a snapshot (one round trip), as the Channel Access backend does a ``caget``. A
 monitor (``set_callback``) is fed by the PV's channel, which the hub keeps current; its first
-call is the latest reading, as a Channel Access monitor's is. A put that waited for completion
+call is the latest reading, as a Channel Access monitor's is, and no call goes back in time:
+a reading older (by its EPICS timestamp) than one already delivered is dropped, as happens
+when a put's read-back overtook the IOC's own monitor of an earlier value and the actor then
+publishes that monitor too. A put that waited for completion
 returns only once the value read back after it has reached the channel, so every read after
 it, cached or not, sees that value (Channel Access promises this only when the IOC sends its
 monitor update before the put's completion; caproto's IOCs do not always).
@@ -26,6 +29,7 @@ backend gives for the same PV.
 from __future__ import annotations
 
 import asyncio
+import math
 import typing
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -358,6 +362,7 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
         self._wakers: dict[str, asyncio.Event] = {}
         self._callback: Callback[Reading[SignalDatatypeT]] | None = None
         self._generation = 0  # which set_callback a queued reading belongs to
+        self._newest = -math.inf  # the EPICS time of the newest reading the callback got
         super().__init__(datatype, _strip_scheme(read_pv), _strip_scheme(write_pv), options)
 
     def source(self, name: str, read: bool) -> str:
@@ -498,6 +503,7 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
             # the first call, nor be lost between the two.
             self._generation += 1
             self._callback = callback
+            self._newest = -math.inf
             if callback and loop is not None and channel.connected and channel.reading is not None:
                 loop.call_soon_threadsafe(self._deliver, self._generation, channel.reading)
 
@@ -506,10 +512,18 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
         callback = self._callback
         if callback is None or generation != self._generation:
             return
+        if reading.timestamp < self._newest:
+            log.debug("stale_reading_dropped", pv=self.read_pv, timestamp=reading.timestamp, newest=self._newest)
+            return
+        self._newest = reading.timestamp
         try:
             callback(make_reading(self.converter, reading))
         except Exception:
             log.exception("signal_callback_failed", pv=self.read_pv, callback=repr(callback))
+
+    def _forget_newest(self, generation: int) -> None:
+        if generation == self._generation:
+            self._newest = -math.inf
 
     def _on_channel(self, kind: str, channel: Channel, old: p.Reading | None) -> None:
         """On the hub's I/O thread, under ``channel.cond``: hand the event to the loop."""
@@ -519,6 +533,9 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
         try:
             if kind == "value" and channel.pv == self.read_pv and self._callback is not None:
                 loop.call_soon_threadsafe(self._deliver, self._generation, channel.reading)
+            elif kind == "meta" and channel.pv == self.read_pv and not channel.connected:
+                # What comes after a reconnection is new, whatever its time says.
+                loop.call_soon_threadsafe(self._forget_newest, self._generation)
             waker = self._wakers.get(channel.pv)  # only while a connect waits
             if waker is not None:
                 loop.call_soon_threadsafe(waker.set)
