@@ -225,6 +225,12 @@ class Hub:
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.LINGER, 0)
         self._dealer.setsockopt(zmq.IMMEDIATE, 1)
+        # Unbounded both ways: what is queued is what this process asked for, and a bound
+        # here would fail a burst of requests (thousands of Signals attaching at once) as
+        # "not sent", or hold replies back until the daemon's queue for us overflows and it
+        # drops them.
+        self._dealer.setsockopt(zmq.SNDHWM, 0)
+        self._dealer.setsockopt(zmq.RCVHWM, 0)
         self._dealer.connect(self.address)
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)

@@ -46,7 +46,13 @@ import numpy as np
 from pvhub import protocol as p
 from pvhub.client.hub import Channel, Hub, get_hub, log
 from pvhub.client.status import Status
-from pvhub.errors import ConnectionTimeoutError, HubUnavailableError, ReadOnlyError, error_from_code
+from pvhub.errors import (
+    ConnectionTimeoutError,
+    DisconnectedError,
+    HubUnavailableError,
+    ReadOnlyError,
+    error_from_code,
+)
 
 try:  # ophyd's own class when ophyd is there, so that code catching it keeps working
     from ophyd.utils import LimitError
@@ -282,7 +288,7 @@ class EpicsSignalBase:
         except TimeoutError:
             raise HubUnavailableError(f"{channel.pv}: no answer from the pvhub daemon within {timeout} s") from None
         if snapshot.reading is None or not snapshot.connected:
-            raise ConnectionTimeoutError(f"{channel.pv} is not connected")
+            raise DisconnectedError(f"{channel.pv} is not connected to its IOC")
         with channel.cond:
             metadata = channel.metadata
         return snapshot.reading, metadata

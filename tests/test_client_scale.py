@@ -91,7 +91,17 @@ def test_subscriptions_made_while_updates_flow_see_each_update_once_in_order(hub
         wait_until(lambda: len(seen[0]) > 5 * i, 10, message="fast does not count")
         signal.subscribe(recorder(i))
     rate.set(0).wait(5)
-    last = signals[0].get()
+    # Until fast has stopped (updates already on their way still come), and every callback
+    # queued so far has run.
+    samples: list[int] = []
+
+    def stopped() -> bool:
+        samples.append(signals[0].get())
+        return len(samples) >= 5 and len(set(samples[-5:])) == 1  # unchanged for 0.4 s
+
+    wait_until(stopped, 10, interval=0.1, message="fast did not stop")
+    callbacks_done()
+    last = samples[-1]
     wait_until(lambda: all(s and s[-1] == last for s in seen), 10,
                message=lambda: f"not all at {last}: {[s[-1:] for s in seen]}")
     reference = seen[0]
