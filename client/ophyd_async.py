@@ -77,6 +77,8 @@ _REFUSAL_POLL = 0.1
 
 __all__ = [
     "PvhubSignalBackend",
+    "install",
+    "uninstall",
     "make_converter",
     "make_reading",
     "pvhub_signal_r",
@@ -623,3 +625,37 @@ def pvhub_signal_x(
         warnings.simplefilter("ignore", DeprecationWarning)
         return SignalX(backend, name=name, timeout=timeout)
 
+
+# --- devices that make their own Signals ------------------------------------------------------
+
+_replaced: dict[str, Any] = {}
+
+
+def install() -> None:
+    """Serve ophyd-async's Channel Access Signals through pvhub, made after this call.
+
+    ophyd-async's own devices (``ophyd_async.epics.motor.Motor``, areaDetector drivers) and
+    declarative ``EpicsDevice``s make their Signals with ``epics_signal_*`` inside the
+    library, where no import line can be changed. Those calls pick their backend by
+    protocol through the module ``ophyd_async.epics.core._signal`` (0.21); this puts
+    ``PvhubSignalBackend`` there in place of ``CaSignalBackend``, and makes Channel Access
+    the protocol of PVs named without one. ``pva://`` PVs and triggerable commands are left
+    as they are. ``uninstall()`` puts ophyd-async's own back.
+    """
+    from ophyd_async.epics.core import _signal as epics_signal
+
+    if _replaced:
+        return
+    _replaced.update(CaSignalBackend=epics_signal.CaSignalBackend,
+                     _default_epics_protocol=epics_signal._default_epics_protocol)
+    epics_signal.CaSignalBackend = PvhubSignalBackend
+    epics_signal._default_epics_protocol = epics_signal.EpicsProtocol.CA
+
+
+def uninstall() -> None:
+    """Undo ``install()`` for Signals made after this call."""
+    from ophyd_async.epics.core import _signal as epics_signal
+
+    for name, value in _replaced.items():
+        setattr(epics_signal, name, value)
+    _replaced.clear()

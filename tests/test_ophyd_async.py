@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated as A
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,14 @@ import pytest
 from ophyd_async.core import (
     Array1D,
     NotConnectedError,
+    SignalRW,
     StandardReadable,
     StandardReadableFormat,
     StrictEnum,
     SubsetEnum,
     observe_value,
 )
+from ophyd_async.epics.core import EpicsDevice, PvSuffix
 
 from pvhub import protocol as p
 from pvhub.client import close_hubs
@@ -517,3 +520,46 @@ def test_a_lost_ioc_fails_reads_at_once_and_the_monitor_resumes_on_its_return(hu
     returned, value, more = run(scenario(), timeout=80)
     assert returned == value == 0.0
     assert more == 0
+
+
+class Declared(StandardReadable, EpicsDevice):
+    """Signals made by ophyd-async from annotations, as its own devices make them."""
+
+    motor: A[SignalRW[float], PvSuffix("motor"), StandardReadableFormat.HINTED_SIGNAL]
+    mode: A[SignalRW[str], PvSuffix("mode"), StandardReadableFormat.CONFIG_SIGNAL]
+
+
+@pytest.mark.system
+@pytest.mark.timeout(90)
+def test_install_serves_the_signals_ophyd_async_makes_itself(hub, prefix):
+    from bluesky import RunEngine
+    from bluesky.plans import scan
+    from bluesky.run_engine import call_in_bluesky_event_loop
+    from ophyd_async.epics.core import epics_signal_r
+
+    from pvhub.client import ophyd_async as pvhub_ophyd_async
+
+    pvhub_ophyd_async.install()
+    try:
+        declared = Declared(prefix, name="declared")
+        wave = epics_signal_r(Array1D[np.float64], prefix + "wave", name="wave")
+    finally:
+        pvhub_ophyd_async.uninstall()
+    after = epics_signal_r(float, prefix + "motor")
+
+    RE = RunEngine({})
+    call_in_bluesky_event_loop(declared.connect(timeout=15))
+    call_in_bluesky_event_loop(wave.connect(timeout=15))
+    documents = []
+    RE(scan([declared, wave], declared.motor, 1, 2, 2), lambda name, doc: documents.append((name, doc)))
+    descriptor = next(doc for name, doc in documents if name == "descriptor")
+    events = [doc["data"] for name, doc in documents if name == "event"]
+
+    assert isinstance(declared.motor._connector.backend, PvhubSignalBackend)
+    assert descriptor["data_keys"]["declared-motor"]["source"] == f"pvhub://{prefix}motor"
+    assert descriptor["data_keys"]["wave"]["source"] == f"pvhub://{prefix}wave"
+    assert descriptor["configuration"]["declared"]["data"] == {"declared-mode": "Off"}
+    assert [e["declared-motor"] for e in events] == [1.0, 2.0]
+    assert events[0]["wave"].tolist() == list(range(16))
+    # uninstall() gave ophyd-async its own backend back (nothing here speaks Channel Access).
+    assert after.source == f"ca://{prefix}motor"
