@@ -2,7 +2,9 @@
 
 It starts caproto's random-walk IOC on loopback (a port picked now, so it meets no other IOC),
 starts ``pvhub serve`` next to it, and runs the tutorial's steps through ``pvhub.client``
-with only the import line changed. Everything it started is stopped when it ends.
+with only the import line changed. Then a motor: caproto's ``fake_motor_record`` IOC, driven
+by ophyd's own ``EpicsMotor`` through pvhub's ophyd control layer and scanned by a plan.
+Everything it started is stopped when it ends.
 """
 
 from __future__ import annotations
@@ -27,22 +29,51 @@ def run_demo(duration: float = 3.0) -> int:
         return 2
 
     from pvhub.process import DaemonProcess
-    from pvhub.sim import SimulatedIOC
+    from pvhub.sim import SimulatedIOC, merge_ca_env
 
-    with SimulatedIOC("caproto.ioc_examples.random_walk", prefix="random_walk:") as ioc:
+    with SimulatedIOC("caproto.ioc_examples.random_walk", prefix="random_walk:") as ioc, \
+            SimulatedIOC("caproto.ioc_examples.fake_motor_record", prefix="sim:", ready_pv="mtr1") as motors:
         print(f"simulated IOC: caproto.ioc_examples.random_walk on 127.0.0.1:{ioc.port} (pid {ioc.pid})")
-        with DaemonProcess(env=ioc.ca_env()) as daemon:
+        print(f"simulated IOC: caproto.ioc_examples.fake_motor_record on 127.0.0.1:{motors.port} (pid {motors.pid})")
+        with DaemonProcess(env=merge_ca_env(ioc, motors)) as daemon:
             print(f"pvhub serve: {daemon.address} (pid {daemon.pid}), log in {daemon.log_path}")
             os.environ["PVHUB_ADDRESS"] = daemon.address
             try:
                 _tutorial(duration, RunEngine, LiveTable, count, list_scan, mv, monitor, unmonitor,
                           open_run, close_run, sleep)
+                _motor(RunEngine, LiveTable)
             finally:
                 from pvhub.client import close_hubs
 
                 close_hubs()
-    print("\nDemo finished: daemon and IOC stopped.")
+    print("\nDemo finished: daemon and IOCs stopped.")
     return 0
+
+
+def _motor(RunEngine, LiveTable):
+    """ophyd's ``EpicsMotor``, unchanged, through pvhub's ophyd control layer."""
+    _say("from pvhub.client import ophyd_layer; ophyd_layer.install()")
+    from pvhub.client import ophyd_layer
+
+    ophyd_layer.install()
+    try:
+        from bluesky.plans import scan
+        from ophyd import EpicsMotor, EpicsSignalRO
+
+        _say('m1 = EpicsMotor("sim:mtr1", name="m1")')
+        m1 = EpicsMotor("sim:mtr1", name="m1")
+        x = EpicsSignalRO("random_walk:x", name="x")
+        m1.wait_for_connection(timeout=20)
+        x.wait_for_connection(timeout=20)
+        print(m1.describe()["m1"])
+        _say('RE(scan([x], m1, 1, 3, 5), LiveTable(["m1", "m1_user_setpoint", "x"]))')
+        RE = RunEngine({})
+        RE(scan([x], m1, 1, 3, 5), LiveTable(["m1", "m1_user_setpoint", "x"]))
+        print(f"m1 is at {m1.position:.3f}")
+        m1.destroy()
+        x.destroy()
+    finally:
+        ophyd_layer.uninstall()
 
 
 def _tutorial(duration, RunEngine, LiveTable, count, list_scan, mv, monitor, unmonitor, open_run, close_run, sleep):
