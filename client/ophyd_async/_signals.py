@@ -19,6 +19,7 @@ from ophyd_async.epics.core import EpicsOptions
 
 from pvhub.client.ophyd_async._backend import PvhubSignalBackend
 
+
 def pvhub_signal_rw(
     datatype: type[SignalDatatypeT],
     read_pv: str,
