@@ -110,6 +110,8 @@ def throughput(bench: Any, ioc: Any, address: str, env: dict[str, str]) -> tuple
     value = best.delivered_per_s if best else 0.0
     text = (f"{value:,.0f}/s ({best.n} clients, fast at {best.rate:g} Hz"
             + (f", +{bench.extra_pvs} PVs each" if bench.extra_pvs else "") + ")") if best else "none lossless"
+    if first_loss is None and best is not None:
+        text += "; no step lost anything: the ramp ended first"
     if first_loss is not None:
         text += (f"; first loss at {first_loss.delivered_per_s:,.0f}/s ({first_loss.n} clients, "
                  f"{first_loss.rate:g} Hz: {first_loss.lost_percent:.2f} % of fast lost)")
