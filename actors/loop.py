@@ -72,6 +72,7 @@ class Actor:
         # Readings wait here only while the daemon's forwarder is behind (a burst of a
         # thousand PVs changing at once); past this a PUB drops, and clients see the gap.
         self._pub.setsockopt(zmq.SNDHWM, DEFAULT_READINGS_HWM)
+        self._pub.setsockopt(zmq.RCVHWM, p.SUBSCRIPTION_QUEUE_HWM)  # clients' subscriptions
         self._pub.connect(readings)
         self._backend = ca.ChannelAccessBackend(self._emit)
         self.log = log.bind(actor=actor_id, actor_pid=os.getpid())

@@ -9,6 +9,9 @@ the control metadata and a first reading have arrived, so that a client that see
 ``connected`` can always ``read`` and ``describe``.
 Rule 4: a put is sent once. If it cannot be sent (disconnected, no write access, a value the
 PV cannot take) the client hears why at once; if the outcome is unknown it hears that too.
+Rule 5: readings reach the actor by two paths, the monitor and the read-back after a put,
+and the monitor's may come late; a reading older (by its IOC timestamp) than the one held
+is dropped, so what is published never goes back in time. A reconnection starts afresh.
 """
 
 from __future__ import annotations
@@ -157,6 +160,10 @@ class PvState:
 
     def reading_received(self, reading: p.Reading) -> list[Effect]:
         if same_reading(reading, self.reading):
+            return []
+        if self.reading is not None and reading.timestamp < self.reading.timestamp:
+            # Older than what we hold (Rule 5): a monitor update that arrives after the
+            # read-back of a later put. Published, it would send clients back in time.
             return []
         self.reading = reading
         self.last_timestamp = reading.timestamp

@@ -103,6 +103,10 @@ class Broker:
     def run(self) -> int:
         clients = self._ctx.socket(zmq.ROUTER)
         clients.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # Replies a client has not read yet (a burst of ten thousand snapshots) must not be
+        # dropped: ZeroMQ drops silently past the high-water mark. A vanished client's are.
+        clients.setsockopt(zmq.SNDHWM, p.CLIENT_QUEUE_HWM)
+        clients.setsockopt(zmq.RCVHWM, p.CLIENT_QUEUE_HWM)
         # The last answers (puts that could not finish) must leave before the daemon does.
         clients.setsockopt(zmq.LINGER, 1000)
         clients.bind(self.address)
@@ -342,10 +346,14 @@ class ReadingsForwarder:
         xsub = self._ctx.socket(zmq.XSUB)
         xsub.setsockopt(zmq.LINGER, 0)
         xsub.setsockopt(zmq.RCVHWM, DEFAULT_READINGS_HWM)
+        # Subscriptions travel up through here, to every actor; past the mark they would be
+        # dropped, and a client would wait for a topic that never comes.
+        xsub.setsockopt(zmq.SNDHWM, p.SUBSCRIPTION_QUEUE_HWM)
         xsub.bind(self._inward)
         xpub = self._ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.LINGER, 0)
         xpub.setsockopt(zmq.SNDHWM, self._hwm)
+        xpub.setsockopt(zmq.RCVHWM, p.SUBSCRIPTION_QUEUE_HWM)
         xpub.bind(self._outward)
         endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
         control_in = self._ctx.socket(zmq.PAIR)

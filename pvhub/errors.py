@@ -58,6 +58,12 @@ class BadValueError(PvhubError, ValueError):
     code = "bad_value"
 
 
+class LimitError(PvhubError, ValueError):
+    """A value outside the control limits of a Signal that checks them (ophyd's ``limits=True``)."""
+
+    code = "limit"
+
+
 class PutFailedError(PvhubError, RuntimeError):
     """The IOC refused or failed a put."""
 
@@ -111,6 +117,7 @@ ERRORS_BY_CODE: dict[str, type[PvhubError]] = {
         DisconnectedError,
         ReadOnlyError,
         BadValueError,
+        LimitError,
         PutFailedError,
         ActorDiedError,
         HubUnavailableError,

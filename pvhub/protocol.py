@@ -451,6 +451,11 @@ ACTOR_HEARTBEAT_S = 0.5
 # what passes its high-water mark, silently: a burst of thousands of new PVs (an adoption and
 # a request each) must never reach it. Requests are bounded per client; adoptions by PVs.
 ACTOR_QUEUE_HWM = 1_000_000
+# The same for the replies waiting for one client, and for subscriptions on their way to the
+# actors (a client with ten thousand Signals subscribes to ten thousand topics at once; a new
+# actor process is sent every subscription there is).
+CLIENT_QUEUE_HWM = 100_000
+SUBSCRIPTION_QUEUE_HWM = 1_000_000
 CLIENT_HEARTBEAT_S = 1.0
 LIVENESS = 3
 

@@ -100,7 +100,7 @@ def test_seq_grows_by_exactly_one_per_published_change():
     state = connected_state()
     seqs = []
     for value in (2.0, 3.0, 4.0):
-        (update,) = updates(state.reading_received(reading(value, timestamp=value)))
+        (update,) = updates(state.reading_received(reading(value, timestamp=100.0 + value)))
         seqs.append(update.seq)
     assert seqs == [2, 3, 4]
     assert state.seq == 4
@@ -610,3 +610,13 @@ def test_losing_the_ioc_fails_every_put_in_flight_as_unknown():
     assert state.pending_puts == 0
     assert state.put_completed(put.put_id) == []  # a late completion is ignored
     assert state.last_timestamp is not None  # still known to `pvhub status`
+
+
+def test_a_reading_older_than_the_one_held_is_not_published():
+    """A monitor update that arrives after the read-back of a later put (Rule 5)."""
+    state = connected_state()
+    (newer,) = updates(state.reading_received(reading(5.0, timestamp=500.0)))
+    assert state.reading_received(reading(4.0, timestamp=499.0)) == []
+    assert state.reading.value == 5.0
+    (later,) = updates(state.reading_received(reading(6.0, timestamp=501.0)))
+    assert later.seq == newer.seq + 1
