@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import sys
 import threading
 from collections.abc import Iterable
 from typing import Any, Callable
@@ -50,18 +51,29 @@ from pvhub.errors import (
     ConnectionTimeoutError,
     DisconnectedError,
     HubUnavailableError,
+    LimitError,
     ReadOnlyError,
     error_from_code,
 )
 
-try:  # ophyd's own class when ophyd is there, so that code catching it keeps working
-    from ophyd.utils import LimitError
-except ImportError:  # pragma: no cover - ophyd is optional
+_limit_errors: dict[type, type] = {}
 
-    class LimitError(ValueError):  # type: ignore[no-redef]
-        """A value outside a Signal's control limits (ophyd's ``LimitError``)."""
 
-DEFAULT_CONNECTION_TIMEOUT = 5.0  # the first use of a PV starts its actor process
+def limit_error(message: str) -> LimitError:
+    """A ``pvhub.errors.LimitError`` that is also ophyd's ``LimitError`` when ophyd is in use,
+    so that code catching either catches it. ophyd is not imported for that: it costs seconds
+    and starts threads, and a process that never imported it catches nothing of ophyd's."""
+    ophyd_utils = sys.modules.get("ophyd.utils")
+    ophyd_class = getattr(ophyd_utils, "LimitError", None)
+    if ophyd_class is None:
+        return LimitError(message)
+    both = _limit_errors.get(ophyd_class)
+    if both is None:
+        both = _limit_errors[ophyd_class] = type("LimitError", (LimitError, ophyd_class), {})
+    return both(message)
+
+
+DEFAULT_CONNECTION_TIMEOUT = 5.0  # a PV nobody used yet: a CA search, perhaps of a slow IOC
 DEFAULT_TIMEOUT = 2.0
 
 _cids = itertools.count(1)
@@ -717,7 +729,7 @@ class EpicsSignal(EpicsSignalBase):
         if low is None or high is None or low >= high:
             return
         if not (low <= value <= high):
-            raise LimitError(f"{self.name}: value {value} outside of range: [{low}, {high}]")
+            raise limit_error(f"{self.name}: value {value} outside of range: [{low}, {high}]")
 
     def set(self, value: Any, *, timeout: float | None = None, settle_time: float | None = None) -> Status:
         """Put ``value``; the Status finishes as Rule 5 says, or fails with the put's error or

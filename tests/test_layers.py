@@ -61,3 +61,15 @@ def test_shared_root_does_not_import_the_sides():
             continue
         assert not any(n.startswith(("pvhub.daemon", "pvhub.actors", "pvhub.client"))
                        for n in imports_of(path)), path.name
+
+
+def test_the_client_library_does_not_import_ophyd_or_caproto():
+    """``import pvhub.client`` stays light: ophyd (seconds, threads) and Channel Access are for
+    the modules that need them (``pvhub.client.ophyd_layer``, the daemon's actors)."""
+    import subprocess
+    import sys
+
+    code = "import sys, pvhub.client; print(sorted(m for m in ('ophyd', 'caproto', 'epics') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
