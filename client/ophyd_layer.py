@@ -70,9 +70,9 @@ class OphydPV(PV):
             verbose=verbose,
             auto_monitor=auto_monitor,
             count=count,
-            connection_callback=self._deliver("metadata", connection_callback),
+            connection_callback=connection_callback,
             connection_timeout=connection_timeout,
-            access_callback=self._deliver("metadata", access_callback),
+            access_callback=access_callback,
             monitor_delta=monitor_delta,
             address=address,
         )

@@ -139,9 +139,9 @@ class PV:
         self.connection_callbacks: list[Callable[..., Any]] = []
         self.access_callbacks: list[Callable[..., Any]] = []
         if connection_callback is not None:
-            self.connection_callbacks.append(connection_callback)
+            self.connection_callbacks.append(self._deliver("metadata", connection_callback))
         if access_callback is not None:
-            self.access_callbacks.append(access_callback)
+            self.access_callbacks.append(self._deliver("metadata", access_callback))
         for index, function in enumerate(callback if isinstance(callback, (list, tuple)) else [callback]):
             if callable(function):
                 self.callbacks[index] = (self._deliver("monitor", function), {})

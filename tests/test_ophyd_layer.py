@@ -23,7 +23,7 @@ from pvhub.errors import BadValueError  # noqa: E402
 @pytest.fixture
 def layer(hub):
     """pvhub installed as ophyd's control layer for this test's daemon; the old one after."""
-    namespace = ophyd_layer.install(address=hub.address)
+    ophyd_layer.install(address=hub.address)
     made = []
     yield made
     for obj in made:

@@ -28,12 +28,12 @@ pytestmark = pytest.mark.system
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ShippedRun, dict[str, Future]]]:
     """Every file started at once, two at a time, through a ``pvhub serve`` that reaches the
-    motor IOCs and every IOC the tests start: ``{file: future of its FileResult}``."""
+    motor IOCs and every IOC the tests start: the run, and ``{file: future of its result}``."""
     with ShippedRun("pvhub", tmp_path_factory.mktemp("ophyd-shipped")) as run:
         futures = run.run_files(FILES, load_expected())
-        yield futures
+        yield run, futures
         for future in futures.values():  # the daemon outlives every file
             future.exception()
     assert run.daemon is not None and not run.daemon.running()
@@ -41,13 +41,17 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Futu
 
 @pytest.mark.timeout(len(FILES) * 2 * FILE_TIMEOUT)
 @pytest.mark.parametrize("name", FILES)
-def test_ophyd_shipped_file_passes_through_pvhub(shipped: dict[str, Future], name: str) -> None:
+def test_ophyd_shipped_file_passes_through_pvhub(
+    shipped: tuple[ShippedRun, dict[str, Future]], name: str
+) -> None:
+    run, futures = shipped
     expected = set(load_expected()[name])
     assert expected, f"no test of {name} passes with ophyd's caproto layer: is the baseline stale?"
-    result = shipped[name].result()
+    result = futures[name].result()
     lost = sorted(test for test in expected
                   if result.outcomes.get(test) != "passed" and known_difference(test) is None)
     assert not lost, (
         f"{len(lost)} of {len(expected)} tests that pass with ophyd's caproto layer do not pass "
         f"through pvhub: {[(t, result.outcomes.get(t, 'not run')) for t in lost]}\n{result.output[-8000:]}"
+        f"\n--- the daemon's log ---\n{run.daemon.log_text()[-4000:] if run.daemon else ''}"
     )
