@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -17,6 +18,7 @@ from ophyd import Device, EpicsSignal, EpicsSignalRO  # noqa: E402
 from ophyd.utils.errors import ReadOnlyError  # noqa: E402
 
 from pvhub.client import ophyd_layer  # noqa: E402
+from pvhub.client.pv import as_native, char_value, dbr_name, dbr_type  # noqa: E402
 from pvhub.errors import BadValueError  # noqa: E402
 
 
@@ -208,3 +210,57 @@ def test_a_lost_ioc_disconnects_the_signal_and_its_return_reconnects_it(layer, p
     motor.wait_for_connection(timeout=30)
     assert motor.get() == 0.0  # a new IOC process: its initial value
     wait_until(lambda: states[-1] is True, 10, message=lambda: f"meta callbacks {states}")
+
+
+# --- the PV's pure helpers: no daemon, no IOC ---------------------------------------------------
+
+
+def test_dbr_types_as_pyepics_names_them():
+    assert (dbr_type("float", "native"), dbr_type("float", "time"), dbr_type("float", "ctrl")) == (6, 20, 34)
+    assert [dbr_name(dbr_type(kind, "time")) for kind in ("int", "enum", "string", "char")] == [
+        "time_long", "time_enum", "time_string", "time_char"]
+    assert dbr_name(None) == "unknown" and dbr_type("nonsense", "time") is None
+
+
+def test_char_value_as_pyepics_writes_it():
+    assert char_value(1.23456, {"native_type": "float", "precision": 3}, 1) == "1.235"
+    assert char_value(123456.0, {"native_type": "float", "precision": 2}, 1) == "1.2e+05"
+    assert char_value(2, {"native_type": "enum", "enum_strs": ["a", "b", "c"]}, 1) == "c"
+    assert char_value(7, {"native_type": "enum", "enum_strs": ["a"]}, 1) == "7"
+    assert char_value(np.frombuffer(b"hi\0junk", np.uint8), {"native_type": "char"}, 7) == "hi"
+    assert char_value("text", {"native_type": "string"}, 1) == "text"
+    assert char_value(np.zeros(4), {"native_type": "float"}, 4) == "<array size=4, type=time_double>"
+
+
+def test_values_are_converted_to_the_native_type_as_ca_clients_do():
+    assert as_native(3.7, {"native_type": "int"}) == 3
+    assert as_native(-2.5, {"native_type": "int"}) == -2
+    assert as_native(1.0, {"native_type": "enum"}) == 1
+    assert as_native("On", {"native_type": "enum"}) == "On"
+    assert as_native(3.7, {"native_type": "float"}) == 3.7
+    assert math.isnan(as_native(float("nan"), {"native_type": "int"}))  # left for the daemon to refuse
+    assert as_native(np.array([1.5, -1.5]), {"native_type": "int"}).tolist() == [1, -1]
+    assert as_native([1.9, 2.1], {"native_type": "int"}) == [1, 2]
+
+
+def test_shipped_runner_reads_junit_and_knows_its_differences(tmp_path):
+    from ophyd_shipped.runner import known_difference, outcomes
+
+    report = tmp_path / "report.xml"
+    report.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="test_signal" name="test_a[caproto]"/>'
+        '<testcase classname="test_signal" name="test_b[caproto]"><failure message="x"/></testcase>'
+        '<testcase classname="test_signal" name="test_c[caproto]"><skipped message="y"/></testcase>'
+        '<testcase classname="test_signal.TestK" name="test_d[caproto]"/>'
+        '<testcase classname="test_signal.TestK" name="test_d[caproto]"><error message="teardown"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    assert outcomes(report, "test_signal.py") == {
+        "test_signal.py::test_a[caproto]": "passed",
+        "test_signal.py::test_b[caproto]": "failed",
+        "test_signal.py::test_c[caproto]": "skipped",
+        "test_signal.py::TestK::test_d[caproto]": "error",
+    }
+    assert known_difference("test_signal.py::test_epicssignal_alarm_status[caproto-1-1]")
+    assert known_difference("test_signal.py::test_epicssignal_set[caproto-True]") is None
