@@ -641,7 +641,7 @@ class _ReadbackWatch:
             return
         if within_tolerance(self.target, channel.reading.value, channel.metadata.get("enum_strs"),
                             self.atol, self.rtol):
-            self.signal._hub.dispatch(self.status.set_finished)
+            self.status.set_finished(dispatch=self.signal._hub.dispatch)
 
 
 class EpicsSignal(EpicsSignalBase):
@@ -767,11 +767,11 @@ class EpicsSignal(EpicsSignalBase):
                     # Read-your-writes: apply the read-back before anyone hears "done".
                     write_channel.apply(message.epoch, message.seq, True, message.reading, None, from_stream=False)
                 if watch is None:
-                    hub.dispatch(status.set_finished)
+                    status.set_finished(dispatch=hub.dispatch)  # waiters wake now (status.py Rule 4)
                 elif use_complete:
                     watch.arm()
             elif isinstance(message, p.ErrorReply):
-                hub.dispatch(status.set_exception, error_from_code(message.code, message.message))
+                status.set_exception(error_from_code(message.code, message.message), dispatch=hub.dispatch)
             else:
                 return False
             return True

@@ -7,8 +7,12 @@ Rule 2: ``wait(timeout)`` giving up raises ``StatusTimeoutError`` (a ``TimeoutEr
 does not cancel anything: the operation goes on, and the Status still finishes when it does.
 A ``timeout`` given at creation is different: it fails the Status itself when it expires, as
 ophyd's ``StatusBase(timeout=)`` does.
-Rule 3: callbacks run once, after the Status finished, on the thread that finished it; one
-added later runs at once on the caller's thread.
+Rule 3: callbacks run once, after the Status finished, on the thread that finished it, or,
+when the finisher passes ``dispatch`` (the hub's I/O thread, which runs no user code), on
+the thread ``dispatch`` hands them to; one added later runs at once on the caller's thread.
+Rule 4: ``wait`` returns the moment the Status is finished, whoever finished it: a waiter
+never depends on the callback thread, so ``status.wait()`` inside a subscription callback
+(which runs on that thread) does not deadlock, and a put's waiter wakes one hop sooner.
 """
 
 from __future__ import annotations
@@ -65,8 +69,9 @@ class Status:
 
     # --- finishing -------------------------------------------------------------------------
 
-    def set_finished(self) -> None:
-        """Mark success (after ``settle_time``, if one was given)."""
+    def set_finished(self, *, dispatch: Callable[..., None] | None = None) -> None:
+        """Mark success (after ``settle_time``, if one was given); callbacks go to
+        ``dispatch`` if given (Rule 3)."""
         if self.settle_time > 0:
             with self._lock:
                 if self._event.is_set() or self._settling:
@@ -76,14 +81,14 @@ class Status:
             timer.daemon = True
             timer.start()
         else:
-            self._finish(None)
+            self._finish(None, dispatch)
 
-    def set_exception(self, exc: BaseException) -> None:
+    def set_exception(self, exc: BaseException, *, dispatch: Callable[..., None] | None = None) -> None:
         """Mark failure with ``exc`` (ignored once success was reported and is settling)."""
         with self._lock:
             if self._settling:
                 return
-        self._finish(exc)
+        self._finish(exc, dispatch)
 
     def _expire(self) -> None:
         with self._lock:
@@ -91,7 +96,7 @@ class Status:
                 return
         self._finish(StatusTimeoutError(f"{self!r} did not finish within its {self.timeout} s timeout"))
 
-    def _finish(self, exc: BaseException | None) -> None:
+    def _finish(self, exc: BaseException | None, dispatch: Callable[..., None] | None = None) -> None:
         with self._lock:
             if self._event.is_set():
                 return
@@ -101,8 +106,11 @@ class Status:
             callbacks, self._callbacks = self._callbacks, []
         if self._timer is not None:
             self._timer.cancel()
-        for callback in callbacks:
-            _run_callback(callback, self)
+        if dispatch is not None:
+            if callbacks:
+                dispatch(_run_callbacks, callbacks, self)
+            return
+        _run_callbacks(callbacks, self)
 
     # --- waiting ---------------------------------------------------------------------------
 
@@ -186,6 +194,11 @@ def wait(*statuses: Status | Iterable[Status], timeout: float | None = None) -> 
             pending = [s for s in flat if not s.done]
             raise StatusTimeoutError(f"{len(pending)} of {len(flat)} statuses not done after {timeout} s: {pending}")
         changed.wait(remaining)
+
+
+def _run_callbacks(callbacks: list[Callable[[Status], Any]], status: Status) -> None:
+    for callback in callbacks:
+        _run_callback(callback, status)
 
 
 def _run_callback(callback: Callable[[Status], Any], status: Status) -> None:

@@ -362,3 +362,27 @@ def test_closing_the_hub_answers_what_it_has_not_sent_yet(hub, prefix):
     assert not closer.is_alive()
     with pytest.raises(HubUnavailableError, match="closed; the request was not sent"):
         status.wait(5)
+
+
+def test_a_set_waited_for_inside_a_subscription_callback_finishes(hub, prefix):
+    """Subscription callbacks run on the callback thread; a Status is finished for its
+    waiters by the I/O thread, so waiting inside a callback does not wait on itself."""
+    count = connected(EpicsSignal(f"{prefix}count", name="count"))
+    motor = connected(EpicsSignal(f"{prefix}motor", name="motor"))
+    outcome: list = []
+    done = threading.Event()
+
+    def on_value(value, **kwargs):
+        if done.is_set():
+            return
+        try:
+            motor.set(2.5).wait(5)
+            motor.put(3.5, wait=True, timeout=5)
+            outcome.append(motor.get())
+        except Exception as exc:  # the test reports it below
+            outcome.append(exc)
+        done.set()
+
+    count.subscribe(on_value)
+    assert done.wait(15), "the callback never finished"
+    assert outcome == [3.5]
