@@ -29,10 +29,12 @@ pytestmark = pytest.mark.system
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ShippedRun, dict[str, Future]]]:
-    """Every file started at once, two at a time, through a ``pvhub serve`` that reaches the
+    """Every file's expected tests started at once, two pytest processes at a time, through a ``pvhub serve`` that reaches the
     motor IOCs and every IOC the tests start: the run, and ``{file: future of its result}``."""
     with ShippedRun("pvhub", tmp_path_factory.mktemp("ophyd-shipped")) as run:
-        futures = run.run_files(FILES, load_expected())
+        # Only the tests that pass with ophyd's caproto layer matter here; chunks of them
+        # keep test_signal.py (half of them) from being the one lane everything waits for.
+        futures = run.run_files(FILES, load_expected(), only_expected=True)
         yield run, futures
         for future in futures.values():  # the daemon outlives every file
             future.exception()

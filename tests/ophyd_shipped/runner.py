@@ -15,8 +15,8 @@ server's UDP port with SO_REUSEPORT, so an IOC on the port of the one just stopp
 take a second to exit) would share its searches with it, and often miss them.
 Rule 3: one pytest subprocess per test file, in a process group of its own that is killed
 when the file is done, so nothing it started outlives it. Outcomes come from its JUnit XML.
-Files run side by side in ``lanes`` (each with server ports of its own): most of their time
-is spent waiting for IOCs to start and motors to move.
+Files (or chunks of one) run side by side in ``lanes``, each with server ports of its own:
+most of their time is spent waiting for IOCs to start and motors to move.
 Rule 4: ``expected.json`` lists, per file, the tests that pass with ophyd's caproto layer
 (made by ``--write-expected`` with ``--layer caproto``); through pvhub every one of them must
 pass too. An expected test that does not pass is run once more on its own before it counts
@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +58,7 @@ FILES = ("test_signal.py", "test_pvpositioner.py", "test_scaler.py", "test_mca.p
 MOTOR_PREFIX = "XF:31IDA-OP{Tbl-Ax:X1}"
 PER_TEST_TIMEOUT = 60
 SERVER_PORTS = 6  # Rule 2: more than the IOCs that may be alive at once
+CHUNK = 24  # tests per pytest process when only the expected ones run
 FILE_TIMEOUT = 480.0
 
 
@@ -190,39 +192,73 @@ class ShippedRun:
             env["PVHUB_ADDRESS"] = self.daemon.address
         return env
 
-    def run_file(self, name: str, expected: set[str] | frozenset[str] = frozenset(),
-                 timeout: float = FILE_TIMEOUT) -> FileResult:
-        """Run one of ophyd's test files, and once more those of ``expected`` that did not
-        pass (Rule 4), in the next free lane."""
-        lane = self._free_lanes.get()
-        try:
-            start = time.monotonic()
-            outcomes, output = self._pytest(name, [str(OPHYD_TESTS / name)], lane, timeout)
-            result = FileResult(name, outcomes, output, 0.0)
-            again = sorted(test for test in expected
-                           if outcomes.get(test) != "passed" and known_difference(test) is None)
-            if again:
-                targets = [str(OPHYD_TESTS / test) for test in again]
-                rerun, more = self._pytest(name, targets, lane, timeout)
-                result.rerun = {test: rerun.get(test, "not run") for test in again}
-                result.outcomes.update({t: o for t, o in result.rerun.items() if o == "passed"})
-                result.output += "\n--- run again ---\n" + more
-            result.seconds = time.monotonic() - start
-            return result
-        finally:
-            self._free_lanes.put(lane)
-
-    def run_files(self, names: list[str] | tuple[str, ...],
-                  expected: dict[str, list[str]]) -> dict[str, Future]:
-        """Start every file, ``lanes`` at a time; a future of its ``FileResult`` each."""
+    def run_files(self, names: list[str] | tuple[str, ...], expected: dict[str, list[str]],
+                  only_expected: bool = False) -> dict[str, Future]:
+        """Start every file, ``lanes`` pytest processes at a time; a future of its
+        ``FileResult`` each. With ``only_expected``, only the tests of ``expected`` run, in
+        chunks of ``CHUNK`` (so a long file is not the one lane everyone waits for)."""
         pool = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="ophyd-shipped")
-        futures = {name: pool.submit(self.run_file, name, set(expected.get(name, ()))) for name in names}
+        futures = {}
+        for name in names:
+            wanted = set(expected.get(name, ()))
+            if only_expected and wanted:
+                ids = sorted(wanted)
+                groups = [[str(OPHYD_TESTS / t) for t in ids[i:i + CHUNK]] for i in range(0, len(ids), CHUNK)]
+            else:
+                groups = [[str(OPHYD_TESTS / name)]]
+            futures[name] = self._start_file(pool, name, groups, wanted)
         pool.shutdown(wait=False)
         return futures
 
-    def _pytest(self, name: str, targets: list[str], lane: int,
-                timeout: float) -> tuple[dict[str, str], str]:
-        """pytest on ``targets`` (files or test ids); ``({test id: outcome}, its output)``."""
+    def _start_file(self, pool: ThreadPoolExecutor, name: str, groups: list[list[str]],
+                    wanted: set[str]) -> Future:
+        """Run ``groups`` of one file's targets in the pool; once all are done, run again the
+        wanted tests that did not pass (Rule 4), and finish the returned future."""
+        finished: Future = Future()
+        start = time.monotonic()
+        parts = [pool.submit(self._pytest, name, targets) for targets in groups]
+        left = [len(parts)]
+        lock = threading.Lock()
+
+        def part_done(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            try:
+                result = FileResult(name, {}, "", 0.0)
+                for part in parts:
+                    outcomes_, output = part.result()
+                    result.outcomes.update(outcomes_)
+                    result.output += output
+                again = sorted(t for t in wanted
+                               if result.outcomes.get(t) != "passed" and known_difference(t) is None)
+                if again:
+                    rerun, more = self._pytest(name, [str(OPHYD_TESTS / t) for t in again])
+                    result.rerun = {t: rerun.get(t, "not run") for t in again}
+                    result.outcomes.update({t: o for t, o in result.rerun.items() if o == "passed"})
+                    result.output += "\n--- run again ---\n" + more
+                result.seconds = time.monotonic() - start
+                finished.set_result(result)
+            except BaseException as exc:  # the caller sees it from the future
+                finished.set_exception(exc)
+
+        for part in parts:
+            part.add_done_callback(part_done)
+        return finished
+
+    def _pytest(self, name: str, targets: list[str],
+                timeout: float = FILE_TIMEOUT) -> tuple[dict[str, str], str]:
+        """pytest on ``targets`` (files or test ids) in the next free lane; ``({test id:
+        outcome}, its output)``."""
+        lane = self._free_lanes.get()
+        try:
+            return self._pytest_in_lane(name, targets, lane, timeout)
+        finally:
+            self._free_lanes.put(lane)
+
+    def _pytest_in_lane(self, name: str, targets: list[str], lane: int,
+                        timeout: float) -> tuple[dict[str, str], str]:
         report = self.workdir / f"{name}.{self.layer}.{next(self._runs)}.xml"
         command = [
             sys.executable, "-m", "pytest", *targets,
@@ -283,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="record the tests that pass as expected.json (with --layer caproto)")
     parser.add_argument("--merge", action="store_true",
                         help="with --write-expected: add to expected.json instead of replacing it")
+    parser.add_argument("--only-expected", action="store_true",
+                        help="run only the tests expected to pass, in chunks (faster)")
     parser.add_argument("--lanes", type=int, default=2, help="files run side by side")
     parser.add_argument("files", nargs="*", default=list(FILES))
     args = parser.parse_args(argv)
@@ -291,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = 0
     start = time.monotonic()
     with ShippedRun(args.layer, lanes=args.lanes) as run:
-        for name, future in run.run_files(args.files, expected).items():
+        for name, future in run.run_files(args.files, expected, args.only_expected).items():
             result: FileResult = future.result()
             passed[name] = sorted(result.passed())
             values = list(result.outcomes.values())
