@@ -17,6 +17,14 @@ our read-back request acknowledges the answer and releases the update; the read-
 then waits behind the unacknowledged update for our delayed ACK. ``bench/nagle_probe.py``
 shows the sequence and its variations. Against an IOC with ``TCP_NODELAY`` this costs one
 empty ACK per receive and changes nothing else.
+Rule 5: our callbacks run on caproto's selector thread, as the bytes are parsed (caproto
+hands each to a per-circuit thread pool otherwise). They only turn a response into an event
+and, at most, send one small request, so they never block; and the pool's queue, which
+holds each response and with it the receive buffer it points into, no longer grows without
+bound when the actor falls behind a burst of thousands of updating PVs (it reached
+gigabytes): the socket's own buffer and TCP's flow control hold what we have not read, and
+the IOC coalesces monitor updates for a slow client, as Channel Access intends. It also
+saves a thread hop per response.
 """
 
 from __future__ import annotations
@@ -200,6 +208,38 @@ def _acknowledge_at_once(manager_cls: type) -> None:
 _acknowledge_at_once(ca_client.VirtualCircuitManager)
 
 
+class _InlineExecutor:
+    """Runs a callback at once, on the thread that submits it (Rule 5): the selector's."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:  # as the pool would: one callback's failure stops nothing else
+            log.exception("callback_failed", callback=repr(fn))
+
+    def shutdown(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _callbacks_inline(manager_cls: type) -> None:
+    """Give every circuit an inline executor in place of its thread pool (Rule 5)."""
+    if getattr(manager_cls, "_pvhub_callbacks_inline", False):
+        return
+    original = manager_cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        pool = self.user_callback_executor
+        self.user_callback_executor = _InlineExecutor()
+        pool.shutdown(wait=False)  # it has started no thread yet: it starts them on submit
+
+    manager_cls.__init__ = __init__
+    manager_cls._pvhub_callbacks_inline = True
+
+
+_callbacks_inline(ca_client.VirtualCircuitManager)
+
+
 class ChannelAccessBackend:
     """Owns a caproto context and the channels of one actor's PVs."""
 
@@ -240,6 +280,10 @@ class ChannelAccessBackend:
         )
 
     def _on_monitor(self, sub: Any, response: Any) -> None:
+        # caproto keeps each subscription's last response (for callbacks added later with
+        # run=True, which we never do); it pins the receive buffer the response points into,
+        # one per PV. The reading below is a copy: let the response go.
+        sub._last_call_values = None
         pv = sub.pv
         channel = pv.channel
         if channel is None:
