@@ -25,6 +25,11 @@ bound when the actor falls behind a burst of thousands of updating PVs (it reach
 gigabytes): the socket's own buffer and TCP's flow control hold what we have not read, and
 the IOC coalesces monitor updates for a slow client, as Channel Access intends. It also
 saves a thread hop per response.
+Rule 6: caproto parses what one receive brought by slicing the rest of it off, as a new
+bytes object, after each command, and every response points into the rest it came from: a
+receive of megabytes (all a busy socket holds, after a burst of thousands of PVs) costs time
+quadratic in its size and pins copies of it. We hand caproto at most ``_PARSE_SLICE`` bytes at
+a time, which bounds both.
 """
 
 from __future__ import annotations
@@ -206,6 +211,32 @@ def _acknowledge_at_once(manager_cls: type) -> None:
 
 
 _acknowledge_at_once(ca_client.VirtualCircuitManager)
+
+
+_PARSE_SLICE = 64 * 1024
+
+
+def _parse_in_slices(manager_cls: type) -> None:
+    """Feed caproto's parser at most ``_PARSE_SLICE`` bytes at a time (Rule 6)."""
+    if getattr(manager_cls, "_pvhub_parses_in_slices", False):
+        return
+    original = manager_cls.received
+
+    def received(self: Any, bytes_recv: bytes, address: Any) -> Any:
+        if len(bytes_recv) <= _PARSE_SLICE:
+            return original(self, bytes_recv, address)
+        result = None
+        view = memoryview(bytes_recv)
+        for start in range(0, len(bytes_recv), _PARSE_SLICE):
+            # A command cut in two waits in the circuit's buffer for its second half.
+            result = original(self, bytes(view[start:start + _PARSE_SLICE]), address)
+        return result
+
+    manager_cls.received = received
+    manager_cls._pvhub_parses_in_slices = True
+
+
+_parse_in_slices(ca_client.VirtualCircuitManager)
 
 
 class _InlineExecutor:
