@@ -384,8 +384,9 @@ def encode(message: Message) -> bytes:
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": message.OP}
     for name in _FIELDS[type(message)]:
         value = getattr(message, name)
-        if isinstance(value, Reading):
-            value = dataclasses.asdict(value)
+        if isinstance(value, Reading):  # by hand: dataclasses.asdict deep-copies, per reading
+            value = {"value": value.value, "timestamp": value.timestamp,
+                     "severity": value.severity, "status": value.status}
         body[name] = value
     try:
         return msgpack.packb(body, default=_pack_default, use_bin_type=True)

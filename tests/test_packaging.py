@@ -28,7 +28,7 @@ def test_wheel_install_has_command_and_namespaces(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = subprocess.run(
         [sys.executable, "-c",
-         "import pvhub.client, pvhub.daemon, pvhub.actors, pvhub; print(pvhub.client.__file__)"],
+         "import pvhub.client, pvhub.daemon, pvhub.actors, pvhub.client.ophyd_async, pvhub; print(pvhub.client.__file__)"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
     )
     assert probe.returncode == 0, probe.stderr
