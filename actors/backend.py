@@ -84,7 +84,14 @@ class PutDoneEvent:
     readback: p.Reading | None
 
 
-Event = ConnectionEvent | AccessEvent | MetadataEvent | ReadingEvent | PutDoneEvent
+@dataclass(frozen=True)
+class ReadDoneEvent:
+    pv: str
+    read_id: int
+    reading: p.Reading | None  # None: the read failed
+
+
+Event = ConnectionEvent | AccessEvent | MetadataEvent | ReadingEvent | PutDoneEvent | ReadDoneEvent
 
 _NATIVE_KIND = {
     ChannelType.STRING: "string",
@@ -364,6 +371,23 @@ class ChannelAccessBackend:
             )
         except Exception as exc:  # the circuit died between the check and the send
             self._emit(PutDoneEvent(name, put_id, f"put could not be sent: {exc}", None))
+
+    def read(self, name: str, read_id: int) -> None:
+        """A Channel Access read (DBR_TIME); a ``ReadDoneEvent`` follows (never blocks)."""
+        pv = self._pvs[name]
+        channel = pv.channel
+
+        def on_read(response: Any) -> None:
+            reading = None
+            if not isinstance(response, caproto.ErrorResponse) and channel is not None:
+                reading = reading_of(response, channel.native_data_type)
+            self._emit(ReadDoneEvent(name, read_id, reading))
+
+        try:
+            ca_client.PV.read.__wrapped__(pv, wait=False, callback=on_read, data_type="time", timeout=None)
+        except Exception as exc:  # the circuit died between the check and the send
+            log.warning("read_not_sent", pv=name, error=str(exc))
+            self._emit(ReadDoneEvent(name, read_id, None))
 
     def _read_back(self, pv: Any, put_id: int) -> None:
         # Read the value after the put completed, so that a client's read after its set sees

@@ -32,7 +32,7 @@ import zmq
 from pvhub import protocol as p
 from pvhub.actors import backend as ca
 from pvhub.config import DEFAULT_READINGS_HWM
-from pvhub.actors.state import Effect, Publish, PvState, Reply, StartPut
+from pvhub.actors.state import Effect, Publish, PvState, Reply, StartPut, StartRead
 from pvhub.errors import ActorDiedError, InternalError, ProtocolError
 from pvhub.logs import loggable
 
@@ -246,6 +246,8 @@ class Actor:
             return state.metadata_received(event.metadata)
         if isinstance(event, ca.AccessEvent):
             return state.access_changed(event.read_access, event.write_access)
+        if isinstance(event, ca.ReadDoneEvent):
+            return state.read_completed(event.read_id, event.reading)
         if isinstance(event, ca.PutDoneEvent):
             effects = state.reading_received(event.readback) if event.readback else []
             return effects + state.put_completed(event.put_id, event.error)
@@ -257,6 +259,8 @@ class Actor:
                 self._pub.send_multipart([p.topic(effect.update.pv), p.encode(effect.update)])
             elif isinstance(effect, Reply):
                 self._reply(effect.client, effect.message)
+            elif isinstance(effect, StartRead):
+                self._backend.read(effect.pv, effect.read_id)
             elif isinstance(effect, StartPut):
                 self.log.info("put_started", pv=effect.pv, value=loggable(effect.value))
                 self._backend.put(effect.pv, effect.put_id, effect.value)

@@ -64,7 +64,15 @@ class StartPut:
     value: Any
 
 
-Effect = Reply | Publish | StartPut
+@dataclass(frozen=True)
+class StartRead:
+    """Issue a Channel Access read of the PV; report back with ``read_completed``."""
+
+    pv: str
+    read_id: int
+
+
+Effect = Reply | Publish | StartPut | StartRead
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class PvState:
         self.access: p.PVMetadata = {}  # read/write access, which arrives on its own
         self._published_connected = False
         self._pending_puts: dict[int, _PendingPut] = {}
+        self._pending_reads: dict[int, tuple[bytes, int]] = {}  # read id -> (client, request id)
         self._next_put_id = 1
         self.updates_published = 0
         self.last_timestamp: float | None = None  # of the last reading, kept while disconnected
@@ -143,7 +152,10 @@ class PvState:
             # caproto never calls a put's callback once its circuit is gone: answer now
             # (Rule 4), and ignore the completion should a new circuit ever bring one.
             lost = DisconnectedError(f"{self.pv} lost its IOC while a put was in flight; the put's outcome is unknown")
-            return self.fail_all_puts(lost) + self._publish_if_changed(metadata_changed=False)
+            reads = [Reply(client, _error(request_id, DisconnectedError(f"{self.pv} lost its IOC during a read"), self.pv))
+                     for client, request_id in self._pending_reads.values()]
+            self._pending_reads.clear()
+            return self.fail_all_puts(lost) + reads + self._publish_if_changed(metadata_changed=False)
         return self._publish_if_changed(metadata_changed=False)
 
     def metadata_received(self, metadata: p.PVMetadata) -> list[Effect]:
@@ -204,7 +216,24 @@ class PvState:
 
     # --- requests -------------------------------------------------------------------------
 
+    def read_completed(self, read_id: int, reading: p.Reading | None) -> list[Effect]:
+        """A fresh read (``ReadRequest.fresh``) answered: the reading counts as any other,
+        and the client gets the snapshot that holds it (or why there is none)."""
+        pending = self._pending_reads.pop(read_id, None)
+        effects = self.reading_received(reading) if reading is not None else []
+        if pending is None:
+            return effects
+        client, request_id = pending
+        if reading is None or not self.connected:
+            return effects + [Reply(client, _error(request_id, DisconnectedError(f"{self.pv} could not be read"), self.pv))]
+        return effects + [Reply(client, self.snapshot(request_id))]
+
     def handle(self, client: bytes, request: p.Message) -> list[Effect]:
+        if isinstance(request, p.ReadRequest) and request.fresh and self.connected:
+            read_id = self._next_put_id  # one counter for both: ids only need to be unique
+            self._next_put_id += 1
+            self._pending_reads[read_id] = (client, request.id)
+            return [StartRead(self.pv, read_id)]
         if isinstance(request, p.ReadRequest):
             effects: list[Effect] = [Reply(client, self.snapshot(request.id))]
             if request.publish:

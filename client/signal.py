@@ -294,7 +294,7 @@ class EpicsSignalBase:
                               message.metadata, from_stream=False)
             return isinstance(message, p.FINAL_REPLIES)
 
-        future = self._hub.request(lambda rid: p.ReadRequest(id=rid, pv=channel.pv), on_reply)
+        future = self._hub.request(lambda rid: p.ReadRequest(id=rid, pv=channel.pv, fresh=True), on_reply)
         try:
             snapshot = future.result(timeout)
         except TimeoutError:

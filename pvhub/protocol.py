@@ -135,6 +135,9 @@ class ReadRequest(Message):
     id: int
     pv: str
     publish: bool = False
+    # Ask the IOC (a Channel Access read, in order with this actor's puts on its circuit)
+    # instead of answering from the actor's copy: ophyd's and pyepics' reads without monitor.
+    fresh: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pvhub import protocol as p
 from pvhub.actors.state import (
     MAX_STRING_BYTES,
     Publish,
+    StartRead,
     PvState,
     Reply,
     StartPut,
@@ -620,3 +621,23 @@ def test_a_reading_older_than_the_one_held_is_not_published():
     assert state.reading.value == 5.0
     (later,) = updates(state.reading_received(reading(6.0, timestamp=501.0)))
     assert later.seq == newer.seq + 1
+
+
+def test_a_fresh_read_asks_the_ioc_and_answers_with_what_it_said():
+    state = connected_state()
+    (start,) = state.handle(b"alice", p.ReadRequest(id=7, pv=state.pv, fresh=True))
+    assert isinstance(start, StartRead)
+    effects = state.read_completed(start.read_id, reading(8.0, timestamp=400.0))
+    (update,) = updates(effects)
+    (reply,) = [e for e in effects if isinstance(e, Reply)]
+    assert reply.message.id == 7 and reply.message.reading.value == 8.0
+    assert update.reading.value == 8.0  # a newer value is published like any other
+
+
+def test_a_fresh_read_in_flight_fails_when_the_ioc_goes():
+    state = connected_state()
+    (start,) = state.handle(b"alice", p.ReadRequest(id=7, pv=state.pv, fresh=True))
+    effects = state.connection_changed(False)
+    (reply,) = [e for e in effects if isinstance(e, Reply)]
+    assert reply.message.code == "disconnected"
+    assert [e for e in state.read_completed(start.read_id, None) if isinstance(e, Reply)] == []

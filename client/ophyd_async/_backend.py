@@ -144,7 +144,7 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
     # --- reading ------------------------------------------------------------------------
 
     async def _snapshot(self, pv: str) -> p.Snapshot:
-        future = self.hub.request(lambda rid: p.ReadRequest(id=rid, pv=pv))
+        future = self.hub.request(lambda rid: p.ReadRequest(id=rid, pv=pv, fresh=True))
         snapshot = await asyncio.wrap_future(future)
         if not snapshot.connected or snapshot.reading is None:
             raise DisconnectedError(f"{pv} is not connected")

@@ -62,16 +62,9 @@ CHUNK = 24  # tests per pytest process when only the expected ones run
 FILE_TIMEOUT = 480.0
 
 
-# Rule 5: test id prefix -> why it cannot pass through pvhub today.
-_FRESH_READ = (
-    "reads the alarm of a PV right after a put that changed it (through an alarm group) "
-    "completed; over CA that read reaches the IOC, through pvhub get(use_monitor=False) "
-    "answers from the actor's monitor, which hears of the change some milliseconds later"
-)
-KNOWN_DIFFERENCES = {
-    "test_signal.py::test_epicssignal_alarm_status[": _FRESH_READ,
-    "test_signal.py::test_epicssignalro_alarm_status[": _FRESH_READ,
-}
+# Rule 5: test id prefix -> why it cannot pass through pvhub today. None now: the alarm tests
+# that read right after a put became possible with fresh reads (``ReadRequest.fresh``).
+KNOWN_DIFFERENCES: dict[str, str] = {}
 
 
 def known_difference(test_id: str) -> str | None:
