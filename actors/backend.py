@@ -306,6 +306,11 @@ class ChannelAccessBackend:
         connected = state == "connected"
         self._emit(ConnectionEvent(pv.name, connected))
         if connected:
+            # A monitor asked for before the channel connected is sent by caproto's periodic
+            # activation pass, up to 0.1 s later, and a PV counts as connected only with its
+            # first reading: ask for the pass now. (It can still miss a pass that is running:
+            # the first value then takes 0.1 s, see docs/performance.md.)
+            self._context.activate_subscriptions_now.set()
             self._read_metadata(pv)
 
     def _on_access(self, pv: Any, rights: Any) -> None:

@@ -249,7 +249,7 @@ class Actor:
         if isinstance(event, ca.ReadDoneEvent):
             return state.read_completed(event.read_id, event.reading)
         if isinstance(event, ca.PutDoneEvent):
-            effects = state.reading_received(event.readback) if event.readback else []
+            effects = state.reading_received(event.readback, read=True) if event.readback else []
             return effects + state.put_completed(event.put_id, event.error)
         return []
 

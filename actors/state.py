@@ -9,9 +9,11 @@ the control metadata and a first reading have arrived, so that a client that see
 ``connected`` can always ``read`` and ``describe``.
 Rule 4: a put is sent once. If it cannot be sent (disconnected, no write access, a value the
 PV cannot take) the client hears why at once; if the outcome is unknown it hears that too.
-Rule 5: readings reach the actor by two paths, the monitor and the read-back after a put,
-and the monitor's may come late; a reading older (by its IOC timestamp) than the one held
-is dropped, so what is published never goes back in time. A reconnection starts afresh.
+Rule 5: readings reach the actor by two paths, the monitor and reads (the read-back after a
+put, a fresh read), and the monitor's may come late; a monitor reading older (by its IOC
+timestamp) than a read's that is held is dropped, so what is published never goes back in
+time. Monitor readings among themselves keep the IOC's order, whatever their timestamps say
+(device timestamps need not grow). A reconnection starts afresh.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class PvState:
         self._published_connected = False
         self._pending_puts: dict[int, _PendingPut] = {}
         self._pending_reads: dict[int, tuple[bytes, int]] = {}  # read id -> (client, request id)
+        self._held_from_read = False  # Rule 5
         self._next_put_id = 1
         self.updates_published = 0
         self.last_timestamp: float | None = None  # of the last reading, kept while disconnected
@@ -170,13 +173,15 @@ class PvState:
         self.access = access
         return self._publish_if_changed(metadata_changed=changed)
 
-    def reading_received(self, reading: p.Reading) -> list[Effect]:
+    def reading_received(self, reading: p.Reading, *, read: bool = False) -> list[Effect]:
+        """A new reading: from the monitor, or (``read``) from a read the actor asked for."""
         if same_reading(reading, self.reading):
             return []
-        if self.reading is not None and reading.timestamp < self.reading.timestamp:
-            # Older than what we hold (Rule 5): a monitor update that arrives after the
+        if not read and self._held_from_read and self.reading is not None and reading.timestamp < self.reading.timestamp:
+            # Older than the read we hold (Rule 5): a monitor update that arrives after the
             # read-back of a later put. Published, it would send clients back in time.
             return []
+        self._held_from_read = read
         self.reading = reading
         self.last_timestamp = reading.timestamp
         return self._publish_if_changed(metadata_changed=False, reading_changed=True)
@@ -220,7 +225,7 @@ class PvState:
         """A fresh read (``ReadRequest.fresh``) answered: the reading counts as any other,
         and the client gets the snapshot that holds it (or why there is none)."""
         pending = self._pending_reads.pop(read_id, None)
-        effects = self.reading_received(reading) if reading is not None else []
+        effects = self.reading_received(reading, read=True) if reading is not None else []
         if pending is None:
             return effects
         client, request_id = pending

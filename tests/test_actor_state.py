@@ -616,7 +616,7 @@ def test_losing_the_ioc_fails_every_put_in_flight_as_unknown():
 def test_a_reading_older_than_the_one_held_is_not_published():
     """A monitor update that arrives after the read-back of a later put (Rule 5)."""
     state = connected_state()
-    (newer,) = updates(state.reading_received(reading(5.0, timestamp=500.0)))
+    (newer,) = updates(state.reading_received(reading(5.0, timestamp=500.0), read=True))
     assert state.reading_received(reading(4.0, timestamp=499.0)) == []
     assert state.reading.value == 5.0
     (later,) = updates(state.reading_received(reading(6.0, timestamp=501.0)))
@@ -641,3 +641,11 @@ def test_a_fresh_read_in_flight_fails_when_the_ioc_goes():
     (reply,) = [e for e in effects if isinstance(e, Reply)]
     assert reply.message.code == "disconnected"
     assert [e for e in state.read_completed(start.read_id, None) if isinstance(e, Reply)] == []
+
+
+def test_monitor_readings_keep_the_iocs_order_whatever_their_timestamps():
+    """Device timestamps need not grow; only a read's reading can make a monitor's stale."""
+    state = connected_state()
+    (first,) = updates(state.reading_received(reading(5.0, timestamp=500.0)))
+    (second,) = updates(state.reading_received(reading(6.0, timestamp=499.0)))
+    assert second.seq == first.seq + 1 and state.reading.value == 6.0
