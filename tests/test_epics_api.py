@@ -99,7 +99,8 @@ def test_camonitor_writes_each_update_until_cleared(prefix):
     epics.camonitor(prefix + "count", writer=lines.append)
     for n in (1, 2, 3):
         epics.caput(prefix + "count", n, wait=True)
-    wait_until(lambda: len(lines) >= 3, 10, message=lambda: f"lines {lines}")
+    # The value it had may come first, from the monitor's start: wait for the last put's.
+    wait_until(lambda: lines and lines[-1].split()[-1] == "3", 10, message=lambda: f"lines {lines}")
     assert [line.split()[-1] for line in lines[-3:]] == ["1", "2", "3"]
     assert all(line.startswith(prefix + "count ") for line in lines)
     epics.camonitor_clear(prefix + "count")
