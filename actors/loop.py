@@ -269,7 +269,7 @@ class Actor:
         if isinstance(message, p.ErrorReply) and message.code != "bad_message":
             self.log.info("request_refused", pv=message.pv, code=message.code, error=message.message)
         elif isinstance(message, p.SetDone):
-            self.log.info("put_done", pv=message.pv)
+            self.log.debug("put_done", pv=message.pv)  # the daemon logs put_finished for each put
         self._dealer.send_multipart([client, p.encode(message)])
 
 
