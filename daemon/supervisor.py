@@ -84,11 +84,6 @@ class Supervisor:
             if record.process is not None:
                 _signal(record.process, signal.SIGKILL)
 
-    def pid_of(self, actor: str) -> int | None:
-        with self._lock:
-            record = self._processes.get(actor)
-            return record.process.pid if record and record.process else None
-
     def stop_all(self, timeout: float = 5.0) -> None:
         """Stop starting processes, then stop every actor (Rule 3)."""
         self._requests.put(None)
