@@ -40,6 +40,13 @@ class PVNotAllowedError(PvhubError, PermissionError):
     code = "pv_not_allowed"
 
 
+class AccessDeniedError(PvhubError, PermissionError):
+    """The daemon's access rules do not give this client's identity the right it asked for
+    (read or write) on this PV."""
+
+    code = "access_denied"
+
+
 class DisconnectedError(PvhubError, ConnectionError):
     """The PV is not connected to its IOC right now."""
 
@@ -59,7 +66,8 @@ class BadValueError(PvhubError, ValueError):
 
 
 class LimitError(PvhubError, ValueError):
-    """A value outside the control limits of a Signal that checks them (ophyd's ``limits=True``)."""
+    """A value outside the control limits of a Signal that checks them (ophyd's ``limits=True``),
+    or a request past one of the daemon's limits (PVs, requests in flight, request rate)."""
 
     code = "limit"
 
@@ -114,6 +122,7 @@ ERRORS_BY_CODE: dict[str, type[PvhubError]] = {
         UnsupportedVersionError,
         UnknownOperationError,
         PVNotAllowedError,
+        AccessDeniedError,
         DisconnectedError,
         ReadOnlyError,
         BadValueError,

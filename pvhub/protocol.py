@@ -255,6 +255,9 @@ class Pong(Message):
     OP: ClassVar[str] = "pong"
     id: int
     pvs_wanted: bool = False
+    # Ids of this client's requests whose final reply the daemon could not deliver (its
+    # queue for this client was full): they will never be answered otherwise.
+    lost: list | None = None
 
 
 @dataclass(frozen=True)
@@ -327,6 +330,15 @@ class AdoptPvs(Message):
 
 
 @dataclass(frozen=True)
+class ReleasePvs(Message):
+    """Broker -> actor: these PVs are no longer yours (they found no IOC for too long):
+    close their channels and forget them. A later request adopts them again."""
+
+    OP: ClassVar[str] = "release"
+    pvs: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Heartbeat(Message):
     """Liveness of an actor, sent by its loop every ``ACTOR_HEARTBEAT_S``; ``stats`` maps each
     of its PVs whose state changed since the last heartbeat (and each PV it adopted since) to
@@ -359,6 +371,7 @@ MESSAGES: dict[str, type[Message]] = {
         HubStopping,
         ActorReady,
         AdoptPvs,
+        ReleasePvs,
         Heartbeat,
     )
 }
