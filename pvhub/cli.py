@@ -1,4 +1,4 @@
-"""The ``pvhub`` command: the daemon, operators' caget/caput/camonitor, status, and a demo."""
+"""The ``pvhub`` command: the daemon, operators' caget/caput/camonitor, status, CURVE keys, and a demo."""
 
 from __future__ import annotations
 
@@ -69,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     status = client_command("status", "show the daemon's PVs (connected, rate, subscribers, actor) and clients")
     status.add_argument("--json", action="store_true", help="print the raw status")
     status.set_defaults(func=_status)
+
+    keys = commands.add_parser("keys", help="CURVE key pairs for the daemon and its clients")
+    keys.set_defaults(func=lambda args: _usage(keys))
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="SUBCOMMAND")
+    generate = keys_commands.add_parser(
+        "generate", help="write a key pair NAME.key (public) and NAME.key_secret (secret, mode 0600)")
+    generate.add_argument("name", metavar="NAME",
+                          help="the key's name: the client's identity in the daemon's access rules")
+    generate.add_argument("--dir", default=".", help="where to write the files (default: here; created 0700)")
+    generate.add_argument("--force", action="store_true", help="replace an existing key pair of that name")
+    generate.set_defaults(func=_keys_generate)
 
     demo = commands.add_parser("demo", help="run the tutorial's plans against a simulated IOC")
     demo.add_argument("--duration", type=float, default=3.0, help="seconds of monitoring (default 3)")
@@ -274,6 +285,29 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    from pvhub.keys import KeyFileError, generate
+
+    try:
+        public, secret = generate(args.name, args.dir, force=args.force)
+    except (KeyFileError, OSError) as exc:
+        print(f"pvhub keys generate: {exc}", file=sys.stderr)
+        return 2
+    print(f"public key: {public.absolute()}")
+    print(f"secret key: {secret.absolute()}")
+    print(f"{secret.name} stays on this machine, readable by its user only; {public.name} goes into the "
+          f"daemon's clients directory (or, if this is the daemon's own key, to each client as PVHUB_SERVER_KEY).")
+    return 0
 
 
 # --- the demo ---------------------------------------------------------------------------------
