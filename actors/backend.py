@@ -300,6 +300,20 @@ class ChannelAccessBackend:
         subscription.add_callback(self._on_monitor)
         self._subscriptions[name] = subscription
 
+    def remove(self, name: str) -> None:
+        """Forget ``name``: its searches stop, its monitor is cleared, and a later ``add``
+        starts afresh."""
+        pv = self._pvs.pop(name, None)
+        subscription = self._subscriptions.pop(name, None)
+        if subscription is not None:
+            try:
+                subscription.clear()
+            except Exception as exc:
+                log.warning("monitor_not_cleared", pv=name, error=str(exc))
+        self._context.broadcaster.cancel(name)
+        if pv is not None:
+            self._context.pvs.pop((name, pv.priority), None)
+
     # --- callbacks from caproto's threads ----------------------------------------------------
 
     def _on_connection(self, pv: Any, state: str) -> None:

@@ -33,7 +33,7 @@ from pvhub import protocol as p
 from pvhub.actors import backend as ca
 from pvhub.config import DEFAULT_READINGS_HWM
 from pvhub.actors.state import Effect, Publish, PvState, Reply, StartPut, StartRead
-from pvhub.errors import ActorDiedError, InternalError, ProtocolError
+from pvhub.errors import ActorDiedError, DisconnectedError, InternalError, ProtocolError
 from pvhub.logs import loggable
 
 log = structlog.get_logger("pvhub.actor")
@@ -47,9 +47,10 @@ class Actor:
     """One actor process: owns ``pvs`` for the broker at ``broker``."""
 
     def __init__(self, actor_id: str, pvs: list[str], broker: str, readings: str,
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, epoch: int | None = None) -> None:
         self.actor_id = actor_id
-        self.epoch = time.time_ns()
+        # Given by the daemon, larger than any earlier incarnation's whatever the wall clock did.
+        self.epoch = epoch if epoch is not None else time.time_ns()
         self.states: dict[str, PvState] = {}
         self._changed: set[str] = set()  # PVs to name in the next heartbeat (Rule 4)
         self._initial = list(pvs)
@@ -111,6 +112,17 @@ class Actor:
                 self._beat_if_due()
         if new:
             self.log.info("pvs_adopted", count=len(new), pvs=new[:5])
+
+    def release(self, pvs: list[str]) -> None:
+        """Own ``pvs`` no more (they found no IOC): stop searching, forget them."""
+        gone = [pv for pv in dict.fromkeys(pvs) if isinstance(pv, str) and pv in self.states]
+        reason = DisconnectedError("the daemon released this PV: no IOC answered")
+        for pv in gone:
+            self._carry_out(self.states.pop(pv).fail_all_puts(reason))
+            self._changed.discard(pv)
+            self._backend.remove(pv)
+        if gone:
+            self.log.info("pvs_released", count=len(gone), pvs=gone[:5])
 
     def run(self) -> int:
         self.adopt(self._initial)
@@ -190,6 +202,8 @@ class Actor:
             message = p.decode(payload)
             if isinstance(message, p.AdoptPvs):
                 self.adopt(message.pvs)
+            elif isinstance(message, p.ReleasePvs):
+                self.release(message.pvs)
             else:
                 self.log.warning("unknown_control", op=message.OP)
         except ProtocolError as exc:

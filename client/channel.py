@@ -176,8 +176,10 @@ class Channel:
             self.attached = False
             self.live = False
             # Whatever comes next (a new actor, or the same one after the client lost the
-            # daemon for a while) must be accepted, even at the seq we already have.
+            # daemon for a while) must be accepted, even at the seq we already have, and even
+            # with a smaller epoch (a new daemon, started after the wall clock went back).
             self.seq = -1
+            self.epoch = 0
             self.proof_request = None  # its answer, if it comes, is no proof of anything now
             self.cond.notify_all()
             if was_connected:

@@ -7,6 +7,14 @@ Rule 2: nothing a client sends can stop the loop. A message that does not decode
 with ``bad_message`` when it carries enough to answer, and dropped (logged) otherwise.
 Rule 3: the loop runs the supervisor's reaping every tick, so an actor's death is answered
 within one tick (``TICK_S``).
+Rule 4: with ``[security]``, the ZAP handler starts before any socket binds, and each
+client's identity is read from the messages themselves (``daemon/security.py``). Listening off
+loopback without it is refused (``pvhub.config.exposure_problem``). Every socket has a
+maximum message size; a peer that sends a bigger one is disconnected by ZeroMQ.
+Rule 5: SIGHUP reloads ``[access]``, ``[limits]`` and the clients directory from the config
+file, between two messages, without touching a connection; readings subscriptions are
+vetted again (the readings socket is bound anew: clients' SUB sockets reconnect and
+resubscribe by themselves, and see a gap they resync from).
 """
 
 from __future__ import annotations
@@ -16,7 +24,6 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,12 +33,16 @@ import structlog
 import zmq
 
 from pvhub import protocol as p
+from pvhub.access import ANONYMOUS
 from pvhub.logs import loggable
-from pvhub.config import DEFAULT_READINGS_HWM, Config
+from pvhub import config as config_module
+from pvhub.config import DEFAULT_READINGS_HWM, Config, ConfigError, exposure_problem
 from pvhub.daemon.notify import Notifier, watchdog_interval
+from pvhub.daemon.security import ReadingsForwarder, Security, identity_of
 from pvhub.daemon.routing import (
     Adopt,
     Announce,
+    Release,
     ClientForgotten,
     KillActor,
     Quarantined,
@@ -51,6 +62,8 @@ log = structlog.get_logger("pvhub.daemon")
 
 # SIGTERM lets puts in flight finish for at most this long before actors are stopped.
 STOP_GRACE_S = 5.0
+# What an actor may send in one message (a snapshot of the largest waveform an IOC serves).
+ACTOR_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 
 
 def default_readings_address(address: str) -> str:
@@ -75,8 +88,11 @@ class Broker:
         log_level: str = "info",
         notifier: Notifier | None = None,
         readings_hwm: int = DEFAULT_READINGS_HWM,
+        config_path: str | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path
+        self._reload = False
         self.address = address
         self.readings_address = readings or default_readings_address(address)
         self.notifier = notifier or Notifier()
@@ -95,14 +111,38 @@ class Broker:
     def request_stop(self, *_: Any) -> None:
         self._stopping = True
 
+    def request_reload(self, *_: Any) -> None:
+        self._reload = True
+
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
 
     def run(self) -> int:
+        """Serve until stopped. Raises ``ConfigError`` (or ``KeyFileError``) before binding
+        anything when the configuration is unsafe or its keys unusable."""
+        problem = exposure_problem(self.config, self.address, self.readings_address)
+        if problem is not None:
+            raise ConfigError(problem)
+        if self.config.insecure and self.config.security is None:
+            log.warning("insecure", address=self.address, readings=self.readings_address,
+                        detail="no CURVE: anyone who reaches these addresses may read and write every allowed PV")
+        security = Security(self._ctx, self.config) if self.config.security is not None else None
+        if security is not None:
+            security.start()  # Rule 4: before any socket binds
+        return self._run(security)
+
+    def _run(self, security: Security | None) -> int:
+        limits = self.config.limits
         clients = self._ctx.socket(zmq.ROUTER)
-        clients.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # A reply that cannot be queued raises (and is reported to the client in its next
+        # pong) instead of vanishing: a Status must never wait for an answer that was dropped.
+        clients.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        clients.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+        if security is not None:
+            security.serve(clients, "requests")
         # Replies a client has not read yet (a burst of ten thousand snapshots) must not be
         # dropped: ZeroMQ drops silently past the high-water mark. A vanished client's are.
         clients.setsockopt(zmq.SNDHWM, p.CLIENT_QUEUE_HWM)
@@ -116,10 +156,13 @@ class Broker:
         actors.setsockopt(zmq.ROUTER_MANDATORY, 1)
         actors.setsockopt(zmq.SNDHWM, p.ACTOR_QUEUE_HWM)
         actors.setsockopt(zmq.RCVHWM, p.ACTOR_QUEUE_HWM)
+        actors.setsockopt(zmq.MAXMSGSIZE, ACTOR_MAX_MESSAGE_BYTES)
         actor_endpoint = f"ipc://{self._rundir}/actors"
         actors.bind(actor_endpoint)
         readings_in_endpoint = f"ipc://{self._rundir}/readings"
-        forwarder = ReadingsForwarder(self._ctx, readings_in_endpoint, self.readings_address, self.readings_hwm)
+        forwarder = ReadingsForwarder(self._ctx, readings_in_endpoint, self.readings_address, self.readings_hwm,
+                                      access=lambda: self.config.access, allows=self.config.allows,
+                                      security=security)
         readings_endpoint = forwarder.start()
         # The daemon's own announcements (a PV's actor died, the daemon stops) join the
         # readings stream, so they reach clients in order with the PVs' updates.
@@ -128,6 +171,8 @@ class Broker:
         announcer.connect(readings_in_endpoint)
 
         router = Router(self.config, readings_endpoint)
+        self._security = security
+        self._forwarder = forwarder
         supervisor = Supervisor(actor_endpoint, readings_in_endpoint, self.log_format, self.log_level)
         self.log = log.bind(address=clients.getsockopt_string(zmq.LAST_ENDPOINT), readings=readings_endpoint)
         ctx = _LoopContext(clients, actors, router, supervisor, announcer)
@@ -152,6 +197,9 @@ class Broker:
                     self._drain_actors(ctx)
                 if self._wake_r.fileno() in ready:
                     _drain(self._wake_r)
+                if self._reload:
+                    self._reload = False
+                    self._reload_config(router)
                 now = time.monotonic()
                 for actor, code in supervisor.reap():
                     self._carry_out(ctx, router.actor_exited(actor, code, now))
@@ -182,10 +230,33 @@ class Broker:
             announcer.close()
             clients.close()
             actors.close()
+            if security is not None:
+                security.stop()
             self._ctx.term()
             shutil.rmtree(self._rundir, ignore_errors=True)
             self.log.info("daemon_stopped")
         return 0
+
+    def _reload_config(self, router: Router) -> None:
+        """Rule 5."""
+        if self.config_path is None:
+            self.log.warning("config_not_reloaded", reason="the daemon was started without --config")
+            return
+        try:
+            new = config_module.load(self.config_path)
+            if self._security is not None and new.security is not None:
+                self._security.reload(new.security.clients)
+        except (ConfigError, ValueError) as exc:  # KeyFileError is a ValueError
+            self.log.error("config_not_reloaded", path=self.config_path, error=str(exc))
+            return
+        merged, ignored = config_module.reloadable(self.config, new)
+        revet = merged.access != self.config.access
+        self.config = router.config = merged
+        if ignored:
+            self.log.warning("config_changes_need_restart", settings=ignored)
+        self.log.info("config_reloaded", path=self.config_path, access_rules=len(merged.access.rules))
+        if revet:
+            self._forwarder.revet()
 
     def _wait_for_initial_actors(self, ctx: "_LoopContext", timeout: float = 30.0) -> None:
         """READY means the configured actors are up: wait for each one's hello."""
@@ -208,18 +279,20 @@ class Broker:
 
     def _drain_clients(self, ctx: "_LoopContext") -> None:
         batch: list = []
+        secure = self._security is not None
         try:
             for _ in range(1000):  # bounded, so actors and reaping get their turn
                 try:
-                    frames = ctx.clients.recv_multipart(zmq.NOBLOCK)
+                    frames = ctx.clients.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     return
-                batch.extend(self._client_frames(ctx, frames))
+                identity = identity_of(frames[-1]) if secure else ANONYMOUS
+                batch.extend(self._client_frames(ctx, [f.bytes for f in frames], identity))
         finally:
             # One adoption per actor for a burst of new PVs (``coalesce``).
             self._carry_out(ctx, coalesce(batch))
 
-    def _client_frames(self, ctx: "_LoopContext", frames: list[bytes]) -> list:
+    def _client_frames(self, ctx: "_LoopContext", frames: list[bytes], identity: str = ANONYMOUS) -> list:
         if len(frames) != 2:
             self.log.warning("malformed_envelope", frames=len(frames))
             return []
@@ -230,13 +303,13 @@ class Broker:
             self._refuse(ctx, client, payload, exc)
             return []
         if isinstance(message, p.HelloRequest):
-            self.log.info("client_connected", client=client.hex(), name=message.client)
+            self.log.info("client_connected", client=client.hex(), name=message.client, identity=identity)
         elif isinstance(message, p.SetRequest):
             name = ctx.router.clients.get(client)
-            self.log.info("put_requested", client=client.hex(), name=name.name if name else "",
+            self.log.info("put_requested", client=client.hex(), name=name.name if name else "", identity=identity,
                           pv=message.pv, value=loggable(message.value))
         try:
-            return ctx.router.client_message(client, message, payload, time.monotonic())
+            return ctx.router.client_message(client, message, payload, time.monotonic(), identity)
         except Exception as exc:  # the loop boundary: answer, log, go on
             self.log.exception("client_message_failed", client=client.hex())
             return [ToClient(client, error_reply(getattr(message, "id", 0), InternalError(repr(exc))))]
@@ -244,7 +317,7 @@ class Broker:
     def _refuse(self, ctx: "_LoopContext", client: bytes, payload: bytes, exc: ProtocolError) -> None:
         request_id = _salvage_id(payload)
         self.log.warning("bad_message", client=client.hex(), error=str(exc))
-        ctx.clients.send_multipart([client, p.encode(error_reply(request_id, exc))])
+        self._to_client(ctx, client, p.encode(error_reply(request_id, exc)), None)
 
     def _drain_actors(self, ctx: "_LoopContext") -> None:
         for _ in range(1000):
@@ -278,28 +351,37 @@ class Broker:
         # Replies are forwarded as they came: re-encoding would only cost time.
         for effect in effects:
             if isinstance(effect, ToClient) and effect.message is message:
-                ctx.clients.send_multipart([effect.client, payload])
+                self._to_client(ctx, effect.client, payload, message)
             else:
                 self._carry_out(ctx, [effect])
 
     def _carry_out(self, ctx: "_LoopContext", effects: list) -> None:
         for effect in effects:
             if isinstance(effect, ToClient):
-                ctx.clients.send_multipart([effect.client, p.encode(effect.message)])
+                self._to_client(ctx, effect.client, p.encode(effect.message), effect.message)
             elif isinstance(effect, ToActor):
                 try:
                     ctx.actors.send_multipart([effect.actor.encode(), effect.client, effect.payload], zmq.NOBLOCK)
                 except zmq.ZMQError as exc:  # gone (its death is reaped next), or full
                     ctx.router.not_delivered(effect.actor, effect.client, effect.request_id)
                     self.log.warning("request_not_delivered", actor=effect.actor, error=str(exc))
-                    ctx.clients.send_multipart([effect.client, p.encode(error_reply(
-                        effect.request_id, ActorDiedError(f"the PV's actor could not take the request ({exc}); it was not sent")))])
+                    reply = error_reply(effect.request_id, ActorDiedError(
+                        f"the PV's actor could not take the request ({exc}); it was not sent"))
+                    self._to_client(ctx, effect.client, p.encode(reply), reply)
             elif isinstance(effect, Adopt):
                 try:
                     ctx.actors.send_multipart([effect.actor.encode(), b"", p.encode(p.AdoptPvs(pvs=list(effect.pvs)))],
                                               zmq.NOBLOCK)
                 except zmq.ZMQError as exc:  # its incarnation is gone: the next one adopts them all
                     self.log.warning("adoption_not_delivered", actor=effect.actor, pvs=len(effect.pvs), error=str(exc))
+            elif isinstance(effect, Release):
+                self.log.info("pvs_released", pvs=list(effect.pvs[:20]), count=len(effect.pvs),
+                              reason="no IOC answered", seconds=ctx.router.config.limits.release_unconnected_s)
+                try:
+                    ctx.actors.send_multipart([effect.identity.encode(), b"", p.encode(p.ReleasePvs(pvs=list(effect.pvs)))],
+                                              zmq.NOBLOCK)
+                except zmq.ZMQError as exc:  # its incarnation is gone: the next one never had them
+                    self.log.warning("release_not_delivered", actor=effect.identity, error=str(exc))
             elif isinstance(effect, SpawnActor):
                 if effect.identity != effect.actor:
                     self.log.warning("actor_restarted", actor=effect.actor, incarnation=effect.identity,
@@ -320,6 +402,19 @@ class Broker:
                 self.log.warning("daemon_stalled", seconds=round(effect.seconds, 1))
 
 
+    def _to_client(self, ctx: "_LoopContext", client: bytes, payload: bytes, message: p.Message | None) -> None:
+        """Send one reply. A client that is gone loses it (nobody waits for it); one whose
+        queue is full is told in its next pong which final replies it lost."""
+        try:
+            ctx.clients.send_multipart([client, payload], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return
+            if message is not None and isinstance(message, p.FINAL_REPLIES) and not isinstance(message, p.Pong):
+                ctx.router.reply_lost(client, message.id)  # type: ignore[attr-defined]
+            self.log.warning("reply_not_delivered", client=client.hex(), error=str(exc))
+
+
 class _LoopContext:
     def __init__(self, clients: zmq.Socket, actors: zmq.Socket, router: Router, supervisor: Supervisor,
                  announcer: zmq.Socket) -> None:
@@ -329,61 +424,6 @@ class _LoopContext:
         self.supervisor = supervisor
         self.announcer = announcer
 
-
-class ReadingsForwarder:
-    """XSUB (actors publish here) -> XPUB (clients subscribe here), forwarded in C."""
-
-    def __init__(self, ctx: zmq.Context, inward: str, outward: str, hwm: int = DEFAULT_READINGS_HWM) -> None:
-        self._ctx = ctx
-        self._hwm = hwm
-        self._inward = inward
-        self._outward = outward
-        self._control_endpoint = f"inproc://pvhub-readings-control-{id(self)}"
-        self._thread: threading.Thread | None = None
-        self._control: zmq.Socket | None = None
-
-    def start(self) -> str:
-        xsub = self._ctx.socket(zmq.XSUB)
-        xsub.setsockopt(zmq.LINGER, 0)
-        xsub.setsockopt(zmq.RCVHWM, DEFAULT_READINGS_HWM)
-        # Subscriptions travel up through here, to every actor; past the mark they would be
-        # dropped, and a client would wait for a topic that never comes.
-        xsub.setsockopt(zmq.SNDHWM, p.SUBSCRIPTION_QUEUE_HWM)
-        xsub.bind(self._inward)
-        xpub = self._ctx.socket(zmq.XPUB)
-        xpub.setsockopt(zmq.LINGER, 0)
-        xpub.setsockopt(zmq.SNDHWM, self._hwm)
-        xpub.setsockopt(zmq.RCVHWM, p.SUBSCRIPTION_QUEUE_HWM)
-        xpub.bind(self._outward)
-        endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
-        control_in = self._ctx.socket(zmq.PAIR)
-        control_in.bind(self._control_endpoint)
-        self._control = self._ctx.socket(zmq.PAIR)
-        self._control.connect(self._control_endpoint)
-
-        def forward() -> None:
-            try:
-                zmq.proxy_steerable(xsub, xpub, None, control_in)
-            except zmq.ContextTerminated:
-                pass
-            finally:
-                xsub.close()
-                xpub.close()
-                control_in.close()
-
-        self._thread = threading.Thread(target=forward, name="readings-forwarder", daemon=True)
-        self._thread.start()
-        return endpoint
-
-    def stop(self) -> None:
-        """Ask the proxy to end. libzmq 4.3's steerable proxy sometimes misses TERMINATE
-        while nothing else moves; the context's termination, which follows, ends it then."""
-        if self._control is not None:
-            self._control.send(b"TERMINATE")
-            self._control.close()
-            self._control = None
-        if self._thread is not None:
-            self._thread.join(timeout=0.5)
 
 def _drain(sock: socket.socket) -> None:
     try:

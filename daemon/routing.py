@@ -26,6 +26,13 @@ deaths while the PVs that did nothing go on in their own process. Config groups 
 Rule 6: nothing per message costs O(all PVs) or O(all clients). A request costs dictionary
 lookups; placing a new PV costs O(pooled processes); an actor's heartbeat carries only the
 PVs whose state changed; a death costs O(the dead actor's PVs). Only ``status`` walks them all.
+Rule 8 (access and limits): a client's identity (the name of its CURVE key, see
+``daemon/security.py``) must have the right to read (read, describe, subscribe) or write (set)
+the PV, else ``access_denied`` at once; every set is allowed or refused before any actor sees
+it. Each client connection has a request rate (a token bucket), a bound on its requests in
+flight and on the PVs it has asked for, and the daemon a bound on the PVs it holds; past one,
+that request alone gets a ``limit`` error. A PV that finds no IOC for
+``release_unconnected_s`` (never connected since it was adopted) is released.
 Rule 7 (placement): PVs of one device or IOC (one name prefix, see ``device_prefix``) share a
 pooled process while it has room (``max_pvs_per_actor``); a new prefix goes to the least
 loaded one. When the last room is taken, one more pooled process starts at once, ahead of
@@ -41,10 +48,13 @@ from dataclasses import dataclass, field
 
 from pvhub import __version__
 from pvhub import protocol as p
+from pvhub.access import ANONYMOUS
 from pvhub.config import Config
 from pvhub.errors import (
+    AccessDeniedError,
     ActorDiedError,
     HubUnavailableError,
+    LimitError,
     PVNotAllowedError,
     PvhubError,
     UnknownOperationError,
@@ -99,6 +109,14 @@ class Adopt:
 
 
 @dataclass(frozen=True)
+class Release:
+    """Tell the actor process ``identity`` its ``pvs`` are no longer its own (Rule 8)."""
+
+    identity: str
+    pvs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class SpawnActor:
     actor: str
     identity: str  # the incarnation's identity at the broker (see ``identity_of``)
@@ -140,7 +158,8 @@ class Quarantined:
     actor: str
 
 
-Effect = ToClient | ToActor | Adopt | SpawnActor | KillActor | Announce | ClientForgotten | Stalled | Quarantined
+Effect = (ToClient | ToActor | Adopt | Release | SpawnActor | KillActor | Announce | ClientForgotten | Stalled
+          | Quarantined)
 
 
 def coalesce(effects: list[Effect]) -> list[Effect]:
@@ -218,10 +237,31 @@ class PvRecord:
     strikes: int = 0
     quarantined: bool = False
     connected: bool = False
+    ever_connected: bool = False  # since its owner adopted it (Rule 8)
+    adopted: float = 0.0
     updates: int = 0
     last_update: float | None = None
     rate: float = 0.0
     window: tuple[float, int] | None = None  # (since, updates then), for the rate
+
+
+class TokenBucket:
+    """Requests per second with a burst of one second's worth."""
+
+    __slots__ = ("rate", "tokens", "last")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.last = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
 
 
 @dataclass
@@ -230,8 +270,16 @@ class ClientRecord:
     first_seen: float
     last_seen: float
     name: str = ""
+    identity: str = ANONYMOUS
     requests: int = 0
     pvs: tuple[str, ...] | None = None  # None until a ping says which PVs the client follows
+    bucket: TokenBucket | None = None
+    inflight: int = 0  # requests sent to (or queued for) actors, not finally answered
+    # PVs this connection asked for (bounded by max_pvs_per_client).
+    asked: set[str] = field(default_factory=set)
+    # Final replies the broker could not deliver (its queue for this client was full); said
+    # in the next pong, bounded.
+    lost: list[int] = field(default_factory=list)
 
 
 class Router:
@@ -251,6 +299,8 @@ class Router:
         self.homes: dict[str, str] = {}
         # Rule 5: (trusted at, pv, actor, incarnation), in the order PVs joined.
         self._trials: collections.deque[tuple[float, str, str, int]] = collections.deque()
+        # Rule 8: (release at, pv, adopted at) in the order PVs were adopted.
+        self._searches: collections.deque[tuple[float, str, float]] = collections.deque()
         self._probations = itertools.count(1)
         self.started = 0.0
         self.stopping = False
@@ -334,9 +384,13 @@ class Router:
         if pv_record is None:
             pv_record = self.pvs[pv] = PvRecord(pv=pv, actor=record.actor)
         pv_record.actor = record.actor
-        pv_record.connected = False
+        pv_record.connected = pv_record.ever_connected = False
+        pv_record.adopted = now
         pv_record.window = None
         record.pvs.add(pv)
+        release_s = self.config.limits.release_unconnected_s
+        if release_s > 0:
+            self._searches.append((now + release_s, pv, now))
         if not record.ready:
             return []  # adopted with the rest once it says ActorReady
         self._on_trial(pv, record, now)
@@ -348,10 +402,12 @@ class Router:
 
     # --- clients ---------------------------------------------------------------------------
 
-    def client_message(self, client: bytes, message: p.Message, payload: bytes, now: float) -> list[Effect]:
+    def client_message(self, client: bytes, message: p.Message, payload: bytes, now: float,
+                       identity: str = ANONYMOUS) -> list[Effect]:
         record = self.clients.get(client)
-        if record is None:
-            record = self.clients[client] = ClientRecord(client=client, first_seen=now, last_seen=now)
+        if record is None or record.identity != identity:  # a new connection took this routing id
+            record = self.clients[client] = ClientRecord(client=client, first_seen=now, last_seen=now,
+                                                         identity=identity)
         record.last_seen = now
         record.requests += 1
         if isinstance(message, p.HelloRequest):
@@ -369,14 +425,45 @@ class Router:
             ]
         if isinstance(message, p.PingRequest):
             if message.pvs is not None:
-                record.pvs = tuple(str(pv) for pv in message.pvs)
-            return [ToClient(client, p.Pong(id=message.id, pvs_wanted=record.pvs is None))]
+                limit = self.config.limits.max_pvs_per_client
+                record.pvs = tuple(str(pv) for pv in message.pvs[:limit])
+            lost, record.lost = record.lost or None, []
+            return [ToClient(client, p.Pong(id=message.id, pvs_wanted=record.pvs is None, lost=lost))]
         if isinstance(message, p.StatusRequest):
-            return [ToClient(client, p.StatusReply(id=message.id, status=self.status(now)))]
+            return [ToClient(client, p.StatusReply(id=message.id, status=self.status(now, viewer=record)))]
         if isinstance(message, p.PV_REQUESTS):
+            refusal = self._refusal(record, message, now)
+            if refusal is not None:
+                return [ToClient(client, error_reply(message.id, refusal, message.pv))]
             return self._route(client, message, payload, now)
         request_id = getattr(message, "id", 0)
         return [ToClient(client, error_reply(request_id, UnknownOperationError(f"{message.OP!r} is not a request")))]
+
+    def _refusal(self, record: ClientRecord, message: p.Message, now: float) -> PvhubError | None:
+        """Why ``message`` must not go on (Rule 8), or None. Costs lookups only."""
+        pv: str = message.pv  # type: ignore[attr-defined]
+        limits = self.config.limits
+        access = self.config.access
+        if isinstance(message, p.SetRequest):
+            if not access.may_write(record.identity, pv):
+                return AccessDeniedError(f"{record.identity!r} may not write {pv!r} (the daemon's access rules)")
+        elif not access.may_read(record.identity, pv):
+            return AccessDeniedError(f"{record.identity!r} may not read {pv!r} (the daemon's access rules)")
+        if record.bucket is None or record.bucket.rate != limits.max_request_rate:
+            record.bucket = TokenBucket(limits.max_request_rate, now)
+        if not record.bucket.take(now):
+            return LimitError(f"more than {limits.max_request_rate:g} requests per second from this client; "
+                              "the request was not sent")
+        if record.inflight >= limits.max_requests_in_flight:
+            return LimitError(f"this client has {record.inflight} requests in flight, the most the daemon "
+                              "allows; the request was not sent")
+        if pv not in record.asked:
+            if len(record.asked) >= limits.max_pvs_per_client:
+                return LimitError(f"this client has asked for {len(record.asked)} PVs, the most the daemon "
+                                  f"allows one client; {pv!r} was not opened")
+            if pv not in self.pvs and len(self.pvs) >= limits.max_pvs:
+                return LimitError(f"the daemon holds {len(self.pvs)} PVs, the most it allows; {pv!r} was not opened")
+        return None
 
     def _route(self, client: bytes, message: p.Message, payload: bytes, now: float) -> list[Effect]:
         pv: str = message.pv  # type: ignore[attr-defined]
@@ -389,6 +476,10 @@ class Router:
             return [ToClient(client, error_reply(request_id, HubUnavailableError("the daemon is stopping; the request was not sent"), pv))]
         effects = self._ensure_owner(pv, now)
         record = self.actors[self.pvs[pv].actor]
+        client_record = self.clients.get(client)
+        if client_record is not None:
+            client_record.asked.add(pv)
+            client_record.inflight += 1
         if record.ready:
             record.inflight[(client, request_id)] = message.OP
             effects.append(ToActor(record.identity, client, payload, request_id))
@@ -405,8 +496,21 @@ class Router:
         """The broker could not hand a request to its actor: it is answered there, and no
         longer owed by the actor."""
         record = self.actors.get(self.identities.get(identity, ""))
+        if record is not None and record.inflight.pop((client, request_id), None) is not None:
+            self._settled(client)
+
+    def _settled(self, client: bytes, count: int = 1) -> None:
+        """``count`` requests of ``client`` were finally answered (Rule 8's in-flight bound)."""
+        record = self.clients.get(client)
         if record is not None:
-            record.inflight.pop((client, request_id), None)
+            record.inflight = max(0, record.inflight - count)
+
+    def reply_lost(self, client: bytes, request_id: int) -> None:
+        """The final reply to ``request_id`` could not be queued for ``client``: its next pong
+        says so (at most ``max_requests_in_flight`` ids are kept)."""
+        record = self.clients.get(client)
+        if record is not None and len(record.lost) < self.config.limits.max_requests_in_flight:
+            record.lost.append(request_id)
 
     def client_gone(self, client: bytes) -> None:
         self.clients.pop(client, None)
@@ -423,7 +527,8 @@ class Router:
             return self._actor_control(record, message, now)
         request_id = getattr(message, "id", None)
         if isinstance(message, p.FINAL_REPLIES) and request_id is not None:
-            record.inflight.pop((client, request_id), None)
+            if record.inflight.pop((client, request_id), None) is not None:
+                self._settled(client)
         return [ToClient(client, message)]
 
     def _actor_control(self, record: ActorRecord, message: p.Message, now: float) -> list[Effect]:
@@ -460,6 +565,7 @@ class Router:
             if not isinstance(updates, int):
                 continue
             pv_record.connected = bool(values.get("connected", False))
+            pv_record.ever_connected = pv_record.ever_connected or pv_record.connected
             pv_record.updates = updates
             last = values.get("last_update")
             pv_record.last_update = last if isinstance(last, (int, float)) else pv_record.last_update
@@ -483,8 +589,10 @@ class Router:
         for (client, request_id), op in record.inflight.items():
             detail = "; the put's outcome is unknown" if op == p.SetRequest.OP else ""
             effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason + detail))))
+            self._settled(client)
         for client, request_id, _, _ in record.queued:
             effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason))))
+            self._settled(client)
         record.inflight.clear()
         record.queued.clear()
         effects.extend(Announce(p.topic(pv), p.PvLost(pv=pv, reason=reason)) for pv in pvs)
@@ -574,6 +682,7 @@ class Router:
             if (record is not None and pv_record is not None and pv_record.actor == actor
                     and record.alive and record.restarts == incarnation):
                 pv_record.trusted = True
+        effects.extend(self._release_unconnected(now))
         for record in self.actors.values():
             if not record.alive:
                 if record.restart_at is not None and now >= record.restart_at and not self.stopping:
@@ -594,6 +703,28 @@ class Router:
                 effects.append(ClientForgotten(client, client_record.name, idle))
         return effects
 
+    def _release_unconnected(self, now: float) -> list[Effect]:
+        """Rule 8: PVs adopted ``release_unconnected_s`` ago that never connected since."""
+        released: dict[str, list[str]] = {}
+        while self._searches and self._searches[0][0] <= now:
+            _, pv, adopted = self._searches.popleft()
+            pv_record = self.pvs.get(pv)
+            if (pv_record is None or pv_record.adopted != adopted or pv_record.ever_connected
+                    or pv in self.config.start or self.config.group_of(pv) is not None):
+                continue
+            record = self.actors[pv_record.actor]
+            del self.pvs[pv]
+            record.pvs.discard(pv)
+            if record.ready:
+                released.setdefault(record.identity, []).append(pv)
+        effects: list[Effect] = []
+        seconds = self.config.limits.release_unconnected_s
+        for identity, pvs in released.items():
+            effects.append(Release(identity, tuple(pvs)))
+            reason = f"no IOC answered for {seconds:g} s: the daemon released it (a new request searches again)"
+            effects.extend(Announce(p.topic(pv), p.PvLost(pv=pv, reason=reason)) for pv in pvs)
+        return effects
+
     # --- stopping --------------------------------------------------------------------------
 
     def begin_stop(self) -> list[Effect]:
@@ -605,6 +736,7 @@ class Router:
             if not record.alive:
                 for client, request_id, _, _ in record.queued:
                     effects.append(ToClient(client, error_reply(request_id, HubUnavailableError("the daemon is stopping; the request was not sent"))))
+                    self._settled(client)
                 record.queued.clear()
         return effects
 
@@ -629,13 +761,19 @@ class Router:
 
     # --- introspection ---------------------------------------------------------------------
 
-    def status(self, now: float) -> dict:
+    def status(self, now: float, viewer: ClientRecord | None = None) -> dict:
+        """The daemon's state. A ``viewer`` whose identity may not read every PV sees only the
+        PVs it may read, and no other client."""
+        access = self.config.access
+        everything = viewer is None or access.reads_everything(viewer.identity)
         subscribers: dict[str, int] = {}
         for client in self.clients.values():
             for pv in client.pvs or ():
                 subscribers[pv] = subscribers.get(pv, 0) + 1
         pvs = []
         for pv in sorted(self.pvs):
+            if not everything and not access.may_read(viewer.identity, pv):  # type: ignore[union-attr]
+                continue
             pv_record = self.pvs[pv]
             record = self.actors[pv_record.actor]
             pvs.append(
@@ -669,16 +807,20 @@ class Router:
                     "age": now - r.started,
                 }
                 for r in self.actors.values()
+                if everything
             ],
             "clients": [
                 {
                     "client": c.client.hex(),
                     "name": c.name,
+                    "identity": c.identity,
                     "requests": c.requests,
+                    "inflight": c.inflight,
                     "idle": now - c.last_seen,
                     "pvs": len(c.pvs or ()),
                 }
                 for c in self.clients.values()
+                if everything or c is viewer
             ],
         }
 

@@ -46,6 +46,7 @@ class Supervisor:
         self._failed: list[tuple[str, int | None]] = []  # spawns that raised; guarded by _lock
         self._requests: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self._stopped = False
+        self._last_epoch = 0  # on the spawner thread only
         self._thread = threading.Thread(target=self._spawn_loop, name="actor-spawner", daemon=True)
         self._thread.start()
 
@@ -134,6 +135,12 @@ class Supervisor:
                     _signal(process, signal.SIGKILL)
             log.info("actor_spawned", actor=actor, incarnation=identity, actor_pid=process.pid)
 
+    def _next_epoch(self) -> int:
+        """Each incarnation's epoch is larger than the last one's, even if the wall clock was
+        stepped back between them: clients ignore a smaller epoch as a dead actor's late word."""
+        self._last_epoch = next_epoch(self._last_epoch, time.time_ns())
+        return self._last_epoch
+
     def _start(self, identity: str) -> subprocess.Popen:
         command = [
             sys.executable,
@@ -141,6 +148,8 @@ class Supervisor:
             "pvhub.actors",
             "--parent-pid",
             str(os.getpid()),
+            "--epoch",
+            str(self._next_epoch()),
             "--actor",
             identity,
             "--broker",
@@ -164,3 +173,9 @@ def _signal(process: subprocess.Popen, signum: int) -> None:
         process.send_signal(signum)
     except ProcessLookupError:
         pass
+
+
+def next_epoch(last: int, now_ns: int) -> int:
+    """The wall clock in ns (so that epochs also grow across daemon restarts), but always
+    more than ``last``."""
+    return max(now_ns, last + 1)

@@ -106,13 +106,18 @@ def _serve(args: argparse.Namespace) -> int:
     log_format = "json" if args.log_format == "auto" and not sys.stderr.isatty() else args.log_format
     hwm = args.readings_hwm or config.readings_hwm
     broker = Broker(config, address, readings, log_format=log_format, log_level=args.log_level,
-                    readings_hwm=hwm)
+                    readings_hwm=hwm, config_path=args.config)
     broker.install_signal_handlers()
     try:
         return broker.run()
     except Exception as exc:  # e.g. the address is in use: say so, exit non-zero
         import zmq
 
+        from pvhub.keys import KeyFileError
+
+        if isinstance(exc, (config_module.ConfigError, KeyFileError)):  # unsafe, or keys unusable
+            print(f"pvhub: {exc}", file=sys.stderr)
+            return 2
         if isinstance(exc, zmq.ZMQError):
             print(f"pvhub: cannot bind {address}: {exc}", file=sys.stderr)
             return 1

@@ -18,17 +18,36 @@ start = ["random_walk:x"]           # PVs connected when the daemon starts (READ
 
 [groups.motors]                     # one process owns all of these PVs, started with the daemon
 pvs = ["IOC:m1", "IOC:m2"]
+
+[security]                          # CurveZMQ on both sockets (required off loopback)
+server_key = "/etc/pvhub/keys/server.key_secret"
+clients = "/etc/pvhub/clients"      # NAME.key per client allowed in; NAME is its identity
+
+[access]                            # who may read and write what: see pvhub.access
+default = "read"
+
+[limits]                            # per daemon and per client: see ``Limits``
+max_pvs_per_client = 20000
 ```
+
+Rule 1: listening anywhere but loopback (or an ipc:// path) needs ``[security]``, or
+``[daemon] insecure = true`` said on purpose (``exposure_problem``).
+Rule 2: ``[access]``, ``[limits]`` and the clients directory may change while the daemon runs
+(SIGHUP reloads them, ``reloadable``); anything else needs a restart.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from pvhub.access import AccessConfigError, AccessRules, parse_access
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 # Readings the daemon queues for one client that does not read them; past this many that
@@ -58,6 +77,38 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one client, and the daemon as a whole, may hold or ask (``[limits]``).
+
+    Each one bounds something that would otherwise grow with what clients send: past it the
+    client gets a ``limit`` error for that request alone, and nobody else notices.
+    """
+
+    # Every socket: ZeroMQ drops the connection of a peer that sends a bigger message.
+    max_message_bytes: int = 16 * 1024 * 1024
+    # PVs the daemon holds at once (each costs an actor's channel and a few kB).
+    max_pvs: int = 100_000
+    # Distinct PVs one client connection has asked for.
+    max_pvs_per_client: int = 20_000
+    # Requests of one client sent to actors and not yet answered (a put waiting for its
+    # completion counts).
+    max_requests_in_flight: int = 10_000
+    # Requests per second from one client, with a burst of one second's worth.
+    max_request_rate: float = 10_000.0
+    # A PV that found no IOC for this long, with no request waiting on it, is released: its
+    # channel closed, its searches stopped. 0: never.
+    release_unconnected_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Security:
+    """``[security]``: the daemon's CURVE key pair and the directory of allowed client keys."""
+
+    server_key: str
+    clients: str
+
+
+@dataclass(frozen=True)
 class Config:
     address: str = DEFAULT_ADDRESS
     readings: str | None = None
@@ -68,6 +119,10 @@ class Config:
     pool_size: int = field(default_factory=default_pool_size)
     max_pvs_per_actor: int = DEFAULT_MAX_PVS_PER_ACTOR
     isolate: tuple[str, ...] = ()
+    insecure: bool = False
+    security: Security | None = None
+    access: AccessRules = field(default_factory=AccessRules)
+    limits: Limits = field(default_factory=Limits)
 
     def isolated(self, pv: str) -> bool:
         """Whether ``pv`` gets an actor process of its own (``[actors] isolate``, or no pool)."""
@@ -83,6 +138,52 @@ class Config:
 
     def group_of(self, pv: str) -> str | None:
         return self._group_index.get(pv)  # type: ignore[attr-defined]
+
+
+def reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``old`` with what a reload may change taken from ``new`` (Rule 2), and the names of the
+    other settings that differ (ignored until a restart)."""
+    ignored = [
+        name for name in ("address", "readings", "readings_hwm", "allow", "start", "groups", "pool_size",
+                          "max_pvs_per_actor", "isolate", "insecure")
+        if getattr(old, name) != getattr(new, name)
+    ]
+    if (old.security is None) != (new.security is None) or (
+            old.security and new.security and old.security.server_key != new.security.server_key):
+        ignored.append("security.server_key")
+    security = old.security
+    if old.security is not None and new.security is not None:
+        security = replace(old.security, clients=new.security.clients)
+    if old.limits.max_message_bytes != new.limits.max_message_bytes:
+        ignored.append("limits.max_message_bytes")
+    limits = replace(new.limits, max_message_bytes=old.limits.max_message_bytes)
+    return replace(old, access=new.access, limits=limits, security=security), ignored
+
+
+def is_local(address: str) -> bool:
+    """Whether ``address`` can be reached from this host only: loopback TCP, or ipc."""
+    parts = urlsplit(address)
+    if parts.scheme == "ipc":
+        return True
+    if parts.scheme != "tcp":
+        return False
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or a host name: not known to be loopback
+
+
+def exposure_problem(config: Config, *addresses: str | None) -> str | None:
+    """Why the daemon must not listen on ``addresses`` with ``config`` (Rule 1), or None."""
+    exposed = [a for a in addresses if a and not is_local(a)]
+    if not exposed or config.security is not None or config.insecure:
+        return None
+    return (f"{', '.join(exposed)} is reachable from other hosts, and without CURVE anyone there could read "
+            f"and write every allowed PV: give [security] server_key and clients (see docs/security.md), "
+            f"listen on loopback, or say [daemon] insecure = true")
 
 
 def valid_pv_name(pv: str) -> bool:
@@ -103,11 +204,11 @@ def load(path: str | Path | None) -> Config:
 
 
 def parse(data: dict, source: str = "<config>") -> Config:
-    known = {"daemon", "pvs", "groups", "actors"}
+    known = {"daemon", "pvs", "groups", "actors", "security", "access", "limits"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}")
-    for section in known & set(data):
+    for section in known & set(data) - {"access"}:
         if not isinstance(data[section], dict):
             raise ConfigError(f"{source}: [{section}] must be a table")
     daemon = data.get("daemon", {})
@@ -128,6 +229,12 @@ def parse(data: dict, source: str = "<config>") -> Config:
     readings = daemon.get("readings")
     if readings is not None:
         readings = _string(readings, "daemon.readings", source)
+    unknown_keys = set(daemon) - {"address", "readings", "readings_hwm", "insecure"}
+    if unknown_keys:
+        raise ConfigError(f"{source}: unknown key(s) in [daemon]: {sorted(unknown_keys)}")
+    insecure = daemon.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"{source}: daemon.insecure must be true or false")
     hwm = daemon.get("readings_hwm", DEFAULT_READINGS_HWM)
     if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 1:
         raise ConfigError(f"{source}: daemon.readings_hwm must be a positive integer")
@@ -149,8 +256,43 @@ def parse(data: dict, source: str = "<config>") -> Config:
     for pv in (*start, *seen):
         if not valid_pv_name(pv):
             raise ConfigError(f"{source}: {pv!r} is not a valid PV name")
+    try:
+        access = parse_access(data.get("access"), source)
+    except AccessConfigError as exc:
+        raise ConfigError(str(exc)) from exc
     return Config(address=address, readings=readings, readings_hwm=hwm, allow=allow, start=start, groups=groups,
-                  pool_size=pool_size, max_pvs_per_actor=max_pvs, isolate=isolate)
+                  pool_size=pool_size, max_pvs_per_actor=max_pvs, isolate=isolate, insecure=insecure,
+                  security=_security(data.get("security"), source), access=access,
+                  limits=_limits(data.get("limits", {}), source))
+
+
+def _security(table: dict | None, source: str) -> Security | None:
+    if table is None:
+        return None
+    unknown = set(table) - {"server_key", "clients"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) in [security]: {sorted(unknown)}")
+    for key in ("server_key", "clients"):
+        if key not in table:
+            raise ConfigError(f"{source}: [security] needs {key}")
+    return Security(server_key=_string(table["server_key"], "security.server_key", source),
+                    clients=_string(table["clients"], "security.clients", source))
+
+
+def _limits(table: dict, source: str) -> Limits:
+    defaults = Limits()
+    values = {}
+    for key, value in table.items():
+        if not hasattr(defaults, key):
+            raise ConfigError(f"{source}: unknown key in [limits]: {key!r}")
+        wanted = type(getattr(defaults, key))
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (wanted is int and not isinstance(value, int)) or value < 0 or (
+                value == 0 and key != "release_unconnected_s"):
+            kind = "a positive integer" if wanted is int else "a positive number"
+            raise ConfigError(f"{source}: limits.{key} must be {kind}")
+        values[key] = wanted(value)
+    return Limits(**values)
 
 
 def _string(value: object, key: str, source: str) -> str:

@@ -1,0 +1,391 @@
+"""Who gets in, and which readings reach whom: CURVE with a ZAP handler, refusals logged,
+and the readings forwarder that vets every subscription.
+
+Rule 1: security is ZeroMQ's own (CurveZMQ, pyzmq's ``zmq.auth``), never home-made. With
+``[security]`` both sockets a client reaches are CURVE servers; the ZAP handler is started
+before either binds, and lets in exactly the public keys of the clients directory. A
+client's identity is its key's name there (``ANONYMOUS`` without CURVE); the broker reads it
+from each message's ``User-Id``, which the ZAP handler set: it is never what a client says.
+Rule 2: refusals (an unknown key, a client without CURVE, a broken handshake) are logged as
+``connection_refused``, at most ``REFUSALS_PER_WINDOW`` records per ``REFUSAL_WINDOW_S`` per
+kind; the rest are counted and the count is said with the next record.
+Rule 3: the readings socket is an ``XPUB_MANUAL``: a subscription is applied only if its
+sender's identity may read that PV (or, for the empty prefix, every PV), so readings of a PV
+a client may not read never reach it, whatever it subscribes. Upstream (to the actors) each
+allowed topic is subscribed once and stays subscribed (an unsubscription cannot be told
+apart from one of a subscription that was refused); an XPUB drops, in C, what nobody takes.
+Rule 4: the forwarder's work per reading is a receive and a send of its frames, untouched;
+per subscription, one access decision (cached, ``AccessRules``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
+
+from pvhub import protocol as p
+from pvhub.access import ANONYMOUS, AccessRules
+from pvhub.config import Config, DEFAULT_READINGS_HWM, valid_pv_name
+from pvhub.keys import ClientKeys, load_client_keys, load_secret
+
+log = structlog.get_logger("pvhub.daemon")
+
+REFUSAL_WINDOW_S = 10.0
+REFUSALS_PER_WINDOW = 10
+# Topics subscribed upstream at most: a client subscribing to every name the allow list
+# admits must not grow the daemon without bound.
+MAX_UPSTREAM_TOPICS = 1_000_000
+_HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_MONITOR_STOPPED
+)
+
+
+class RefusalLog:
+    """Rule 2: rate-limited ``connection_refused`` records, thread-safe."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int, int]] = {}  # kind -> (since, logged, suppressed)
+        self.refused = 0
+
+    def refused_connection(self, kind: str, **fields: object) -> bool:
+        """Count a refusal; log it unless its kind is over its rate. Says whether it logged."""
+        with self._lock:
+            self.refused += 1
+            now = self._clock()
+            since, logged, suppressed = self._windows.get(kind, (now, 0, 0))
+            if now - since >= REFUSAL_WINDOW_S:
+                since, logged = now, 0
+            if logged >= REFUSALS_PER_WINDOW:
+                self._windows[kind] = (since, logged, suppressed + 1)
+                return False
+            self._windows[kind] = (since, logged + 1, 0)
+        log.warning("connection_refused", kind=kind, suppressed_before=suppressed, **fields)
+        return True
+
+
+class KeyAuthenticator(ThreadAuthenticator):
+    """The ZAP handler: CURVE clients whose public key is in the clients directory, by name."""
+
+    def __init__(self, context: zmq.Context, refusals: RefusalLog) -> None:
+        super().__init__(context)
+        self._refusals = refusals
+        self._names: dict[bytes, str] = {}
+        self._address = ""
+
+    def load_clients(self, directory: str) -> ClientKeys:
+        """(Re)read the clients directory; the new set applies to the next handshake."""
+        clients = load_client_keys(directory)
+        self._names = dict(clients.keys)  # one assignment: the ZAP thread sees old or new
+        return clients
+
+    @property
+    def clients(self) -> int:
+        return len(self._names)
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        self._address = msg[3].decode(errors="replace") if len(msg) > 3 else ""
+        mechanism = msg[5] if len(msg) > 5 else b""
+        if mechanism != b"CURVE":  # the sockets are CURVE servers: nothing else gets here
+            self._refusals.refused_connection("mechanism", address=self._address,
+                                              mechanism=mechanism.decode(errors="replace"))
+            if len(msg) > 1:
+                self._send_zap_reply(msg[1], b"400", b"CURVE required")
+            return
+        await super().handle_zap_message(msg)
+
+    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+        from zmq.utils import z85
+
+        name = self._names.get(z85.encode(client_key))
+        if name is None:
+            self._refusals.refused_connection("unknown_key", address=self._address,
+                                              key=z85.encode(client_key).decode())
+            return False, b"Unknown key"
+        return True, b"OK"
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        from zmq.utils import z85
+
+        return self._names.get(z85.encode(client_public_key), "")
+
+
+class Security:
+    """The daemon's side of CURVE: its keys, the ZAP handler, and sockets made servers."""
+
+    def __init__(self, context: zmq.Context, config: Config) -> None:
+        assert config.security is not None
+        self.config = config.security
+        self.refusals = RefusalLog()
+        # Checked before anything starts: a readable secret key stops the daemon (KeyFileError).
+        self.public, self.secret = load_secret(config.security.server_key)
+        self.authenticator = KeyAuthenticator(context, self.refusals)
+        clients = self.authenticator.load_clients(config.security.clients)
+        self._report(clients, config.security.clients)
+        self._monitors: list[_RefusalMonitor] = []
+
+    def start(self) -> None:
+        """Rule 1: before any socket binds."""
+        self.authenticator.start()
+
+    def reload(self, clients_directory: str) -> None:
+        clients = self.authenticator.load_clients(clients_directory)
+        self._report(clients, clients_directory)
+
+    def serve(self, sock: zmq.Socket, name: str) -> None:
+        """Make ``sock`` a CURVE server (before it binds), its refusals watched."""
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 0)
+        monitor = _RefusalMonitor(sock, name, self.refusals)
+        self._monitors.append(monitor)
+        monitor.start()
+
+    def stop(self) -> None:
+        """After the served sockets are closed (their monitors end with them)."""
+        for monitor in self._monitors:
+            monitor.stop()
+        self._monitors.clear()
+        if self.authenticator.thread is not None:
+            self.authenticator.stop()
+
+    @staticmethod
+    def _report(clients: ClientKeys, directory: str) -> None:
+        for path, reason in clients.skipped:
+            log.warning("client_key_skipped", path=str(path), reason=reason)
+        log.info("client_keys_loaded", directory=directory, clients=sorted(set(clients.keys.values())))
+
+
+class _RefusalMonitor:
+    """Handshakes that fail before the ZAP handler sees them (a client without CURVE, or with
+    the wrong server key) are seen only by a socket monitor."""
+
+    def __init__(self, sock: zmq.Socket, name: str, refusals: RefusalLog) -> None:
+        self._monitor = sock.get_monitor_socket(_HANDSHAKE_FAILURES)
+        self._name = name
+        self._refusals = refusals
+        self._thread = threading.Thread(target=self._run, name=f"refusals-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._thread.join(timeout=0.5)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                event = recv_monitor_message(self._monitor)
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return  # the socket is closed
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    continue  # the ZAP handler logged it, with the key
+                self._refusals.refused_connection("handshake", socket=self._name, error=zmq.strerror(event["value"])
+                                                  if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else "no detail")
+        except zmq.ZMQError:
+            pass  # the context is ending
+        finally:
+            self._monitor.close(linger=0)
+
+
+def identity_of(frame: zmq.Frame) -> str:
+    """Rule 1: the name the ZAP handler gave the sender of ``frame``."""
+    try:
+        return frame.get("User-Id") or ANONYMOUS
+    except zmq.ZMQError:  # no ZAP handler ran for this connection (no CURVE)
+        return ANONYMOUS
+
+
+class ReadingsForwarder:
+    """XSUB (actors publish here) -> XPUB (clients subscribe here), every subscription vetted
+    (Rules 3 and 4)."""
+
+    def __init__(self, ctx: zmq.Context, inward: str, outward: str, hwm: int, access: Callable[[], AccessRules],
+                 allows: Callable[[str], bool], security: Security | None = None,
+                 max_message_bytes: int = 4096) -> None:
+        self._ctx = ctx
+        self._hwm = hwm
+        self._inward = inward
+        self._outward = outward
+        self._access = access
+        self._allows = allows
+        self._security = security
+        self._stop = threading.Event()
+        self._revet = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake_endpoint = f"inproc://pvhub-readings-wake-{id(self)}"
+        self._wake: zmq.Socket | None = None
+        self.upstream: set[bytes] = set()
+        self.refused = 0
+        self._ready = threading.Event()
+        self._endpoint = ""
+        self._error: BaseException | None = None
+
+    def start(self) -> str:
+        self._thread = threading.Thread(target=self._run, name="readings-forwarder", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise self._error
+        return self._endpoint
+
+    def revet(self) -> None:
+        """Vet every subscription again (the rules changed): the readings socket is bound
+        anew, and each client's SUB socket reconnects and subscribes again by itself."""
+        self._revet.set()
+        if self._wake is not None:
+            try:
+                self._wake.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._wake is not None:
+            try:
+                self._wake.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self._wake is not None:
+            self._wake.close(linger=0)
+            self._wake = None
+
+    def _run(self) -> None:
+        try:
+            xsub = self._ctx.socket(zmq.XSUB)
+            xsub.setsockopt(zmq.LINGER, 0)
+            xsub.setsockopt(zmq.RCVHWM, DEFAULT_READINGS_HWM)
+            # Subscriptions travel up through here, to every actor; past the mark they would
+            # be dropped, and a client would wait for a topic that never comes.
+            xsub.setsockopt(zmq.SNDHWM, p.SUBSCRIPTION_QUEUE_HWM)
+            xsub.bind(self._inward)
+            xpub = self._outward_socket(self._outward)
+            wake = self._ctx.socket(zmq.PAIR)
+            wake.bind(self._wake_endpoint)
+            self._wake = self._ctx.socket(zmq.PAIR)
+            self._wake.connect(self._wake_endpoint)
+            self._endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(xsub, zmq.POLLIN)
+        poller.register(xpub, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                ready = dict(poller.poll(1000))
+                if wake in ready:
+                    while wake.poll(0):
+                        wake.recv()
+                if xsub in ready:
+                    self._forward(xsub, xpub)
+                if xpub in ready:
+                    self._vet(xpub, xsub)
+                if self._revet.is_set() and not self._stop.is_set():
+                    self._revet.clear()
+                    poller.unregister(xpub)
+                    xpub.close(linger=0)
+                    xpub = self._rebind()
+                    poller.register(xpub, zmq.POLLIN)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            xsub.close()
+            xpub.close()
+            wake.close()
+
+    def _outward_socket(self, endpoint: str) -> zmq.Socket:
+        xpub = self._ctx.socket(zmq.XPUB)
+        xpub.setsockopt(zmq.LINGER, 0)
+        xpub.setsockopt(zmq.SNDHWM, self._hwm)
+        xpub.setsockopt(zmq.RCVHWM, p.SUBSCRIPTION_QUEUE_HWM)
+        xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+        # A subscription is a topic: a PV name and a NUL. Anything longer is not one.
+        xpub.setsockopt(zmq.MAXMSGSIZE, 1024)
+        if self._security is not None:
+            self._security.serve(xpub, "readings")
+        try:
+            xpub.bind(endpoint)
+        except zmq.ZMQError:
+            xpub.close(linger=0)
+            raise
+        return xpub
+
+    def _rebind(self) -> zmq.Socket:
+        """The same endpoint again: its port may be a moment in releasing."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                xpub = self._outward_socket(self._endpoint)
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+                continue
+            log.info("readings_rebound", endpoint=self._endpoint, reason="access rules changed")
+            return xpub
+
+    @staticmethod
+    def _forward(xsub: zmq.Socket, xpub: zmq.Socket) -> None:
+        for _ in range(2000):  # bounded, so subscriptions get their turn
+            try:
+                frames = xsub.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass  # no subscriber takes it (an XPUB never blocks): as a C proxy would
+
+    def _vet(self, xpub: zmq.Socket, xsub: zmq.Socket) -> None:
+        for _ in range(2000):
+            try:
+                frame = xpub.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if not data or data[0] not in (0, 1):
+                continue  # not a subscription: nothing to do with it
+            topic = data[1:]
+            if data[0] == 0:
+                xpub.setsockopt(zmq.UNSUBSCRIBE, topic)  # the sender's own, if it had it
+                continue
+            identity = identity_of(frame)
+            if not self._may_subscribe(identity, topic):
+                self.refused += 1
+                log.info("subscription_refused", identity=identity, topic=topic[:80].decode(errors="replace"))
+                continue
+            xpub.setsockopt(zmq.SUBSCRIBE, topic)
+            if topic not in self.upstream:
+                self.upstream.add(topic)
+                xsub.send(data)
+
+    def _may_subscribe(self, identity: str, topic: bytes) -> bool:
+        access = self._access()
+        if topic == p.HUB_TOPIC:
+            return True
+        if len(self.upstream) >= MAX_UPSTREAM_TOPICS and topic not in self.upstream:
+            return False
+        if topic == b"":
+            return access.reads_everything(identity)
+        if not topic.endswith(b"\0"):
+            return False  # a prefix of names: only whole names are vetted
+        try:
+            pv = topic[:-1].decode()
+        except UnicodeDecodeError:
+            return False
+        return valid_pv_name(pv) and self._allows(pv) and access.may_read(identity, pv)
