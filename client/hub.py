@@ -21,13 +21,30 @@ flight fails at once (a put's outcome is then unknown; nothing is ever re-sent),
 turns disconnected, and the client says hello again until a daemon answers, then re-attaches
 every channel from a fresh snapshot. Requests are never queued for a daemon that is not there
 (``ZMQ_IMMEDIATE``), so nothing sent during an outage is delivered to the next daemon.
+Rule 6: no request waits forever. Each has a deadline for its final reply, kept in a heap
+and checked on every pass of the I/O loop (the work is the requests that expire, never the
+ones pending); one past it fails with ``PvhubTimeoutError`` and its late reply is ignored.
+Reads, describes and status get ``REQUEST_TIMEOUT`` unless the caller gives its own; a set
+gets none by default: its final reply comes when the IOC completes the put, which may be a
+motor's whole move, and its waiters bound their wait themselves (``Status`` timeouts). A
+request whose final reply the daemon could not deliver (named in a ``Pong``'s ``lost``)
+fails at once, its outcome unknown.
+Rule 7: an I/O thread that dies of an error (not of ``close()``) takes the connection with it
+in plain sight: every channel is lost and refuses to connect, every request pending fails,
+and every later one fails at once, each with ``HubUnavailableError`` naming the cause. A
+process never goes on serving its last values as if they were live.
+Rule 8 (CurveZMQ): with keys (arguments, or ``PVHUB_CLIENT_KEY`` and ``PVHUB_SERVER_KEY``,
+both or neither) both sockets are encrypted and the daemon knows this client by its public
+key. The secret key file is read through ``pvhub.keys``, which refuses one others may read.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import heapq
 import itertools
+import math
 import os
 import queue
 import socket
@@ -35,14 +52,15 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 from urllib.parse import urlsplit
 
 import zmq
 
 from pvhub import protocol as p
 from pvhub.config import DEFAULT_READINGS_HWM
-from pvhub.errors import HubUnavailableError, ProtocolError, error_from_code
+from pvhub.errors import HubUnavailableError, ProtocolError, PvhubError, PvhubTimeoutError, error_from_code
+from pvhub.keys import KeyFileError, load_public, load_secret
 from pvhub.client.channel import Channel, ProofSchedule
 from pvhub.logs import library_logger
 
@@ -53,6 +71,13 @@ PROOF_INTERVAL = 0.1
 SNAPSHOT_TIMEOUT = 5.0
 HELLO_RETRY = 0.1
 POLL_MS = 50
+# Rule 6: how long a read, describe or status waits for its reply unless told otherwise.
+REQUEST_TIMEOUT = 60.0
+# ``Hub.call`` waits this much past its request's deadline, so that the deadline (checked
+# once per pass of the I/O loop) is what fails the call.
+CALL_GRACE = 2 * POLL_MS / 1000
+CLIENT_KEY_ENV = "PVHUB_CLIENT_KEY"
+SERVER_KEY_ENV = "PVHUB_SERVER_KEY"
 
 ReplyHandler = Callable[[p.Message], bool]
 # Errors to a snapshot request that asking again will not change.
@@ -66,9 +91,16 @@ def default_address() -> str:
 class Hub:
     """The connection to one daemon. Use ``get_hub(address)``; it is shared per address."""
 
-    def __init__(self, address: str | None = None, *, name: str | None = None) -> None:
+    def __init__(self, address: str | None = None, *, name: str | None = None,
+                 client_key: str | os.PathLike[str] | None = None,
+                 server_key: str | os.PathLike[str] | None = None) -> None:
+        """``client_key``: this client's ``NAME.key_secret``; ``server_key``: the daemon's
+        ``NAME.key`` (Rule 8; default ``$PVHUB_CLIENT_KEY``, ``$PVHUB_SERVER_KEY``)."""
         self.address = address or default_address()
         self.name = name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
+        # Read here, on the caller's thread, so that a bad key file fails the constructor.
+        self.key_paths = key_paths(client_key, server_key)
+        self._curve = _curve_keys(*self.key_paths)
         self.readings_endpoint: str | None = None
         self.server_version: str | None = None
         self.identity: bytes = b""
@@ -84,6 +116,8 @@ class Hub:
         self._unsent: dict[object, ReplyHandler] = {}
         self._unsent_lock = threading.Lock()
         self._io_finished = False
+        self._io_failure: BaseException | None = None  # why the I/O thread died (Rule 7)
+        self._deadlines = RequestDeadlines()  # Rule 6
         self._last_heard = 0.0
         self._last_ping = 0.0
         self._last_hello = 0.0
@@ -113,14 +147,22 @@ class Hub:
             channel = self._channels.get(pv)
             if channel is None:
                 channel = self._channels[pv] = Channel(self, pv)
+                if self._io_failure is not None:  # Rule 7: nobody will ever attach it
+                    channel.error = HubUnavailableError(self._ended_text("the PV cannot connect"))
+                    return channel
                 self._pvs_changed = True
                 self._call_soon(lambda: self._attach(channel))
             return channel
 
-    def request(self, build: Callable[[int], p.Message], handler: ReplyHandler | None = None) -> Future:
+    def request(self, build: Callable[[int], p.Message], handler: ReplyHandler | None = None,
+                timeout: float | None = None) -> Future:
         """Send the request ``build(id)``. The future gets the final reply (an ``ErrorReply``
         becomes its exception); ``handler``, if given, sees every reply first on the I/O thread
-        and says whether it was the last."""
+        and says whether it was the last. ``timeout``: seconds from sending to the final reply,
+        past which the request fails with ``PvhubTimeoutError`` (Rule 6); None: the default
+        for its kind (``REQUEST_TIMEOUT``, none for a set); ``math.inf``: none."""
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"a request's timeout must be a number of seconds >= 0, not {timeout!r}")
         future: Future = Future()
 
         def on_reply(message: p.Message) -> bool:
@@ -144,7 +186,8 @@ class Hub:
                                       message=self._closed_text("the request was not sent")))
                 return
             try:
-                payload = p.encode(build(request_id))
+                message = build(request_id)
+                payload = p.encode(message)
             except ProtocolError as exc:  # e.g. a value that cannot travel: fail this request only
                 on_reply(p.ErrorReply(id=request_id, code=exc.code, message=str(exc)))
                 return
@@ -153,6 +196,9 @@ class Hub:
                                       message=f"the pvhub daemon at {self.address} is not connected; the request was not sent"))
                 return
             self._pending[request_id] = on_reply
+            limit = default_timeout(message) if timeout is None else timeout
+            if limit is not None and math.isfinite(limit):
+                self._deadlines.add(request_id, limit, _describe(message), time.monotonic(), self._pending)
 
         with self._unsent_lock:
             refused = self._closed.is_set() or self._io_finished
@@ -160,18 +206,23 @@ class Hub:
                 self._unsent[token] = on_reply
         if refused:  # no I/O thread will ever send it: refuse at once
             on_reply(p.ErrorReply(id=0, code=HubUnavailableError.code,
-                                  message=self._closed_text("the request was not sent")))
+                                  message=self._ended_text("the request was not sent")))
         else:
             self._call_soon(send)
         return future
 
     def call(self, build: Callable[[int], p.Message], timeout: float) -> p.Message:
-        """``request`` and wait for the final reply."""
+        """``request`` and wait for the final reply, all within ``timeout``: past it, a
+        ``PvhubTimeoutError`` (or ``HubUnavailableError`` if no daemon answered hello)."""
+        deadline = time.monotonic() + timeout
         self.wait_for_hello(timeout)
-        future = self.request(build)
+        remaining = max(0.0, deadline - time.monotonic())
+        future = self.request(build, timeout=remaining)
         try:
-            return future.result(timeout)
-        except TimeoutError:
+            return future.result(remaining + CALL_GRACE)
+        except PvhubError:
+            raise
+        except TimeoutError:  # the I/O thread did not get to the deadline: stuck, not slow
             raise HubUnavailableError(f"no answer from the pvhub daemon at {self.address} within {timeout} s") from None
 
     @property
@@ -181,10 +232,16 @@ class Hub:
         return len(self._proofs)
 
     def wait_for_hello(self, timeout: float | None) -> None:
-        if not self._hello.wait(timeout):
-            raise HubUnavailableError(
-                f"the pvhub daemon at {self.address} did not answer within {timeout} s (is `pvhub serve` running?)"
-            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # In slices, so that a dead I/O thread (Rule 7) is reported at once, not at the deadline.
+        while not self._hello.wait(0.25 if deadline is None else min(0.25, max(0.0, deadline - time.monotonic()))):
+            if self._io_failure is not None:
+                raise HubUnavailableError(self._ended_text("nothing can be sent"))
+            if deadline is not None and time.monotonic() >= deadline:
+                raise HubUnavailableError(
+                    f"the pvhub daemon at {self.address} did not answer within {timeout} s (is `pvhub serve` "
+                    "running? with CURVE keys: does the daemon know this client's public key?)"
+                )
 
     def dispatch(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run ``func`` on the callback thread (in order with every other callback); once the
@@ -222,29 +279,9 @@ class Hub:
             pass
 
     def _run(self) -> None:
-        self._dealer = self._ctx.socket(zmq.DEALER)
-        self._dealer.setsockopt(zmq.LINGER, 0)
-        self._dealer.setsockopt(zmq.IMMEDIATE, 1)
-        # Unbounded both ways: what is queued is what this process asked for, and a bound
-        # here would fail a burst of requests (thousands of Signals attaching at once) as
-        # "not sent", or hold replies back until the daemon's queue for us overflows and it
-        # drops them.
-        self._dealer.setsockopt(zmq.SNDHWM, 0)
-        self._dealer.setsockopt(zmq.RCVHWM, 0)
-        self._dealer.connect(self.address)
-        self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.RCVHWM, DEFAULT_READINGS_HWM)  # and the daemon's own bound
-        # Subscriptions travel as outgoing messages: past SNDHWM (1000 by default) a SUB drops
-        # them without a word, and a process may subscribe to thousands of PVs at once (or
-        # again, all together, when it reconnects).
-        self._sub.setsockopt(zmq.SNDHWM, 0)
-        self._sub.setsockopt(zmq.SUBSCRIBE, p.HUB_TOPIC)
-        poller = zmq.Poller()
-        poller.register(self._dealer, zmq.POLLIN)
-        poller.register(self._sub, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        failure: BaseException | None = None
         try:
+            poller = self._open_sockets()
             while not self._closed.is_set():
                 ready = dict(poller.poll(POLL_MS))
                 self.wakeups += 1
@@ -263,17 +300,67 @@ class Hub:
                 now = time.monotonic()
                 self._keep_alive(now)
                 self._prove_subscriptions(now)
-        except Exception:
+                self._expire_requests(now)
+        except Exception as exc:
+            failure = exc
             log.exception("hub_io_failed", address=self.address)
         finally:
-            with self._unsent_lock:
-                self._io_finished = True
-                unsent, self._unsent = self._unsent, {}
-            _answer_all(((0, h) for h in unsent.values()), self._closed_text("the request was not sent"))
-            self._fail_pending(self._closed_text("the outcome is unknown"))
-            self._dealer.close()
-            self._sub.close()
-            self._ctx.term()
+            self._finish(failure)
+
+    def _open_sockets(self) -> zmq.Poller:
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._sub = self._ctx.socket(zmq.SUB)
+        for sock in (self._dealer, self._sub):
+            sock.setsockopt(zmq.LINGER, 0)
+            if self._curve is not None:  # Rule 8: before connecting, or the socket speaks NULL
+                public, secret, server = self._curve
+                sock.curve_secretkey = secret
+                sock.curve_publickey = public
+                sock.curve_serverkey = server
+        self._dealer.setsockopt(zmq.IMMEDIATE, 1)
+        # Unbounded both ways: what is queued is what this process asked for, and a bound
+        # here would fail a burst of requests (thousands of Signals attaching at once) as
+        # "not sent", or hold replies back until the daemon's queue for us overflows and it
+        # drops them.
+        self._dealer.setsockopt(zmq.SNDHWM, 0)
+        self._dealer.setsockopt(zmq.RCVHWM, 0)
+        self._dealer.connect(self.address)
+        self._sub.setsockopt(zmq.RCVHWM, DEFAULT_READINGS_HWM)  # and the daemon's own bound
+        # Subscriptions travel as outgoing messages: past SNDHWM (1000 by default) a SUB drops
+        # them without a word, and a process may subscribe to thousands of PVs at once (or
+        # again, all together, when it reconnects).
+        self._sub.setsockopt(zmq.SNDHWM, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, p.HUB_TOPIC)
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._sub, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        return poller
+
+    def _finish(self, failure: BaseException | None) -> None:
+        """The I/O thread's last words: answer everything, and after a failure, lose every
+        channel (Rule 7)."""
+        with self._unsent_lock:
+            self._io_failure = failure
+            self._io_finished = True
+            unsent, self._unsent = self._unsent, {}
+        _answer_all(((0, h) for h in unsent.values()), self._ended_text("the request was not sent"))
+        self._fail_pending(self._ended_text("the outcome is unknown"))
+        if failure is not None:
+            self._hello.clear()
+            reason = f"the pvhub client's I/O thread failed ({type(failure).__name__}: {failure})"
+            error_text = self._ended_text("the PV cannot connect")
+            with self._channels_lock:  # with ``channel()``: a channel made from now on refuses too
+                channels = list(self._channels.values())
+            for channel in channels:
+                channel.lose(reason)
+                with channel.cond:
+                    channel.error = HubUnavailableError(error_text)
+                    channel.cond.notify_all()
+        for sock in (getattr(self, "_dealer", None), getattr(self, "_sub", None)):
+            if sock is not None:
+                sock.close()
+        self._ctx.term()
 
     def _try_send(self, payload: bytes) -> bool:
         try:
@@ -329,10 +416,40 @@ class Hub:
     def _closed_text(self, outcome: str) -> str:
         return f"the connection to the pvhub daemon at {self.address} was closed; {outcome}"
 
+    def _ended_text(self, outcome: str) -> str:
+        """Why nothing goes through any more: closed, or the I/O thread's failure (Rule 7)."""
+        failure = self._io_failure
+        if failure is None:
+            return self._closed_text(outcome)
+        return (f"the pvhub client's I/O thread for the daemon at {self.address} failed "
+                f"({type(failure).__name__}: {failure}); {outcome}")
+
     def _fail_pending(self, message: str) -> None:
         """Answer every request still waiting, so that no Status or call waits forever."""
         pending, self._pending = self._pending, {}
+        self._deadlines.clear()
         _answer_all(pending.items(), message)
+
+    # --- deadlines (Rule 6) ---------------------------------------------------------------
+
+    def _expire_requests(self, now: float) -> None:
+        for request_id, timeout, what in self._deadlines.expired(now, self._pending):
+            handler = self._pending.pop(request_id)
+            log.warning("request_timed_out", address=self.address, request=request_id, what=what, timeout=timeout)
+            _answer_all([(request_id, handler)],
+                        f"request {request_id} ({what}) got no reply from the pvhub daemon at {self.address} "
+                        f"within {timeout:g} s", code=PvhubTimeoutError.code)
+
+    def _fail_lost(self, lost: list) -> None:
+        """Fail the requests whose final reply the daemon could not deliver (Rule 6)."""
+        for request_id in lost:
+            handler = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
+            if handler is None:
+                continue
+            log.warning("reply_lost", address=self.address, request=request_id)
+            _answer_all([(request_id, handler)],
+                        f"the pvhub daemon could not deliver the reply to request {request_id} (this client did "
+                        "not read its replies fast enough); the outcome is unknown")
 
     def _send_hello(self, now: float) -> None:
         self._last_hello = now
@@ -382,8 +499,11 @@ class Hub:
                 self._pending.pop(ping, None)
             self._pings.clear()
             self._unanswered = 0
-            if isinstance(message, p.Pong) and message.pvs_wanted:
-                self._pvs_changed = True  # the daemon forgot us (we were away): the next ping says
+            if isinstance(message, p.Pong):
+                if message.pvs_wanted:
+                    self._pvs_changed = True  # the daemon forgot us (we were away): the next ping says
+                if message.lost:
+                    self._fail_lost(message.lost)
             handler = self._pending.get(getattr(message, "id", -1))
             if handler is None:
                 continue
@@ -530,17 +650,90 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
-_hubs: dict[str, Hub] = {}
+class RequestDeadlines:
+    """When each request with a deadline expires (Rule 6), without I/O or a clock of its own.
+
+    A heap of (deadline, request id, timeout, what). A request answered in time is not looked
+    for: its entry is dropped when it comes up, or when the heap has grown to twice what is
+    pending (and at least ``SLACK``), so both its size and its cost per request stay bounded.
+    Used by the I/O thread only.
+    """
+
+    SLACK = 1024
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, request_id: int, timeout: float, what: str, now: float, pending: Collection[int]) -> None:
+        heapq.heappush(self._heap, (now + timeout, request_id, timeout, what))
+        if len(self._heap) > 2 * len(pending) + self.SLACK:
+            self._heap = [entry for entry in self._heap if entry[1] in pending]
+            heapq.heapify(self._heap)
+
+    def expired(self, now: float, pending: Collection[int]) -> list[tuple[int, float, str]]:
+        """(request id, timeout, what) of each request in ``pending`` past its deadline at
+        ``now``, taken out; the work is the entries that came up, never all of them."""
+        heap, expired = self._heap, []
+        while heap and heap[0][0] <= now:
+            _, request_id, timeout, what = heapq.heappop(heap)
+            if request_id in pending:
+                expired.append((request_id, timeout, what))
+        return expired
+
+    def clear(self) -> None:
+        self._heap.clear()
+
+
+def default_timeout(message: p.Message) -> float | None:
+    """Rule 6: how long a request may wait for its final reply unless its caller says."""
+    return None if isinstance(message, p.SetRequest) else REQUEST_TIMEOUT
+
+
+def _describe(message: p.Message) -> str:
+    pv = getattr(message, "pv", "")
+    return f"{message.OP} {pv}" if pv else message.OP
+
+
+def key_paths(client_key: str | os.PathLike[str] | None = None,
+              server_key: str | os.PathLike[str] | None = None) -> tuple[str | None, str | None]:
+    """This client's secret key file and the daemon's public key file (Rule 8): each from
+    its argument or else its environment variable; both, or neither (``KeyFileError``)."""
+    client = os.fspath(client_key) if client_key else os.environ.get(CLIENT_KEY_ENV) or None
+    server = os.fspath(server_key) if server_key else os.environ.get(SERVER_KEY_ENV) or None
+    if (client is None) != (server is None):
+        have, lack = ((f"this client's secret key ({CLIENT_KEY_ENV} or client_key) is {client}",
+                       f"the daemon's public key ({SERVER_KEY_ENV} or server_key)") if client else
+                      (f"the daemon's public key ({SERVER_KEY_ENV} or server_key) is {server}",
+                       f"this client's secret key ({CLIENT_KEY_ENV} or client_key)"))
+        raise KeyFileError(f"{have}, but {lack} is not given: CURVE needs both (or neither, without security)")
+    return client, server
+
+
+def _curve_keys(client: str | None, server: str | None) -> tuple[bytes, bytes, bytes] | None:
+    """(public, secret, server public) to set on both sockets, or None without security."""
+    if client is None or server is None:
+        return None
+    public, secret = load_secret(client)
+    return public, secret, load_public(server)
+
+
+_hubs: dict[tuple[str, str | None, str | None], Hub] = {}
 _hubs_lock = threading.Lock()
 
 
-def get_hub(address: str | None = None) -> Hub:
-    """The process's shared connection to the daemon at ``address`` ($PVHUB_ADDRESS)."""
+def get_hub(address: str | None = None, *, client_key: str | os.PathLike[str] | None = None,
+            server_key: str | os.PathLike[str] | None = None) -> Hub:
+    """The process's shared connection to the daemon at ``address`` ($PVHUB_ADDRESS), with
+    the CURVE keys of ``Hub`` (Rule 8): one per address and keys."""
     address = address or default_address()
+    client, server = key_paths(client_key, server_key)
     with _hubs_lock:
-        hub = _hubs.get(address)
+        hub = _hubs.get((address, client, server))
         if hub is None or hub._closed.is_set():
-            hub = _hubs[address] = Hub(address)
+            hub = _hubs[(address, client, server)] = Hub(address, client_key=client, server_key=server)
         return hub
 
 
@@ -556,10 +749,11 @@ def close_hubs() -> None:
 atexit.register(close_hubs)
 
 
-def _answer_all(requests: Iterable[tuple[int, ReplyHandler]], message: str) -> None:
+def _answer_all(requests: Iterable[tuple[int, ReplyHandler]], message: str,
+                code: str = HubUnavailableError.code) -> None:
     """Fail each ``(id, handler)`` request with ``message``; one handler's error stops no other."""
     for request_id, handler in requests:
         try:
-            handler(p.ErrorReply(id=request_id, code=HubUnavailableError.code, message=message))
+            handler(p.ErrorReply(id=request_id, code=code, message=message))
         except Exception:
             log.exception("reply_handler_failed", op="error")
