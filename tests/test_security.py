@@ -1,0 +1,368 @@
+"""Who gets in and what they may do, tried against a real daemon and a real IOC with bare
+ZeroMQ sockets (the view of an attacker, or of a client that is not pvhub's): loopback by
+default, CURVE identities, access rules on requests and on readings, reloads, limits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from helpers import log_events, wait_until
+
+from pvhub import protocol as p
+from pvhub.keys import generate, load_public, load_secret
+from pvhub.process import free_tcp_port
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(90)]
+
+
+class Peer:
+    """A DEALER and a SUB, with CURVE keys or without, speaking the wire protocol by hand."""
+
+    def __init__(self, address: str, keys: Path | None = None, server: Path | None = None) -> None:
+        self.ctx = zmq.Context()
+        self.keys = keys
+        self.server = server
+        self.dealer = self._socket(zmq.DEALER)
+        self.dealer.connect(address)
+        self.sub: zmq.Socket | None = None
+        self._ids = iter(range(1, 1_000_000))
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            public, secret = load_secret(self.keys)
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+            sock.curve_serverkey = load_public(self.server)
+        return sock
+
+    def ask(self, build, timeout: float = 5.0) -> p.Message | None:
+        """The final reply to ``build(id)``, or None if none came within ``timeout``."""
+        request_id = next(self._ids)
+        self.dealer.send(p.encode(build(request_id)))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.dealer.poll(int(left * 1000)):
+                return None
+            message = p.decode(self.dealer.recv())
+            if getattr(message, "id", None) == request_id and isinstance(message, p.FINAL_REPLIES):
+                return message
+        return None
+
+    def connect(self, pv: str, timeout: float = 10.0) -> None:
+        """Wait until the daemon has ``pv`` connected to its IOC (a set needs that)."""
+        wait_until(lambda: getattr(self.ask(lambda i: p.ReadRequest(id=i, pv=pv)), "connected", False),
+                   timeout=timeout, interval=0.05, message=f"{pv} connected")
+
+    def hello(self, timeout: float = 5.0) -> p.HelloReply | None:
+        return self.ask(lambda i: p.HelloRequest(id=i, client="test"), timeout)  # type: ignore[return-value]
+
+    def subscribe(self, readings: str, *topics: bytes) -> None:
+        self.sub = self._socket(zmq.SUB)
+        for topic in topics:
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self.sub.connect(readings)
+
+    def updates(self, within: float) -> list[p.Message]:
+        """What the SUB received within ``within`` seconds."""
+        got = []
+        deadline = time.monotonic() + within
+        while (left := deadline - time.monotonic()) > 0:
+            if self.sub.poll(int(left * 1000)):
+                got.append(p.decode(self.sub.recv_multipart()[1]))
+        return got
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def peers():
+    made: list[Peer] = []
+
+    def make(*args, **kwargs) -> Peer:
+        made.append(Peer(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for peer in made:
+        peer.close()
+
+
+@pytest.fixture
+def keyring(tmp_path: Path) -> dict[str, Path]:
+    """A server key and client keys; the clients directory holds alice's, bob's, mallory's
+    (not eve's: hers is unknown to the daemon)."""
+    keys = tmp_path / "keys"
+    clients = tmp_path / "clients"
+    clients.mkdir(mode=0o755)
+    ring = {"server": generate("server", keys)[1], "server.pub": keys / "server.key", "clients": clients}
+    for name in ("alice", "bob", "mallory", "eve"):
+        public, secret = generate(name, keys)
+        ring[name] = secret
+        if name != "eve":
+            (clients / public.name).write_bytes(public.read_bytes())
+    return ring
+
+
+def write_config(path: Path, keyring: dict[str, Path] | None, extra: str = "") -> Path:
+    text = ""
+    if keyring is not None:
+        text += f'[security]\nserver_key = "{keyring["server"]}"\nclients = "{keyring["clients"]}"\n'
+    path.write_text(text + extra)
+    return path
+
+
+RULES = """
+[access]
+default = "none"
+[[access.rule]]
+pvs = ["{prefix}*"]
+who = ["alice"]
+access = "write"
+[[access.rule]]
+pvs = ["{prefix}*"]
+who = ["bob"]
+access = "read"
+"""
+
+
+def serve_secure(hub_factory, zoo_ioc, tmp_path, keyring, extra: str = ""):
+    config = write_config(tmp_path / "pvhub.toml", keyring, extra)
+    return hub_factory(zoo_ioc, args=("--config", str(config))), config
+
+
+# --- safe by default -----------------------------------------------------------------------
+
+
+def run_serve(tmp_path: Path, config: str, *args: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "serve.toml"
+    path.write_text(config)
+    return subprocess.run([sys.executable, "-m", "pvhub", "serve", "--config", str(path), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_a_daemon_without_curve_refuses_to_listen_beyond_loopback(tmp_path):
+    port = free_tcp_port()
+    done = run_serve(tmp_path, f'[daemon]\naddress = "tcp://0.0.0.0:{port}"\n')
+    assert done.returncode == 2
+    assert "reachable from other hosts" in done.stderr and "insecure = true" in done.stderr
+    done = run_serve(tmp_path, "", "--address", f"tcp://127.0.0.1:{port}", "--readings", f"tcp://0.0.0.0:{port + 1}")
+    assert done.returncode == 2 and f"0.0.0.0:{port + 1}" in done.stderr
+
+
+def test_the_default_address_is_loopback():
+    from pvhub.config import Config, is_local
+
+    assert is_local(Config().address)
+
+
+def test_insecure_said_on_purpose_is_warned_about_at_every_start(zoo_ioc, hub_factory, tmp_path):
+    config = write_config(tmp_path / "insecure.toml", None, "[daemon]\ninsecure = true\n")
+    daemon = hub_factory(zoo_ioc, args=("--config", str(config)))
+    (warning,) = log_events(daemon, "insecure")
+    assert "anyone" in warning["detail"]
+
+
+def test_a_secret_key_others_may_read_stops_the_daemon(tmp_path, keyring):
+    keyring["server"].chmod(0o644)
+    port = free_tcp_port()
+    done = run_serve(tmp_path, f'[security]\nserver_key = "{keyring["server"]}"\nclients = "{keyring["clients"]}"\n',
+                     "--address", f"tcp://127.0.0.1:{port}")
+    assert done.returncode == 2 and "server.key_secret" in done.stderr
+
+
+# --- identities ----------------------------------------------------------------------------
+
+
+def test_only_known_curve_keys_get_in_and_refusals_are_logged(zoo_ioc, hub_factory, tmp_path, keyring, peers):
+    daemon, _ = serve_secure(hub_factory, zoo_ioc, tmp_path, keyring)
+    alice = peers(daemon.address, keyring["alice"], keyring["server.pub"])
+    hello = alice.hello()
+    assert isinstance(hello, p.HelloReply)
+    assert isinstance(alice.ask(lambda i: p.ReadRequest(id=i, pv=zoo_ioc.pv("x"))), p.Snapshot)
+    assert peers(daemon.address).hello(timeout=1.0) is None  # no CURVE at all
+    assert peers(daemon.address, keyring["eve"], keyring["server.pub"]).hello(timeout=1.0) is None  # unknown key
+    refused = wait_until(lambda: {r["kind"] for r in log_events(daemon, "connection_refused")} >= {"unknown_key", "handshake"}
+                         and log_events(daemon, "connection_refused"), timeout=10)
+    (eve,) = [r for r in refused if r["kind"] == "unknown_key"][:1]
+    assert eve["key"] == load_public(keyring["server.pub"].with_name("eve.key")).decode()
+    # The readings socket refuses them too: a SUB without CURVE gets nothing of a counting PV.
+    stranger = peers(daemon.address)
+    stranger.subscribe(hello.readings, b"")
+    alice.subscribe(hello.readings, p.topic(zoo_ioc.pv("fast")))
+    assert isinstance(alice.ask(lambda i: p.ReadRequest(id=i, pv=zoo_ioc.pv("fast"), publish=True)), p.Snapshot)
+    assert alice.updates(1.0) and not stranger.updates(0.5)
+
+
+def test_each_write_is_logged_with_the_identity_that_made_it(zoo_ioc, hub_factory, tmp_path, keyring, peers):
+    daemon, _ = serve_secure(hub_factory, zoo_ioc, tmp_path, keyring)
+    alice = peers(daemon.address, keyring["alice"], keyring["server.pub"])
+    alice.connect(zoo_ioc.pv("count"))
+    assert isinstance(alice.ask(lambda i: p.SetRequest(id=i, pv=zoo_ioc.pv("count"), value=7)), p.SetDone)
+    (put,) = [r for r in log_events(daemon, "put_requested") if r["pv"] == zoo_ioc.pv("count")]
+    assert put["identity"] == "alice" and put["value"] == 7
+
+
+# --- access rules ----------------------------------------------------------------------------
+
+
+def test_rules_decide_reads_writes_and_which_readings_reach_whom(zoo_ioc, hub_factory, tmp_path, keyring, peers):
+    daemon, _ = serve_secure(hub_factory, zoo_ioc, tmp_path, keyring, RULES.format(prefix=zoo_ioc.prefix))
+    alice, bob, mallory = (peers(daemon.address, keyring[n], keyring["server.pub"]) for n in ("alice", "bob", "mallory"))
+    readings = alice.hello().readings
+    count = zoo_ioc.pv("count")
+    alice.connect(count)
+    assert isinstance(alice.ask(lambda i: p.SetRequest(id=i, pv=count, value=3)), p.SetDone)
+    refused = bob.ask(lambda i: p.SetRequest(id=i, pv=count, value=4))
+    assert isinstance(refused, p.ErrorReply) and refused.code == "access_denied" and "bob" in refused.message
+    assert isinstance(bob.ask(lambda i: p.ReadRequest(id=i, pv=count)), p.Snapshot)
+    refused = mallory.ask(lambda i: p.ReadRequest(id=i, pv=count))
+    assert isinstance(refused, p.ErrorReply) and refused.code == "access_denied"
+    refused = mallory.ask(lambda i: p.DescribeRequest(id=i, pv=count))
+    assert isinstance(refused, p.ErrorReply) and refused.code == "access_denied"
+    status = mallory.ask(lambda i: p.StatusRequest(id=i)).status
+    assert status["pvs"] == [] and [c["identity"] for c in status["clients"]] == ["mallory"]
+
+    fast = zoo_ioc.pv("fast")
+    mallory.subscribe(readings, b"", p.topic(fast), zoo_ioc.prefix.encode())
+    bob.subscribe(readings, p.topic(fast))
+    assert isinstance(bob.ask(lambda i: p.ReadRequest(id=i, pv=fast, publish=True)), p.Snapshot)
+    wait_until(lambda: bob.updates(0.2), timeout=10, message="bob gets fast's readings")
+    assert mallory.updates(1.0) == []
+    assert alice.ask(lambda i: p.SetRequest(id=i, pv=count, value=5)) is not None
+    assert mallory.updates(0.3) == []
+
+
+def test_a_reload_changes_the_rules_without_dropping_anyone(zoo_ioc, hub_factory, tmp_path, keyring, peers):
+    rules = RULES.format(prefix=zoo_ioc.prefix)
+    daemon, config = serve_secure(hub_factory, zoo_ioc, tmp_path, keyring, rules)
+    alice, bob = (peers(daemon.address, keyring[n], keyring["server.pub"]) for n in ("alice", "bob"))
+    readings = alice.hello().readings
+    fast = zoo_ioc.pv("fast")
+    alice.subscribe(readings, p.topic(fast))
+    assert isinstance(alice.ask(lambda i: p.ReadRequest(id=i, pv=fast, publish=True)), p.Snapshot)
+    wait_until(lambda: alice.updates(0.2), timeout=10)
+    # Alice loses her rights, bob may write now.
+    write_config(config, keyring, rules.replace('who = ["alice"]', 'who = ["nobody"]').replace(
+        'who = ["bob"]\naccess = "read"', 'who = ["bob"]\naccess = "write"'))
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until(lambda: log_events(daemon, "config_reloaded"), timeout=10)
+    bob.connect(zoo_ioc.pv("count"))
+    assert isinstance(bob.ask(lambda i: p.SetRequest(id=i, pv=zoo_ioc.pv("count"), value=11)), p.SetDone)
+    refused = alice.ask(lambda i: p.ReadRequest(id=i, pv=fast))
+    assert isinstance(refused, p.ErrorReply) and refused.code == "access_denied"
+    # Her subscription is vetted again: after the readings socket is bound anew, nothing.
+    wait_until(lambda: log_events(daemon, "readings_rebound"), timeout=10)
+    alice.updates(1.0)  # whatever was on its way before the rebind
+    assert alice.updates(1.0) == []
+    assert daemon.running()
+
+
+def test_a_reload_with_a_bad_file_keeps_the_rules_it_had(zoo_ioc, hub_factory, tmp_path, keyring, peers):
+    daemon, config = serve_secure(hub_factory, zoo_ioc, tmp_path, keyring, RULES.format(prefix=zoo_ioc.prefix))
+    config.write_text(config.read_text() + "\n[access.bogus\n")
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until(lambda: log_events(daemon, "config_not_reloaded"), timeout=10)
+    alice = peers(daemon.address, keyring["alice"], keyring["server.pub"])
+    alice.connect(zoo_ioc.pv("count"))
+    assert isinstance(alice.ask(lambda i: p.SetRequest(id=i, pv=zoo_ioc.pv("count"), value=2)), p.SetDone)
+
+
+def test_a_client_key_added_to_the_directory_gets_in_after_a_reload(zoo_ioc, hub_factory, tmp_path, keyring, peers):
+    daemon, _ = serve_secure(hub_factory, zoo_ioc, tmp_path, keyring)
+    assert peers(daemon.address, keyring["eve"], keyring["server.pub"]).hello(timeout=1.0) is None
+    eve_public = keyring["eve"].with_name("eve.key")
+    (keyring["clients"] / "eve.key").write_bytes(eve_public.read_bytes())
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until(lambda: log_events(daemon, "config_reloaded"), timeout=10)
+    assert isinstance(peers(daemon.address, keyring["eve"], keyring["server.pub"]).hello(), p.HelloReply)
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+
+def test_limits_refuse_one_client_and_never_the_others(zoo_ioc, hub_factory, tmp_path, peers):
+    config = write_config(tmp_path / "limits.toml", None,
+                          "[limits]\nmax_pvs_per_client = 2\nmax_request_rate = 20\nmax_message_bytes = 65536\n")
+    daemon = hub_factory(zoo_ioc, args=("--config", str(config)))
+    greedy, polite = peers(daemon.address), peers(daemon.address)
+    assert greedy.hello() and polite.hello()
+    for name in ("x", "count"):
+        assert isinstance(greedy.ask(lambda i, n=name: p.ReadRequest(id=i, pv=zoo_ioc.pv(n))), p.Snapshot)
+    refused = greedy.ask(lambda i: p.ReadRequest(id=i, pv=zoo_ioc.pv("text")))
+    assert isinstance(refused, p.ErrorReply) and refused.code == "limit" and "PVs" in refused.message
+    # A burst past the rate: the excess is refused at once, and the other client sees nothing of it.
+    for i in range(1000, 1100):
+        greedy.dealer.send(p.encode(p.ReadRequest(id=i, pv=zoo_ioc.pv("x"))))
+    codes = []
+    while len(codes) < 100 and greedy.dealer.poll(5000):
+        codes.append(getattr(p.decode(greedy.dealer.recv()), "code", "ok"))
+    assert len(codes) == 100 and 0 < codes.count("limit") < 100
+    assert isinstance(polite.ask(lambda i: p.ReadRequest(id=i, pv=zoo_ioc.pv("x"))), p.Snapshot)
+    # A message past max_message_bytes: ZeroMQ drops that connection; the daemon goes on.
+    greedy.dealer.send(p.encode(p.SetRequest(id=5, pv=zoo_ioc.pv("wave"), value=[0.5] * 20_000)))
+    assert greedy.dealer.poll(1000) == 0
+    assert isinstance(polite.ask(lambda i: p.ReadRequest(id=i, pv=zoo_ioc.pv("x"))), p.Snapshot)
+    assert daemon.running()
+
+
+def test_a_pv_that_finds_no_ioc_is_released(zoo_ioc, hub_factory, tmp_path, peers):
+    config = write_config(tmp_path / "release.toml", None, "[limits]\nrelease_unconnected_s = 1\n")
+    daemon = hub_factory(zoo_ioc, args=("--config", str(config)))
+    client = peers(daemon.address)
+    assert client.hello()
+    missing = zoo_ioc.prefix + "no_such_record"
+    reply = client.ask(lambda i: p.ReadRequest(id=i, pv=missing))
+    assert isinstance(reply, p.Snapshot) and not reply.connected
+    assert isinstance(client.ask(lambda i: p.ReadRequest(id=i, pv=zoo_ioc.pv("x"))), p.Snapshot)
+    wait_until(lambda: log_events(daemon, "pvs_released"), timeout=10)
+    pvs = [entry["pv"] for entry in client.ask(lambda i: p.StatusRequest(id=i)).status["pvs"]]
+    assert missing not in pvs and zoo_ioc.pv("x") in pvs
+    # Asked for again, it is opened again.
+    assert isinstance(client.ask(lambda i: p.ReadRequest(id=i, pv=missing)), p.Snapshot)
+    assert missing in [e["pv"] for e in client.ask(lambda i: p.StatusRequest(id=i)).status["pvs"]]
+
+
+# --- holes a review found --------------------------------------------------------------------
+
+
+def test_a_pv_name_too_long_for_a_routing_id_still_gets_its_own_actor(zoo_ioc, hub_factory, tmp_path, peers):
+    config = write_config(tmp_path / "own.toml", None, "[actors]\npool_size = 0\n")
+    daemon = hub_factory(zoo_ioc, args=("--config", str(config)))
+    client = peers(daemon.address)
+    assert client.hello()
+    name = zoo_ioc.prefix + "L" * (256 - len(zoo_ioc.prefix))
+    reply = client.ask(lambda i: p.ReadRequest(id=i, pv=name), timeout=20)
+    assert isinstance(reply, p.Snapshot) and reply.pv == name and not reply.connected
+    (actor,) = [a for a in client.ask(lambda i: p.StatusRequest(id=i)).status["actors"] if name in a["pvs"]]
+    assert actor["ready"] and actor["restarts"] == 0
+
+
+def test_garbage_on_the_actors_socket_does_not_end_the_daemon(zoo_ioc, hub_factory, tmp_path, peers):
+    run = tmp_path / "run"
+    run.mkdir()
+    daemon = hub_factory(zoo_ioc, env={"RUNTIME_DIRECTORY": str(run)})
+    (socket_path,) = run.glob("pvhub-*/actors")
+    intruder = zmq.Context.instance().socket(zmq.DEALER)
+    intruder.setsockopt(zmq.LINGER, 0)
+    intruder.connect(f"ipc://{socket_path}")
+    try:
+        for frames in ([b"\xc1\xff"], [b"", b"\xc1\xff"], [b"a", b"b", b"c"], [b"", p.encode(p.Heartbeat(stats={"x": 1}))],
+                       [b"\x00alice", p.encode(p.Snapshot(id=1, pv="x", epoch=1, seq=1, connected=True))],
+                       [b"", p.encode(p.ActorReady(actor="pool:0", pid=1))]):
+            intruder.send_multipart(frames)
+        client = peers(daemon.address)
+        assert client.hello()
+        assert isinstance(client.ask(lambda i: p.ReadRequest(id=i, pv=zoo_ioc.pv("x"))), p.Snapshot)
+        assert daemon.running()
+    finally:
+        intruder.close()
