@@ -17,13 +17,14 @@ element; numpy scalars travel as plain numbers. Nothing is ever pickled.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypedDict
 
 import msgpack
 import numpy as np
 
-from pvhub.errors import ProtocolError, UnsupportedVersionError
+from pvhub.errors import ProtocolError, UnknownOperationError, UnsupportedVersionError
 
 PROTOCOL_VERSION = 1
 _NDARRAY_EXT = 1
@@ -47,15 +48,79 @@ def _pack_default(obj: Any) -> Any:
 
 
 def _unpack_ext(code: int, data: bytes) -> Any:
+    """An ndarray from its ext payload: a msgpack header ``[dtype.str, shape]``, then the
+    raw bytes. Anything else is a ``ProtocolError``, and nothing is allocated beyond the
+    bytes that came (Rule 6)."""
     if code != _NDARRAY_EXT:
         raise ProtocolError(f"unknown msgpack extension type {code}")
-    unpacker = msgpack.Unpacker(raw=False)
+    # The header is a few bytes; limits sized from the payload keep a forged length from
+    # asking msgpack for more than what arrived.
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
     unpacker.feed(data)
-    dtype_str, shape = unpacker.unpack()
+    try:
+        header = unpacker.unpack()
+    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
+        raise ProtocolError(f"array header is not msgpack: {exc}") from exc
+    if type(header) is not list or len(header) != 2:
+        raise ProtocolError("array header must be [dtype, shape]")
+    dtype_str, shape = header
+    dtype = _array_dtype(dtype_str)
+    if type(shape) is not list or len(shape) > MAX_ARRAY_DIMS:
+        raise ProtocolError(f"array shape must be a list of at most {MAX_ARRAY_DIMS} sizes")
+    elements = 1
+    span = 1  # the product of the sizes but zeros: what numpy refuses past 2**63 even when empty
+    for size in shape:
+        if type(size) is not int or size < 0:
+            raise ProtocolError(f"array shape {shape!r:.80} holds something other than a size")
+        elements *= size  # Python ints: an absurd shape cannot wrap around to a small one
+        span *= max(size, 1)
     offset = unpacker.tell()
-    array = np.frombuffer(data, dtype=np.dtype(dtype_str), offset=offset)
+    if span > _MAX_ARRAY_SPAN or elements * dtype.itemsize != len(data) - offset:
+        raise ProtocolError(
+            f"array of shape {shape!r:.80} and dtype {dtype.str} does not fit the "
+            f"{len(data) - offset} bytes that came"
+        )
+    if dtype.kind == "U" and elements and not _valid_code_points(data, dtype, offset):
+        raise ProtocolError("a text array holds something that is not a character")
     # frombuffer shares the (immutable) message buffer; users expect an array they own.
-    return array.reshape(shape).copy()
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape).copy()
+
+
+def _valid_code_points(data: bytes, dtype: np.dtype, offset: int) -> bool:
+    # numpy keeps any 32-bit number as a character; Python makes a str of one past U+10FFFF
+    # only by raising SystemError (in repr, in a log line), and one of a surrogate never
+    # encodes. Neither may get in.
+    codes = np.frombuffer(data, dtype=dtype.byteorder.replace("=", "") + "u4", offset=offset)
+    return not bool(((codes > 0x10FFFF) | ((codes >= 0xD800) & (codes <= 0xDFFF))).any())
+
+
+def _array_dtype(dtype_str: Any) -> np.dtype:
+    """The dtype a peer named, if it is one whose bytes are plain values (Rule 6)."""
+    dtype = _ARRAY_DTYPES.get(dtype_str) if type(dtype_str) is str else None
+    if dtype is not None:
+        return dtype
+    if type(dtype_str) is not str or len(dtype_str) > 16:
+        raise ProtocolError(f"array dtype must be a short string, not {dtype_str!r:.40}")
+    try:
+        with warnings.catch_warnings():  # numpy deprecates some aliases: still just refused
+            warnings.simplefilter("ignore")
+            dtype = np.dtype(dtype_str)
+    except Exception as exc:  # numpy's parser raises TypeError, ValueError, SyntaxError...
+        raise ProtocolError(f"{dtype_str!r} is not a dtype") from exc
+    if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize == 0:
+        raise ProtocolError(f"arrays of dtype {dtype_str!r} do not travel")
+    if len(_ARRAY_DTYPES) < 256:  # a peer naming ever new spellings does not grow it forever
+        _ARRAY_DTYPES[dtype_str] = dtype
+    return dtype
+
+
+# Booleans, integers, floats, complex numbers, bytes and text: dtypes whose bytes are values.
+# Objects (pointers), void and structured records, datetimes never travel.
+_ARRAY_KINDS = frozenset("biufcSU")
+_ARRAY_DTYPES: dict[str, np.dtype] = {}
+MAX_ARRAY_DIMS = 32
+# Sizes past this are absurd even for an empty array (numpy itself stops at 2**63 bytes).
+_MAX_ARRAY_SPAN = 2**40
 
 
 # --- shared shapes -------------------------------------------------------------------------
@@ -411,51 +476,132 @@ def encode(message: Message) -> bytes:
 
 
 def decode(data: bytes) -> Message:
-    """The message in ``data``; any malformed input raises ``ProtocolError``."""
+    """The message in ``data``; any malformed input raises ``ProtocolError`` (Rule 6)."""
     try:
+        # unpackb bounds every length a message claims by the bytes it holds: a forged
+        # header cannot make msgpack allocate more.
         body = msgpack.unpackb(data, raw=False, ext_hook=_unpack_ext, strict_map_key=False)
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types for bad bytes
         raise ProtocolError(f"undecodable message: {exc}") from exc
-    if not isinstance(body, dict):
+    if type(body) is not dict:
         raise ProtocolError("a message must be a map")
+    if _container_heads(data) > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+        raise ProtocolError(f"a message nests at most {MAX_DEPTH} levels")
     version = body.get("v")
-    if not isinstance(version, int) or isinstance(version, bool):
+    if type(version) is not int:
         raise ProtocolError("message has no protocol version 'v'")
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersionError(
             f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})"
         )
     op = body.get("op")
-    cls = MESSAGES.get(op) if isinstance(op, str) else None
+    if type(op) is not str:
+        raise ProtocolError("message has no operation 'op'")
+    cls = MESSAGES.get(op)
     if cls is None:
-        raise ProtocolError(f"unknown operation {op!r}")
+        raise UnknownOperationError(f"unknown operation {op[:64]!r}")
     fields = {k: v for k, v in body.items() if k in _FIELDS[cls]}
     missing = _REQUIRED[cls] - fields.keys()
     if missing:
         raise ProtocolError(f"{op} lacks {', '.join(sorted(missing))}")
     for name, nested in _NESTED.items():
         value = fields.get(name)
-        if isinstance(value, dict):
+        if type(value) is dict:
             known = _NESTED_FIELDS[nested]
+            values = {k: v for k, v in value.items() if k in known}
+            _check_field_types(nested, f"{op}.{name}", values)
             try:
-                fields[name] = nested(**{k: v for k, v in value.items() if k in known})
+                fields[name] = nested(**values)
             except TypeError as exc:
                 raise ProtocolError(f"{op}.{name} is malformed: {exc}") from exc
     _check_types(cls, fields)
     return cls(**fields)
 
 
+# Deeper than any message pvhub sends (a status reply nests five levels); shallow enough that
+# code walking a value by recursion (repr, a log line) never meets Python's recursion limit.
+MAX_DEPTH = 32
+
+
+def _container_heads(data: bytes) -> int:
+    """At least the number of maps and arrays in ``data`` (each starts with one of these
+    bytes; other bytes may too): a message with no more than ``MAX_DEPTH`` cannot nest
+    deeper, and is spared the walk. Counted in C, in a third of the walk's time."""
+    try:
+        return data.translate(_CONTAINER_HEADS).count(1)
+    except (AttributeError, TypeError):  # a buffer without translate: count nothing, walk
+        return MAX_DEPTH + 1
+
+
+# 1 for the first byte of a fixmap, fixarray, map 16/32 or array 16/32; 0 for any other.
+_CONTAINER_HEADS = bytes(int(0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF) for b in range(256))
+
+
+def _deeper_than(root: dict, limit: int) -> bool:
+    """Whether containers nest more than ``limit`` levels in ``root``; by a loop, not by
+    recursion, over the containers only."""
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        for child in node.values() if type(node) is dict else node:
+            if type(child) in _CONTAINERS:
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+_CONTAINERS = frozenset((dict, list))
+
+
 def _check_types(cls: type[Message], fields: dict[str, Any]) -> None:
-    # Only what routing and dispatch rely on is checked here; values are checked by whoever
-    # uses them (an actor checks a put value against its PV's type).
-    if "id" in fields and (not isinstance(fields["id"], int) or isinstance(fields["id"], bool)):
-        raise ProtocolError(f"{cls.OP}.id must be an integer")
-    if "pv" in fields and not isinstance(fields["pv"], str):
-        raise ProtocolError(f"{cls.OP}.pv must be a string")
-    if "pv" in _REQUIRED[cls] and not fields["pv"]:
-        raise ProtocolError(f"{cls.OP}.pv must not be empty")
+    # Each known field has the type its class declares (values declared ``Any`` are checked by
+    # whoever uses them: an actor checks a put value against its PV's type). What routing and
+    # dispatch rely on beyond types is checked here too.
+    _check_field_types(cls, cls.OP, fields)
+    pv = fields.get("pv")
+    if pv is not None:
+        if "pv" in _REQUIRED[cls] and not pv:
+            raise ProtocolError(f"{cls.OP}.pv must not be empty")
+        if "\0" in pv:  # Rule 4: the NUL ends a topic
+            raise ProtocolError(f"{cls.OP}.pv must not hold a NUL")
+    pvs = fields.get("pvs")
+    if pvs is not None and not all(type(name) is str for name in pvs):
+        raise ProtocolError(f"{cls.OP}.pvs must hold PV names")
+
+
+def _check_field_types(cls: type, where: str, fields: dict[str, Any]) -> None:
+    for name, allowed in _FIELD_TYPES[cls]:
+        if name in fields and type(fields[name]) not in allowed:
+            raise ProtocolError(f"{where}.{name} must be {_TYPE_WORDS[allowed]}, not {type(fields[name]).__name__}")
+
+
+# What msgpack gives for each annotation (exact types: a bool is not an int on the wire).
+# An annotation missing here fails at import, so a new field cannot go unchecked by accident.
+_ANNOTATION_TYPES: dict[str, frozenset[type]] = {
+    "int": frozenset((int,)),
+    "float": frozenset((float, int)),
+    "str": frozenset((str,)),
+    "bool": frozenset((bool,)),
+    "bytes": frozenset((bytes,)),
+    "list": frozenset((list,)),
+    "list | None": frozenset((list, type(None))),
+    "dict": frozenset((dict,)),
+    "PVMetadata | None": frozenset((dict, type(None))),
+    "Reading | None": frozenset((Reading, type(None))),
+}
+_TYPE_WORDS = {
+    allowed: " or ".join(sorted("None" if t is type(None) else t.__name__ for t in allowed))
+    for allowed in _ANNOTATION_TYPES.values()
+}
+_FIELD_TYPES: dict[type, tuple[tuple[str, frozenset[type]], ...]] = {
+    cls: tuple(
+        (f.name, _ANNOTATION_TYPES[f.type]) for f in dataclasses.fields(cls) if f.type != "Any"
+    )
+    for cls in (*MESSAGES.values(), *_NESTED.values())
+}
 
 
 # The daemon's own announcements (``HubStopping``): every client subscribes to it. No PV name
