@@ -36,6 +36,8 @@ process never goes on serving its last values as if they were live.
 Rule 8 (CurveZMQ): with keys (arguments, or ``PVHUB_CLIENT_KEY`` and ``PVHUB_SERVER_KEY``,
 both or neither) both sockets are encrypted and the daemon knows this client by its public
 key. The secret key file is read through ``pvhub.keys``, which refuses one others may read.
+A refused handshake is silent in ZeroMQ (the socket just tries again), so the I/O thread
+watches the request socket's handshakes and says why hello goes unanswered.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from typing import Any, Callable, Collection, Iterable
 from urllib.parse import urlsplit
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pvhub import protocol as p
 from pvhub.config import DEFAULT_READINGS_HWM
@@ -76,6 +79,8 @@ REQUEST_TIMEOUT = 60.0
 # ``Hub.call`` waits this much past its request's deadline, so that the deadline (checked
 # once per pass of the I/O loop) is what fails the call.
 CALL_GRACE = 2 * POLL_MS / 1000
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 CLIENT_KEY_ENV = "PVHUB_CLIENT_KEY"
 SERVER_KEY_ENV = "PVHUB_SERVER_KEY"
 
@@ -104,6 +109,8 @@ class Hub:
         self.readings_endpoint: str | None = None
         self.server_version: str | None = None
         self.identity: bytes = b""
+        # Why the last security handshake with the daemon failed; None once one succeeds.
+        self.handshake_problem: str | None = None
         self._hello = threading.Event()
         self._closed = threading.Event()
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
@@ -238,9 +245,10 @@ class Hub:
             if self._io_failure is not None:
                 raise HubUnavailableError(self._ended_text("nothing can be sent"))
             if deadline is not None and time.monotonic() >= deadline:
+                problem = self.handshake_problem
                 raise HubUnavailableError(
-                    f"the pvhub daemon at {self.address} did not answer within {timeout} s (is `pvhub serve` "
-                    "running? with CURVE keys: does the daemon know this client's public key?)"
+                    f"the pvhub daemon at {self.address} did not answer within {timeout} s: "
+                    + (problem if problem else "is `pvhub serve` running?")
                 )
 
     def dispatch(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -297,6 +305,8 @@ class Hub:
                     self._drain_replies()
                 if self._sub in ready:
                     self._drain_readings()
+                if self._handshakes in ready:
+                    self._read_handshakes()
                 now = time.monotonic()
                 self._keep_alive(now)
                 self._prove_subscriptions(now)
@@ -331,11 +341,40 @@ class Hub:
         # again, all together, when it reconnects).
         self._sub.setsockopt(zmq.SNDHWM, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, p.HUB_TOPIC)
+        self._handshakes = self._dealer.get_monitor_socket(HANDSHAKE_EVENTS)
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._sub, zmq.POLLIN)
+        poller.register(self._handshakes, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         return poller
+
+    def _read_handshakes(self) -> None:
+        """Rule 8: keep why the daemon does not let us in, in words an operator can act on."""
+        while True:
+            try:
+                event = recv_monitor_message(self._handshakes, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshake_problem = None
+                continue
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                problem = (f"the daemon refused this client (ZAP status {value})"
+                           + (": its public key is not in the daemon's clients directory" if self._curve else ""))
+            elif not self._curve:
+                problem = (f"the security handshake failed: this client has no CURVE keys ({CLIENT_KEY_ENV}, "
+                           f"{SERVER_KEY_ENV}); does the daemon require them?")
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                problem = (f"the security handshake failed (ZMTP error {value:#x}): this client uses CURVE keys; "
+                           "does the daemon?")
+            else:  # the daemon could not read our hello: it was sealed for another key
+                problem = ("the security handshake failed: is the server key (PVHUB_SERVER_KEY) the daemon's own "
+                           "public key?")
+            if problem != self.handshake_problem:  # ZeroMQ retries every 100 ms: say it once
+                log.warning("handshake_failed", address=self.address, problem=problem)
+            self.handshake_problem = problem
 
     def _finish(self, failure: BaseException | None) -> None:
         """The I/O thread's last words: answer everything, and after a failure, lose every
@@ -357,6 +396,10 @@ class Hub:
                 with channel.cond:
                     channel.error = HubUnavailableError(error_text)
                     channel.cond.notify_all()
+        handshakes = getattr(self, "_handshakes", None)
+        if handshakes is not None:
+            self._dealer.disable_monitor()
+            handshakes.close()
         for sock in (getattr(self, "_dealer", None), getattr(self, "_sub", None)):
             if sock is not None:
                 sock.close()
@@ -411,7 +454,7 @@ class Hub:
         self._unanswered = 0
         self._fail_pending(f"the pvhub daemon at {self.address} went away ({reason}); the outcome is unknown")
         for channel in self._all_channels():
-            channel.lose(reason)
+            channel.lose(reason, daemon_lost=True)
 
     def _closed_text(self, outcome: str) -> str:
         return f"the connection to the pvhub daemon at {self.address} was closed; {outcome}"

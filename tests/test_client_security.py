@@ -275,13 +275,21 @@ def test_a_client_with_an_unknown_key_or_none_is_not_let_in(curve_keys):
     with HandMadeDaemon(server_secret=server_secret, clients=curve_keys["clients"]) as daemon:
         stranger = Hub(daemon.address, client_key=stranger_secret, server_key=curve_keys["server_public"])
         plain = Hub(daemon.address)
+        # The client's own key as the server's: the daemon cannot read its hello.
+        wrong_server = Hub(daemon.address, client_key=curve_keys["client_secret"],
+                           server_key=curve_keys["client_public"])
+        expected = {
+            stranger: r"the daemon refused this client \(ZAP status 400\): its public key is not in the daemon's clients",
+            plain: r"the security handshake failed: this client has no CURVE keys .*; does the daemon require them\?",
+            wrong_server: r"the security handshake failed: is the server key \(PVHUB_SERVER_KEY\) the daemon's own public key",
+        }
         try:
-            for hub in (stranger, plain):
-                with pytest.raises(HubUnavailableError, match="did not answer within 1.5 s"):
+            for hub, why in expected.items():
+                with pytest.raises(HubUnavailableError, match=rf"did not answer within 1\.5 s: {why}"):
                     hub.wait_for_hello(1.5)
         finally:
-            stranger.close()
-            plain.close()
+            for hub in expected:
+                hub.close()
         assert daemon.requests == []
 
 
