@@ -168,18 +168,21 @@ class Channel:
             events.append(("value", old))
         return events
 
-    def lose(self, reason: str) -> None:
-        """The PV's actor or the daemon went away: disconnected until a new snapshot."""
+    def lose(self, reason: str, daemon_lost: bool = False) -> None:
+        """The PV's actor or (``daemon_lost``) the daemon went away: disconnected until a new
+        snapshot."""
         with self.cond:
             was_connected = self.connected
             self.connected = False
             self.attached = False
             self.live = False
             # Whatever comes next (a new actor, or the same one after the client lost the
-            # daemon for a while) must be accepted, even at the seq we already have, and even
-            # with a smaller epoch (a new daemon, started after the wall clock went back).
+            # daemon for a while) must be accepted, even at the seq we already have; after a
+            # lost daemon, even with a smaller epoch (a new daemon may have started after the
+            # wall clock went back; nothing of the old one can arrive any more).
             self.seq = -1
-            self.epoch = 0
+            if daemon_lost:
+                self.epoch = 0
             self.proof_request = None  # its answer, if it comes, is no proof of anything now
             self.cond.notify_all()
             if was_connected:

@@ -298,7 +298,7 @@ def test_a_channel_that_lost_its_daemon_takes_the_next_ones_smaller_epoch():
     channel.apply(2_000, 5, True, reading, {}, from_stream=False)
     channel.apply(1_000, 1, True, p.Reading(value=9.0, timestamp=2.0), {}, from_stream=False)
     assert channel.reading.value == 1.0  # a smaller epoch is a dead actor's late word...
-    channel.lose("the daemon went away")
+    channel.lose("the daemon went away", daemon_lost=True)
     channel.apply(1_000, 1, True, p.Reading(value=9.0, timestamp=2.0), {}, from_stream=False)
     assert channel.reading.value == 9.0 and channel.connected  # ...unless the daemon itself is new
 
