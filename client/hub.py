@@ -94,7 +94,7 @@ def default_address() -> str:
 
 
 class Hub:
-    """The connection to one daemon. Use ``get_hub(address)``; it is shared per address."""
+    """The connection to one daemon. Use ``get_hub(address)``; it is shared per address and keys."""
 
     def __init__(self, address: str | None = None, *, name: str | None = None,
                  client_key: str | os.PathLike[str] | None = None,

@@ -10,6 +10,8 @@ I/O thread is tested against a real daemon and a real IOC.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -359,3 +361,60 @@ def test_a_dead_io_thread_disconnects_everything_and_fails_every_request(hub, pr
     with pytest.raises(HubUnavailableError, match="injected fault"):
         client_hub.call(lambda rid: p.StatusRequest(id=rid), timeout=10)
     assert time.monotonic() - started < 2.0
+
+
+# --- against a real daemon with CURVE ---------------------------------------------------------
+
+
+@pytest.mark.system
+@pytest.mark.timeout(90)
+def test_signals_and_the_command_line_reach_a_curve_daemon_with_keys_from_the_environment(
+        zoo_ioc, hub_factory, tmp_path, prefix, monkeypatch):
+    from pvhub.client import close_hubs
+    from pvhub.errors import AccessDeniedError
+
+    keys_dir, clients = tmp_path / "keys", tmp_path / "clients"
+    clients.mkdir(mode=0o700)
+    _, server_secret = keys.generate("server", keys_dir)
+    made = {name: keys.generate(name, keys_dir) for name in ("alice", "bob", "eve")}
+    for name in ("alice", "bob"):  # not eve: the daemon does not know her
+        (clients / f"{name}.key").write_text(made[name][0].read_text())
+    config = tmp_path / "pvhub.toml"
+    config.write_text(f'[security]\nserver_key = "{server_secret}"\nclients = "{clients}"\n'
+                      f'[access]\ndefault = "read"\n'
+                      f'[[access.rule]]\npvs = ["{prefix}*"]\nwho = ["alice"]\naccess = "write"\n')
+    daemon = hub_factory(zoo_ioc, args=("--config", str(config)))
+    server_public = keys_dir / "server.key"
+    monkeypatch.setenv("PVHUB_ADDRESS", daemon.address)
+    monkeypatch.setenv("PVHUB_CLIENT_KEY", str(made["alice"][1]))
+    monkeypatch.setenv("PVHUB_SERVER_KEY", str(server_public))
+    try:
+        dt = EpicsSignal(f"{prefix}dt", name="dt")
+        dt.wait_for_connection(timeout=15)
+        seen = []
+        dt.subscribe(lambda value, **kwargs: seen.append(value))  # readings come through CURVE too
+        dt.set(4.5).wait(5)
+        assert dt.get() == 4.5
+        wait_until(lambda: 4.5 in seen, 5, message="no update on the readings socket")
+
+        bob = get_hub(daemon.address, client_key=made["bob"][1], server_key=server_public)
+        assert bob is not get_hub()  # another identity, another connection
+        as_bob = EpicsSignal(f"{prefix}dt", name="dt_bob", hub=bob)
+        as_bob.wait_for_connection(timeout=15)
+        assert as_bob.get() == 4.5
+        with pytest.raises(AccessDeniedError):
+            as_bob.set(1.0).wait(5)
+
+        eve = Hub(daemon.address, client_key=made["eve"][1], server_key=server_public)
+        try:
+            with pytest.raises(HubUnavailableError, match="refused this client .*not in the daemon's clients"):
+                eve.wait_for_hello(3)
+        finally:
+            eve.close()
+    finally:
+        close_hubs()
+
+    done = subprocess.run([str(Path(sys.executable).with_name("pvhub")), "get", f"{prefix}dt"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [f"{prefix}dt", "4.5"]
