@@ -78,7 +78,7 @@ POLL_MS = 50
 REQUEST_TIMEOUT = 60.0
 # ``Hub.call`` waits this much past its request's deadline, so that the deadline (checked
 # once per pass of the I/O loop) is what fails the call.
-CALL_GRACE = 2 * POLL_MS / 1000
+CALL_GRACE = 0.5
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 CLIENT_KEY_ENV = "PVHUB_CLIENT_KEY"

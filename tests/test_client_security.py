@@ -363,6 +363,20 @@ def test_a_dead_io_thread_disconnects_everything_and_fails_every_request(hub, pr
     assert time.monotonic() - started < 2.0
 
 
+def test_an_address_zeromq_refuses_fails_every_use_at_once_naming_why():
+    hub = Hub("bogus://nowhere")
+    try:
+        started = time.monotonic()
+        with pytest.raises(HubUnavailableError, match=r"I/O thread .* failed \(ZMQError: .*\); nothing can be sent"):
+            hub.wait_for_hello(10)
+        with pytest.raises(HubUnavailableError, match="ZMQError"):
+            hub.request(read("X:any")).result(5)
+        assert hub.channel("X:any").error is not None
+        assert time.monotonic() - started < 2.0
+    finally:
+        hub.close()
+
+
 # --- against a real daemon with CURVE ---------------------------------------------------------
 
 
