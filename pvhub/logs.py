@@ -7,6 +7,7 @@ name; the event name is a short snake_case noun or past-tense verb (``actor_star
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from typing import Any, Literal
@@ -58,8 +59,12 @@ def loggable(value: Any, limit: int = 8) -> Any:
         return head + ["..."] if value.size > limit else head
     if hasattr(value, "tolist"):
         return value.tolist()
-    if isinstance(value, (list, tuple)) and len(value) > limit:
-        return [loggable(v, limit) for v in value[:limit]] + ["..."]
+    if isinstance(value, (list, tuple)):
+        head = [loggable(v, limit) for v in value[:limit]]
+        return head + ["..."] if len(value) > limit else head
+    if isinstance(value, dict):  # what a client put may be anything: a map of a million keys
+        items = [(loggable(k, limit), loggable(v, limit)) for k, v in itertools.islice(value.items(), limit)]
+        return {str(k): v for k, v in items} | ({"...": len(value) - limit} if len(value) > limit else {})
     if isinstance(value, (str, bytes)) and len(value) > 4 * limit * 8:
         return value[: 4 * limit * 8] + (b"..." if isinstance(value, bytes) else "...")
     return value
