@@ -420,6 +420,8 @@ class Router:
                         readings=self.readings_endpoint,
                         server_version=__version__,
                         client=client,
+                        max_message_bytes=self.config.limits.max_message_bytes,
+                        identity=record.identity,
                     ),
                 )
             ]

@@ -130,7 +130,8 @@ def test_hello_replies_the_readings_endpoint_version_and_client_identity():
     assert effects == [
         ToClient(
             ALICE,
-            p.HelloReply(id=1, readings=READINGS, server_version=__version__, client=ALICE),
+            p.HelloReply(id=1, readings=READINGS, server_version=__version__, client=ALICE,
+                         max_message_bytes=16 * 1024 * 1024, identity="anonymous"),
         )
     ]
     (client,) = router.status(10.0)["clients"]
