@@ -255,6 +255,11 @@ class HelloReply(Message):
     server_version: str
     protocol: int = PROTOCOL_VERSION
     client: bytes = b""
+    # The largest message the daemon takes (bigger ones drop the connection): a client
+    # refuses a bigger request itself, with a clear error. 0: not said.
+    max_message_bytes: int = 0
+    # The identity the daemon knows this client by (its CURVE key's name, or "anonymous").
+    identity: str = ""
 
 
 @dataclass(frozen=True)
