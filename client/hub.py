@@ -238,6 +238,11 @@ class Hub:
         or not yet attached."""
         return len(self._proofs)
 
+    @property
+    def connected(self) -> bool:
+        """Whether a daemon answered hello and has not been lost since."""
+        return self._hello.is_set()
+
     def wait_for_hello(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         # In slices, so that a dead I/O thread (Rule 7) is reported at once, not at the deadline.

@@ -261,6 +261,7 @@ def test_a_client_with_keys_gets_in_and_is_known_by_its_key(curve_keys, monkeypa
         hub = get_hub(daemon.address)
         try:
             hub.wait_for_hello(10)
+            assert hub.connected and hub.handshake_problem is None
             daemon.answer.add("X:secure")
             snapshot = hub.request(read("X:secure"), timeout=5).result(5)
             assert snapshot.reading.value == 1.5
@@ -344,6 +345,7 @@ def test_a_dead_io_thread_disconnects_everything_and_fails_every_request(hub, pr
     monkeypatch.setattr(Hub, "_prove_subscriptions", fail_once)
     assert failed.wait(5)
     wait_until(lambda: not x.connected, 5, message="x still reports connected")
+    assert not client_hub.connected
     wait_until(lambda: False in metas, 5, message="no disconnection callback")
     # The put in flight fails; its outcome is unknown.
     with pytest.raises(HubUnavailableError, match="I/O thread .* failed \\(RuntimeError: injected fault\\)"):
