@@ -62,7 +62,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from pvhub import protocol as p
 from pvhub.config import DEFAULT_READINGS_HWM
-from pvhub.errors import HubUnavailableError, ProtocolError, PvhubError, PvhubTimeoutError, error_from_code
+from pvhub.errors import HubUnavailableError, LimitError, ProtocolError, PvhubError, PvhubTimeoutError, error_from_code
 from pvhub.keys import KeyFileError, load_public, load_secret
 from pvhub.client.channel import Channel, ProofSchedule
 from pvhub.logs import library_logger
@@ -109,6 +109,10 @@ class Hub:
         self.readings_endpoint: str | None = None
         self.server_version: str | None = None
         self.identity: bytes = b""
+        # What the daemon said in its hello: the largest request it takes (0: not said), and
+        # the identity it knows this process by (its CURVE key's name, or "anonymous").
+        self.max_message_bytes = 0
+        self.known_as = ""
         # Why the last security handshake with the daemon failed; None once one succeeds.
         self.handshake_problem: str | None = None
         self._hello = threading.Event()
@@ -197,6 +201,12 @@ class Hub:
                 payload = p.encode(message)
             except ProtocolError as exc:  # e.g. a value that cannot travel: fail this request only
                 on_reply(p.ErrorReply(id=request_id, code=exc.code, message=str(exc)))
+                return
+            if self.max_message_bytes and len(payload) > self.max_message_bytes:
+                # The daemon would drop the connection: refuse it here, saying why.
+                on_reply(p.ErrorReply(id=request_id, code=LimitError.code, message=(
+                    f"{_describe(message)} is {len(payload)} bytes; the pvhub daemon at {self.address} takes "
+                    f"at most {self.max_message_bytes} ([limits] max_message_bytes); the request was not sent")))
                 return
             if not self._hello.is_set() or self._stopping_hub or not self._try_send(payload):
                 on_reply(p.ErrorReply(id=request_id, code=HubUnavailableError.code,
@@ -514,6 +524,8 @@ class Hub:
                     self.readings_endpoint = endpoint
                 self.server_version = message.server_version
                 self.identity = message.client
+                self.max_message_bytes = message.max_message_bytes
+                self.known_as = message.identity
                 self._last_heard = self._last_ping = time.monotonic()
                 self._pvs_changed = True
                 self._hello.set()

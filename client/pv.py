@@ -204,7 +204,7 @@ class PV:
 
     def _fetch(self, timeout: float) -> tuple[p.Reading | None, dict[str, Any]] | None:
         """Ask the PV's actor for its latest state; ``None`` if no answer within ``timeout``."""
-        future = self._hub.request(lambda rid: p.ReadRequest(id=rid, pv=self.pvname, fresh=True))
+        future = self._hub.request(lambda rid: p.ReadRequest(id=rid, pv=self.pvname, fresh=True), timeout=timeout)
         try:
             snapshot = future.result(timeout)
         except TimeoutError:

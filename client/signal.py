@@ -246,9 +246,10 @@ class EpicsSignalBase:
         timeout = self.connection_timeout if timeout is None else timeout
         for channel in self._channels():
             if not channel.wait(lambda c=channel: c.ready or c.error is not None, timeout):
-                if not self._hub._hello.is_set():
+                if not self._hub.connected:
+                    why = f" ({self._hub.handshake_problem})" if self._hub.handshake_problem else ""
                     raise ConnectionTimeoutError(
-                        f"{channel.pv}: the pvhub daemon at {self._hub.address} did not answer within {timeout} s"
+                        f"{channel.pv}: the pvhub daemon at {self._hub.address} did not answer within {timeout} s{why}"
                     )
                 raise ConnectionTimeoutError(f"{channel.pv} could not connect within {timeout} s")
             if channel.error is not None:
@@ -294,7 +295,8 @@ class EpicsSignalBase:
                               message.metadata, from_stream=False)
             return isinstance(message, p.FINAL_REPLIES)
 
-        future = self._hub.request(lambda rid: p.ReadRequest(id=rid, pv=channel.pv, fresh=True), on_reply)
+        future = self._hub.request(lambda rid: p.ReadRequest(id=rid, pv=channel.pv, fresh=True), on_reply,
+                                   timeout=timeout)
         try:
             snapshot = future.result(timeout)
         except TimeoutError:

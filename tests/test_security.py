@@ -366,3 +366,24 @@ def test_garbage_on_the_actors_socket_does_not_end_the_daemon(zoo_ioc, hub_facto
         assert daemon.running()
     finally:
         intruder.close()
+
+
+def test_a_pvhub_client_refuses_a_request_too_big_for_the_daemon_itself(zoo_ioc, hub_factory, tmp_path, monkeypatch):
+    import numpy as np
+
+    from pvhub.client import EpicsSignal, close_hubs
+    from pvhub.errors import LimitError
+
+    config = write_config(tmp_path / "small.toml", None, "[limits]\nmax_message_bytes = 65536\n")
+    daemon = hub_factory(zoo_ioc, args=("--config", str(config)))
+    monkeypatch.setenv("PVHUB_ADDRESS", daemon.address)
+    try:
+        wave = EpicsSignal(zoo_ioc.pv("wave"), name="wave")
+        wave.wait_for_connection(timeout=10)
+        with pytest.raises(LimitError, match="max_message_bytes"):
+            wave.put(np.zeros(20_000), wait=True, timeout=5)
+        small = np.arange(len(wave.get()), dtype=float)
+        wave.put(small, wait=True, timeout=5)
+        assert np.array_equal(wave.get(use_monitor=False), small)  # the connection was never dropped
+    finally:
+        close_hubs()
