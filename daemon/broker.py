@@ -56,7 +56,7 @@ from pvhub.daemon.routing import (
     error_reply,
 )
 from pvhub.daemon.supervisor import Supervisor
-from pvhub.errors import ActorDiedError, InternalError, ProtocolError
+from pvhub.errors import AccessDeniedError, ActorDiedError, InternalError, ProtocolError
 
 log = structlog.get_logger("pvhub.daemon")
 
@@ -242,21 +242,24 @@ class Broker:
         if self.config_path is None:
             self.log.warning("config_not_reloaded", reason="the daemon was started without --config")
             return
+        keys_changed = False
         try:
             new = config_module.load(self.config_path)
             if self._security is not None and new.security is not None:
-                self._security.reload(new.security.clients)
+                keys_changed = self._security.reload(new.security.clients)
         except (ConfigError, ValueError) as exc:  # KeyFileError is a ValueError
             self.log.error("config_not_reloaded", path=self.config_path, error=str(exc))
             return
         merged, ignored = config_module.reloadable(self.config, new)
-        revet = merged.access != self.config.access
+        # A revoked key's readings connection must go through ZAP again, as must everyone's
+        # subscriptions when the rules changed.
+        revet = merged.access != self.config.access or keys_changed
         self.config = router.config = merged
         if ignored:
             self.log.warning("config_changes_need_restart", settings=ignored)
         self.log.info("config_reloaded", path=self.config_path, access_rules=len(merged.access.rules))
         if revet:
-            self._forwarder.revet()
+            self._forwarder.revet("access rules or client keys changed")
 
     def _wait_for_initial_actors(self, ctx: "_LoopContext", timeout: float = 30.0) -> None:
         """READY means the configured actors are up: wait for each one's hello."""
@@ -302,6 +305,11 @@ class Broker:
         except ProtocolError as exc:
             self._refuse(ctx, client, payload, exc)
             return []
+        if self._security is not None and self._security.revoked(identity):
+            self.log.warning("revoked_key_refused", client=client.hex(), identity=identity)
+            request_id = getattr(message, "id", 0)
+            return [ToClient(client, error_reply(request_id, AccessDeniedError(
+                f"the key {identity!r} was removed from the daemon's clients directory; reconnect with a key it knows")))]
         if isinstance(message, p.HelloRequest):
             self.log.info("client_connected", client=client.hex(), name=message.client, identity=identity)
         elif isinstance(message, p.SetRequest):

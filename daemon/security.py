@@ -79,12 +79,14 @@ class KeyAuthenticator(ThreadAuthenticator):
         super().__init__(context)
         self._refusals = refusals
         self._names: dict[bytes, str] = {}
+        self.identities: frozenset[str] = frozenset()
         self._address = ""
 
     def load_clients(self, directory: str) -> ClientKeys:
         """(Re)read the clients directory; the new set applies to the next handshake."""
         clients = load_client_keys(directory)
         self._names = dict(clients.keys)  # one assignment: the ZAP thread sees old or new
+        self.identities = frozenset(clients.keys.values())
         return clients
 
     @property
@@ -136,9 +138,17 @@ class Security:
         """Rule 1: before any socket binds."""
         self.authenticator.start()
 
-    def reload(self, clients_directory: str) -> None:
+    def reload(self, clients_directory: str) -> bool:
+        """Read the clients directory again; says whether the set of identities changed."""
+        before = self.authenticator.identities
         clients = self.authenticator.load_clients(clients_directory)
         self._report(clients, clients_directory)
+        return self.authenticator.identities != before
+
+    def revoked(self, identity: str) -> bool:
+        """Whether ``identity``'s key left the clients directory since its connection was let
+        in (ZAP runs once per connection: its messages are refused from here on)."""
+        return identity not in self.authenticator.identities
 
     def serve(self, sock: zmq.Socket, name: str) -> None:
         """Make ``sock`` a CURVE server (before it binds), its refusals watched."""
@@ -221,6 +231,7 @@ class ReadingsForwarder:
         self._security = security
         self._stop = threading.Event()
         self._revet = threading.Event()
+        self._revet_reason = ""
         self._thread: threading.Thread | None = None
         self._wake_endpoint = f"inproc://pvhub-readings-wake-{id(self)}"
         self._wake: zmq.Socket | None = None
@@ -238,9 +249,11 @@ class ReadingsForwarder:
             raise self._error
         return self._endpoint
 
-    def revet(self) -> None:
-        """Vet every subscription again (the rules changed): the readings socket is bound
-        anew, and each client's SUB socket reconnects and subscribes again by itself."""
+    def revet(self, reason: str) -> None:
+        """Vet every subscription again (the rules or the keys changed): the readings socket
+        is bound anew, and each client's SUB socket reconnects (through ZAP) and subscribes
+        again by itself."""
+        self._revet_reason = reason
         self._revet.set()
         if self._wake is not None:
             try:
@@ -336,7 +349,7 @@ class ReadingsForwarder:
                     raise
                 time.sleep(0.05)
                 continue
-            log.info("readings_rebound", endpoint=self._endpoint, reason="access rules changed")
+            log.info("readings_rebound", endpoint=self._endpoint, reason=self._revet_reason)
             return xpub
 
     @staticmethod

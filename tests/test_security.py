@@ -387,3 +387,22 @@ def test_a_pvhub_client_refuses_a_request_too_big_for_the_daemon_itself(zoo_ioc,
         assert np.array_equal(wave.get(use_monitor=False), small)  # the connection was never dropped
     finally:
         close_hubs()
+
+
+def test_a_key_removed_from_the_directory_loses_its_live_connections_at_the_reload(
+        zoo_ioc, hub_factory, tmp_path, keyring, peers):
+    daemon, _ = serve_secure(hub_factory, zoo_ioc, tmp_path, keyring)
+    bob, alice = (peers(daemon.address, keyring[n], keyring["server.pub"]) for n in ("bob", "alice"))
+    readings = bob.hello().readings
+    fast = zoo_ioc.pv("fast")
+    bob.subscribe(readings, p.topic(fast))
+    assert isinstance(bob.ask(lambda i: p.ReadRequest(id=i, pv=fast, publish=True)), p.Snapshot)
+    wait_until(lambda: bob.updates(0.2), timeout=10)
+    (keyring["clients"] / "bob.key").unlink()
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until(lambda: log_events(daemon, "readings_rebound"), timeout=10)
+    refused = bob.ask(lambda i: p.ReadRequest(id=i, pv=fast))
+    assert isinstance(refused, p.ErrorReply) and refused.code == "access_denied" and "removed" in refused.message
+    bob.updates(1.0)  # what was on its way before the rebind
+    assert bob.updates(1.0) == []  # its SUB's new handshake is refused
+    assert isinstance(alice.ask(lambda i: p.ReadRequest(id=i, pv=fast)), p.Snapshot)
