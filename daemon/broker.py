@@ -162,7 +162,7 @@ class Broker:
         readings_in_endpoint = f"ipc://{self._rundir}/readings"
         forwarder = ReadingsForwarder(self._ctx, readings_in_endpoint, self.readings_address, self.readings_hwm,
                                       access=lambda: self.config.access, allows=self.config.allows,
-                                      security=security)
+                                      security=security, max_topics=limits.max_pvs + 1)
         readings_endpoint = forwarder.start()
         # The daemon's own announcements (a PV's actor died, the daemon stops) join the
         # readings stream, so they reach clients in order with the PVs' updates.

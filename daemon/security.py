@@ -38,9 +38,6 @@ log = structlog.get_logger("pvhub.daemon")
 
 REFUSAL_WINDOW_S = 10.0
 REFUSALS_PER_WINDOW = 10
-# Topics subscribed upstream at most: a client subscribing to every name the allow list
-# admits must not grow the daemon without bound.
-MAX_UPSTREAM_TOPICS = 1_000_000
 _HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_MONITOR_STOPPED
@@ -221,7 +218,7 @@ class ReadingsForwarder:
 
     def __init__(self, ctx: zmq.Context, inward: str, outward: str, hwm: int, access: Callable[[], AccessRules],
                  allows: Callable[[str], bool], security: Security | None = None,
-                 max_message_bytes: int = 4096) -> None:
+                 max_topics: int = 100_000) -> None:
         self._ctx = ctx
         self._hwm = hwm
         self._inward = inward
@@ -235,7 +232,10 @@ class ReadingsForwarder:
         self._thread: threading.Thread | None = None
         self._wake_endpoint = f"inproc://pvhub-readings-wake-{id(self)}"
         self._wake: zmq.Socket | None = None
+        # Topics subscribed upstream, at most ``max_topics`` (the daemon's PV limit): a client
+        # subscribing to every name the allow list admits must not grow the daemon unbounded.
         self.upstream: set[bytes] = set()
+        self._max_topics = max_topics
         self.refused = 0
         self._ready = threading.Event()
         self._endpoint = ""
@@ -391,7 +391,7 @@ class ReadingsForwarder:
         access = self._access()
         if topic == p.HUB_TOPIC:
             return True
-        if len(self.upstream) >= MAX_UPSTREAM_TOPICS and topic not in self.upstream:
+        if len(self.upstream) >= self._max_topics and topic not in self.upstream:
             return False
         if topic == b"":
             return access.reads_everything(identity)
