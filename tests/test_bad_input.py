@@ -305,6 +305,20 @@ def test_an_actors_op_from_a_client_is_answered_with_its_id(hub, attacker):
     assert (reply.code, reply.id) == ("unknown_operation", 10)
 
 
+@pytest.mark.system
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
+    "a PV name whose record part (before the first '.') is longer than 59 characters passes "
+    "pvhub/config.py's _PV_NAME ([!-~]{1,256}); the actor asks caproto for it, and caproto's "
+    "SearchRequest raises CaprotoValueError inside its search-retry thread, which dies: no PV "
+    "of that actor process connects (or reconnects) again. Refuse such names in "
+    "Config.allows (pv_not_allowed) or in the actor before get_pvs"))
+def test_a_pv_name_longer_than_channel_access_allows_harms_no_other_pv(hub, attacker, prefix):
+    attacker.ask(p.ReadRequest(id=1, pv=prefix + "a" * 60))  # refused or never connected: either
+    motor = EpicsSignal(f"{prefix}motor", name="motor")  # placed with it (same device prefix)
+    motor.wait_for_connection(timeout=10)
+
+
 # A value no PV of that kind can take: bad_value, with the request's id and the PV.
 BAD_VALUES = [
     ("motor", {"x": 1.0}),
