@@ -401,7 +401,8 @@ GARBAGE = [
     b"\xff" * 4096,
     bytes(range(256)) * 64,
     # A ZMTP 3 greeting that goes on with nonsense: a mechanism nobody knows, then noise.
-    b"\xff" + b"\x00" * 8 + b"\x7f\x03\x00" + b"BOGUS".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31 + b"\x04\xffgarbage" * 50,
+    b"\xff" + b"\x00" * 8 + b"\x7f\x03\x00" + b"BOGUS".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
+    + b"\x04\xffgarbage" * 50,
     # A NULL handshake that claims to be a socket type that does not exist, then frames.
     b"\xff" + b"\x00" * 8 + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
     + b"\x04\x1a\x05READY\x0bSocket-Type\x00\x00\x00\x05NOPE!" + b"\x00\x05hello" * 100,

@@ -98,7 +98,9 @@ def requests(draw, prefix: str) -> dict:
         body["publish"] = draw(st.booleans())
         body["fresh"] = draw(st.booleans())
     if op == "set":
-        body["value"] = draw(values | st.floats(-5, 5) | st.integers(-3, 3) | st.sampled_from(["On", "Off", "abc"]))
+        # A value some PV takes (a put goes through to the IOC), or anything at all.
+        body["value"] = (rng.choice([rng.uniform(-5, 5), rng.randrange(-3, 4), "On", "1.5"]) if rng.random() < 0.4
+                         else draw(values))
     if op == "hello":
         body["client"] = draw(st.text(max_size=20))
     if op == "ping" and draw(st.booleans()):
@@ -120,7 +122,8 @@ def requests(draw, prefix: str) -> dict:
 @st.composite
 def deep(draw) -> bytes:
     """A request whose value nests deeper than msgpack's own packer goes (by hand)."""
-    depth = draw(st.integers(min_value=2, max_value=40) | st.integers(min_value=2, max_value=3000))  # near the limit, or far past
+    # Near the limit, or far past it.
+    depth = draw(st.integers(min_value=2, max_value=40) | st.integers(min_value=2, max_value=3000))
     head = msgpack.packb({"v": 1, "op": "set", "id": draw(st.integers(1, 2**31)), "pv": "X:a", "value": "VALUE"})
     return head.replace(msgpack.packb("VALUE"), draw(st.sampled_from([b"\x91", b"\x81\x00"])) * depth + b"\x01")
 
@@ -353,8 +356,10 @@ def test_a_fuzzed_daemon_answers_everything_loses_nothing_and_goes_on(
             drain(100)
             return all(answered[i] >= n for i, n in expected.items())
 
-        wait_until(all_answered, timeout=60, interval=0,
-                   message=lambda: f"unanswered ids: {[(i, n - answered[i]) for i, n in expected.items() if answered[i] < n][:20]}")
+        def unanswered() -> str:
+            return f"unanswered ids: {[(i, n - answered[i]) for i, n in expected.items() if answered[i] < n][:20]}"
+
+        wait_until(all_answered, timeout=60, interval=0, message=unanswered)
         assert sum(answered.values()) >= sent["single"]
         assert sent["messages"] >= MIN_MESSAGES, sent
         # Every layer was reached: decode's refusals, the router's, the actors' answers and
@@ -367,7 +372,8 @@ def test_a_fuzzed_daemon_answers_everything_loses_nothing_and_goes_on(
         updates_before = watcher.updates
         wait_until(lambda: watcher.updates > updates_before + 3, timeout=20, message="updates stopped")
         assert watcher.problems == []
-        assert watcher.updates > FAST_RATE * fuzz_seconds * 0.2, (watcher.updates, fuzz_seconds)  # it watched throughout
+        # It watched throughout (the IOC's rate sags on a loaded machine: a fifth will do).
+        assert watcher.updates > FAST_RATE * fuzz_seconds * 0.2, (watcher.updates, fuzz_seconds)
         assert fast.update_gaps == 0 and fast.missed_updates == 0
         assert hub.losses == 0
         # The Signal saw every value the raw watcher saw while both were subscribed, in order.

@@ -499,7 +499,9 @@ def test_fields_of_the_wrong_type_raise_protocol_error(message, field, bad):
         decode(packed(body))
 
 
-@pytest.mark.parametrize(("field", "bad"), [("timestamp", "now"), ("severity", 1.5), ("status", None), ("timestamp", True)])
+@pytest.mark.parametrize(
+    ("field", "bad"), [("timestamp", "now"), ("severity", 1.5), ("status", None), ("timestamp", True)]
+)
 def test_reading_fields_of_the_wrong_type_raise_protocol_error(field, bad):
     body = wire(Update(pv="X:a", epoch=1, seq=1, connected=True, reading=READING))
     body["reading"][field] = bad
