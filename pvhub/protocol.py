@@ -492,7 +492,7 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"undecodable message: {exc}") from exc
     if type(body) is not dict:
         raise ProtocolError("a message must be a map")
-    if _container_heads(data) > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+    if _may_nest_deeper(data) and _deeper_than(body, MAX_DEPTH):
         raise ProtocolError(f"a message nests at most {MAX_DEPTH} levels")
     version = body.get("v")
     if type(version) is not int:
@@ -530,14 +530,20 @@ def decode(data: bytes) -> Message:
 MAX_DEPTH = 32
 
 
-def _container_heads(data: bytes) -> int:
-    """At least the number of maps and arrays in ``data`` (each starts with one of these
-    bytes; other bytes may too): a message with no more than ``MAX_DEPTH`` cannot nest
-    deeper, and is spared the walk. Counted in C, in a third of the walk's time."""
+def _may_nest_deeper(data: bytes) -> bool:
+    """False when ``data`` holds too few maps and arrays to nest past ``MAX_DEPTH``, which
+    spares the walk. Each starts with one of a few bytes (other bytes may be those too), so
+    their count bounds the containers; counted in C, faster than a walk for a short
+    message. A long one (a waveform's bytes) is walked: its containers are few, its bytes many."""
+    if len(data) > _SCAN_AT_MOST:
+        return True
     try:
-        return data.translate(_CONTAINER_HEADS).count(1)
-    except (AttributeError, TypeError):  # a buffer without translate: count nothing, walk
-        return MAX_DEPTH + 1
+        return data.translate(_CONTAINER_HEADS).count(1) > MAX_DEPTH
+    except (AttributeError, TypeError):  # a buffer without translate: walk
+        return True
+
+
+_SCAN_AT_MOST = 512  # bytes; a scan costs about 3 ns a byte, a walk about 1 us a message
 
 
 # 1 for the first byte of a fixmap, fixarray, map 16/32 or array 16/32; 0 for any other.
@@ -550,7 +556,10 @@ def _deeper_than(root: dict, limit: int) -> bool:
     stack = [(root, 1)]
     while stack:
         node, depth = stack.pop()
-        for child in node.values() if type(node) is dict else node:
+        children = node.values() if type(node) is dict else node
+        if _CONTAINERS.isdisjoint(map(type, children)):
+            continue  # in C: a list of a million numbers costs no Python loop
+        for child in children:
             if type(child) in _CONTAINERS:
                 if depth >= limit:
                     return True
