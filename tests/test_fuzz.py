@@ -306,8 +306,6 @@ def test_a_fuzzed_daemon_answers_everything_loses_nothing_and_goes_on(
     fuzzer = ctx.socket(zmq.DEALER)
     fuzzer.setsockopt(zmq.LINGER, 0)
     fuzzer.connect(daemon.address)
-    wait_until(lambda: watcher.updates >= 3 and len(seen) >= 3, timeout=20, message="no updates of fast")
-    pids_before = {a["actor"]: a["pid"] for a in hub.call(lambda i: p.StatusRequest(id=i), timeout=10).status["actors"]}
 
     expected: Counter[int] = Counter()  # readable id -> how many messages carried it
     answered: Counter[int] = Counter()  # id -> how many replies came with it
@@ -346,8 +344,11 @@ def test_a_fuzzed_daemon_answers_everything_loses_nothing_and_goes_on(
         drain()
         assert daemon.process.poll() is None, "the daemon died"
 
-    started = time.monotonic()
     try:
+        wait_until(lambda: watcher.updates >= 3 and len(seen) >= 3, timeout=20, message="no updates of fast")
+        actors = hub.call(lambda i: p.StatusRequest(id=i), timeout=10).status["actors"]
+        pids_before = {a["actor"]: a["pid"] for a in actors}
+        started = time.monotonic()
         fuzz()
         fuzz_seconds = time.monotonic() - started
 
@@ -362,9 +363,9 @@ def test_a_fuzzed_daemon_answers_everything_loses_nothing_and_goes_on(
         wait_until(all_answered, timeout=60, interval=0, message=unanswered)
         assert sum(answered.values()) >= sent["single"]
         assert sent["messages"] >= MIN_MESSAGES, sent
-        # Every layer was reached: decode's refusals, the router's, the actors' answers and
-        # refusals, and good replies of each kind.
-        reached = {"bad_message", "unsupported_version", "unknown_operation", "pv_not_allowed", "bad_value",
+        # Every layer was reached: decode's refusals, the router's, and good replies of each
+        # kind (the actors' refusals come too, but too few to count on: test_bad_input has them).
+        reached = {"bad_message", "unsupported_version", "unknown_operation", "pv_not_allowed",
                    "hello_reply", "snapshot", "describe_reply", "set_accepted", "set_done", "status_reply", "pong"}
         assert reached <= set(kinds), kinds
 
@@ -379,7 +380,8 @@ def test_a_fuzzed_daemon_answers_everything_loses_nothing_and_goes_on(
         # The Signal saw every value the raw watcher saw while both were subscribed, in order.
         # (Values may skip: the IOC's monitor may merge changes before they reach pvhub.)
         assert seen == sorted(seen), "the Signal's values went back"
-        both = [v for v in watcher.values if max(seen[0], watcher.values[0]) <= v <= min(seen[-1], watcher.values[-1])]
+        low, high = max(seen[0], watcher.values[0]), min(seen[-1], watcher.values[-1])
+        both = [v for v in watcher.values if low <= v <= high]
         assert len(both) > 10 and set(both) <= set(seen), "the Signal missed values the watcher saw"
 
         # Still reads, sets (round trip) and subscribes.
