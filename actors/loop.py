@@ -31,7 +31,7 @@ import zmq
 
 from pvhub import protocol as p
 from pvhub.actors import backend as ca
-from pvhub.config import DEFAULT_READINGS_HWM
+from pvhub.config import DEFAULT_READINGS_HWM, valid_pv_name
 from pvhub.actors.state import Effect, Publish, PvState, Reply, StartPut, StartRead
 from pvhub.errors import ActorDiedError, DisconnectedError, InternalError, ProtocolError
 from pvhub.logs import loggable
@@ -99,6 +99,10 @@ class Actor:
     def adopt(self, pvs: list[str]) -> None:
         """Own ``pvs`` from now on (those not owned yet): connect and monitor them."""
         new = [pv for pv in dict.fromkeys(pvs) if isinstance(pv, str) and pv and pv not in self.states]
+        refused = [pv for pv in new if not valid_pv_name(pv)]
+        if refused:  # the broker checks names first; caproto's search thread would die of one
+            self.log.error("pvs_refused", pvs=refused[:5], count=len(refused), reason="not a Channel Access name")
+            new = [pv for pv in new if valid_pv_name(pv)]
         fault = os.environ.get("PVHUB_FAULT_EXIT_ON_ADOPT")
         if fault and any(fnmatch.fnmatchcase(pv, fault) for pv in new):
             self.log.error("fault_injected", pvs=new[:5])

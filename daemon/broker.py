@@ -28,7 +28,6 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-import msgpack
 import structlog
 import zmq
 
@@ -323,7 +322,7 @@ class Broker:
             return [ToClient(client, error_reply(getattr(message, "id", 0), InternalError(repr(exc))))]
 
     def _refuse(self, ctx: "_LoopContext", client: bytes, payload: bytes, exc: ProtocolError) -> None:
-        request_id = _salvage_id(payload)
+        request_id = p.salvage_id(payload)
         self.log.warning("bad_message", client=client.hex(), error=str(exc))
         self._to_client(ctx, client, p.encode(error_reply(request_id, exc)), None)
 
@@ -439,17 +438,3 @@ def _drain(sock: socket.socket) -> None:
             pass
     except (BlockingIOError, InterruptedError):
         pass
-
-
-def _salvage_id(payload: bytes) -> int:
-    """The request id of a message that failed to decode, when it can still be read (so the
-    client's pending request fails at once instead of timing out)."""
-    try:
-        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except Exception:
-        return 0
-    if isinstance(body, dict):
-        request_id = body.get("id")
-        if isinstance(request_id, int) and not isinstance(request_id, bool):
-            return request_id
-    return 0

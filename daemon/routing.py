@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pvhub import __version__
 from pvhub import protocol as p
 from pvhub.access import ANONYMOUS
-from pvhub.config import Config
+from pvhub.config import MAX_RECORD_LENGTH, Config, valid_pv_name
 from pvhub.errors import (
     AccessDeniedError,
     ActorDiedError,
@@ -438,7 +438,9 @@ class Router:
             if refusal is not None:
                 return [ToClient(client, error_reply(message.id, refusal, message.pv))]
             return self._route(client, message, payload, now)
-        request_id = getattr(message, "id", 0)
+        request_id = getattr(message, "id", None)
+        if request_id is None:  # an op that has no id of its own: the map may still carry one
+            request_id = p.salvage_id(payload)
         return [ToClient(client, error_reply(request_id, UnknownOperationError(f"{message.OP!r} is not a request")))]
 
     def _refusal(self, record: ClientRecord, message: p.Message, now: float) -> PvhubError | None:
@@ -472,7 +474,10 @@ class Router:
         request_id: int = message.id  # type: ignore[attr-defined]
         pv_record = self.pvs.get(pv)
         if pv_record is None and not self.config.allows(pv):
-            return [ToClient(client, error_reply(request_id, PVNotAllowedError(f"{pv!r} is not allowed by this daemon"), pv))]
+            why = "is not allowed by this daemon" if valid_pv_name(pv) else (
+                f"is not a Channel Access name (printable ASCII without spaces, at most 256 characters, "
+                f"a record name of at most {MAX_RECORD_LENGTH})")
+            return [ToClient(client, error_reply(request_id, PVNotAllowedError(f"{pv!r} {why}"), pv))]
         record = self.actors[pv_record.actor] if pv_record is not None else None
         if self.stopping and (isinstance(message, p.SetRequest) or record is None or not record.ready):
             return [ToClient(client, error_reply(request_id, HubUnavailableError("the daemon is stopping; the request was not sent"), pv))]

@@ -69,6 +69,10 @@ def default_pool_size() -> int:
 
 # Printable ASCII without spaces: what EPICS record and field names are made of.
 _PV_NAME = re.compile(r"^[!-~]{1,256}$")
+# Channel Access (EPICS 3.14 on, and caproto's client) takes record names of at most this
+# many characters; caproto raises on a longer one inside its search thread, which then dies
+# and takes every search of that actor process with it.
+MAX_RECORD_LENGTH = 59
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -129,7 +133,7 @@ class Config:
         return self.pool_size == 0 or any(fnmatch.fnmatchcase(pv, pat) for pat in self.isolate)
 
     def allows(self, pv: str) -> bool:
-        return bool(_PV_NAME.match(pv)) and any(fnmatch.fnmatchcase(pv, pat) for pat in self.allow)
+        return valid_pv_name(pv) and any(fnmatch.fnmatchcase(pv, pat) for pat in self.allow)
 
     def __post_init__(self) -> None:
         # PV -> group, so that placing a PV costs one lookup however many groups there are.
@@ -187,7 +191,8 @@ def exposure_problem(config: Config, *addresses: str | None) -> str | None:
 
 
 def valid_pv_name(pv: str) -> bool:
-    return bool(_PV_NAME.match(pv))
+    """Printable ASCII without spaces, at most 256 characters, a record name Channel Access takes."""
+    return bool(_PV_NAME.match(pv)) and len(pv.partition(".")[0]) <= MAX_RECORD_LENGTH
 
 
 def load(path: str | Path | None) -> Config:

@@ -644,3 +644,17 @@ def topic(pv: str) -> bytes:
 
 def pv_from_topic(frame: bytes) -> str:
     return frame[:-1].decode()
+
+
+def salvage_id(payload: bytes) -> int:
+    """The request id of a message that failed to decode, when it can still be read (so the
+    client's pending request fails at once instead of timing out)."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception:
+        return 0
+    if isinstance(body, dict):
+        request_id = body.get("id")
+        if isinstance(request_id, int) and not isinstance(request_id, bool):
+            return request_id
+    return 0

@@ -294,11 +294,6 @@ def test_each_bad_message_gets_its_error_code_with_the_request_id(hub, attacker,
 
 @pytest.mark.system
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon/routing.py Router.client_message answers a message that is not a request with "
-    "getattr(message, 'id', 0): an op without an id field (adopt, release, heartbeat, "
-    "actor_ready, update, pv_lost, hub_stopping) gets id 0 though the map carried one; the "
-    "broker could answer it with _salvage_id(payload) instead"))
 def test_an_actors_op_from_a_client_is_answered_with_its_id(hub, attacker):
     attacker.send(body(v=1, op="adopt", id=10, pvs=["X:a"]))
     reply = attacker.receive()
@@ -307,12 +302,6 @@ def test_an_actors_op_from_a_client_is_answered_with_its_id(hub, attacker):
 
 @pytest.mark.system
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
-    "a PV name whose record part (before the first '.') is longer than 59 characters passes "
-    "pvhub/config.py's _PV_NAME ([!-~]{1,256}); the actor asks caproto for it, and caproto's "
-    "SearchRequest raises CaprotoValueError inside its search-retry thread, which dies: no PV "
-    "of that actor process connects (or reconnects) again. Refuse such names in "
-    "Config.allows (pv_not_allowed) or in the actor before get_pvs"))
 def test_a_pv_name_longer_than_channel_access_allows_harms_no_other_pv(hub, attacker, prefix):
     attacker.ask(p.ReadRequest(id=1, pv=prefix + "a" * 60))  # refused or never connected: either
     motor = EpicsSignal(f"{prefix}motor", name="motor")  # placed with it (same device prefix)

@@ -140,7 +140,7 @@ def test_a_pv_in_two_groups_is_refused(tmp_path):
     assert "motors" in str(info.value) and "slits" in str(info.value)
 
 
-@pytest.mark.parametrize("bad", ["has space", "", "x" * 257, "caf\u00e9", "tab\tpv"])
+@pytest.mark.parametrize("bad", ["has space", "", "x" * 257, "caf\u00e9", "tab\tpv", "R" * 60, "R" * 60 + ".VAL"])
 @pytest.mark.parametrize("where", ["start", "group"])
 def test_an_invalid_pv_name_is_refused(bad, where):
     data = {"pvs": {"start": [bad]}} if where == "start" else {"groups": {"g": {"pvs": [bad]}}}
@@ -149,7 +149,7 @@ def test_an_invalid_pv_name_is_refused(bad, where):
 
 
 def test_a_pv_name_of_256_printable_characters_is_valid():
-    pv = "A:" + "x" * 254
+    pv = "A:" + "x" * 57 + "." + "F" * 196  # a record name Channel Access takes: 59 characters
     assert parse({"pvs": {"start": [pv]}}).start == (pv,)
 
 

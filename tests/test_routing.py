@@ -267,8 +267,8 @@ def test_a_pv_the_config_does_not_allow_is_refused_without_an_actor():
 
 @pytest.mark.parametrize(
     "pv",
-    ["has space", "", "x" * 257, "tab\there", "caf\u00e9", "nul\0"],
-    ids=["space", "empty", "too-long", "tab", "non-ascii", "nul"],
+    ["has space", "", "x" * 257, "tab\there", "caf\u00e9", "nul\0", "R" * 60 + ".VAL"],
+    ids=["space", "empty", "too-long", "tab", "non-ascii", "nul", "record-too-long-for-ca"],
 )
 def test_an_invalid_pv_name_is_refused(pv):
     router = make_router()
@@ -279,7 +279,7 @@ def test_an_invalid_pv_name_is_refused(pv):
 
 
 def test_a_pv_name_of_256_characters_is_accepted():
-    pv = "x" * 256
+    pv = "x" * 59 + "." + "F" * 196
     assert send(make_router(), p.ReadRequest(id=1, pv=pv)) == [spawn(f"pv:{pv}", (pv,))]
 
 
@@ -455,7 +455,7 @@ def test_a_long_actor_name_gets_a_short_identity_that_stays_apart():
 
 def test_a_pv_too_long_for_a_zeromq_identity_still_gets_a_working_actor():
     router = make_router()
-    pv = "X:" + "a" * 254
+    pv = "X:" + "a" * 57 + "." + "F" * 196
     request = p.ReadRequest(id=1, pv=pv)
     (spawn_effect,) = send(router, request, now=0.0)
     assert len(spawn_effect.identity.encode()) <= 255
