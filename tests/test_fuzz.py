@@ -181,15 +181,6 @@ def mutants(frame: bytes, rng: random.Random, count: int) -> list[list[bytes]]:
 def readable_id(frame: bytes) -> int:
     """The id the daemon can answer a single-frame message with (0 when none is readable)."""
     try:
-        message = p.decode(frame)
-    except ProtocolError:
-        pass
-    else:
-        # A message that decodes but is no request, and has no id field (an actor's ``adopt``),
-        # is answered with id 0 today: see test_bad_input's xfail
-        # test_an_actors_op_from_a_client_is_answered_with_its_id.
-        return getattr(message, "id", 0)
-    try:
         body = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception:  # anything msgpack cannot read carries no id
         return 0
