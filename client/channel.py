@@ -54,6 +54,7 @@ class Channel:
         self.gaps = 0
         self.missed = 0
         self.error: BaseException | None = None  # the daemon refused this PV
+        self.last_refusal = ""  # the last passing refusal (a limit), asked again since
         self.version = 0  # Rule 4: the last change listeners were told of
         self.value_version = 0  # the last change that was a new value (0: none yet)
         self.previous: p.Reading | None = None  # the reading that new value replaced

@@ -86,7 +86,7 @@ SERVER_KEY_ENV = "PVHUB_SERVER_KEY"
 
 ReplyHandler = Callable[[p.Message], bool]
 # Errors to a snapshot request that asking again will not change.
-PERMANENT_ERRORS = {"pv_not_allowed", "bad_message", "unsupported_version", "unknown_operation"}
+PERMANENT_ERRORS = {"pv_not_allowed", "access_denied", "bad_message", "unsupported_version", "unknown_operation"}
 
 
 def default_address() -> str:
@@ -163,6 +163,12 @@ class Hub:
                     return channel
                 self._pvs_changed = True
                 self._call_soon(lambda: self._attach(channel))
+            elif channel.error is not None and self._io_failure is None:
+                # Refused before (access rules, allow list): a new use asks again, since the
+                # daemon's rules may have been reloaded since.
+                with channel.cond:
+                    channel.error = None
+                self._call_soon(lambda: self._hello.is_set() and self._request_snapshot(channel))
             return channel
 
     def request(self, build: Callable[[int], p.Message], handler: ReplyHandler | None = None,
@@ -633,6 +639,8 @@ class Hub:
                 with channel.cond:
                     channel.error = error_from_code(message.code, message.message)
                     channel.cond.notify_all()
+            elif isinstance(message, p.ErrorReply):
+                channel.last_refusal = message.message  # said if the wait for it times out
             # Other errors (the actor or the daemon restarting) are passing: the channel
             # asks again (Rule 4) until it gets a snapshot.
             return True

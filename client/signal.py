@@ -251,7 +251,8 @@ class EpicsSignalBase:
                     raise ConnectionTimeoutError(
                         f"{channel.pv}: the pvhub daemon at {self._hub.address} did not answer within {timeout} s{why}"
                     )
-                raise ConnectionTimeoutError(f"{channel.pv} could not connect within {timeout} s")
+                why = f" (the daemon said: {channel.last_refusal})" if channel.last_refusal else ""
+                raise ConnectionTimeoutError(f"{channel.pv} could not connect within {timeout} s{why}")
             if channel.error is not None:
                 raise channel.error
 

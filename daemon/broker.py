@@ -305,21 +305,26 @@ class Broker:
             self._refuse(ctx, client, payload, exc)
             return []
         if self._security is not None and self._security.revoked(identity):
-            self.log.warning("revoked_key_refused", client=client.hex(), identity=identity)
+            self._security.refusals.refused_connection("revoked_key", identity=identity, client=client.hex())
             request_id = getattr(message, "id", 0)
             return [ToClient(client, error_reply(request_id, AccessDeniedError(
                 f"the key {identity!r} was removed from the daemon's clients directory; reconnect with a key it knows")))]
         if isinstance(message, p.HelloRequest):
             self.log.info("client_connected", client=client.hex(), name=message.client, identity=identity)
-        elif isinstance(message, p.SetRequest):
-            name = ctx.router.clients.get(client)
-            self.log.info("put_requested", client=client.hex(), name=name.name if name else "", identity=identity,
-                          pv=message.pv, value=loggable(message.value))
         try:
-            return ctx.router.client_message(client, message, payload, time.monotonic(), identity)
+            effects = ctx.router.client_message(client, message, payload, time.monotonic(), identity)
         except Exception as exc:  # the loop boundary: answer, log, go on
             self.log.exception("client_message_failed", client=client.hex())
             return [ToClient(client, error_reply(getattr(message, "id", 0), InternalError(repr(exc))))]
+        if isinstance(message, p.SetRequest):  # every write, and who asked, whatever came of it
+            record = ctx.router.clients.get(client)
+            refusal = next((e.message for e in effects if isinstance(e, ToClient) and e.message.id == message.id
+                            and isinstance(e.message, p.ErrorReply)), None)
+            self.log.info("put_requested" if refusal is None else "put_refused", client=client.hex(),
+                          name=record.name if record else "", identity=identity, pv=message.pv,
+                          value=loggable(message.value), **({"code": refusal.code, "error": refusal.message}
+                                                             if refusal is not None else {}))
+        return effects
 
     def _refuse(self, ctx: "_LoopContext", client: bytes, payload: bytes, exc: ProtocolError) -> None:
         request_id = p.salvage_id(payload)
@@ -351,7 +356,9 @@ class Broker:
         if isinstance(message, p.ActorReady):
             self.log.info("actor_ready", actor=actor, actor_pid=message.pid)
         elif isinstance(message, (p.SetDone, p.ErrorReply)) and ctx.router.op_of(actor, client, message.id) == "set":
-            self.log.info("put_finished", client=client.hex(), pv=message.pv,
+            record = ctx.router.clients.get(client)
+            self.log.info("put_finished", client=client.hex(), identity=record.identity if record else None,
+                          pv=message.pv,
                           outcome="done" if isinstance(message, p.SetDone) else message.code,
                           error=getattr(message, "message", None))
         effects = ctx.router.actor_message(actor, client, message, time.monotonic())

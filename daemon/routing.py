@@ -76,6 +76,12 @@ STALL_S = 1.0
 # Rule 5: a PV that lived this long in a process that did not die is no suspect.
 TRUST_S = 10.0
 QUARANTINE_STRIKES = 2
+# A client's name (its hello says it) is kept and shown this long at most.
+MAX_CLIENT_NAME = 200
+# A status walks every PV: it costs a client 1 + PVs / STATUS_PVS_PER_TOKEN tokens of a
+# bucket of STATUS_PER_S a second (a small daemon answers 50 a second, one of 10,000 PVs 1).
+STATUS_PER_S = 50.0
+STATUS_PVS_PER_TOKEN = 200
 # Update rates for ``pvhub status`` are measured over windows at least this long.
 RATE_WINDOW_S = 1.0
 # An identity is a ZeroMQ routing id (at most 255 bytes); longer actor names are hashed.
@@ -255,11 +261,11 @@ class TokenBucket:
         self.tokens = rate
         self.last = now
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, cost: float = 1.0) -> bool:
         self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
         self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= min(cost, self.rate):
+            self.tokens -= cost  # a cost above the burst is taken on credit
             return True
         return False
 
@@ -274,6 +280,7 @@ class ClientRecord:
     requests: int = 0
     pvs: tuple[str, ...] | None = None  # None until a ping says which PVs the client follows
     bucket: TokenBucket | None = None
+    status_bucket: TokenBucket | None = None
     inflight: int = 0  # requests sent to (or queued for) actors, not finally answered
     # PVs this connection asked for (bounded by max_pvs_per_client).
     asked: set[str] = field(default_factory=set)
@@ -411,7 +418,7 @@ class Router:
         record.last_seen = now
         record.requests += 1
         if isinstance(message, p.HelloRequest):
-            record.name = message.client
+            record.name = message.client[:MAX_CLIENT_NAME]  # shown in every status
             return [
                 ToClient(
                     client,
@@ -432,6 +439,11 @@ class Router:
             lost, record.lost = record.lost or None, []
             return [ToClient(client, p.Pong(id=message.id, pvs_wanted=record.pvs is None, lost=lost))]
         if isinstance(message, p.StatusRequest):
+            if record.status_bucket is None:
+                record.status_bucket = TokenBucket(STATUS_PER_S, now)
+            if not record.status_bucket.take(now, 1.0 + len(self.pvs) / STATUS_PVS_PER_TOKEN):
+                return [ToClient(client, error_reply(message.id, LimitError(
+                    f"too many status requests from this client (each walks all {len(self.pvs)} PVs); ask less often")))]
             return [ToClient(client, p.StatusReply(id=message.id, status=self.status(now, viewer=record)))]
         if isinstance(message, p.PV_REQUESTS):
             refusal = self._refusal(record, message, now)

@@ -44,6 +44,21 @@ _HANDSHAKE_FAILURES = (
 )
 
 
+# What a failed handshake's code means, in words (``ZMQ_PROTOCOL_ERROR_*``).
+_PROTOCOL_ERRORS = {
+    getattr(zmq, name): name.removeprefix("PROTOCOL_ERROR_").lower()
+    for name in dir(zmq) if name.startswith("PROTOCOL_ERROR_")
+}
+_PROTOCOL_ERRORS.update({
+    getattr(zmq, "PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC", -1): "cryptographic (a client with a wrong server key?)",
+    getattr(zmq, "PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH", -1): "mechanism mismatch (a client without CURVE?)",
+})
+
+
+def handshake_error(code: int) -> str:
+    return _PROTOCOL_ERRORS.get(code, f"protocol error {code:#x}")
+
+
 class RefusalLog:
     """Rule 2: rate-limited ``connection_refused`` records, thread-safe."""
 
@@ -196,7 +211,9 @@ class _RefusalMonitor:
                     return  # the socket is closed
                 if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     continue  # the ZAP handler logged it, with the key
-                self._refusals.refused_connection("handshake", socket=self._name, error=zmq.strerror(event["value"])
+                # ZeroMQ's monitor says which socket, not which peer: the ZAP handler's records
+                # (unknown keys) carry the peer's address.
+                self._refusals.refused_connection("handshake", socket=self._name, error=handshake_error(event["value"])
                                                   if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else "no detail")
         except zmq.ZMQError:
             pass  # the context is ending

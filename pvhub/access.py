@@ -67,8 +67,10 @@ class AccessRules:
     default_write: bool = True
     groups: dict[str, frozenset[str]] = field(default_factory=dict)  # group -> members
     rules: tuple[Rule, ...] = ()
-    _member_of: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
-    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    # Derived, not part of what the rules are: two equal rule sets compare equal whatever
+    # each has cached (a reload that changes nothing must not look like a change).
+    _member_of: dict[str, frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         member_of: dict[str, set[str]] = {}

@@ -24,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except ValueError as exc:
+        from pvhub.keys import KeyFileError
+
+        if not isinstance(exc, KeyFileError):
+            raise
+        print(f"pvhub: {exc}", file=sys.stderr)  # keys missing, unsafe or half given
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -270,10 +277,10 @@ def format_status(status: dict, address: str) -> str:
         rows.append((actor["actor"], actor.get("kind", "-"), str(len(actor["pvs"])), str(actor["pid"] or "-"),
                      "yes" if actor["ready"] else "NO", str(actor["restarts"])))
     lines += _table(rows) + [""]
-    rows = [("CLIENT", "NAME", "PVS", "REQUESTS", "IDLE")]
+    rows = [("CLIENT", "NAME", "IDENTITY", "PVS", "REQUESTS", "IDLE")]
     for client in status["clients"]:
-        rows.append((client["client"][:10], client["name"], str(client["pvs"]), str(client["requests"]),
-                     f"{client['idle']:.1f} s"))
+        rows.append((client["client"][:10], client["name"], client.get("identity", "-"), str(client["pvs"]),
+                     str(client["requests"]), f"{client['idle']:.1f} s"))
     lines += _table(rows)
     return "\n".join(lines)
 

@@ -11,6 +11,8 @@ name only when complete, so that a crash leaves no half-written key and an exist
 never overwritten unless asked (``force``). Reading one refuses a file that group or others
 may read or write, or that another user owns: whoever could read it could be this client.
 The checks are made on the opened file (``fstat``), so the file checked is the file read.
+A file in systemd's ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``) is taken as it is:
+systemd made it readable by this service alone (root-owned 0440 with an ACL, on newer systemd).
 Rule 2: a public key file is only a name and a key; a clients directory that others may
 write to is refused as a whole, since anyone who can add a file there can let themselves in.
 A file in it that does not parse is skipped and reported, never fatal: one bad file must
@@ -103,16 +105,30 @@ def load_secret(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
     (Rule 1) or holds no secret key."""
     path = Path(path)
     text, st = _read(path, "secret key file")
-    if st.st_uid != os.geteuid():
+    if _systemd_credential(path):
+        pass  # systemd made it, for this service alone (root-owned, read by an ACL on newer systemd)
+    elif st.st_uid != os.geteuid():
         raise KeyFileError(f"secret key file {path} is owned by uid {st.st_uid}, not by this user "
                            f"(uid {os.geteuid()}); it must be this user's own")
-    if st.st_mode & 0o077:
+    elif st.st_mode & 0o077:
         raise KeyFileError(f"secret key file {path} has mode {stat.S_IMODE(st.st_mode):04o}: group or others "
                            f"may read or write it; it must be {SECRET_MODE:04o} (chmod 600 {path})")
     public, secret = _parse(text, path)
     if secret is None:
         raise KeyFileError(f"{path} holds no secret key (a public key file? the secret one is NAME{SECRET_SUFFIX})")
     return public, secret
+
+
+def _systemd_credential(path: Path) -> bool:
+    """Whether ``path`` is in the credentials directory systemd gave this service
+    (``LoadCredential=``): a private, read-only copy only this service can read."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return False
+    try:
+        return path.resolve().parent == Path(directory).resolve()
+    except OSError:
+        return False
 
 
 def load_public(path: str | os.PathLike[str]) -> bytes:

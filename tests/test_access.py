@@ -311,3 +311,46 @@ def test_refusals_are_logged_at_a_bounded_rate_and_counted():
     now[0] = REFUSAL_WINDOW_S + 0.1
     assert refusals.refused_connection("unknown_key", address="127.0.0.1")
     assert refusals.refused_connection("handshake")  # each kind has its own budget
+
+
+def test_equal_rules_compare_equal_whatever_each_has_cached():
+    used, fresh = rules(), rules()
+    used.may_read("alice", "BL1:mono:energy")
+    assert used == fresh and used != parse_access(None)
+
+
+def test_a_failed_handshake_is_named():
+    from pvhub.daemon.security import handshake_error
+    import zmq
+
+    assert "wrong server key" in handshake_error(zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC)
+    assert "without CURVE" in handshake_error(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
+    assert handshake_error(0x7) == "protocol error 0x7"
+
+
+def test_status_which_walks_every_pv_is_rate_limited_per_client():
+    from pvhub.daemon.routing import STATUS_PER_S
+
+    router = make_router()
+    answers = [send(router, p.StatusRequest(id=i), now=10.0)[0].message for i in range(int(STATUS_PER_S) + 1)]
+    # A status of many PVs costs more: once a second at 10,000.
+    assert all(isinstance(a, p.StatusReply) for a in answers[:-1])
+    assert isinstance(answers[-1], p.ErrorReply) and answers[-1].code == "limit"
+    assert isinstance(send(router, p.StatusRequest(id=99), client=BOB, now=10.0)[0].message, p.StatusReply)
+    assert isinstance(send(router, p.StatusRequest(id=100), now=11.0)[0].message, p.StatusReply)
+
+
+def test_a_status_of_many_pvs_costs_more():
+    bucket = TokenBucket(50.0, now=0.0)
+    cost = 1.0 + 10_000 / 200
+    assert bucket.take(0.0, cost)  # the first, on credit
+    assert not bucket.take(0.5, cost)
+    assert bucket.take(1.1, cost)  # about one a second
+
+
+def test_a_client_name_is_kept_short():
+    from pvhub.daemon.routing import MAX_CLIENT_NAME
+
+    router = make_router()
+    send(router, p.HelloRequest(id=1, client="n" * 1_000_000))
+    assert len(router.clients[ALICE].name) == MAX_CLIENT_NAME

@@ -186,3 +186,24 @@ def test_cli_writes_to_the_current_directory_by_default(tmp_path):
                             timeout=20, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "here.key").is_file() and mode(tmp_path / "here.key_secret") == 0o600
+
+
+def test_a_systemd_credential_is_taken_whatever_its_owner_and_mode(tmp_path, monkeypatch):
+    """systemd's LoadCredential= copy: on newer systemd root-owned 0440, read through an ACL."""
+    from pvhub.keys import generate, load_secret
+
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    _, secret = generate("server", tmp_path / "keys")
+    copy = credentials / "server.key_secret"
+    copy.write_bytes(secret.read_bytes())
+    copy.chmod(0o440)
+    with pytest.raises(KeyFileError, match="0440"):
+        load_secret(copy)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    assert load_secret(copy) == load_secret(secret)
+    copy_elsewhere = tmp_path / "server.key_secret"
+    copy_elsewhere.write_bytes(secret.read_bytes())
+    copy_elsewhere.chmod(0o440)
+    with pytest.raises(KeyFileError):
+        load_secret(copy_elsewhere)

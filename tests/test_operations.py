@@ -78,7 +78,7 @@ def test_a_killed_client_is_forgotten(hub, prefix):
     client = subprocess.Popen([sys.executable, str(CLIENT)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout.readline().strip() == "subscribed"
-        wait_until(lambda: len(status()["clients"]) == 2, 10)
+        wait_until(lambda: len(status()["clients"]) == 2, 10, interval=0.1)
         client.send_signal(signal.SIGKILL)
         client.wait(5)
     finally:
@@ -86,7 +86,7 @@ def test_a_killed_client_is_forgotten(hub, prefix):
             client.kill()
             client.wait()
     # Forgotten within the heartbeat window (3 beats of 1 s, plus a margin).
-    wait_until(lambda: len(status()["clients"]) == 1, 10, message="the dead client was not forgotten")
+    wait_until(lambda: len(status()["clients"]) == 1, 10, interval=0.1, message="the dead client was not forgotten")
     assert any(e["event"] == "client_disconnected" for e in events(hub))
 
 
@@ -105,12 +105,12 @@ def test_a_frozen_client_is_forgotten_and_known_again_when_it_wakes(hub, prefix)
         wait_until(lambda: motor_subscribers() == 2, 10)
         client.send_signal(signal.SIGSTOP)
         try:
-            wait_until(lambda: len(status()["clients"]) == 1, 15, message="the frozen client was not forgotten")
+            wait_until(lambda: len(status()["clients"]) == 1, 15, interval=0.1, message="the frozen client was not forgotten")
             assert motor_subscribers() == 1
         finally:
             client.send_signal(signal.SIGCONT)
         # Awake, it speaks again and is known again, with the PVs it follows.
-        wait_until(lambda: motor_subscribers() == 2, 10, message=lambda: f"the woken client's PVs are not known again: {status()}")
+        wait_until(lambda: motor_subscribers() == 2, 10, interval=0.1, message=lambda: f"the woken client's PVs are not known again: {status()}")
         motor.set(7.75).wait(5)
         out, _ = client.communicate(timeout=20)
     finally:

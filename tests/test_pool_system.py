@@ -41,7 +41,7 @@ def test_a_pv_that_kills_its_process_is_quarantined_and_the_others_go_on(zoo_ioc
     monkeypatch.setenv("PVHUB_ADDRESS", hub.address)
     good = [EpicsSignal(f"{prefix}{name}", name=name) for name in ("motor", "count", "dt")]
     EpicsSignalRO(bad, name="bad")  # asked for once, like any PV
-    wait_until(lambda: next((e["quarantined"] for e in status()["pvs"] if e["pv"] == bad), False), 40,
+    wait_until(lambda: next((e["quarantined"] for e in status()["pvs"] if e["pv"] == bad), False), 40, interval=0.1,
                message=lambda: f"not quarantined: {status()['actors']}")
     quarantined = [e for e in log_events(hub, "pvs_quarantined") if bad in e["pvs"]]
     assert quarantined and quarantined[-1]["actor"] == f"pv:{bad}"

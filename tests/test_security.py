@@ -224,6 +224,9 @@ def test_rules_decide_reads_writes_and_which_readings_reach_whom(zoo_ioc, hub_fa
     assert isinstance(alice.ask(lambda i: p.SetRequest(id=i, pv=count, value=3)), p.SetDone)
     refused = bob.ask(lambda i: p.SetRequest(id=i, pv=count, value=4))
     assert isinstance(refused, p.ErrorReply) and refused.code == "access_denied" and "bob" in refused.message
+    (logged,) = log_events(daemon, "put_refused")
+    assert (logged["identity"], logged["code"], logged["value"]) == ("bob", "access_denied", 4)
+    assert [r["identity"] for r in log_events(daemon, "put_requested")] == ["alice"]
     assert isinstance(bob.ask(lambda i: p.ReadRequest(id=i, pv=count)), p.Snapshot)
     refused = mallory.ask(lambda i: p.ReadRequest(id=i, pv=count))
     assert isinstance(refused, p.ErrorReply) and refused.code == "access_denied"
@@ -411,3 +414,26 @@ def test_a_key_removed_from_the_directory_loses_its_live_connections_at_the_relo
     bob.updates(1.0)  # what was on its way before the rebind
     assert bob.updates(1.0) == []  # its SUB's new handshake is refused
     assert isinstance(alice.ask(lambda i: p.ReadRequest(id=i, pv=fast)), p.Snapshot)
+
+
+def test_a_signal_is_told_its_pv_is_refused_and_asks_again_after_a_reload(
+        zoo_ioc, hub_factory, tmp_path, keyring, monkeypatch):
+    from pvhub.client import EpicsSignal, close_hubs
+    from pvhub.errors import AccessDeniedError
+
+    rules = RULES.format(prefix=zoo_ioc.prefix)
+    daemon, config = serve_secure(hub_factory, zoo_ioc, tmp_path, keyring, rules)
+    monkeypatch.setenv("PVHUB_ADDRESS", daemon.address)
+    monkeypatch.setenv("PVHUB_CLIENT_KEY", str(keyring["mallory"]))
+    monkeypatch.setenv("PVHUB_SERVER_KEY", str(keyring["server.pub"]))
+    try:
+        with pytest.raises(AccessDeniedError, match="mallory"):
+            EpicsSignal(zoo_ioc.pv("x"), name="x").wait_for_connection(timeout=10)
+        write_config(config, keyring, rules.replace('who = ["bob"]', 'who = ["bob", "mallory"]'))
+        os.kill(daemon.pid, signal.SIGHUP)
+        wait_until(lambda: log_events(daemon, "config_reloaded"), timeout=10)
+        signal_again = EpicsSignal(zoo_ioc.pv("x"), name="x")
+        signal_again.wait_for_connection(timeout=10)
+        assert isinstance(signal_again.get(), float)
+    finally:
+        close_hubs()
