@@ -78,8 +78,9 @@ TRUST_S = 10.0
 QUARANTINE_STRIKES = 2
 # A client's name (its hello says it) is kept and shown this long at most.
 MAX_CLIENT_NAME = 200
-# A status walks every PV: it costs a client 1 + PVs / STATUS_PVS_PER_TOKEN tokens of a
-# bucket of STATUS_PER_S a second (a small daemon answers 50 a second, one of 10,000 PVs 1).
+# A status walks every PV: it costs a client PVs / STATUS_PVS_PER_TOKEN tokens of a bucket of
+# STATUS_PER_S a second, so that no client makes the daemon walk more than 10,000 PVs a
+# second for it (one status a second at 10,000 PVs; as many as it likes of a small daemon).
 STATUS_PER_S = 50.0
 STATUS_PVS_PER_TOKEN = 200
 # Update rates for ``pvhub status`` are measured over windows at least this long.
@@ -441,7 +442,7 @@ class Router:
         if isinstance(message, p.StatusRequest):
             if record.status_bucket is None:
                 record.status_bucket = TokenBucket(STATUS_PER_S, now)
-            if not record.status_bucket.take(now, 1.0 + len(self.pvs) / STATUS_PVS_PER_TOKEN):
+            if not record.status_bucket.take(now, max(len(self.pvs), 1) / STATUS_PVS_PER_TOKEN):
                 return [ToClient(client, error_reply(message.id, LimitError(
                     f"too many status requests from this client (each walks all {len(self.pvs)} PVs); ask less often")))]
             return [ToClient(client, p.StatusReply(id=message.id, status=self.status(now, viewer=record)))]

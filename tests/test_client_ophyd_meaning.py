@@ -193,9 +193,9 @@ def test_auto_monitor_false_asks_the_daemon_on_every_get(hub, prefix, writer, mo
     requests = []
     original = client_hub.request
 
-    def counting(build, handler=None):
+    def counting(build, handler=None, **kwargs):
         requests.append(build(0))
-        return original(build, handler)
+        return original(build, handler, **kwargs)
 
     monkeypatch.setattr(client_hub, "request", counting)
     assert monitored.get() == 0 and monitored.read()["monitored"]["value"] == 0
