@@ -6,8 +6,9 @@ Rule 1: security is ZeroMQ's own (CurveZMQ, pyzmq's ``zmq.auth``), never home-ma
 before either binds, and lets in exactly the public keys of the clients directory. A
 client's identity is its key's name there (``ANONYMOUS`` without CURVE); the broker reads it
 from each message's ``User-Id``, which the ZAP handler set: it is never what a client says.
-Rule 2: refusals (an unknown key, a client without CURVE, a broken handshake) are logged as
-``connection_refused``, at most ``REFUSALS_PER_WINDOW`` records per ``REFUSAL_WINDOW_S`` per
+Rule 2: refusals (an unknown key, a client without CURVE, a broken handshake, a revoked key's
+request) are logged as ``connection_refused``, refused subscriptions as
+``subscription_refused``; each at most ``REFUSALS_PER_WINDOW`` records per ``REFUSAL_WINDOW_S`` per
 kind; the rest are counted and the count is said with the next record.
 Rule 3: the readings socket is an ``XPUB_MANUAL``: a subscription is applied only if its
 sender's identity may read that PV (or, for the empty prefix, every PV), so readings of a PV
@@ -60,10 +61,11 @@ def handshake_error(code: int) -> str:
 
 
 class RefusalLog:
-    """Rule 2: rate-limited ``connection_refused`` records, thread-safe."""
+    """Rule 2: rate-limited refusal records (``event``), thread-safe."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, event: str = "connection_refused") -> None:
         self._clock = clock
+        self._event = event
         self._lock = threading.Lock()
         self._windows: dict[str, tuple[float, int, int]] = {}  # kind -> (since, logged, suppressed)
         self.refused = 0
@@ -80,7 +82,7 @@ class RefusalLog:
                 self._windows[kind] = (since, logged, suppressed + 1)
                 return False
             self._windows[kind] = (since, logged + 1, 0)
-        log.warning("connection_refused", kind=kind, suppressed_before=suppressed, **fields)
+        log.warning(self._event, kind=kind, suppressed_before=suppressed, **fields)
         return True
 
 
@@ -253,7 +255,7 @@ class ReadingsForwarder:
         # subscribing to every name the allow list admits must not grow the daemon unbounded.
         self.upstream: set[bytes] = set()
         self._max_topics = max_topics
-        self.refused = 0
+        self.refused = RefusalLog(event="subscription_refused")
         self._ready = threading.Event()
         self._endpoint = ""
         self._error: BaseException | None = None
@@ -396,8 +398,8 @@ class ReadingsForwarder:
                 continue
             identity = identity_of(frame)
             if not self._may_subscribe(identity, topic):
-                self.refused += 1
-                log.info("subscription_refused", identity=identity, topic=topic[:80].decode(errors="replace"))
+                self.refused.refused_connection("subscription", identity=identity,
+                                                topic=topic[:80].decode(errors="replace"))
                 continue
             xpub.setsockopt(zmq.SUBSCRIBE, topic)
             if topic not in self.upstream:
