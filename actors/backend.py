@@ -30,13 +30,22 @@ bytes object, after each command, and every response points into the rest it cam
 receive of megabytes (all a busy socket holds, after a burst of thousands of PVs) costs time
 quadratic in its size and pins copies of it. We hand caproto at most ``_PARSE_SLICE`` bytes at
 a time, which bounds both.
+Rule 7: a channel's monitor is asked for the moment the channel connects. caproto queues a
+connected channel's subscriptions for its activation thread only after the connection
+callbacks have run, so a wake-up from a callback comes too early and the thread sleeps its
+period out (0.1 s: half of all first values took 100 ms); we wake it after the queueing.
+Rule 8: a put's read-back travels right behind it. An IOC answers one circuit's requests in
+the order it handles them, so a read answered after the put's completion was read after it
+and is the read-back: the put costs one round trip. A read answered first (an asynchronous
+record: a motor, a busy record) read the value from before the completion; another read
+follows the completion then.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import caproto
@@ -278,6 +287,49 @@ def _callbacks_inline(manager_cls: type) -> None:
 _callbacks_inline(ca_client.VirtualCircuitManager)
 
 
+def _activate_on_connect(pv_cls: type) -> None:
+    """Wake caproto's subscription activation once a connected channel's subscriptions are
+    queued for it (Rule 7)."""
+    if getattr(pv_cls, "_pvhub_activates_on_connect", False):
+        return
+    original = pv_cls.connection_state_changed
+
+    def connection_state_changed(self: Any, state: str, channel: Any) -> Any:
+        result = original(self, state, channel)
+        if state == "connected":
+            manager = self.circuit_manager
+            if manager is not None:
+                manager.context.activate_subscriptions_now.set()
+        return result
+
+    pv_cls.connection_state_changed = connection_state_changed
+    pv_cls._pvhub_activates_on_connect = True
+
+
+_activate_on_connect(ca_client.PV)
+
+
+@dataclass
+class _PutRace:
+    """A put and its pipelined read-back (Rule 8): which answered, and whether the put's
+    event is out. Touched by the actor thread (sending) and caproto's selector thread."""
+
+    read_pending: bool = False
+    completed: bool = False
+    finished: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _put_error(response: Any) -> str | None:
+    """Why a put's completion says it failed, or None."""
+    if isinstance(response, caproto.ErrorResponse):
+        return f"IOC refused the put: {_text(bytes(response.error_message))}"
+    status = getattr(response, "status", None)
+    if status is not None and not getattr(status, "success", status == 1):
+        return f"IOC reported the put failed: {getattr(status, 'description', None) or status}"
+    return None
+
+
 class ChannelAccessBackend:
     """Owns a caproto context and the channels of one actor's PVs."""
 
@@ -320,11 +372,7 @@ class ChannelAccessBackend:
         connected = state == "connected"
         self._emit(ConnectionEvent(pv.name, connected))
         if connected:
-            # A monitor asked for before the channel connected is sent by caproto's periodic
-            # activation pass, up to 0.1 s later, and a PV counts as connected only with its
-            # first reading: ask for the pass now. (It can still miss a pass that is running:
-            # the first value then takes 0.1 s, see docs/performance.md.)
-            self._context.activate_subscriptions_now.set()
+            # Its monitor is asked for as soon as caproto has queued it (Rule 7).
             self._read_metadata(pv)
 
     def _on_access(self, pv: Any, rights: Any) -> None:
@@ -370,26 +418,52 @@ class ChannelAccessBackend:
     # --- requests from the actor loop --------------------------------------------------------
 
     def put(self, name: str, put_id: int, value: Any) -> None:
-        """Put with completion; a ``PutDoneEvent`` follows (never blocks, never retries)."""
+        """Put with completion; a ``PutDoneEvent`` follows (never blocks, never retries).
+
+        The read-back is sent right behind the put, on the same circuit (Rule 8).
+        """
         pv = self._pvs[name]
+        channel = pv.channel
+        race = _PutRace(read_pending=True)
 
         def on_write(response: Any) -> None:
+            error = _put_error(response)
+            with race.lock:
+                race.completed = True
+                race.finished = error is not None
+                read_again = error is None and not race.read_pending
+            if error is not None:
+                self._emit(PutDoneEvent(name, put_id, error, None))
+            elif read_again:  # the pipelined read was answered too early, or never sent
+                self._read_back(pv, put_id)
+
+        def on_read(response: Any) -> None:
+            with race.lock:
+                race.read_pending = False
+                if race.finished or not race.completed:
+                    return  # the put failed, or this read was answered before its completion
+                race.finished = True
+            readback = None
             if isinstance(response, caproto.ErrorResponse):
-                self._emit(PutDoneEvent(name, put_id, f"IOC refused the put: {_text(bytes(response.error_message))}", None))
-                return
-            status = getattr(response, "status", None)
-            if status is not None and not getattr(status, "success", status == 1):
-                text = getattr(status, "description", None) or str(status)
-                self._emit(PutDoneEvent(name, put_id, f"IOC reported the put failed: {text}", None))
-                return
-            self._read_back(pv, put_id)
+                log.warning("readback_refused", pv=name, error=_text(bytes(response.error_message)))
+            elif channel is not None:
+                readback = reading_of(response, channel.native_data_type)
+            self._emit(PutDoneEvent(name, put_id, None, readback))
 
         try:
-            ca_client.PV.write.__wrapped__(
-                pv, value, wait=False, callback=on_write, timeout=None, notify=True
-            )
+            ca_client.PV.write.__wrapped__(pv, value, wait=False, callback=on_write, timeout=None, notify=True)
         except Exception as exc:  # the circuit died between the check and the send
             self._emit(PutDoneEvent(name, put_id, f"put could not be sent: {exc}", None))
+            return
+        try:
+            ca_client.PV.read.__wrapped__(pv, wait=False, callback=on_read, data_type="time", timeout=None)
+        except Exception as exc:  # the put went: its completion reads back instead
+            log.warning("readback_not_sent", pv=name, error=str(exc))
+            with race.lock:
+                race.read_pending = False
+                read_now = race.completed and not race.finished
+            if read_now:
+                self._read_back(pv, put_id)
 
     def read(self, name: str, read_id: int) -> None:
         """A Channel Access read (DBR_TIME); a ``ReadDoneEvent`` follows (never blocks)."""

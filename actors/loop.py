@@ -280,8 +280,9 @@ class Actor:
             elif isinstance(effect, StartRead):
                 self._backend.read(effect.pv, effect.read_id)
             elif isinstance(effect, StartPut):
-                self.log.info("put_started", pv=effect.pv, value=loggable(effect.value))
                 self._backend.put(effect.pv, effect.put_id, effect.value)
+                # Logged once the put is on its way: the record costs no time on the put's path.
+                self.log.info("put_started", pv=effect.pv, value=loggable(effect.value))
 
     def _reply(self, client: bytes, message: p.Message) -> None:
         if isinstance(message, p.ErrorReply) and message.code != "bad_message":

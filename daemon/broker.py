@@ -92,6 +92,7 @@ class Broker:
         self.config = config
         self.config_path = config_path
         self._reload = False
+        self._put_logs: list[tuple[str, dict]] = []  # put records of the batch being handled
         self.address = address
         self.readings_address = readings or default_readings_address(address)
         self.notifier = notifier or Notifier()
@@ -281,6 +282,7 @@ class Broker:
 
     def _drain_clients(self, ctx: "_LoopContext") -> None:
         batch: list = []
+        self._put_logs: list[tuple[str, dict]] = []
         secure = self._security is not None
         try:
             for _ in range(1000):  # bounded, so actors and reaping get their turn
@@ -293,6 +295,9 @@ class Broker:
         finally:
             # One adoption per actor for a burst of new PVs (``coalesce``).
             self._carry_out(ctx, coalesce(batch))
+            # Puts are logged once on their way: a log record costs no time on a put's path.
+            for event, fields in self._put_logs:
+                self.log.info(event, **fields)
 
     def _client_frames(self, ctx: "_LoopContext", frames: list[bytes], identity: str = ANONYMOUS) -> list:
         if len(frames) != 2:
@@ -320,10 +325,10 @@ class Broker:
             record = ctx.router.clients.get(client)
             refusal = next((e.message for e in effects if isinstance(e, ToClient) and e.message.id == message.id
                             and isinstance(e.message, p.ErrorReply)), None)
-            self.log.info("put_requested" if refusal is None else "put_refused", client=client.hex(),
-                          name=record.name if record else "", identity=identity, pv=message.pv,
-                          value=loggable(message.value), **({"code": refusal.code, "error": refusal.message}
-                                                             if refusal is not None else {}))
+            self._put_logs.append(("put_requested" if refusal is None else "put_refused", dict(
+                client=client.hex(), name=record.name if record else "", identity=identity, pv=message.pv,
+                value=loggable(message.value),
+                **({"code": refusal.code, "error": refusal.message} if refusal is not None else {}))))
         return effects
 
     def _refuse(self, ctx: "_LoopContext", client: bytes, payload: bytes, exc: ProtocolError) -> None:
@@ -355,12 +360,8 @@ class Broker:
             return
         if isinstance(message, p.ActorReady):
             self.log.info("actor_ready", actor=actor, actor_pid=message.pid)
-        elif isinstance(message, (p.SetDone, p.ErrorReply)) and ctx.router.op_of(actor, client, message.id) == "set":
-            record = ctx.router.clients.get(client)
-            self.log.info("put_finished", client=client.hex(), identity=record.identity if record else None,
-                          pv=message.pv,
-                          outcome="done" if isinstance(message, p.SetDone) else message.code,
-                          error=getattr(message, "message", None))
+        finished_put = (isinstance(message, (p.SetDone, p.ErrorReply))
+                        and ctx.router.op_of(actor, client, message.id) == "set")
         effects = ctx.router.actor_message(actor, client, message, time.monotonic())
         # Replies are forwarded as they came: re-encoding would only cost time.
         for effect in effects:
@@ -368,6 +369,11 @@ class Broker:
                 self._to_client(ctx, effect.client, payload, message)
             else:
                 self._carry_out(ctx, [effect])
+        if finished_put:  # logged once the answer is on its way
+            record = ctx.router.clients.get(client)
+            self.log.info("put_finished", client=client.hex(), identity=record.identity if record else None,
+                          pv=message.pv, outcome="done" if isinstance(message, p.SetDone) else message.code,
+                          error=getattr(message, "message", None))
 
     def _carry_out(self, ctx: "_LoopContext", effects: list) -> None:
         for effect in effects:

@@ -189,6 +189,7 @@ def test_actor_acknowledges_every_receipt_from_the_ioc_at_once(daemon, ioc, pref
     assert motor.get() == pytest.approx(values[-1])
 
     receipts, unacknowledged = receipts_and_acks(trace, fd)
-    # Each put brings at least two receipts: the put's completion, then the read-back's reply.
-    assert receipts >= 2 * PUTS, f"only {receipts} receipts traced on fd {fd} for {PUTS} puts"
+    # Each put brings at least one receipt: the put's completion and the read-back's reply
+    # (sent right behind the put, they often come back in one segment).
+    assert receipts >= PUTS, f"only {receipts} receipts traced on fd {fd} for {PUTS} puts"
     assert unacknowledged == [], "receipts not acknowledged at once:\n" + "\n".join(unacknowledged[:10])

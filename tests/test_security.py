@@ -224,7 +224,8 @@ def test_rules_decide_reads_writes_and_which_readings_reach_whom(zoo_ioc, hub_fa
     assert isinstance(alice.ask(lambda i: p.SetRequest(id=i, pv=count, value=3)), p.SetDone)
     refused = bob.ask(lambda i: p.SetRequest(id=i, pv=count, value=4))
     assert isinstance(refused, p.ErrorReply) and refused.code == "access_denied" and "bob" in refused.message
-    (logged,) = log_events(daemon, "put_refused")
+    # Logged once the answer is on its way: wait for the record.
+    (logged,) = wait_until(lambda: log_events(daemon, "put_refused"), timeout=10)
     assert (logged["identity"], logged["code"], logged["value"]) == ("bob", "access_denied", 4)
     assert [r["identity"] for r in log_events(daemon, "put_requested")] == ["alice"]
     assert isinstance(bob.ask(lambda i: p.ReadRequest(id=i, pv=count)), p.Snapshot)
