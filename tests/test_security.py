@@ -438,3 +438,24 @@ def test_a_signal_is_told_its_pv_is_refused_and_asks_again_after_a_reload(
         assert isinstance(signal_again.get(), float)
     finally:
         close_hubs()
+
+
+# --- a put's read-back ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, delay", [("count", None), ("slow", 0.3)])
+def test_a_sets_answer_carries_the_value_read_after_its_completion(zoo_ioc, hub_factory, peers, name, delay):
+    """The read-back travels right behind the put: for a put the IOC completes at once its
+    answer is the read-back; for one that completes later (``slow``) it came too early, and
+    the value is read again after the completion."""
+    daemon = hub_factory(zoo_ioc)
+    client = peers(daemon.address)
+    assert client.hello()
+    pv = zoo_ioc.pv(name)
+    if delay is not None:
+        client.connect(zoo_ioc.pv("slow_delay"))
+        assert isinstance(client.ask(lambda i: p.SetRequest(id=i, pv=zoo_ioc.pv("slow_delay"), value=delay)), p.SetDone)
+    client.connect(pv)
+    for value in (3, 4, 5):
+        done = client.ask(lambda i, v=value: p.SetRequest(id=i, pv=pv, value=v), timeout=10)
+        assert isinstance(done, p.SetDone) and done.reading is not None and done.reading.value == value
