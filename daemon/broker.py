@@ -282,7 +282,7 @@ class Broker:
 
     def _drain_clients(self, ctx: "_LoopContext") -> None:
         batch: list = []
-        self._put_logs: list[tuple[str, dict]] = []
+        self._put_logs = []
         secure = self._security is not None
         try:
             for _ in range(1000):  # bounded, so actors and reaping get their turn
@@ -323,8 +323,8 @@ class Broker:
             return [ToClient(client, error_reply(getattr(message, "id", 0), InternalError(repr(exc))))]
         if isinstance(message, p.SetRequest):  # every write, and who asked, whatever came of it
             record = ctx.router.clients.get(client)
-            refusal = next((e.message for e in effects if isinstance(e, ToClient) and e.message.id == message.id
-                            and isinstance(e.message, p.ErrorReply)), None)
+            refusal = next((e.message for e in effects if isinstance(e, ToClient)
+                            and isinstance(e.message, p.ErrorReply) and e.message.id == message.id), None)
             self._put_logs.append(("put_requested" if refusal is None else "put_refused", dict(
                 client=client.hex(), name=record.name if record else "", identity=identity, pv=message.pv,
                 value=loggable(message.value),
@@ -334,7 +334,8 @@ class Broker:
     def _refuse(self, ctx: "_LoopContext", client: bytes, payload: bytes, exc: ProtocolError) -> None:
         request_id = p.salvage_id(payload)
         self.log.warning("bad_message", client=client.hex(), error=str(exc))
-        self._to_client(ctx, client, p.encode(error_reply(request_id, exc)), None)
+        reply = error_reply(request_id, exc)
+        self._to_client(ctx, client, p.encode(reply), reply)
 
     def _drain_actors(self, ctx: "_LoopContext") -> None:
         for _ in range(1000):
@@ -421,8 +422,7 @@ class Broker:
             elif isinstance(effect, Stalled):
                 self.log.warning("daemon_stalled", seconds=round(effect.seconds, 1))
 
-
-    def _to_client(self, ctx: "_LoopContext", client: bytes, payload: bytes, message: p.Message | None) -> None:
+    def _to_client(self, ctx: "_LoopContext", client: bytes, payload: bytes, message: p.Message) -> None:
         """Send one reply. A client that is gone loses it (nobody waits for it); one whose
         queue is full is told in its next pong which final replies it lost."""
         try:
@@ -430,7 +430,7 @@ class Broker:
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 return
-            if message is not None and isinstance(message, p.FINAL_REPLIES) and not isinstance(message, p.Pong):
+            if isinstance(message, p.FINAL_REPLIES) and not isinstance(message, p.Pong):
                 ctx.router.reply_lost(client, message.id)  # type: ignore[attr-defined]
             self.log.warning("reply_not_delivered", client=client.hex(), error=str(exc))
 

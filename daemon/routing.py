@@ -519,11 +519,11 @@ class Router:
         if record is not None and record.inflight.pop((client, request_id), None) is not None:
             self._settled(client)
 
-    def _settled(self, client: bytes, count: int = 1) -> None:
-        """``count`` requests of ``client`` were finally answered (Rule 8's in-flight bound)."""
+    def _settled(self, client: bytes) -> None:
+        """A request of ``client`` was finally answered (Rule 8's in-flight bound)."""
         record = self.clients.get(client)
         if record is not None:
-            record.inflight = max(0, record.inflight - count)
+            record.inflight = max(0, record.inflight - 1)
 
     def reply_lost(self, client: bytes, request_id: int) -> None:
         """The final reply to ``request_id`` could not be queued for ``client``: its next pong
@@ -725,7 +725,8 @@ class Router:
 
     def _release_unconnected(self, now: float) -> list[Effect]:
         """Rule 8: PVs adopted ``release_unconnected_s`` ago that never connected since."""
-        released: dict[str, list[str]] = {}
+        released: list[str] = []
+        to_actors: dict[str, list[str]] = {}
         while self._searches and self._searches[0][0] <= now:
             _, pv, adopted = self._searches.popleft()
             pv_record = self.pvs.get(pv)
@@ -735,14 +736,13 @@ class Router:
             record = self.actors[pv_record.actor]
             del self.pvs[pv]
             record.pvs.discard(pv)
-            if record.ready:
-                released.setdefault(record.identity, []).append(pv)
-        effects: list[Effect] = []
+            released.append(pv)
+            if record.ready:  # one not ready adopts what it still owns when it is
+                to_actors.setdefault(record.identity, []).append(pv)
+        effects: list[Effect] = [Release(identity, tuple(pvs)) for identity, pvs in to_actors.items()]
         seconds = self.config.limits.release_unconnected_s
-        for identity, pvs in released.items():
-            effects.append(Release(identity, tuple(pvs)))
-            reason = f"no IOC answered for {seconds:g} s: the daemon released it (a new request searches again)"
-            effects.extend(Announce(p.topic(pv), p.PvLost(pv=pv, reason=reason)) for pv in pvs)
+        reason = f"no IOC answered for {seconds:g} s: the daemon released it (a new request searches again)"
+        effects.extend(Announce(p.topic(pv), p.PvLost(pv=pv, reason=reason)) for pv in released)
         return effects
 
     # --- stopping --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import structlog
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from pvhub import protocol as p
@@ -38,6 +39,8 @@ from pvhub.keys import ClientKeys, load_client_keys, load_secret
 log = structlog.get_logger("pvhub.daemon")
 
 REFUSAL_WINDOW_S = 10.0
+# A readings socket not bound again after this long is logged at every try (an error).
+REBIND_WARNING_S = 2.0
 REFUSALS_PER_WINDOW = 10
 _HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -103,10 +106,6 @@ class KeyAuthenticator(ThreadAuthenticator):
         self.identities = frozenset(clients.keys.values())
         return clients
 
-    @property
-    def clients(self) -> int:
-        return len(self._names)
-
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         self._address = msg[3].decode(errors="replace") if len(msg) > 3 else ""
         mechanism = msg[5] if len(msg) > 5 else b""
@@ -119,18 +118,13 @@ class KeyAuthenticator(ThreadAuthenticator):
         await super().handle_zap_message(msg)
 
     async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
-        from zmq.utils import z85
-
-        name = self._names.get(z85.encode(client_key))
-        if name is None:
-            self._refusals.refused_connection("unknown_key", address=self._address,
-                                              key=z85.encode(client_key).decode())
+        key = z85.encode(client_key)
+        if key not in self._names:
+            self._refusals.refused_connection("unknown_key", address=self._address, key=key.decode())
             return False, b"Unknown key"
         return True, b"OK"
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        from zmq.utils import z85
-
         return self._names.get(z85.encode(client_public_key), "")
 
 
@@ -139,7 +133,6 @@ class Security:
 
     def __init__(self, context: zmq.Context, config: Config) -> None:
         assert config.security is not None
-        self.config = config.security
         self.refusals = RefusalLog()
         # Checked before anything starts: a readable secret key stops the daemon (KeyFileError).
         self.public, self.secret = load_secret(config.security.server_key)
@@ -171,7 +164,8 @@ class Security:
         sock.curve_server = True
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 0)
         monitor = _RefusalMonitor(sock, name, self.refusals)
-        self._monitors.append(monitor)
+        # Those of sockets closed since (a readings socket bound anew) have ended.
+        self._monitors = [m for m in self._monitors if m.running] + [monitor]
         monitor.start()
 
     def stop(self) -> None:
@@ -201,6 +195,10 @@ class _RefusalMonitor:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self._thread.join(timeout=0.5)
@@ -317,27 +315,34 @@ class ReadingsForwarder:
         poller.register(xsub, zmq.POLLIN)
         poller.register(xpub, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        unbound_since: float | None = None  # the readings socket is being bound anew
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(1000))
+                # Unbound: try again soon, then (past REBIND_WARNING_S, logging) once a second.
+                quick = xpub is None and time.monotonic() - (unbound_since or 0.0) < REBIND_WARNING_S
+                ready = dict(poller.poll(50 if quick else 1000))
                 if wake in ready:
                     while wake.poll(0):
                         wake.recv()
                 if xsub in ready:
                     self._forward(xsub, xpub)
-                if xpub in ready:
+                if xpub is not None and xpub in ready:
                     self._vet(xpub, xsub)
-                if self._revet.is_set() and not self._stop.is_set():
+                if self._revet.is_set() and xpub is not None:
                     self._revet.clear()
                     poller.unregister(xpub)
                     xpub.close(linger=0)
-                    xpub = self._rebind()
-                    poller.register(xpub, zmq.POLLIN)
+                    xpub, unbound_since = None, time.monotonic()
+                if xpub is None and not self._stop.is_set():
+                    xpub = self._rebind(unbound_since)
+                    if xpub is not None:
+                        poller.register(xpub, zmq.POLLIN)
         except zmq.ContextTerminated:
             pass
         finally:
             xsub.close()
-            xpub.close()
+            if xpub is not None:
+                xpub.close()
             wake.close()
 
     def _outward_socket(self, endpoint: str) -> zmq.Socket:
@@ -357,27 +362,28 @@ class ReadingsForwarder:
             raise
         return xpub
 
-    def _rebind(self) -> zmq.Socket:
-        """The same endpoint again: its port may be a moment in releasing."""
-        deadline = time.monotonic() + 5.0
-        while True:
-            try:
-                xpub = self._outward_socket(self._endpoint)
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-                continue
-            log.info("readings_rebound", endpoint=self._endpoint, reason=self._revet_reason)
-            return xpub
+    def _rebind(self, since: float | None) -> zmq.Socket | None:
+        """The same endpoint again, or None (tried again on the loop's next pass: the port may
+        be a moment in releasing). Readings meanwhile reach nobody, and clients see the gap."""
+        try:
+            xpub = self._outward_socket(self._endpoint)
+        except zmq.ZMQError as exc:
+            waited = time.monotonic() - (since or 0.0)
+            if exc.errno != zmq.EADDRINUSE or waited > REBIND_WARNING_S:
+                log.error("readings_not_rebound", endpoint=self._endpoint, error=str(exc), waited=round(waited, 1))
+            return None
+        log.info("readings_rebound", endpoint=self._endpoint, reason=self._revet_reason)
+        return xpub
 
     @staticmethod
-    def _forward(xsub: zmq.Socket, xpub: zmq.Socket) -> None:
+    def _forward(xsub: zmq.Socket, xpub: zmq.Socket | None) -> None:
         for _ in range(2000):  # bounded, so subscriptions get their turn
             try:
                 frames = xsub.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            if xpub is None:
+                continue  # being bound anew: nobody could take it
             try:
                 xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.Again:

@@ -52,10 +52,12 @@ class Rule:
     read: bool | None  # None: this rule says nothing about reading
     write: bool | None
 
+    def names(self, identity: str, groups_of: frozenset[str]) -> bool:
+        """Whether ``who`` takes in ``identity`` (a member of ``groups_of``)."""
+        return any(w == "*" or w == identity or (w[0] == "@" and w[1:] in groups_of) for w in self.who)
+
     def matches(self, identity: str, groups_of: frozenset[str], pv: str) -> bool:
-        if not any(w == "*" or w == identity or (w[0] == "@" and w[1:] in groups_of) for w in self.who):
-            return False
-        return any(fnmatch.fnmatchcase(pv, pattern) for pattern in self.pvs)
+        return self.names(identity, groups_of) and any(fnmatch.fnmatchcase(pv, pattern) for pattern in self.pvs)
 
 
 @dataclass
@@ -96,12 +98,7 @@ class AccessRules:
         if not self.default_read:
             return False
         groups = self._member_of.get(identity, frozenset())
-        for rule in self.rules:
-            if rule.read is False and any(
-                w == "*" or w == identity or (w[0] == "@" and w[1:] in groups) for w in rule.who
-            ):
-                return False
-        return True
+        return not any(rule.read is False and rule.names(identity, groups) for rule in self.rules)
 
     def _rights(self, identity: str, pv: str) -> tuple[bool, bool]:
         key = (identity, pv)

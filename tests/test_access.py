@@ -356,3 +356,12 @@ def test_a_client_name_is_kept_short():
     router = make_router()
     send(router, p.HelloRequest(id=1, client="n" * 1_000_000))
     assert len(router.clients[ALICE].name) == MAX_CLIENT_NAME
+
+
+def test_a_pv_released_while_its_actor_restarts_is_still_announced_to_its_subscribers():
+    router = make_router(limits=Limits(release_unconnected_s=30))
+    send(router, p.ReadRequest(id=1, pv="N:none"), now=10.0)  # its actor never says it is ready
+    effects = router.tick(40.5)
+    assert not [e for e in effects if isinstance(e, Release)]  # nobody to tell: it never adopted it
+    assert [e.topic for e in effects if isinstance(e, Announce)] == [p.topic("N:none")]
+    assert "N:none" not in router.pvs

@@ -177,6 +177,7 @@ class Attacker:
 @pytest.fixture
 def zmq_context():
     ctx = zmq.Context()
+    ctx.setsockopt(zmq.LINGER, 0)  # every socket made from it: nothing waits at close
     yield ctx
     ctx.destroy(linger=0)
 
@@ -429,7 +430,6 @@ def port_of(endpoint: str) -> int:
 def test_raw_garbage_on_the_request_and_readings_ports_harms_nobody(hub, attacker, prefix, zmq_context):
     hello = attacker.ask(p.HelloRequest(id=1, client="attacker"))
     subscriber = zmq_context.socket(zmq.SUB)
-    subscriber.setsockopt(zmq.LINGER, 0)
     subscriber.connect(hello.readings)
     subscriber.setsockopt(zmq.SUBSCRIBE, p.topic(f"{prefix}fast"))
     wait_connected(attacker, f"{prefix}fast")
@@ -460,11 +460,9 @@ def test_garbage_subscription_frames_on_the_readings_socket_harm_nobody(hub, att
     wait_connected(attacker, f"{prefix}fast")
     # An XSUB may send anything upstream; only frames starting 0x00 or 0x01 are (un)subscriptions.
     rogue = zmq_context.socket(zmq.XSUB)
-    rogue.setsockopt(zmq.LINGER, 0)
     rogue.connect(hello.readings)
     # A peer of a type the XPUB does not pair with: its handshake fails.
     wrong_type = zmq_context.socket(zmq.PUB)
-    wrong_type.setsockopt(zmq.LINGER, 0)
     wrong_type.connect(hello.readings)
     for frame in [b"", b"\x02junk", b"no prefix", b"\xff" * 1000, b"\x01" + b"x" * 100_000, b"\x00never subscribed"]:
         rogue.send(frame)
@@ -474,7 +472,6 @@ def test_garbage_subscription_frames_on_the_readings_socket_harm_nobody(hub, att
     wrong_type.send_multipart([p.topic(f"{prefix}fast"), b"a fake reading"])
     # A well-behaved subscriber still gets real readings, and only real ones.
     good = zmq_context.socket(zmq.SUB)
-    good.setsockopt(zmq.LINGER, 0)
     good.connect(hello.readings)
     good.setsockopt(zmq.SUBSCRIBE, p.topic(f"{prefix}fast"))
     try:
@@ -500,7 +497,6 @@ def test_garbage_subscription_frames_on_the_readings_socket_harm_nobody(hub, att
 def test_a_client_that_never_reads_does_not_stop_another(hub, attacker, prefix, zmq_context):
     wait_connected(attacker, f"{prefix}dt")
     hoarder = zmq_context.socket(zmq.DEALER)
-    hoarder.setsockopt(zmq.LINGER, 0)
     hoarder.setsockopt(zmq.RCVHWM, 10)  # its answers pile up in the daemon, not here
     hoarder.setsockopt(zmq.SNDTIMEO, 10_000)
     hoarder.connect(hub.address)

@@ -9,7 +9,7 @@ import pytest
 
 from pvhub import __version__
 from pvhub import protocol as p
-from pvhub.config import Config
+from pvhub.config import Config, Limits
 from pvhub.daemon.routing import (
     ACTOR_STARTUP_TIMEOUT,
     Adopt,
@@ -690,7 +690,7 @@ def test_a_killed_actor_that_exits_is_answered_for_and_restarted():
 
 
 def test_a_dead_actor_awaiting_its_restart_is_not_killed():
-    router = make_router()
+    router = make_router(limits=Limits(release_unconnected_s=0))  # its PV never connects: kept
     actor = running(router)
     router.actor_exited(actor, returncode=1, now=11.0)
     router.actor_exited(actor, returncode=1, now=11.5)
