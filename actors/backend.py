@@ -1,57 +1,67 @@
-"""The Channel Access edge of an actor: caproto's threading client, turned into events.
+"""The Channel Access edge of an actor: a client on caproto's sans-I/O core, in the actor's loop.
 
 Rule 1: this is the only module that speaks Channel Access. It decides nothing: every
-callback becomes an event on the actor's queue, and the actor's state machine decides.
-Rule 2: nothing here blocks the actor loop. caproto's ``PV.read``/``PV.write`` wait for a
-connection first (its ``ensure_connected``); we call the undecorated methods, so a put on a
-channel that just dropped fails at once instead of being sent later, when nobody expects it.
-Rule 3: a put's outcome comes from the IOC's put-completion (WRITE_NOTIFY). caproto's
-threading client drops the IOC's ``ErrorResponse`` to a put on the floor; we route it to the
-put's callback, so a refused put fails instead of hanging.
-Rule 4: we acknowledge every TCP segment from an IOC at once (``TCP_QUICKACK`` after each
+response becomes an event on the actor's queue, and the actor's state machine decides.
+Rule 2: one thread, no waiting. The actor loop polls our sockets beside its ZeroMQ ones and
+hands us what is ready (``service``) and the time (``tick``). A request (a put, a read) is
+on the wire when ``put``/``read`` returns, or in its circuit's send buffer while the kernel's
+is full. There is no thread hand-off on any path: a put costs the IOC's round trip and the
+loop's own work.
+Rule 3: caproto keeps the protocol's state (each circuit's and channel's state machine, ids)
+and parses every response but one: a monitor update in the DBR_TIME form we subscribed with
+is read straight from the received bytes (``_TIME_LAYOUT``), since it is nearly all a busy
+actor receives. Its value, timestamp, status and severity are exactly what caproto would
+give (same types, big-endian arrays, timestamps cut to the microsecond as caproto does).
+Rule 4: a put's outcome comes from the IOC's WRITE_NOTIFY answer or its ErrorResponse, and
+it is sent once. When a channel or its circuit drops, what was in flight is forgotten here:
+the state machine answers it (its outcome unknown) as it hears of the disconnection.
+Rule 5: we acknowledge every TCP segment from an IOC at once (``TCP_QUICKACK`` after each
 receive). caproto's own IOC server leaves Nagle's algorithm on (EPICS base's rsrv turns it
 off), so it holds a small reply until its previous one is acknowledged, and Linux delays an
-acknowledgement by 40 ms or more when the receiver looks interactive. The actor's put meets
-exactly that: the IOC answers WRITE_NOTIFY, and holds the monitor update the write caused;
-our read-back request acknowledges the answer and releases the update; the read-back's reply
-then waits behind the unacknowledged update for our delayed ACK. ``bench/nagle_probe.py``
-shows the sequence and its variations. Against an IOC with ``TCP_NODELAY`` this costs one
-empty ACK per receive and changes nothing else.
-Rule 5: our callbacks run on caproto's selector thread, as the bytes are parsed (caproto
-hands each to a per-circuit thread pool otherwise). They only turn a response into an event
-and, at most, send one small request, so they never block; and the pool's queue, which
-holds each response and with it the receive buffer it points into, no longer grows without
-bound when the actor falls behind a burst of thousands of updating PVs (it reached
-gigabytes): the socket's own buffer and TCP's flow control hold what we have not read, and
-the IOC coalesces monitor updates for a slow client, as Channel Access intends. It also
-saves a thread hop per response.
-Rule 6: caproto parses what one receive brought by slicing the rest of it off, as a new
-bytes object, after each command, and every response points into the rest it came from: a
-receive of megabytes (all a busy socket holds, after a burst of thousands of PVs) costs time
-quadratic in its size and pins copies of it. We hand caproto at most ``_PARSE_SLICE`` bytes at
-a time, which bounds both.
-Rule 7: a channel's monitor is asked for the moment the channel connects. caproto queues a
-connected channel's subscriptions for its activation thread only after the connection
-callbacks have run, so a wake-up from a callback comes too early and the thread sleeps its
-period out (0.1 s: half of all first values took 100 ms); we wake it after the queueing.
-Rule 8: a put's read-back travels right behind it. An IOC answers one circuit's requests in
-the order it handles them, so a read answered after the put's completion was read after it
-and is the read-back: the put costs one round trip. A read answered first (an asynchronous
-record: a motor, a busy record) read the value from before the completion; another read
-follows the completion then.
+acknowledgement by 40 ms or more when the receiver looks interactive. A put meets exactly
+that: the IOC answers WRITE_NOTIFY and holds the monitor update the write caused, and the
+read-back's reply waits behind it for our delayed ACK (``bench/nagle_probe.py``). Against
+an IOC with ``TCP_NODELAY`` this costs one empty ACK per receive and changes nothing else.
+Rule 6: a put's read-back travels right behind it. An IOC answers one circuit's requests in
+order, so a read answered after the put's completion was read after it and is the read-back:
+the put costs one round trip. A read answered first (an asynchronous record: a motor, a busy
+record) read the value from before the completion; another read follows the completion.
+Rule 7: searching. A name is searched at once, then again after ``MIN_RETRY`` seconds,
+doubling up to ``MAX_RETRY`` (caproto's client settings, from the same environment
+variables), until a server answers; a name whose circuit or channel drops starts again from
+the shortest interval. Searches wait in a heap by due time, so a tick costs what is due, not
+what is searched. The first server to answer a name gets it.
+Rule 8: liveness. A circuit silent for ``EPICS_CA_CONN_TMO`` seconds is sent an echo; still
+silent ``min(5 s, EPICS_CA_CONN_TMO)`` later, it is dropped and its names searched again. No
+beacons are watched: an IOC that comes back is found by the next search, within
+``MAX_RETRY`` seconds.
+Rule 9: bounds. A circuit's receive buffer holds at most one incomplete message, which may
+not claim more than ``MAX_MESSAGE_BYTES``; a circuit that announces more is dropped. The
+loop reads our sockets only while its event queue is short (``service`` is not called
+otherwise), so an IOC faster than the actor is held back by TCP, and EPICS servers coalesce
+monitor updates for a slow client, as Channel Access intends.
 """
 
 from __future__ import annotations
 
+import errno
+import getpass
+import heapq
+import itertools
+import os
 import socket
-import threading
+import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import caproto
+import numpy as np
 import structlog
+import zmq
 from caproto import ChannelType
-from caproto.threading import client as ca_client
+from caproto._numpy_backend import type_map as _CAPROTO_DTYPES
+from caproto.client import common as _ca_common
 
 from pvhub import protocol as p
 
@@ -171,155 +181,6 @@ def metadata_of(response: Any, native: ChannelType, count: int, host: str) -> p.
     return out
 
 
-def _route_error_responses(manager_cls: type) -> None:
-    """Give caproto's threading client the put-failure path it lacks (see Rule 3)."""
-    if getattr(manager_cls, "_pvhub_routes_errors", False):
-        return
-    original = manager_cls._process_command
-
-    def _process_command(self: Any, command: Any) -> Any:
-        if isinstance(command, caproto.ErrorResponse):
-            # The original request travels back as a bare header: parameter2 is its ioid.
-            ioid = getattr(command.original_request, "parameter2", None)
-            info = self.ioids.pop(ioid, None) if ioid is not None else None
-            callback = info.get("callback") if info else None
-            if callback is not None:
-                self.user_callback_executor.submit(callback, command)
-                return None
-        return original(self, command)
-
-    manager_cls._process_command = _process_command
-    manager_cls._pvhub_routes_errors = True
-
-
-_route_error_responses(ca_client.VirtualCircuitManager)
-
-# Linux only; elsewhere delayed acknowledgements are left to the system (Rule 4).
-_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-
-
-def _acknowledge_at_once(manager_cls: type) -> None:
-    """Make caproto's circuits acknowledge every receipt without delay (see Rule 4).
-
-    ``received`` runs on caproto's selector thread right after its ``recv``, before the bytes
-    are parsed, so the ACK leaves as early as user space can send it. Linux re-arms delayed
-    acknowledgement whenever we send soon after receiving, hence the option on every receipt,
-    not once per socket.
-    """
-    if _TCP_QUICKACK is None or getattr(manager_cls, "_pvhub_acks_at_once", False):
-        return
-    original = manager_cls.received
-    option = _TCP_QUICKACK
-
-    def received(self: Any, bytes_recv: bytes, address: Any) -> Any:
-        sock = self.socket
-        if bytes_recv and sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, option, 1)
-            except OSError as exc:
-                # The socket closed under us: the next receive reports the disconnection, and
-                # an ACK for a dead circuit is nothing lost.
-                log.debug("quickack_not_set", error=str(exc))
-        return original(self, bytes_recv, address)
-
-    manager_cls.received = received
-    manager_cls._pvhub_acks_at_once = True
-
-
-_acknowledge_at_once(ca_client.VirtualCircuitManager)
-
-
-_PARSE_SLICE = 64 * 1024
-
-
-def _parse_in_slices(manager_cls: type) -> None:
-    """Feed caproto's parser at most ``_PARSE_SLICE`` bytes at a time (Rule 6)."""
-    if getattr(manager_cls, "_pvhub_parses_in_slices", False):
-        return
-    original = manager_cls.received
-
-    def received(self: Any, bytes_recv: bytes, address: Any) -> Any:
-        if len(bytes_recv) <= _PARSE_SLICE:
-            return original(self, bytes_recv, address)
-        result = None
-        view = memoryview(bytes_recv)
-        for start in range(0, len(bytes_recv), _PARSE_SLICE):
-            # A command cut in two waits in the circuit's buffer for its second half.
-            result = original(self, bytes(view[start:start + _PARSE_SLICE]), address)
-        return result
-
-    manager_cls.received = received
-    manager_cls._pvhub_parses_in_slices = True
-
-
-_parse_in_slices(ca_client.VirtualCircuitManager)
-
-
-class _InlineExecutor:
-    """Runs a callback at once, on the thread that submits it (Rule 5): the selector's."""
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception:  # as the pool would: one callback's failure stops nothing else
-            log.exception("callback_failed", callback=repr(fn))
-
-    def shutdown(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-def _callbacks_inline(manager_cls: type) -> None:
-    """Give every circuit an inline executor in place of its thread pool (Rule 5)."""
-    if getattr(manager_cls, "_pvhub_callbacks_inline", False):
-        return
-    original = manager_cls.__init__
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        pool = self.user_callback_executor
-        self.user_callback_executor = _InlineExecutor()
-        pool.shutdown(wait=False)  # it has started no thread yet: it starts them on submit
-
-    manager_cls.__init__ = __init__
-    manager_cls._pvhub_callbacks_inline = True
-
-
-_callbacks_inline(ca_client.VirtualCircuitManager)
-
-
-def _activate_on_connect(pv_cls: type) -> None:
-    """Wake caproto's subscription activation once a connected channel's subscriptions are
-    queued for it (Rule 7)."""
-    if getattr(pv_cls, "_pvhub_activates_on_connect", False):
-        return
-    original = pv_cls.connection_state_changed
-
-    def connection_state_changed(self: Any, state: str, channel: Any) -> Any:
-        result = original(self, state, channel)
-        if state == "connected":
-            manager = self.circuit_manager
-            if manager is not None:
-                manager.context.activate_subscriptions_now.set()
-        return result
-
-    pv_cls.connection_state_changed = connection_state_changed
-    pv_cls._pvhub_activates_on_connect = True
-
-
-_activate_on_connect(ca_client.PV)
-
-
-@dataclass
-class _PutRace:
-    """A put and its pipelined read-back (Rule 8): which answered, and whether the put's
-    event is out. Touched by the actor thread (sending) and caproto's selector thread."""
-
-    read_pending: bool = False
-    completed: bool = False
-    finished: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
 def _put_error(response: Any) -> str | None:
     """Why a put's completion says it failed, or None."""
     if isinstance(response, caproto.ErrorResponse):
@@ -330,184 +191,659 @@ def _put_error(response: Any) -> str | None:
     return None
 
 
-class ChannelAccessBackend:
-    """Owns a caproto context and the channels of one actor's PVs."""
 
-    def __init__(self, emit: Callable[[Event], None]) -> None:
+# --- the wire -----------------------------------------------------------------------------------
+
+_HEADER = struct.Struct(">HHHHII")  # command, payload size, data type, data count, p1, p2
+_EXTENDED = struct.Struct(">II")  # payload size, data count: after a header saying 0xFFFF, 0
+_TIME_HEAD = struct.Struct(">hhII")  # status, severity, seconds and nanoseconds past 1990
+_EVENT_ADD = 1
+_ECA_NORMAL = 1
+_EPICS_EPOCH = 631152000.0  # 1990-01-01 in Unix seconds
+_SCALAR = {
+    ChannelType.INT: struct.Struct(">h"),
+    ChannelType.FLOAT: struct.Struct(">f"),
+    ChannelType.ENUM: struct.Struct(">H"),
+    ChannelType.CHAR: struct.Struct(">B"),
+    ChannelType.LONG: struct.Struct(">i"),
+    ChannelType.DOUBLE: struct.Struct(">d"),
+}
+# A DBR_TIME_<native> payload: where its value starts past the status, severity and stamp
+# (the padding EPICS puts there, per type), and the native type (Rule 3).
+_TIME_LAYOUT: dict[int, tuple[int, ChannelType]] = {
+    ChannelType.TIME_STRING: (12, ChannelType.STRING),
+    ChannelType.TIME_INT: (14, ChannelType.INT),
+    ChannelType.TIME_FLOAT: (12, ChannelType.FLOAT),
+    ChannelType.TIME_ENUM: (14, ChannelType.ENUM),
+    ChannelType.TIME_CHAR: (15, ChannelType.CHAR),
+    ChannelType.TIME_LONG: (12, ChannelType.LONG),
+    ChannelType.TIME_DOUBLE: (16, ChannelType.DOUBLE),
+}
+_STRING_BYTES = 40
+
+# A message's payload may not claim more (Rule 9): twice the largest array the daemon carries.
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+_RECV_BYTES = 256 * 1024
+MIN_RETRY = _ca_common.MIN_RETRY_SEARCHES_INTERVAL
+MAX_RETRY = _ca_common.MAX_RETRY_SEARCHES_INTERVAL
+SEARCH_DATAGRAM_BYTES = 1472  # one Ethernet frame
+CONNECT_TIMEOUT = 5.0
+LIVENESS_PERIOD = 0.5
+_CREATE_FAILED_RETRY = 1.0
+
+_POLLIN, _POLLOUT, _POLLERR = zmq.POLLIN, zmq.POLLOUT, zmq.POLLERR
+
+# Linux only; elsewhere delayed acknowledgements are left to the system (Rule 5).
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def _conn_timeout() -> float:
+    try:
+        return max(0.1, float(os.environ.get("EPICS_CA_CONN_TMO", "30")))
+    except ValueError:
+        return 30.0
+
+
+def time_reading(buf: bytearray, start: int, size: int, data_type: int, count: int) -> p.Reading | None:
+    """The reading in the DBR_TIME payload of ``size`` bytes at ``buf[start:]``, or None for
+    another type."""
+    layout = _TIME_LAYOUT.get(data_type)
+    if layout is None or count < 1:
+        return None
+    offset, native = layout
+    item = _STRING_BYTES if native == ChannelType.STRING else _SCALAR[native].size
+    if size < offset + item * count:
+        return None  # shorter than it says: caproto's parser says what is wrong with it
+    status, severity, seconds, nanoseconds = _TIME_HEAD.unpack_from(buf, start)
+    at = start + offset
+    if native == ChannelType.STRING:
+        items = [_text(bytes(buf[at + i * _STRING_BYTES:at + (i + 1) * _STRING_BYTES])) for i in range(count)]
+        value: Any = items[0] if count == 1 else items
+    elif count == 1:
+        value = _SCALAR[native].unpack_from(buf, at)[0]
+    else:
+        value = np.frombuffer(buf, dtype=_CAPROTO_DTYPES[native], count=count, offset=at).copy()
+    # As caproto's TimeStamp.timestamp: cut to the microsecond.
+    timestamp = _EPICS_EPOCH + seconds + 1.0e-6 * int(1.0e-3 * nanoseconds)
+    return p.Reading(value=value, timestamp=timestamp, severity=severity, status=status)
+
+
+# --- our state of channels and circuits ---------------------------------------------------------
+
+
+@dataclass
+class _PutRace:
+    """A put and its pipelined read-back (Rule 6): which answered, and whether it is over."""
+
+    read_pending: bool = True
+    completed: bool = False
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class _Channel:
+    name: str
+    search_id: int | None = None
+    interval: float = MIN_RETRY
+    circuit: _Circuit | None = None
+    ca: Any = None  # caproto's ClientChannel, once its circuit is up
+    connected: bool = False
+    subscription: int | None = None
+
+
+@dataclass(eq=False)
+class _Circuit:
+    address: tuple[str, int]
+    sock: socket.socket
+    core: Any  # caproto's VirtualCircuit
+    started: float
+    connected: bool = False  # the TCP connection is up
+    ready: bool = False  # and the IOC has told its version: channels may be created
+    waiting: list[_Channel] = field(default_factory=list)  # to create once ready
+    by_cid: dict[int, _Channel] = field(default_factory=dict)
+    by_subscription: dict[int, _Channel] = field(default_factory=dict)
+    # ioid -> (the channel, what to do with the answer)
+    operations: dict[int, tuple[_Channel, Callable[[Any], None]]] = field(default_factory=dict)
+    inbox: bytearray = field(default_factory=bytearray)
+    outbox: bytearray = field(default_factory=bytearray)
+    last_heard: float = 0.0
+    echo_sent: float | None = None
+
+    @property
+    def host(self) -> str:
+        return "%s:%d" % self.address
+
+
+class ChannelAccessBackend:
+    """The Channel Access client of one actor: its search socket, circuits and channels.
+
+    ``watch(fd, flags)`` is the actor loop's poller registration (``flags`` 0: forget the fd);
+    ``emit`` takes each event.
+    """
+
+    def __init__(self, emit: Callable[[Event], None], watch: Callable[[int, int], None]) -> None:
         self._emit = emit
-        self._context = ca_client.Context()
-        self._pvs: dict[str, Any] = {}
-        self._subscriptions: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._watch = watch
+        self._channels: dict[str, _Channel] = {}
+        self._circuits: dict[tuple[str, int], _Circuit] = {}
+        self._by_fd: dict[int, _Circuit] = {}
+        self._searching: dict[int, _Channel] = {}  # search id -> channel
+        self._due: list[tuple[float, int]] = []  # (when, search id): a heap (Rule 7)
+        self._search_ids = itertools.count(1)
+        self._servers = caproto.get_client_address_list()
+        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        self._udp.setblocking(False)
+        self._udp.bind(("", 0))
+        self._watch(self._udp.fileno(), _POLLIN)
+        self._conn_timeout = _conn_timeout()
+        self._echo_timeout = min(5.0, self._conn_timeout)
+        self._next_liveness = 0.0
+        self._host_name = socket.gethostname()
+        try:
+            self._user = getpass.getuser()
+        except Exception:  # no user name in this environment: the IOC only logs it
+            self._user = "pvhub"
+
+    # --- what the actor asks -------------------------------------------------------------------
 
     def add(self, name: str) -> None:
-        (pv,) = self._context.get_pvs(
-            name,
-            connection_state_callback=self._on_connection,
-            access_rights_callback=self._on_access,
-            timeout=None,
-        )
-        self._pvs[name] = pv
-        subscription = pv.subscribe(data_type="time")
-        subscription.add_callback(self._on_monitor)
-        self._subscriptions[name] = subscription
+        """Connect ``name`` and keep it monitored (searched at the next ``tick``)."""
+        if name in self._channels:
+            return
+        channel = _Channel(name)
+        self._channels[name] = channel
+        self._search(channel, delay=0.0)
 
     def remove(self, name: str) -> None:
-        """Forget ``name``: its searches stop, its monitor is cleared, and a later ``add``
-        starts afresh."""
-        pv = self._pvs.pop(name, None)
-        subscription = self._subscriptions.pop(name, None)
-        if subscription is not None:
-            try:
-                subscription.clear()
-            except Exception as exc:
-                log.warning("monitor_not_cleared", pv=name, error=str(exc))
-        self._context.broadcaster.cancel(name)
-        if pv is not None:
-            self._context.pvs.pop((name, pv.priority), None)
-
-    # --- callbacks from caproto's threads ----------------------------------------------------
-
-    def _on_connection(self, pv: Any, state: str) -> None:
-        connected = state == "connected"
-        self._emit(ConnectionEvent(pv.name, connected))
-        if connected:
-            # Its monitor is asked for as soon as caproto has queued it (Rule 7).
-            self._read_metadata(pv)
-
-    def _on_access(self, pv: Any, rights: Any) -> None:
-        self._emit(
-            AccessEvent(
-                pv.name,
-                read_access=bool(rights & caproto.AccessRights.READ),
-                write_access=bool(rights & caproto.AccessRights.WRITE),
-            )
-        )
-
-    def _on_monitor(self, sub: Any, response: Any) -> None:
-        # caproto keeps each subscription's last response (for callbacks added later, which
-        # we never do), twice; it pins the receive buffer the response points into, one per
-        # PV: 350 kB per updating PV measured. The reading below is a copy: let it go.
-        sub._last_call_values = None
-        sub.most_recent_response = None
-        pv = sub.pv
-        channel = pv.channel
+        """Forget ``name``: its searches stop, its channel is cleared; a later ``add`` starts
+        afresh."""
+        channel = self._channels.pop(name, None)
         if channel is None:
             return
-        self._emit(ReadingEvent(pv.name, reading_of(response, channel.native_data_type)))
-
-    def _read_metadata(self, pv: Any) -> None:
-        channel = pv.channel
-        native = channel.native_data_type
-        count = channel.native_data_count
-        host = "%s:%d" % pv.circuit_manager.circuit.address
-
-        def on_control(response: Any) -> None:
-            if isinstance(response, caproto.ErrorResponse):
-                log.warning("metadata_read_refused", pv=pv.name, error=_text(bytes(response.error_message)))
-                return
-            self._emit(MetadataEvent(pv.name, metadata_of(response, native, count, host)))
-
-        try:
-            ca_client.PV.read.__wrapped__(
-                pv, wait=False, callback=on_control, data_type="control", timeout=None
-            )
-        except Exception as exc:  # a circuit that died right after connecting: reconnection retries
-            log.warning("metadata_read_not_sent", pv=pv.name, error=str(exc))
-
-    # --- requests from the actor loop --------------------------------------------------------
+        if channel.search_id is not None:
+            self._searching.pop(channel.search_id, None)
+        circuit = channel.circuit
+        if circuit is None:
+            return
+        if channel in circuit.waiting:
+            circuit.waiting.remove(channel)
+        self._forget_operations(circuit, channel)
+        if channel.subscription is not None:
+            circuit.by_subscription.pop(channel.subscription, None)
+        if channel.ca is not None and channel.connected:
+            channel.connected = False
+            self._send(circuit, channel.ca.clear())
+        # A channel still being created is cleared when the IOC answers (``_created``).
 
     def put(self, name: str, put_id: int, value: Any) -> None:
-        """Put with completion; a ``PutDoneEvent`` follows (never blocks, never retries).
-
-        The read-back is sent right behind the put, on the same circuit (Rule 8).
-        """
-        pv = self._pvs[name]
-        channel = pv.channel
-        race = _PutRace(read_pending=True)
+        """Put with completion; a ``PutDoneEvent`` follows. The read-back is sent right
+        behind the put, on the same circuit (Rule 6)."""
+        channel = self._channels.get(name)
+        if channel is None or not channel.connected or channel.circuit is None:
+            self._emit(PutDoneEvent(name, put_id, "put could not be sent: the channel is not connected", None))
+            return
+        circuit = channel.circuit
+        native = channel.ca.native_data_type
+        race = _PutRace()
 
         def on_write(response: Any) -> None:
             error = _put_error(response)
-            with race.lock:
-                race.completed = True
-                race.finished = error is not None
-                read_again = error is None and not race.read_pending
+            race.completed = True
             if error is not None:
+                race.finished = True
                 self._emit(PutDoneEvent(name, put_id, error, None))
-            elif read_again:  # the pipelined read was answered too early, or never sent
-                self._read_back(pv, put_id)
+            elif not race.read_pending:  # the pipelined read was answered too early
+                self._read(channel, "time", lambda r: self._put_read_back(name, put_id, native, r))
 
         def on_read(response: Any) -> None:
-            with race.lock:
-                race.read_pending = False
-                if race.finished or not race.completed:
-                    return  # the put failed, or this read was answered before its completion
-                race.finished = True
-            readback = None
-            if isinstance(response, caproto.ErrorResponse):
-                log.warning("readback_refused", pv=name, error=_text(bytes(response.error_message)))
-            elif channel is not None:
-                readback = reading_of(response, channel.native_data_type)
-            self._emit(PutDoneEvent(name, put_id, None, readback))
+            race.read_pending = False
+            if race.finished or not race.completed:
+                return  # the put failed, or this read was answered before its completion
+            race.finished = True
+            self._put_read_back(name, put_id, native, response)
 
         try:
-            ca_client.PV.write.__wrapped__(pv, value, wait=False, callback=on_write, timeout=None, notify=True)
-        except Exception as exc:  # the circuit died between the check and the send
+            write = channel.ca.write(value, notify=True, ioid=circuit.core.new_ioid())
+            read = channel.ca.read(data_type="time", ioid=circuit.core.new_ioid())
+        except Exception as exc:  # a value caproto cannot put on the wire
             self._emit(PutDoneEvent(name, put_id, f"put could not be sent: {exc}", None))
             return
-        try:
-            ca_client.PV.read.__wrapped__(pv, wait=False, callback=on_read, data_type="time", timeout=None)
-        except Exception as exc:  # the put went: its completion reads back instead
-            log.warning("readback_not_sent", pv=name, error=str(exc))
-            with race.lock:
-                race.read_pending = False
-                read_now = race.completed and not race.finished
-            if read_now:
-                self._read_back(pv, put_id)
+        circuit.operations[write.ioid] = (channel, on_write)
+        circuit.operations[read.ioid] = (channel, on_read)
+        self._send(circuit, write, read)
 
     def read(self, name: str, read_id: int) -> None:
-        """A Channel Access read (DBR_TIME); a ``ReadDoneEvent`` follows (never blocks)."""
-        pv = self._pvs[name]
-        channel = pv.channel
+        """A Channel Access read (DBR_TIME); a ``ReadDoneEvent`` follows."""
+        channel = self._channels.get(name)
+        if channel is None or not channel.connected:
+            log.warning("read_not_sent", pv=name, error="not connected")
+            self._emit(ReadDoneEvent(name, read_id, None))
+            return
+        native = channel.ca.native_data_type
 
         def on_read(response: Any) -> None:
             reading = None
-            if not isinstance(response, caproto.ErrorResponse) and channel is not None:
-                reading = reading_of(response, channel.native_data_type)
+            if not isinstance(response, caproto.ErrorResponse):
+                reading = reading_of(response, native)
             self._emit(ReadDoneEvent(name, read_id, reading))
 
-        try:
-            ca_client.PV.read.__wrapped__(pv, wait=False, callback=on_read, data_type="time", timeout=None)
-        except Exception as exc:  # the circuit died between the check and the send
-            log.warning("read_not_sent", pv=name, error=str(exc))
-            self._emit(ReadDoneEvent(name, read_id, None))
-
-    def _read_back(self, pv: Any, put_id: int) -> None:
-        # Read the value after the put completed, so that a client's read after its set sees
-        # what the IOC now holds even if the monitor update is still on its way.
-        channel = pv.channel
-
-        def on_read(response: Any) -> None:
-            readback = None
-            if isinstance(response, caproto.ErrorResponse):
-                # The put itself completed; only its read-back is lost (the monitor follows).
-                log.warning("readback_refused", pv=pv.name, error=_text(bytes(response.error_message)))
-            elif channel is not None:
-                readback = reading_of(response, channel.native_data_type)
-            self._emit(PutDoneEvent(pv.name, put_id, None, readback))
-
-        try:
-            ca_client.PV.read.__wrapped__(pv, wait=False, callback=on_read, data_type="time", timeout=None)
-        except Exception as exc:
-            log.warning("readback_not_sent", pv=pv.name, error=str(exc))
-            self._emit(PutDoneEvent(pv.name, put_id, None, None))
+        self._read(channel, "time", on_read)
 
     def close(self) -> None:
-        """Cancel the monitors. The context itself is left to the process's exit: caproto's
-        ``Context.disconnect`` can take seconds after a reconnection (it joins its threads),
-        and the IOC sees the circuit close the moment the process ends anyway."""
-        for subscription in self._subscriptions.values():
+        """Close every socket. The IOCs see their circuits close and drop our monitors."""
+        for circuit in list(self._circuits.values()):
+            self._watch(circuit.sock.fileno(), 0)
+            circuit.sock.close()
+        self._circuits.clear()
+        self._by_fd.clear()
+        self._watch(self._udp.fileno(), 0)
+        self._udp.close()
+
+    # --- what the loop hands us ----------------------------------------------------------------
+
+    def owns(self, fd: int) -> bool:
+        return fd == self._udp.fileno() or fd in self._by_fd
+
+    def service(self, fd: int, events: int) -> None:
+        """``fd`` is ready (``events``: the poller's flags)."""
+        if fd == self._udp.fileno():
+            self._receive_datagrams()
+            return
+        circuit = self._by_fd.get(fd)
+        if circuit is None:
+            return
+        if not circuit.connected:
+            if events & (_POLLOUT | _POLLERR):
+                self._connected(circuit)
+            return
+        if events & _POLLOUT and circuit.outbox:
+            self._flush(circuit)
+        if events & (_POLLIN | _POLLERR) and self._circuits.get(circuit.address) is circuit:
+            self._receive(circuit)
+
+    def timeout(self, now: float) -> float | None:
+        """Seconds until ``tick`` has something to do, or None."""
+        due = self._due[0][0] - now if self._due else None
+        if self._circuits:
+            liveness = self._next_liveness - now
+            due = liveness if due is None else min(due, liveness)
+        return None if due is None else max(0.0, due)
+
+    def tick(self, now: float) -> None:
+        """Send the searches that are due; check the circuits' liveness (Rule 8)."""
+        if self._due and self._due[0][0] <= now:
+            self._send_searches(now)
+        if self._circuits and now >= self._next_liveness:
+            self._next_liveness = now + LIVENESS_PERIOD
+            self._check_liveness(now)
+
+    # --- searching (Rule 7) --------------------------------------------------------------------
+
+    def _search(self, channel: _Channel, delay: float) -> None:
+        if channel.search_id is not None:
+            self._searching.pop(channel.search_id, None)
+        search_id = next(self._search_ids) & 0xFFFFFFFF
+        channel.search_id = search_id
+        self._searching[search_id] = channel
+        heapq.heappush(self._due, (time.monotonic() + delay, search_id))
+
+    def _send_searches(self, now: float) -> None:
+        batch: list[bytes] = []
+        size = 0
+        version = bytes(caproto.VersionRequest(priority=0, version=caproto.DEFAULT_PROTOCOL_VERSION))
+        while self._due and self._due[0][0] <= now:
+            _, search_id = heapq.heappop(self._due)
+            channel = self._searching.get(search_id)
+            if channel is None or channel.search_id != search_id:
+                continue  # answered or forgotten since
+            request = bytes(caproto.SearchRequest(channel.name, search_id, caproto.DEFAULT_PROTOCOL_VERSION))
+            if size + len(request) > SEARCH_DATAGRAM_BYTES - len(version) and batch:
+                if not self._send_datagram(version + b"".join(batch)):
+                    heapq.heappush(self._due, (now + 0.01, search_id))
+                    break  # the socket is full: the rest go on the next tick
+                batch, size = [], 0
+            batch.append(request)
+            size += len(request)
+            heapq.heappush(self._due, (now + channel.interval, search_id))
+            channel.interval = min(MAX_RETRY, channel.interval * 2)
+        if batch:
+            self._send_datagram(version + b"".join(batch))
+
+    def _send_datagram(self, datagram: bytes) -> bool:
+        for address in self._servers:
             try:
-                subscription.clear()
-            except Exception as exc:  # a dead circuit: the IOC drops the monitor with it
-                log.warning("monitor_not_cleared", pv=subscription.pv.name, error=str(exc))
+                self._udp.sendto(datagram, address)
+            except BlockingIOError:
+                return False
+            except OSError as exc:  # an address the host cannot reach now: the others still may
+                log.warning("search_not_sent", address="%s:%d" % address, error=str(exc))
+        return True
+
+    def _receive_datagrams(self) -> None:
+        for _ in range(100):
+            try:
+                data, sender = self._udp.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ICMP port unreachable from a server that is gone
+                log.debug("search_receive_failed", error=str(exc))
+                continue
+            try:
+                commands = caproto._commands.read_datagram(data, sender, caproto.SERVER)
+            except Exception as exc:  # not Channel Access, or broken: nothing to do with it
+                log.warning("bad_datagram", sender="%s:%d" % sender[:2], error=str(exc))
+                continue
+            for command in commands:
+                if isinstance(command, caproto.SearchResponse):
+                    self._found(command)
+
+    def _found(self, response: Any) -> None:
+        channel = self._searching.pop(response.cid, None)
+        if channel is None or channel.search_id != response.cid:
+            return  # answered already (another server, or an earlier datagram)
+        channel.search_id = None
+        address = caproto.extract_address(response)
+        circuit = self._circuits.get(address) or self._open_circuit(address)
+        if circuit is None:
+            self._search(channel, delay=channel.interval)
+            return
+        channel.circuit = circuit
+        if circuit.ready:
+            self._create(circuit, channel)
+        else:
+            circuit.waiting.append(channel)
+
+    # --- circuits -----------------------------------------------------------------------------
+
+    def _open_circuit(self, address: tuple[str, int]) -> _Circuit | None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        code = sock.connect_ex(address)
+        if code not in (0, errno.EINPROGRESS):
+            log.warning("circuit_not_opened", host="%s:%d" % address, error=os.strerror(code))
+            sock.close()
+            return None
+        core = caproto.VirtualCircuit(caproto.CLIENT, address, 0)
+        circuit = _Circuit(address, sock, core, started=time.monotonic())
+        self._circuits[address] = circuit
+        self._by_fd[sock.fileno()] = circuit
+        self._watch(sock.fileno(), _POLLOUT)
+        return circuit
+
+    def _connected(self, circuit: _Circuit) -> None:
+        code = circuit.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._drop(circuit, f"connection refused: {os.strerror(code)}")
+            return
+        circuit.connected = True
+        circuit.last_heard = time.monotonic()
+        self._watch(circuit.sock.fileno(), _POLLIN)
+        self._send(
+            circuit,
+            caproto.VersionRequest(priority=0, version=caproto.DEFAULT_PROTOCOL_VERSION),
+            caproto.HostNameRequest(self._host_name),
+            caproto.ClientNameRequest(self._user),
+        )
+
+    def _ready(self, circuit: _Circuit) -> None:
+        """The IOC told its version: create the channels that wait for the circuit."""
+        if circuit.ready or circuit.core.states[caproto.CLIENT] is not caproto.CONNECTED:
+            return
+        circuit.ready = True
+        waiting, circuit.waiting = circuit.waiting, []
+        for channel in waiting:
+            self._create(circuit, channel)
+
+    def _create(self, circuit: _Circuit, channel: _Channel) -> None:
+        channel.ca = caproto.ClientChannel(channel.name, circuit.core)
+        circuit.by_cid[channel.ca.cid] = channel
+        self._send(circuit, channel.ca.create())
+
+    def _send(self, circuit: _Circuit, *commands: Any) -> None:
+        try:
+            buffers = circuit.core.send(*commands)
+        except caproto.CaprotoError as exc:  # our own request refused by the state machine
+            log.error("request_not_sent", host=circuit.host, error=str(exc))
+            return
+        was_empty = not circuit.outbox
+        for buffer in buffers:
+            # A header (ctypes) or data (a numpy array, of any dtype): its raw bytes.
+            circuit.outbox += buffer.tobytes() if hasattr(buffer, "tobytes") else bytes(buffer)
+        if was_empty:
+            self._flush(circuit)
+
+    def _flush(self, circuit: _Circuit) -> None:
+        try:
+            sent = circuit.sock.send(circuit.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._drop(circuit, f"send failed: {exc}")
+            return
+        del circuit.outbox[:sent]
+        self._watch(circuit.sock.fileno(), _POLLIN | _POLLOUT if circuit.outbox else _POLLIN)
+
+    def _receive(self, circuit: _Circuit) -> None:
+        sock = circuit.sock
+        try:
+            data = sock.recv(_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(circuit, f"receive failed: {exc}")
+            return
+        if not data:
+            self._drop(circuit, "the IOC closed the circuit")
+            return
+        if _TCP_QUICKACK is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except OSError:
+                pass  # the socket is closing: the next receive says so
+        circuit.last_heard = time.monotonic()
+        circuit.echo_sent = None
+        circuit.inbox += data
+        try:
+            self._parse(circuit)
+        except Exception as exc:  # the IOC broke the protocol: start afresh
+            log.exception("circuit_protocol_error", host=circuit.host)
+            self._drop(circuit, f"protocol error: {exc}")
+
+    def _parse(self, circuit: _Circuit) -> None:
+        """Every whole message in the circuit's inbox (Rule 3 for monitor updates)."""
+        buf = circuit.inbox
+        end = len(buf)
+        at = 0
+        subscriptions = circuit.by_subscription
+        while end - at >= 16:
+            command, size, data_type, count, parameter1, parameter2 = _HEADER.unpack_from(buf, at)
+            header = 16
+            if size == 0xFFFF and count == 0:
+                if end - at < 24:
+                    break
+                size, count = _EXTENDED.unpack_from(buf, at + 16)
+                header = 24
+            if size > MAX_MESSAGE_BYTES:
+                raise caproto.RemoteProtocolError(f"a message of {size} bytes announced")
+            whole = header + size
+            if end - at < whole:
+                break
+            if command == _EVENT_ADD and parameter1 == _ECA_NORMAL and size:
+                channel = subscriptions.get(parameter2)
+                if channel is not None:
+                    reading = time_reading(buf, at + header, size, data_type, count)
+                    if reading is not None:
+                        self._emit(ReadingEvent(channel.name, reading))
+                        at += whole
+                        continue
+            self._process(circuit, bytes(buf[at:at + whole]))
+            at += whole
+            if circuit.sock.fileno() == -1:
+                return  # dropped while processing
+        del buf[:at]
+
+    def _process(self, circuit: _Circuit, message: bytes) -> None:
+        core = circuit.core
+        commands, _ = core.recv(message)
+        for command in commands:
+            try:
+                core.process_command(command)
+            except caproto.CaprotoError as exc:  # out of turn (a late answer): nothing to do
+                log.warning("ca_message_ignored", host=circuit.host, message=type(command).__name__, error=str(exc))
+                continue
+            self._handle(circuit, command)
+
+    def _handle(self, circuit: _Circuit, command: Any) -> None:
+        if isinstance(command, (caproto.ReadNotifyResponse, caproto.WriteNotifyResponse)):
+            operation = circuit.operations.pop(command.ioid, None)
+            if operation is not None:
+                operation[1](command)
+        elif isinstance(command, caproto.EventAddResponse):
+            channel = circuit.by_subscription.get(command.subscriptionid)
+            if channel is not None and command.payload_size and command.status_code == _ECA_NORMAL:
+                self._emit(ReadingEvent(channel.name, reading_of(command, channel.ca.native_data_type)))
+        elif isinstance(command, caproto.AccessRightsResponse):
+            channel = circuit.by_cid.get(command.cid)
+            if channel is not None:
+                rights = command.access_rights
+                self._emit(AccessEvent(channel.name, read_access=bool(rights & caproto.AccessRights.READ),
+                                       write_access=bool(rights & caproto.AccessRights.WRITE)))  # fmt: skip
+        elif isinstance(command, caproto.CreateChanResponse):
+            self._created(circuit, command.cid)
+        elif isinstance(command, caproto.ErrorResponse):
+            self._refused(circuit, command)
+        elif isinstance(command, caproto.VersionResponse):
+            self._ready(circuit)
+        elif isinstance(command, caproto.CreateChFailResponse):
+            channel = circuit.by_cid.pop(command.cid, None)
+            circuit.core.channels.pop(command.cid, None)
+            if channel is not None and self._channels.get(channel.name) is channel:
+                log.warning("channel_not_created", pv=channel.name, host=circuit.host)
+                self._restart(channel, delay=_CREATE_FAILED_RETRY)
+        elif isinstance(command, caproto.ServerDisconnResponse):
+            channel = circuit.by_cid.pop(command.cid, None)
+            if channel is not None:
+                self._lost(circuit, channel)
+                if self._channels.get(channel.name) is channel:
+                    self._restart(channel, delay=0.0)
+        elif isinstance(command, caproto.ClearChannelResponse):
+            circuit.by_cid.pop(command.cid, None)
+
+    def _created(self, circuit: _Circuit, cid: int) -> None:
+        channel = circuit.by_cid.get(cid)
+        if channel is None:
+            return
+        if self._channels.get(channel.name) is not channel:  # removed while being created
+            del circuit.by_cid[cid]
+            self._send(circuit, channel.ca.clear())
+            return
+        channel.connected = True
+        subscribe = channel.ca.subscribe(data_type="time")
+        channel.subscription = subscribe.subscriptionid
+        circuit.by_subscription[subscribe.subscriptionid] = channel
+        self._emit(ConnectionEvent(channel.name, True))
+        native = channel.ca.native_data_type
+        count = channel.ca.native_data_count
+        name, host = channel.name, circuit.host
+
+        def on_control(response: Any) -> None:
+            if isinstance(response, caproto.ErrorResponse):
+                log.warning("metadata_read_refused", pv=name, error=_text(bytes(response.error_message)))
+                return
+            self._emit(MetadataEvent(name, metadata_of(response, native, count, host)))
+
+        control = channel.ca.read(data_type="control", ioid=circuit.core.new_ioid())
+        circuit.operations[control.ioid] = (channel, on_control)
+        self._send(circuit, subscribe, control)
+
+    def _refused(self, circuit: _Circuit, response: Any) -> None:
+        request = response.original_request
+        command = getattr(request, "command", None)
+        if command in (caproto.ReadNotifyRequest.ID, caproto.WriteNotifyRequest.ID):
+            ioid = request.parameter2
+            circuit.core._ioids.pop(ioid, None)
+            operation = circuit.operations.pop(ioid, None)
+            if operation is not None:
+                operation[1](response)
+                return
+        channel = circuit.by_cid.get(response.cid)
+        log.warning("ioc_refused_request", host=circuit.host, pv=channel.name if channel else None,
+                    request=command, error=_text(bytes(response.error_message)))  # fmt: skip
+
+    def _read(self, channel: _Channel, data_type: str, on_answer: Callable[[Any], None]) -> None:
+        circuit = channel.circuit
+        assert circuit is not None
+        request = channel.ca.read(data_type=data_type, ioid=circuit.core.new_ioid())
+        circuit.operations[request.ioid] = (channel, on_answer)
+        self._send(circuit, request)
+
+    def _put_read_back(self, name: str, put_id: int, native: ChannelType, response: Any) -> None:
+        readback = None
+        if isinstance(response, caproto.ErrorResponse):
+            # The put itself completed; only its read-back is lost (the monitor follows).
+            log.warning("readback_refused", pv=name, error=_text(bytes(response.error_message)))
+        else:
+            readback = reading_of(response, native)
+        self._emit(PutDoneEvent(name, put_id, None, readback))
+
+    # --- losing and finding again ---------------------------------------------------------------
+
+    def _check_liveness(self, now: float) -> None:
+        for circuit in list(self._circuits.values()):
+            if not circuit.ready:
+                if now - circuit.started > CONNECT_TIMEOUT:
+                    self._drop(circuit, "no connection within %g s" % CONNECT_TIMEOUT)
+            elif circuit.echo_sent is not None:
+                if now - circuit.echo_sent > self._echo_timeout:
+                    self._drop(circuit, "the IOC stopped answering")
+            elif now - circuit.last_heard > self._conn_timeout:
+                circuit.echo_sent = now
+                self._send(circuit, caproto.EchoRequest())
+
+    def _drop(self, circuit: _Circuit, reason: str) -> None:
+        """Close ``circuit``; its names are searched again (Rule 8)."""
+        if self._circuits.get(circuit.address) is not circuit:
+            return
+        del self._circuits[circuit.address]
+        fd = circuit.sock.fileno()
+        self._by_fd.pop(fd, None)
+        self._watch(fd, 0)
+        circuit.sock.close()
+        channels = list(dict.fromkeys([*circuit.by_cid.values(), *circuit.waiting]))
+        log.warning("circuit_lost", host=circuit.host, reason=reason, pvs=len(channels))
+        for channel in channels:
+            if channel.connected:
+                self._emit(ConnectionEvent(channel.name, False))
+            if self._channels.get(channel.name) is channel:
+                self._restart(channel, delay=0.0)
+        circuit.by_cid.clear()
+        circuit.by_subscription.clear()
+        circuit.operations.clear()
+        circuit.waiting.clear()
+        circuit.inbox.clear()
+
+    def _lost(self, circuit: _Circuit, channel: _Channel) -> None:
+        """The IOC dropped one channel (its record went away)."""
+        self._forget_operations(circuit, channel)
+        if channel.subscription is not None:
+            circuit.by_subscription.pop(channel.subscription, None)
+        if channel.connected:
+            self._emit(ConnectionEvent(channel.name, False))
+
+    def _restart(self, channel: _Channel, delay: float) -> None:
+        channel.connected = False
+        channel.circuit = None
+        channel.ca = None
+        channel.subscription = None
+        channel.interval = MIN_RETRY
+        self._search(channel, delay)
+
+    @staticmethod
+    def _forget_operations(circuit: _Circuit, channel: _Channel) -> None:
+        # O(the circuit's requests in flight): only when a channel goes.
+        for ioid in [ioid for ioid, (owner, _) in circuit.operations.items() if owner is channel]:
+            del circuit.operations[ioid]
+
+

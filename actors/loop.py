@@ -1,8 +1,11 @@
 """The ZeroMQ edge of an actor process: turns the crank of its PVs' state machines.
 
-Rule 1: one thread owns both sockets (a DEALER to the broker, a PUB to the readings
-forwarder). Channel Access callbacks arrive on caproto's threads; they only append to a queue
-and write one byte to a wake-up pipe that this loop polls with the DEALER.
+Rule 1: one thread does everything: it owns the ZeroMQ sockets (a DEALER to the broker, a PUB
+to the readings forwarder) and polls the Channel Access sockets with them, handing what is
+ready to the backend (``actors/backend.py``), whose responses become events on a queue that
+the same pass drains. Channel Access is read only while that queue is shorter than
+``DRAIN_LIMIT``: an IOC faster than the actor is held back by TCP, not by memory. A wake-up
+pipe is left for signals (a stop).
 Rule 2: the actor never outlives its daemon. Linux's parent-death signal ends it the moment
 the daemon dies (``pvhub.actors.__main__``); a check of the parent pid on every poll covers
 other systems, and an orphan leaves at once, without lingering over answers nobody can
@@ -75,19 +78,21 @@ class Actor:
         self._pub.setsockopt(zmq.SNDHWM, DEFAULT_READINGS_HWM)
         self._pub.setsockopt(zmq.RCVHWM, p.SUBSCRIPTION_QUEUE_HWM)  # clients' subscriptions
         self._pub.connect(readings)
-        self._backend = ca.ChannelAccessBackend(self._emit)
+        self._poller = zmq.Poller()
+        self._poller.register(self._dealer, zmq.POLLIN)
+        self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._backend = ca.ChannelAccessBackend(self._events.append, self._watch)
         self.log = log.bind(actor=actor_id, actor_pid=os.getpid())
 
-    # Called on caproto's threads.
-    def _emit(self, event: ca.Event) -> None:
-        self._events.append(event)
-        # One wake-up per batch: an event that finds others queued is drained with them (the
-        # loop takes events until the queue is empty, after reading its wake-ups).
-        if len(self._events) == 1:
+    def _watch(self, fd: int, flags: int) -> None:
+        """The backend's sockets in our poller (``flags`` 0: no longer)."""
+        if flags:
+            self._poller.register(fd, flags)
+        else:
             try:
-                self._wake_w.send(b"\0")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups already; the loop will drain the queue
+                self._poller.unregister(fd)
+            except KeyError:
+                pass
 
     def request_stop(self, *_: Any) -> None:
         self._stopping = True
@@ -132,16 +137,28 @@ class Actor:
         self.adopt(self._initial)
         self._send_control(p.ActorReady(actor=self.actor_id, pid=os.getpid(), pvs=list(self.states)))
         self.log.info("actor_started", pvs=len(self.states))
-        poller = zmq.Poller()
-        poller.register(self._dealer, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        backend = self._backend
+        wake = self._wake_r.fileno()
         try:
             while not self._stopping:
                 # Work left over from a bounded drain is taken up again at once.
-                ready = dict(poller.poll(0 if self._events else POLL_MS))
-                if self._dealer in ready:
-                    self._drain_requests()
-                if self._wake_r.fileno() in ready or self._events:
+                timeout = POLL_MS
+                if self._events:
+                    timeout = 0
+                else:
+                    due = backend.timeout(time.monotonic())
+                    if due is not None:
+                        timeout = min(POLL_MS, int(due * 1000) + 1)
+                ready = self._poller.poll(timeout)
+                for item, flags in ready:
+                    if item is self._dealer:
+                        self._drain_requests()
+                    elif item == wake:
+                        self._drain_wakeups()
+                    elif len(self._events) < DRAIN_LIMIT and backend.owns(item):
+                        backend.service(item, flags)
+                backend.tick(time.monotonic())
+                if self._events:
                     self._drain_events()
                 self._beat_if_due()
                 if os.getppid() != self._parent:
@@ -231,12 +248,14 @@ class Actor:
             self.log.exception("request_failed")
             self._reply(client, p.ErrorReply(id=request_id, code=InternalError.code, message=repr(exc)))
 
-    def _drain_events(self) -> None:
+    def _drain_wakeups(self) -> None:
         try:
             while self._wake_r.recv(4096):
                 pass
         except BlockingIOError:
             pass
+
+    def _drain_events(self) -> None:
         for count in range(1, DRAIN_LIMIT + 1):
             if not self._events:
                 return
