@@ -44,6 +44,7 @@ monitor updates for a slow client, as Channel Access intends.
 
 from __future__ import annotations
 
+import collections
 import errno
 import getpass
 import heapq
@@ -847,3 +848,42 @@ class ChannelAccessBackend:
             del circuit.operations[ioid]
 
 
+
+
+class Driver:
+    """A backend run on its own, without an actor (benchmarks, tests): the actor loop's part
+    in small. Events other than the one waited for are dropped."""
+
+    def __init__(self) -> None:
+        self._events: collections.deque[Event] = collections.deque()
+        self._poller = zmq.Poller()
+        self.backend = ChannelAccessBackend(self._events.append, self._watch)
+
+    def _watch(self, fd: int, flags: int) -> None:
+        if flags:
+            self._poller.register(fd, flags)
+        else:
+            try:
+                self._poller.unregister(fd)
+            except KeyError:
+                pass
+
+    def wait_for(self, wanted: Callable[[Event], bool], timeout: float) -> Event:
+        """Run until an event ``wanted`` says yes to; ``TimeoutError`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self._events:
+                event = self._events.popleft()
+                if wanted(event):
+                    return event
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(f"no such event within {timeout} s")
+            due = self.backend.timeout(now)
+            wait = deadline - now if due is None else min(due, deadline - now)
+            for fd, flags in self._poller.poll(int(wait * 1000) + 1):
+                self.backend.service(fd, flags)
+            self.backend.tick(time.monotonic())
+
+    def close(self) -> None:
+        self.backend.close()

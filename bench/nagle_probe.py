@@ -156,32 +156,17 @@ def plain_put(variation: str, pv_name: str) -> Callable[[int], None]:
 def backend_put(pv_name: str) -> Callable[[int], None]:
     from pvhub.actors import backend as ca
 
-    done = threading.Event()
-    connected = threading.Event()
-    errors: list[str] = []
-
-    def emit(event: ca.Event) -> None:
-        if isinstance(event, ca.PutDoneEvent):
-            if event.error is not None:
-                errors.append(event.error)
-            done.set()
-        elif isinstance(event, ca.ReadingEvent):
-            connected.set()
-
-    backend = ca.ChannelAccessBackend(emit)
-    backend.add(pv_name)
-    if not connected.wait(TIMEOUT):
-        raise TimeoutError(f"no reading of {pv_name} within {TIMEOUT} s")
+    driver = ca.Driver()
+    driver.backend.add(pv_name)
+    driver.wait_for(lambda event: isinstance(event, ca.ReadingEvent), TIMEOUT)
 
     def put(i: int) -> None:
-        done.clear()
-        backend.put(pv_name, i, put_value(i))
-        if not done.wait(TIMEOUT):
-            raise TimeoutError(f"put {i} on {pv_name} did not complete within {TIMEOUT} s")
-        if errors:
-            raise RuntimeError(errors[-1])
+        driver.backend.put(pv_name, i, put_value(i))
+        done = driver.wait_for(lambda event: isinstance(event, ca.PutDoneEvent), TIMEOUT)
+        if done.error is not None:
+            raise RuntimeError(done.error)
 
-    put.keep = backend  # type: ignore[attr-defined]
+    put.keep = driver  # type: ignore[attr-defined]
     return put
 
 

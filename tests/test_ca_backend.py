@@ -1,0 +1,137 @@
+"""The actor's Channel Access backend: monitor updates read straight from the bytes give what
+caproto's parser gives, for every DBR_TIME type, scalars and arrays; and the backend on its
+own (``Driver``) against a real IOC.
+
+Rule: the bytes are made by caproto's own encoder, the way an IOC sends them, so the fast
+path is compared with the slow one on the same message.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from caproto import ChannelType, EventAddResponse
+from caproto._commands import read_from_bytestream
+from caproto._dbr import DBR_TIME_DOUBLE, DBR_TYPES, TimeStamp
+import caproto
+
+from pvhub.actors import backend as ca
+
+pytestmark = pytest.mark.timeout(60)
+
+CASES = [
+    (ChannelType.TIME_DOUBLE, [3.25]),
+    (ChannelType.TIME_DOUBLE, [1.5, -2.0, 1e300]),
+    (ChannelType.TIME_FLOAT, [0.1]),
+    (ChannelType.TIME_FLOAT, [0.1, 7.75, -3.5]),
+    (ChannelType.TIME_LONG, [-123456]),
+    (ChannelType.TIME_LONG, list(range(-5, 6))),
+    (ChannelType.TIME_INT, [-300]),
+    (ChannelType.TIME_INT, [1, 2, 3, 4, 5]),
+    (ChannelType.TIME_ENUM, [3]),
+    (ChannelType.TIME_CHAR, [200]),
+    (ChannelType.TIME_CHAR, list(b"hello, world\0\0")),
+    (ChannelType.TIME_STRING, [b"a string"]),
+    (ChannelType.TIME_STRING, [b"one", b"two", b""]),
+]
+
+
+def _message(data_type: ChannelType, values: list, *, nanoseconds: int = 123_456_789) -> bytes:
+    metadata = DBR_TYPES[data_type]()
+    metadata.status = 3
+    metadata.severity = 1
+    metadata.stamp = TimeStamp(secondsSinceEpoch=1_000_000_000, nanoSeconds=nanoseconds)
+    command = EventAddResponse(values, data_type, len(values), 1, 42, metadata=metadata)
+    return bytes(command.header) + b"".join(bytes(b) for b in command.buffers)
+
+
+def _slow(message: bytes, data_type: ChannelType):
+    _, command, _ = read_from_bytestream(bytearray(message), caproto.SERVER)
+    return ca.reading_of(command, caproto.native_type(data_type))
+
+
+def _fast(message: bytes) -> ca.p.Reading | None:
+    command, size, data_type, count, _, _ = struct.unpack_from(">HHHHII", message)
+    header = 16
+    if size == 0xFFFF and count == 0:
+        size, count = struct.unpack_from(">II", message, 16)
+        header = 24
+    return ca.time_reading(bytearray(message), header, size, data_type, count)
+
+
+@pytest.mark.parametrize("data_type, values", CASES, ids=[f"{t.name}x{len(v)}" for t, v in CASES])
+def test_a_monitor_update_read_from_the_bytes_is_what_caproto_parses(data_type, values):
+    message = _message(data_type, values)
+    fast, slow = _fast(message), _slow(message, data_type)
+    assert fast is not None
+    assert (fast.timestamp, fast.severity, fast.status) == (slow.timestamp, slow.severity, slow.status)
+    assert type(fast.value) is type(slow.value)
+    if isinstance(slow.value, np.ndarray):
+        assert fast.value.dtype == slow.value.dtype
+        assert fast.value.tolist() == slow.value.tolist()
+        assert fast.value.flags.writeable and fast.value.flags.owndata
+    else:
+        assert fast.value == slow.value
+
+
+def test_a_large_array_with_an_extended_header():
+    values = np.arange(100_000, dtype=float)
+    message = _message(ChannelType.TIME_DOUBLE, values)
+    assert struct.unpack_from(">H", message, 2)[0] == 0xFFFF  # the extended header
+    fast = _fast(message)
+    assert fast is not None and fast.value.tolist() == values.tolist()
+
+
+def test_timestamps_are_cut_to_the_microsecond_as_caproto_cuts_them():
+    message = _message(ChannelType.TIME_DOUBLE, [1.0], nanoseconds=999_999_999)
+    assert _fast(message).timestamp == _slow(message, ChannelType.TIME_DOUBLE).timestamp
+
+
+def test_other_types_and_short_payloads_are_left_to_caproto():
+    assert _fast(_message(ChannelType.DOUBLE, [1.0])) is None  # not a DBR_TIME form
+    message = bytearray(_message(ChannelType.TIME_DOUBLE, [1.0, 2.0]))
+    # A header that claims more elements than the payload holds.
+    struct.pack_into(">H", message, 6, 50)
+    assert _fast(bytes(message)) is None
+
+
+def test_the_backend_on_its_own_reads_puts_and_follows_a_pv(zoo_ioc, prefix, monkeypatch):
+    for key, value in zoo_ioc.ca_env().items():
+        monkeypatch.setenv(key, value)
+    pv = f"{prefix}motor"
+    driver = ca.Driver()
+    try:
+        driver.backend.add(pv)
+        connected = driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent), 15)
+        assert connected.connected
+        metadata = driver.wait_for(lambda e: isinstance(e, ca.MetadataEvent), 10)
+        assert metadata.metadata["native_type"] == "float"
+        driver.backend.put(pv, 1, 2.5)
+        done = driver.wait_for(lambda e: isinstance(e, ca.PutDoneEvent), 10)
+        assert done.error is None and done.readback.value == 2.5
+        driver.backend.read(pv, 7)
+        read = driver.wait_for(lambda e: isinstance(e, ca.ReadDoneEvent), 10)
+        assert read.read_id == 7 and read.reading.value == 2.5
+        driver.backend.put(pv, 2, 4.0)
+        update = driver.wait_for(lambda e: isinstance(e, ca.ReadingEvent) and e.reading.value == 4.0, 10)
+        assert update.pv == pv
+    finally:
+        driver.close()
+
+
+def test_a_name_nobody_serves_is_searched_with_growing_intervals(zoo_ioc, prefix, monkeypatch):
+    for key, value in zoo_ioc.ca_env().items():
+        monkeypatch.setenv(key, value)
+    driver = ca.Driver()
+    try:
+        driver.backend.add(f"{prefix}no_such_pv")
+        with pytest.raises(TimeoutError):
+            driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent), 0.5)
+        (channel,) = driver.backend._channels.values()
+        # Searched at once, then after 30 ms, 60, 120, 240 (caproto's defaults): doubled since.
+        assert channel.interval > ca.MIN_RETRY * 4
+        assert len(driver.backend._due) <= 2  # one live entry per name (plus at most a stale one)
+    finally:
+        driver.close()
