@@ -249,21 +249,24 @@ class SeqWatcher:
         while not self._stop.is_set():
             if not self.sock.poll(100):
                 continue
-            _, payload = self.sock.recv_multipart()
-            update = p.decode(payload)
-            if not isinstance(update, p.Update):
-                self.problems.append(f"not an update: {update!r}")
-                continue
-            if self.epoch is not None and update.epoch != self.epoch:
-                self.problems.append(f"epoch {self.epoch} -> {update.epoch}: the actor restarted")
-            if self.seq is not None:
-                expected = self.seq if update.snapshot else self.seq + 1
-                if update.seq != expected:
-                    self.problems.append(f"seq {self.seq} -> {update.seq} (snapshot={update.snapshot})")
-            self.epoch, self.seq = update.epoch, update.seq
-            self.updates += 1
-            if not update.snapshot and update.reading is not None:
-                self.values.append(update.reading.value)
+            _, *payloads = self.sock.recv_multipart()  # one or more updates of one PV
+            for payload in payloads:
+                self._check(p.decode(payload))
+
+    def _check(self, update: p.Message) -> None:
+        if not isinstance(update, p.Update):
+            self.problems.append(f"not an update: {update!r}")
+            return
+        if self.epoch is not None and update.epoch != self.epoch:
+            self.problems.append(f"epoch {self.epoch} -> {update.epoch}: the actor restarted")
+        if self.seq is not None:
+            expected = self.seq if update.snapshot else self.seq + 1
+            if update.seq != expected:
+                self.problems.append(f"seq {self.seq} -> {update.seq} (snapshot={update.snapshot})")
+        self.epoch, self.seq = update.epoch, update.seq
+        self.updates += 1
+        if not update.snapshot and update.reading is not None:
+            self.values.append(update.reading.value)
 
     def stop(self) -> None:
         self._stop.set()
