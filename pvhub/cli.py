@@ -253,10 +253,28 @@ def _status(args: argparse.Namespace) -> int:
         return 1
     status = reply.status  # type: ignore[attr-defined]
     if args.json:
-        print(json.dumps(status, indent=2))
+        sys.stdout.write(status_json(status))
         return 0
     print(format_status(status, hub.address))
     return 0
+
+
+def status_json(status: dict) -> str:
+    """The status as JSON, one PV, actor or client per line: readable, and quick to write for
+    tens of thousands of PVs (``indent=`` goes through json's pure-Python encoder, four times
+    slower)."""
+    lines = ["{"]
+    items = list(status.items())
+    for i, (key, value) in enumerate(items):
+        comma = "," if i < len(items) - 1 else ""
+        if isinstance(value, list) and value:
+            lines.append(f"  {json.dumps(key)}: [")
+            lines.append(",\n".join("    " + json.dumps(item) for item in value))
+            lines.append(f"  ]{comma}")
+        else:
+            lines.append(f"  {json.dumps(key)}: {json.dumps(value)}{comma}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 def format_status(status: dict, address: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,19 @@ def test_demo_runs_the_tutorial_and_stops_everything():
         assert step in out
     assert "generator count" in out and "generator monitor_x_for" in out
     assert "'source': 'PV:random_walk:dt'" in out
+
+
+def test_status_json_is_the_status_with_one_record_per_line():
+    from pvhub.cli import status_json
+
+    status = {
+        "version": "0.1.0",
+        "uptime": 12.5,
+        "pvs": [{"pv": f"X:{i}", "connected": i % 2 == 0, "rate": 1.0, "quarantined": None} for i in range(3)],
+        "actors": [],
+        "clients": [{"client": "ab", "name": "n\"ame"}],
+    }
+    text = status_json(status)
+    assert json.loads(text) == status
+    lines = text.splitlines()
+    assert sum(1 for line in lines if line.strip().startswith('{"pv": ')) == 3
