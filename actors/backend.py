@@ -818,7 +818,10 @@ class ChannelAccessBackend:
             if channel.connected:
                 self._emit(ConnectionEvent(channel.name, False))
             if self._channels.get(channel.name) is channel:
-                self._restart(channel, delay=0.0)
+                if circuit.ready:  # it worked: search again from the shortest interval
+                    self._restart(channel, delay=0.0)
+                else:  # a server that answers searches but not connections: back off
+                    self._restart(channel, delay=channel.interval, reset=False)
         circuit.by_cid.clear()
         circuit.by_subscription.clear()
         circuit.operations.clear()
@@ -833,12 +836,13 @@ class ChannelAccessBackend:
         if channel.connected:
             self._emit(ConnectionEvent(channel.name, False))
 
-    def _restart(self, channel: _Channel, delay: float) -> None:
+    def _restart(self, channel: _Channel, delay: float, reset: bool = True) -> None:
         channel.connected = False
         channel.circuit = None
         channel.ca = None
         channel.subscription = None
-        channel.interval = MIN_RETRY
+        if reset:
+            channel.interval = MIN_RETRY
         self._search(channel, delay)
 
     @staticmethod
