@@ -8,7 +8,9 @@ Rule 2: only a snapshot (an answer to the channel's own request) makes a channel
 ``ready`` needs that, a connection and a reading, so a Signal that is ready can read and
 describe at once.
 Rule 3: state is written only by the hub's I/O thread and read by any thread under ``cond``;
-listeners run under ``cond`` too and only queue work for the callback thread.
+listeners run under ``cond`` too and only queue work for the callback thread. A thread that
+waits for a change waits through ``wait``: a reading wakes only channels someone waits on
+(a thousand readings a second, each otherwise paying for a ``notify_all``).
 Rule 4: every change that tells listeners anything gets the next ``version``, a number of the
 channel's own that only grows. A subscriber remembers the version of the last change it
 delivered and so skips what its first call already showed. ``(epoch, seq)`` cannot serve: a
@@ -43,7 +45,11 @@ class Channel:
     def __init__(self, hub: Hub, pv: str) -> None:
         self.hub = hub
         self.pv = pv
-        self.cond = threading.Condition(threading.RLock())
+        # ``_lock`` is ``cond``'s own lock, held directly on the hot path (its C enter and
+        # exit, not the Condition's Python ones): holding one is holding the other.
+        self._lock = threading.RLock()
+        self.cond = threading.Condition(self._lock)
+        self._waiters = 0  # threads in ``wait`` (Rule 3)
         self.epoch = 0
         self.seq = -1
         self.connected = False
@@ -64,23 +70,36 @@ class Channel:
         self.proof_asked = 0.0  # when proof_request was sent
         self.proof_due: float | None = None
         # listener(kind, channel, old_reading) with kind "value" or "meta"; run on the I/O
-        # thread, so listeners only hand work to the dispatcher. Held weakly: a Signal the
-        # user dropped is not kept alive (or called) by its channel.
-        self._listeners: list[weakref.WeakMethod] = []
+        # thread, so listeners only hand work to the dispatcher. Each is a bound method, held
+        # as (a weak reference to its object, its function): a Signal the user dropped is
+        # not kept alive (or called) by its channel, and calling one makes no new bound
+        # method (as a WeakMethod would, per reading). A tuple, replaced whole.
+        self._listeners: tuple[tuple[weakref.ref, Callable[..., None]], ...] = ()
 
     def add_listener(self, listener: Callable[[str, Channel, p.Reading | None], None]) -> None:
+        owner, function = listener.__self__, listener.__func__  # type: ignore[attr-defined]
         with self.cond:
-            self._listeners.append(weakref.WeakMethod(listener))  # type: ignore[arg-type]
+            self._listeners += ((weakref.ref(owner), function),)
 
     def remove_listener(self, listener: Callable[[str, Channel, p.Reading | None], None]) -> None:
+        owner, function = listener.__self__, listener.__func__  # type: ignore[attr-defined]
         with self.cond:
-            self._listeners = [ref for ref in self._listeners if ref() not in (None, listener)]
+            self._listeners = tuple((ref, f) for ref, f in self._listeners
+                                    if ref() is not None and not (ref() is owner and f is function))
 
-    def _live_listeners(self) -> list[Callable[[str, Channel, p.Reading | None], None]]:
-        alive = [(ref, ref()) for ref in self._listeners]
-        if any(listener is None for _, listener in alive):
-            self._listeners = [ref for ref, listener in alive if listener is not None]
-        return [listener for _, listener in alive if listener is not None]
+    def _tell(self, events: list[tuple[str, p.Reading | None]]) -> None:
+        """With ``cond`` held: tell every listener still alive of ``events``; forget those
+        that are not."""
+        dropped = False
+        for ref, function in self._listeners:
+            owner = ref()
+            if owner is None:
+                dropped = True
+                continue
+            for kind, old in events:
+                function(owner, kind, self, old)
+        if dropped:
+            self._listeners = tuple((ref, f) for ref, f in self._listeners if ref() is not None)
 
     @property
     def ready(self) -> bool:
@@ -88,7 +107,16 @@ class Channel:
 
     def wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         with self.cond:
-            return self.cond.wait_for(predicate, timeout)
+            self._waiters += 1
+            try:
+                return self.cond.wait_for(predicate, timeout)
+            finally:
+                self._waiters -= 1
+
+    def _notify(self) -> None:
+        """With ``cond`` held: wake whoever waits (Rule 3)."""
+        if self._waiters:
+            self.cond.notify_all()
 
     # --- called on the I/O thread ---------------------------------------------------------
 
@@ -102,19 +130,18 @@ class Channel:
         *,
         from_stream: bool,
     ) -> None:
-        with self.cond:
+        with self._lock:
             events = self._apply(epoch, seq, connected, reading, metadata, from_stream)
-            if events:
-                self.version += 1
-                for kind, old in events:
-                    if kind == "value":
-                        self.value_version, self.previous = self.version, old
+            if not events:
+                return
+            self.version += 1
+            for kind, old in events:
+                if kind == "value":
+                    self.value_version, self.previous = self.version, old
             # Listeners only queue work for the callback thread, so they run under the lock:
             # a user thread that sees the new state (say, ready) also finds its events
             # queued ahead of anything it queues next (a new subscription's first call).
-            for listener in self._live_listeners() if events else []:
-                for kind, old in events:
-                    listener(kind, self, old)
+            self._tell(events)
 
     def _apply(
         self,
@@ -138,7 +165,7 @@ class Channel:
             if metadata is not None and not self.metadata:
                 self.metadata = dict(metadata)  # type: ignore[assignment]
             self.attached = True
-            self.cond.notify_all()
+            self._notify()
             changed = self.ready != was_ready or self.metadata != old_metadata
             return [("meta", old)] if changed else []
         if from_stream and self.attached:
@@ -160,9 +187,10 @@ class Channel:
             self.metadata = dict(metadata)  # type: ignore[assignment]
         if not from_stream:
             self.attached = True
-        self.cond.notify_all()
+        self._notify()
         events: list[tuple[str, p.Reading | None]] = []
-        if connected != was_connected or self.metadata != old_metadata or self.ready != was_ready:
+        if connected != was_connected or self.ready != was_ready or (
+                self.metadata is not old_metadata and self.metadata != old_metadata):
             events.append(("meta", old))
         # An actor's first reading after a restart is often the very one we hold: once only.
         if reading is not None and connected and not p.same_reading(reading, old):
@@ -188,8 +216,7 @@ class Channel:
             self.cond.notify_all()
             if was_connected:
                 self.version += 1
-            for listener in self._live_listeners() if was_connected else []:
-                listener("meta", self, self.reading)
+                self._tell([("meta", self.reading)])
         if was_connected:
             log.warning("pv_lost", pv=self.pv, reason=reason)
 

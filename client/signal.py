@@ -9,7 +9,11 @@ A new subscription is primed on that same thread with the channel's state and it
 ``version`` (channel.py, Rule 4); it then takes only changes of a later version, so its first
 call is the latest value and no update is seen twice or skipped after it.
 Rule 3: a Signal nobody subscribed to costs nothing per update: it listens to its channel only
-while it has subscriptions, and dispatches only events some subscription takes. Lock order:
+while it has subscriptions, and dispatches only events some subscription takes (the subscriptions
+are also kept by event type in a map replaced whole on every change, so the I/O thread and
+the callback thread look without a lock). What
+a callback gets is built on the callback thread from what the I/O thread captured (the
+reading, the one before, the metadata: none of them ever changes once made). Lock order:
 the channel's ``cond``, then the Signal's ``_subs_lock`` (the I/O thread holds ``cond`` when it
 calls listeners).
 Rule 4: what ophyd users rely on keeps ophyd's names and shapes: ``read``/``describe`` keys,
@@ -122,6 +126,14 @@ class _Subscription:
         self.version = 0  # of the channel's last change this subscription delivered (Rule 2)
 
 
+def _by_kind(subs: dict[int, _Subscription]) -> dict[str, tuple[_Subscription, ...]]:
+    """``subs`` by event type, in the order they were made."""
+    by_kind: dict[str, tuple[_Subscription, ...]] = {}
+    for sub in subs.values():
+        by_kind[sub.event_type] = by_kind.get(sub.event_type, ()) + (sub,)
+    return by_kind
+
+
 class EpicsSignalBase:
     """What read-only and writable EPICS signals share."""
 
@@ -168,6 +180,7 @@ class EpicsSignalBase:
         self._hub = hub or get_hub(address)
         self._subs: dict[int, _Subscription] = {}
         self._subs_lock = threading.Lock()
+        self._subs_by_kind: dict[str, tuple[_Subscription, ...]] = {}  # Rule 3; no empty entries
         self._listening = False  # Rule 3: on the read channel, while there are subscriptions
         self._read_channel = self._hub.channel(read_pv)
 
@@ -471,6 +484,7 @@ class EpicsSignalBase:
         channel = self._read_channel
         with channel.cond, self._subs_lock:
             self._subs[cid] = subscription
+            self._subs_by_kind = _by_kind(self._subs)
             _subscribed.add(self)
             if not self._listening:
                 self._listening = True
@@ -496,7 +510,9 @@ class EpicsSignalBase:
             self._release_if_unsubscribed()
 
     def _release_if_unsubscribed(self) -> None:
-        """With ``cond`` and ``_subs_lock`` held: no subscription left, no cost left (Rule 3)."""
+        """With ``cond`` and ``_subs_lock`` held, after subscriptions went: the map by event
+        type follows, and with no subscription left, no cost is left (Rule 3)."""
+        self._subs_by_kind = _by_kind(self._subs)
         if not self._subs:
             _subscribed.discard(self)
             if self._listening:
@@ -554,23 +570,32 @@ class EpicsSignalBase:
     # Runs on the I/O thread, with the channel's cond held: capture the state now, call users
     # later on the callback thread; nothing at all unless a subscription takes it (Rule 3).
     def _on_channel(self, kind: str, channel: Channel, old: p.Reading | None) -> None:
-        with self._subs_lock:
-            if not any(sub.event_type == kind for sub in self._subs.values()):
-                return
-        if kind == self.SUB_VALUE and channel.reading is not None:
-            kwargs = self._value_kwargs(channel.reading, old, channel.metadata)
-            self._hub.dispatch(self._run_subs, self.SUB_VALUE, channel.version, kwargs)
-        elif kind == self.SUB_META:
+        if kind not in self._subs_by_kind:
+            return
+        if kind == "value":
+            reading = channel.reading
+            if reading is not None:
+                self._hub.dispatch(self._run_value_subs, channel.version, reading, old, channel.metadata)
+        elif kind == "meta":
             self._hub.dispatch(self._run_meta_subs, channel.version)
 
-    def _run_meta_subs(self, version: int) -> None:
-        self._run_subs(self.SUB_META, version, self._meta_kwargs())
+    # Run on the callback thread: deliver the change ``version`` to every primed subscription
+    # that has not seen it, with what a callback gets built only if one will.
+    def _run_value_subs(self, version: int, reading: p.Reading, old: p.Reading | None,
+                        metadata: p.PVMetadata) -> None:
+        subs = self._subs_due(self.SUB_VALUE, version)
+        if subs:
+            self._deliver(subs, self.SUB_VALUE, version, self._value_kwargs(reading, old, metadata))
 
-    def _run_subs(self, event_type: str, version: int, kwargs: dict[str, Any]) -> None:
-        """Deliver the change ``version`` to every primed subscription that has not seen it."""
-        with self._subs_lock:
-            subs = [s for s in self._subs.values()
-                    if s.event_type == event_type and s.primed and s.version < version]
+    def _run_meta_subs(self, version: int) -> None:
+        subs = self._subs_due(self.SUB_META, version)
+        if subs:
+            self._deliver(subs, self.SUB_META, version, self._meta_kwargs())
+
+    def _subs_due(self, event_type: str, version: int) -> list[_Subscription]:
+        return [s for s in self._subs_by_kind.get(event_type, ()) if s.primed and s.version < version]
+
+    def _deliver(self, subs: list[_Subscription], event_type: str, version: int, kwargs: dict[str, Any]) -> None:
         for sub in subs:
             sub.version = version
             self._call(sub.callback, event_type, kwargs)

@@ -12,6 +12,10 @@ match exact). ``seq`` counts per PV per actor incarnation; ``epoch`` names the i
 a subscriber detects both gaps and restarts (the ZeroMQ guide's Clone pattern).
 Rule 5: arrays travel as raw bytes with dtype and shape (a msgpack ext type), never element by
 element; numpy scalars travel as plain numbers. Nothing is ever pickled.
+Rule 6: ``decode`` refuses any malformed input with ``ProtocolError`` and allocates nothing
+beyond what arrived.
+Rule 7: ``decode_reading`` is ``decode`` for the readings socket: what it returns or refuses is
+exactly what ``decode`` returns or refuses; it is only quicker for the usual ``Update``.
 """
 
 from __future__ import annotations
@@ -616,6 +620,69 @@ _FIELD_TYPES: dict[type, tuple[tuple[str, frozenset[type]], ...]] = {
     )
     for cls in (*MESSAGES.values(), *_NESTED.values())
 }
+
+
+# --- readings, the fast way -------------------------------------------------------------------
+
+# Every field of an ``Update``, as ``encode`` writes it: the one shape the fast path takes.
+_UPDATE_SIZE = len(_FIELDS[Update]) + 2  # and "v", "op"
+_READING_SIZE = len(_NESTED_FIELDS[Reading])
+_NUMBER = _ANNOTATION_TYPES["float"]
+
+
+def decode_reading(data: bytes) -> Message:
+    """``decode(data)``, sooner for what the readings socket carries most (Rule 7).
+
+    An ``Update`` with exactly the fields ``encode`` writes is checked field by field here
+    and built without ``decode``'s general walk; anything else, valid or not, goes to
+    ``decode``, which accepts it or refuses it with ``ProtocolError`` as always."""
+    try:
+        body = msgpack.unpackb(data, raw=False, ext_hook=_unpack_ext, strict_map_key=False)
+    except Exception:  # malformed: let decode say why, in its words
+        return decode(data)
+    if type(body) is not dict or len(body) != _UPDATE_SIZE:
+        return decode(data)
+    try:  # as many keys as an Update has, and each of them: exactly its keys
+        version, op, pv, reading, metadata = body["v"], body["op"], body["pv"], body["reading"], body["metadata"]
+        epoch, seq, connected, snapshot = body["epoch"], body["seq"], body["connected"], body["snapshot"]
+    except KeyError:
+        return decode(data)
+    if (
+        type(version) is not int or version != PROTOCOL_VERSION or op != "update"
+        or type(pv) is not str or not pv or "\0" in pv
+        or type(epoch) is not int or type(seq) is not int
+        or type(connected) is not bool or type(snapshot) is not bool
+        or (metadata is not None and type(metadata) is not dict)
+    ):
+        return decode(data)
+    if reading is not None:
+        if type(reading) is not dict or len(reading) != _READING_SIZE:
+            return decode(data)
+        try:
+            value, timestamp, severity, status = (reading["value"], reading["timestamp"], reading["severity"],
+                                                  reading["status"])
+        except KeyError:
+            return decode(data)
+        if type(timestamp) not in _NUMBER or type(severity) is not int or type(status) is not int:
+            return decode(data)
+        # Only containers nest: a plain value and no metadata is two levels deep.
+        if (metadata is not None or type(value) in _CONTAINERS) and _may_nest_deeper(data) \
+                and _deeper_than(body, MAX_DEPTH):
+            return decode(data)
+        body["reading"] = _built(Reading, reading)
+    elif metadata is not None and _may_nest_deeper(data) and _deeper_than(body, MAX_DEPTH):
+        return decode(data)
+    del body["v"], body["op"]
+    return _built(Update, body)
+
+
+def _built(cls: type, fields: dict[str, Any]) -> Any:
+    # What a frozen dataclass's __init__ does (its fields in the instance's __dict__) without
+    # its object.__setattr__ per field: a microsecond per reading. ``fields`` must be all of
+    # the class's fields, checked.
+    instance = object.__new__(cls)
+    instance.__dict__.update(fields)
+    return instance
 
 
 # The daemon's own announcements (``HubStopping``): every client subscribes to it. No PV name

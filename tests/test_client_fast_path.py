@@ -1,0 +1,302 @@
+"""The client's path for readings, made lean: ``protocol.decode_reading`` and what follows it.
+
+Rule 1: ``decode_reading`` is judged against ``decode`` alone: for any bytes, both return equal
+messages or both refuse with the same ``ProtocolError``. Hypothesis generates the Updates
+(arrays, text, None metadata, disconnected) and the ways to spoil them; no sockets.
+Rule 2: the system test runs a real daemon and the zoo IOC's fast counter through a
+subscribed ``EpicsSignalRO``: every reading arrives, in order, with no seq gap, and every
+callback runs on the hub's callback thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from helpers import wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pvhub import protocol as p
+from pvhub.client.channel import Channel
+from pvhub.errors import ProtocolError
+
+# --- what the daemon sends -------------------------------------------------------------------
+
+_INT64 = st.integers(-(2**63), 2**63 - 1)
+_ARRAY_DTYPES = ("<f8", "<f4", "<i4", "<i8", "<u2", "|u1", "|b1", "<c16", "<U3", "|S4", ">i4")
+
+
+@st.composite
+def arrays(draw: st.DrawFn) -> np.ndarray:
+    dtype = np.dtype(draw(st.sampled_from(_ARRAY_DTYPES)))
+    shape = draw(st.lists(st.integers(0, 4), max_size=3))
+    count = int(np.prod(shape)) if shape else 1
+    raw = draw(st.binary(min_size=count * dtype.itemsize, max_size=count * dtype.itemsize))
+    if dtype.kind == "U":  # only code points a str may hold travel (decode refuses the others)
+        return np.array(draw(st.lists(st.text(max_size=3), min_size=count, max_size=count)),
+                        dtype=dtype).reshape(shape)
+    if dtype.kind == "b":
+        return np.frombuffer(bytes(b & 1 for b in raw), dtype=dtype).reshape(shape).copy()
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    _INT64,
+    st.floats(allow_nan=False),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+    arrays(),
+    st.lists(st.integers(0, 9) | st.text(max_size=3), max_size=5),
+)
+readings = st.builds(
+    p.Reading,
+    value=values,
+    timestamp=st.floats(0, 2e9) | st.integers(0, 2**40),
+    severity=st.integers(0, 3),
+    status=st.integers(0, 21),
+)
+metadata = st.one_of(
+    st.none(),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "native_type": st.sampled_from(["float", "int", "enum", "string", "char"]),
+            "count": st.integers(0, 10**6),
+            "units": st.text(max_size=5),
+            "precision": st.none() | st.integers(0, 10),
+            "upper_ctrl_limit": st.floats(allow_nan=False),
+            "enum_strs": st.none() | st.lists(st.text(max_size=8), max_size=4),
+            "write_access": st.booleans(),
+        },
+    ),
+)
+updates = st.builds(
+    p.Update,
+    pv=st.text(min_size=1, max_size=40).filter(lambda pv: "\0" not in pv),
+    epoch=_INT64,
+    seq=_INT64,
+    connected=st.booleans(),
+    reading=st.none() | readings,
+    metadata=metadata,
+    snapshot=st.booleans(),
+)
+
+
+def outcome(decoder: Any, data: bytes) -> tuple[str, Any]:
+    """What ``decoder`` made of ``data``, comparable: the message's shape, or its refusal."""
+    try:
+        message = decoder(data)
+    except ProtocolError as exc:
+        return "refused", (type(exc), str(exc))
+    return "accepted", _shape(message)
+
+
+def _shape(obj: Any) -> Any:
+    """A value whose ``==`` tells apart everything a message holds (arrays by dtype, shape
+    and bytes; types exact, so that 1, 1.0 and True differ)."""
+    if isinstance(obj, np.ndarray):
+        return ("ndarray", obj.dtype.str, obj.shape, obj.tobytes())
+    if isinstance(obj, (p.Message, p.Reading)):
+        return (type(obj).__name__, tuple((name, _shape(value)) for name, value in sorted(vars(obj).items())))
+    if isinstance(obj, dict):
+        return ("dict", tuple((key, _shape(value)) for key, value in obj.items()))
+    if isinstance(obj, list):
+        return ("list", tuple(_shape(item) for item in obj))
+    return (type(obj).__name__, repr(obj))
+
+
+# --- the fast decode: the same answers as decode (Rule 1) -----------------------------------------
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(updates)
+def test_fast_decode_accepts_every_update_as_decode_does(update: p.Update) -> None:
+    data = p.encode(update)
+    fast = outcome(p.decode_reading, data)
+    assert fast[0] == "accepted"
+    assert fast == outcome(p.decode, data)
+    assert _shape(p.decode_reading(data)) == _shape(update)
+
+
+def test_fast_decode_takes_its_fast_path_for_a_plain_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The path is only worth having if the usual reading takes it: built without decode.
+    update = p.Update(pv="X:fast", epoch=1, seq=7, connected=True, reading=p.Reading(7, 1.5))
+    data = p.encode(update)
+    calls: list[bytes] = []
+    real = p.decode
+    monkeypatch.setattr(p, "decode", lambda payload: calls.append(payload) or real(payload))
+    assert p.decode_reading(data) == update
+    assert calls == []
+    assert p.decode_reading(p.encode(p.PvLost(pv="X:fast"))) == p.PvLost(pv="X:fast")
+    assert len(calls) == 1  # anything else: decode's
+
+
+def _body(update: p.Update) -> dict[str, Any]:
+    return msgpack.unpackb(p.encode(update), raw=False, ext_hook=p._unpack_ext)
+
+
+def _pack(body: Any) -> bytes:
+    return msgpack.packb(body, use_bin_type=True, default=p._pack_default)
+
+
+_PLAIN = p.Update(pv="X:a", epoch=5, seq=9, connected=True, reading=p.Reading(3.0, 100.0, 1, 2))
+
+
+def _spoiled() -> list[tuple[str, bytes]]:
+    """An Update's bytes spoiled one way at a time: wrong types, missing and extra fields,
+    nesting, framing. Some are still valid (an unknown field is ignored, Rule 2 of protocol)."""
+    cases: list[tuple[str, bytes]] = []
+    wrong = {
+        "v": [2, True, "1", None, 1.0],
+        "op": ["pv_lost", "nonsense", 5, None],
+        "pv": ["", "X\0a", 5, None, b"X:a"],
+        "epoch": [True, 1.5, "5", None],
+        "seq": [False, 2.0, None, [1]],
+        "connected": [1, 0, None, "yes"],
+        "snapshot": [1, None, "no"],
+        "reading": [[3.0, 100.0], 5, "r", {"value": 1}, {"value": 1, "timestamp": "t", "severity": 0, "status": 0},
+                    {"value": 1, "timestamp": 1.0, "severity": 0.5, "status": 0},
+                    {"value": 1, "timestamp": 1.0, "severity": 0, "status": True},
+                    {"value": 1, "timestamp": 1.0, "severity": 0, "extra": 0},
+                    {"value": 1, "timestamp": 1.0, "severity": 0, "status": 0, "extra": 0},
+                    {"timestamp": 1.0, "severity": 0, "status": 0}],
+        "metadata": [[1, 2], "m", 5, {"units": "mm"}, {1: 2}],
+    }
+    for field, spoilers in wrong.items():
+        for spoiler in spoilers:
+            body = _body(_PLAIN)
+            body[field] = spoiler
+            cases.append((f"{field}={spoiler!r}", _pack(body)))
+    for field in ("v", "op", "pv", "epoch", "seq", "connected", "reading", "metadata", "snapshot"):
+        body = _body(_PLAIN)
+        del body[field]
+        cases.append((f"without {field}", _pack(body)))
+    body = _body(_PLAIN)
+    body["later_field"] = [1, 2]
+    cases.append(("an unknown field", _pack(body)))
+    body = _body(_PLAIN)
+    del body["snapshot"]
+    body["later_field"] = 1  # as many keys as an Update, not its keys
+    cases.append(("a field swapped for an unknown one", _pack(body)))
+    deep: Any = 1
+    for _ in range(p.MAX_DEPTH + 2):
+        deep = [deep]
+    for where in ("value", "metadata"):
+        body = _body(_PLAIN)
+        if where == "value":
+            body["reading"]["value"] = deep
+        else:
+            body["metadata"] = {"units": deep}
+        cases.append((f"{where} nested too deep", _pack(body)))
+    shallow: Any = 1
+    for _ in range(p.MAX_DEPTH - 4):
+        shallow = [shallow]
+    body = _body(_PLAIN)
+    body["reading"]["value"] = shallow
+    cases.append(("value nested deep, within the limit", _pack(body)))
+    good = p.encode(_PLAIN)
+    cases += [
+        ("cut short", good[:-3]),
+        ("empty", b""),
+        ("not msgpack", b"\xc1\xc1\xc1"),
+        ("a list, not a map", _pack([1, 2, 3])),
+        ("a number", _pack(5)),
+        ("an unknown extension", _pack({**_body(_PLAIN), "reading": {"value": msgpack.ExtType(9, b"x"),
+                                                                    "timestamp": 1.0, "severity": 0, "status": 0}})),
+        ("an array header that lies", _pack({**_body(_PLAIN), "reading": {
+            "value": msgpack.ExtType(1, msgpack.packb(["<f8", [1000]]) + b"\0" * 8),
+            "timestamp": 1.0, "severity": 0, "status": 0}})),
+        ("a pv_lost", p.encode(p.PvLost(pv="X:a", reason="gone"))),
+        ("a hub_stopping", p.encode(p.HubStopping(reason="bye"))),
+        ("trailing bytes", good + b"\x00"),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("data", [data for _, data in _spoiled()], ids=[name for name, _ in _spoiled()])
+def test_fast_decode_refuses_and_accepts_spoiled_updates_as_decode_does(data: bytes) -> None:
+    assert outcome(p.decode_reading, data) == outcome(p.decode, data)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(updates, st.randoms(use_true_random=False))
+def test_fast_decode_answers_damaged_bytes_as_decode_does(update: p.Update, random: Any) -> None:
+    data = bytearray(p.encode(update))
+    for _ in range(random.randint(1, 3)):
+        choice = random.random()
+        if choice < 0.5 and data:
+            data[random.randrange(len(data))] = random.randrange(256)
+        elif choice < 0.8:
+            del data[random.randrange(len(data) + 1):]
+        else:
+            data.insert(random.randrange(len(data) + 1), random.randrange(256))
+    assert outcome(p.decode_reading, bytes(data)) == outcome(p.decode, bytes(data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fast_decode_of_any_bytes_is_a_message_or_a_protocol_error(data: bytes) -> None:
+    assert outcome(p.decode_reading, data) == outcome(p.decode, data)
+
+
+# --- the channel wakes its waiters, and only them -----------------------------------------------
+
+
+class _StubHub:
+    def _resync(self, channel: Channel) -> None:
+        pass
+
+
+@pytest.mark.timeout(10)
+def test_a_waiter_is_woken_by_the_reading_it_waits_for() -> None:
+    channel = Channel(_StubHub(), "X:a")  # type: ignore[arg-type]
+    result: list[bool] = []
+    waiting = threading.Thread(target=lambda: result.append(channel.wait(lambda: channel.ready, 5.0)))
+    waiting.start()
+    wait_until(lambda: channel._waiters == 1, 5.0, message="the waiter never waited")
+    channel.apply(1, 0, True, p.Reading(1.0, 1.0), {"units": ""}, from_stream=False)
+    waiting.join(5.0)
+    assert result == [True]
+    assert channel._waiters == 0
+
+
+# --- a real stream (Rule 2) ------------------------------------------------------------------------
+
+@pytest.mark.system
+@pytest.mark.timeout(90)
+def test_a_fast_counter_arrives_in_order_without_gaps_on_the_callback_thread(hub, prefix):
+    from pvhub.client import EpicsSignal, EpicsSignalRO, get_hub
+
+    rate = EpicsSignal(f"{prefix}fast_rate", name="rate")
+    fast = EpicsSignalRO(f"{prefix}fast", name="fast")
+    meta = EpicsSignalRO(f"{prefix}fast", name="fast_meta")
+    for signal in (rate, fast, meta):
+        signal.wait_for_connection(timeout=15)
+    seen: list[tuple[int, int]] = []  # (value, thread ident)
+    connections: list[bool] = []
+    fast.subscribe(lambda value, **kwargs: seen.append((value, threading.get_ident())))
+    meta.subscribe(lambda connected, **kwargs: connections.append(connected), event_type="meta")
+    start = len(seen)
+    try:
+        rate.set(1000.0).wait(10)
+        wait_until(lambda: len(seen) - start >= 3000, 60.0,
+                   message=lambda: f"{len(seen) - start} readings arrived")
+    finally:
+        rate.set(0.0).wait(10)
+
+    hub_ = get_hub()
+    threads = {ident for _, ident in seen}
+    assert threads == {hub_._dispatcher.ident}, "a callback ran off the callback thread"
+    values = [value for value, _ in seen]
+    assert all(a < b for a, b in zip(values, values[1:])), "readings out of order"
+    assert fast.missed_updates == 0 and fast.update_gaps == 0
+    assert connections and connections[0] is True
+    # The channel's latest value is the last one its callback got, once the stream is still.
+    wait_until(lambda: fast.read()["fast"]["value"] == seen[-1][0], 10.0,
+               message=lambda: f"read {fast.read()['fast']['value']}, last callback {seen[-1][0]}")
