@@ -10,7 +10,8 @@ describe at once.
 Rule 3: state is written only by the hub's I/O thread and read by any thread under ``cond``;
 listeners run under ``cond`` too and only queue work for the callback thread. A thread that
 waits for a change waits through ``wait``: a reading wakes only channels someone waits on
-(a thousand readings a second, each otherwise paying for a ``notify_all``).
+(a thousand readings a second, each otherwise paying for a ``notify_all``). A reading and
+the metadata are replaced, never changed in place: a listener may keep them without a copy.
 Rule 4: every change that tells listeners anything gets the next ``version``, a number of the
 channel's own that only grows. A subscriber remembers the version of the last change it
 delivered and so skips what its first call already showed. ``(epoch, seq)`` cannot serve: a

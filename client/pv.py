@@ -90,7 +90,7 @@ class _Captured:
     def __init__(self, channel: Channel, old: p.Reading | None) -> None:
         self.ready = channel.ready
         self.reading = channel.reading
-        self.metadata = dict(channel.metadata)
+        self.metadata = channel.metadata  # replaced by the channel, never changed: no copy
         self.old = old
 
 

@@ -6,16 +6,21 @@ messages or both refuse with the same ``ProtocolError``. Hypothesis generates th
 Rule 2: the system test runs a real daemon and the zoo IOC's fast counter through a
 subscribed ``EpicsSignalRO``: every reading arrives, in order, with no seq gap, and every
 callback runs on the hub's callback thread.
+Rule 3: what the daemon does not send (yet), a readings message of several updates among
+them, is sent by a scripted peer on real loopback sockets: a hello, pings and reads of one
+PV answered, then frames exactly as the test writes them.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
+import zmq
 from helpers import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -300,3 +305,91 @@ def test_a_fast_counter_arrives_in_order_without_gaps_on_the_callback_thread(hub
     # The channel's latest value is the last one its callback got, once the stream is still.
     wait_until(lambda: fast.read()["fast"]["value"] == seen[-1][0], 10.0,
                message=lambda: f"read {fast.read()['fast']['value']}, last callback {seen[-1][0]}")
+
+
+# --- a readings message of several updates -----------------------------------------------------
+
+
+class ScriptedDaemon:
+    """The daemon's two sockets and nothing behind them: it answers hello, pings and reads
+    of one PV, and publishes what the test hands it, frame by frame, as it is told. Real
+    ZeroMQ sockets on loopback; one thread owns them."""
+
+    def __init__(self, pv: str) -> None:
+        self.pv = pv
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._pub = self._ctx.socket(zmq.PUB)
+        for sock in (self._router, self._pub):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.address = f"tcp://127.0.0.1:{self._router.bind_to_random_port('tcp://127.0.0.1')}"
+        self._readings = f"tcp://127.0.0.1:{self._pub.bind_to_random_port('tcp://127.0.0.1')}"
+        self.outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="scripted-daemon", daemon=True)
+        self._thread.start()
+
+    def update(self, seq: int, value: int) -> bytes:
+        return p.encode(p.Update(pv=self.pv, epoch=1, seq=seq, connected=True, reading=p.Reading(value, 1.0 + seq)))
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._router.poll(10):
+                    client, payload = self._router.recv_multipart()
+                    self._answer(client, p.decode(payload))
+                while not self.outbox.empty():
+                    self._pub.send_multipart(self.outbox.get())
+        finally:
+            self._router.close()
+            self._pub.close()
+            self._ctx.term()
+
+    def _answer(self, client: bytes, request: p.Message) -> None:
+        if isinstance(request, p.HelloRequest):
+            reply: p.Message = p.HelloReply(id=request.id, readings=self._readings, server_version="scripted")
+        elif isinstance(request, p.PingRequest):
+            reply = p.Pong(id=request.id)
+        elif isinstance(request, p.ReadRequest) and request.pv == self.pv:
+            reply = p.Snapshot(id=request.id, pv=self.pv, epoch=1, seq=0, connected=True,
+                               reading=p.Reading(0, 1.0), metadata={"native_type": "int", "units": ""})
+            if request.publish:  # proves the subscription (hub.py, Rule 4)
+                self._pub.send_multipart([p.topic(self.pv), self.update(0, 0)])
+        else:
+            reply = p.ErrorReply(id=getattr(request, "id", 0), code="bad_message", message="not scripted")
+        self._router.send_multipart([client, p.encode(reply)])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@pytest.mark.timeout(30)
+def test_a_readings_message_of_several_updates_is_applied_in_full_and_in_order() -> None:
+    from pvhub.client import EpicsSignalRO
+    from pvhub.client.hub import Hub
+
+    daemon = ScriptedDaemon("S:counter")
+    hub = Hub(daemon.address, name="fast-path-test")
+    try:
+        signal = EpicsSignalRO("S:counter", name="counter", hub=hub)
+        signal.wait_for_connection(timeout=10)
+        channel = hub.channel("S:counter")
+        wait_until(lambda: channel.live, 10, message="the subscription was never proven")
+        seen: list[tuple[int, str]] = []
+        signal.subscribe(lambda value, **kwargs: seen.append((value, threading.current_thread().name)))
+        topic = p.topic("S:counter")
+        daemon.outbox.put([topic, daemon.update(1, 1), daemon.update(2, 2), daemon.update(3, 3)])
+        daemon.outbox.put([topic, daemon.update(4, 4)])
+        # A spoiled frame among good ones costs that frame only.
+        daemon.outbox.put([topic, b"\xc1 not msgpack", daemon.update(5, 5)])
+        daemon.outbox.put([topic])  # a topic alone: nothing
+        daemon.outbox.put([topic, daemon.update(6, 6)])
+        wait_until(lambda: len(seen) >= 7, 10, message=lambda: f"callbacks got {seen}")
+        assert [value for value, _ in seen] == [0, 1, 2, 3, 4, 5, 6]
+        assert {name for _, name in seen} == {"pvhub-callbacks"}
+        assert signal.missed_updates == 0
+        assert signal.get() == 6
+    finally:
+        hub.close()
+        daemon.close()
