@@ -154,9 +154,18 @@ class Channel:
         from_stream: bool,
     ) -> list[tuple[str, p.Reading | None]]:
         """Rule 3, with ``cond`` held; returns the listener events it caused."""
+        old = self.reading
+        if (from_stream and seq == self.seq + 1 and epoch == self.epoch and metadata is None and connected
+                and self.connected and self.attached and reading is not None and old is not None):
+            # The usual reading, the next of a stream that is attached and connected, with
+            # nothing else changed: what the rules below decide for it, in short.
+            self.seq = seq
+            self.reading = reading
+            self._notify()
+            return [] if p.same_reading(reading, old) else [("value", old)]
         if epoch < self.epoch:
             return []  # a late word from an actor that has since been replaced
-        old, was_ready, old_metadata = self.reading, self.ready, self.metadata
+        was_ready, old_metadata = self.ready, self.metadata
         if epoch == self.epoch and seq <= self.seq:
             if from_stream or self.attached:
                 return []

@@ -157,6 +157,7 @@ class Hub:
         self._dispatch_wanted = threading.Event()
         self._io_ident: int | None = None  # the I/O thread's, once it runs
         self._io_dispatched = False  # the I/O thread queued work it has not woken anyone for
+        self._dispatcher_ended = False  # after close: dispatch runs on the caller's thread
         self._ctx = zmq.Context()
         self._io = threading.Thread(target=self._run, name=f"pvhub-io {self.address}", daemon=True)
         self._dispatcher = threading.Thread(target=self._run_dispatcher, name="pvhub-callbacks", daemon=True)
@@ -288,7 +289,7 @@ class Hub:
     def dispatch(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run ``func`` on the callback thread (in order with every other callback); once the
         hub is closed and that thread has ended, on the caller's thread."""
-        if self._closed.is_set() and not self._dispatcher.is_alive():
+        if self._dispatcher_ended:
             func(*args, **kwargs)
             return
         self.dispatches += 1
@@ -716,27 +717,33 @@ class Hub:
     # --- the dispatcher thread -------------------------------------------------------------
 
     def _run_dispatcher(self) -> None:
-        work, wanted = self._dispatch, self._dispatch_wanted
-        closing = False
+        wanted = self._dispatch_wanted
         while True:
             # Cleared before the queue is looked at: whatever is queued after this is either
             # found below or sets the event again, so no wake-up is lost.
             wanted.wait()
             wanted.clear()
-            while work:
-                item = work.popleft()
-                if item is None:
-                    closing = True  # what came with or after the close still runs (statuses must finish)
-                    continue
-                func, args, kwargs = item
-                try:
-                    func(*args, **kwargs)
-                except Exception:
-                    log.exception("callback_failed", callback=repr(func))
-                # Hold nothing between callbacks: a Signal the user dropped must be freed.
-                del item, func, args, kwargs
-            if closing:
+            if self._run_queued():  # the close came; what came with or after it still runs
+                self._dispatcher_ended = True
+                self._run_queued()  # queued between the last look and the flag
                 return
+
+    def _run_queued(self) -> bool:
+        """Run what is queued, in order (Rule 2); whether the close was among it."""
+        work, closing = self._dispatch, False
+        while work:
+            item = work.popleft()
+            if item is None:
+                closing = True  # statuses must still finish: go on
+                continue
+            func, args, kwargs = item
+            try:
+                func(*args, **kwargs)
+            except Exception:
+                log.exception("callback_failed", callback=repr(func))
+            # Hold nothing between callbacks: a Signal the user dropped must be freed.
+            del item, func, args, kwargs
+        return closing
 
 
 def _reachable(endpoint: str, request_address: str) -> str:

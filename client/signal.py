@@ -126,6 +126,9 @@ class _Subscription:
         self.version = 0  # of the channel's last change this subscription delivered (Rule 2)
 
 
+_PLAIN = frozenset((int, float, bool, type(None)))  # values _convert returns as they are without as_string
+
+
 def _by_kind(subs: dict[int, _Subscription]) -> dict[str, tuple[_Subscription, ...]]:
     """``subs`` by event type, in the order they were made."""
     by_kind: dict[str, tuple[_Subscription, ...]] = {}
@@ -551,9 +554,16 @@ class EpicsSignalBase:
         return self._value_kwargs(reading, previous, metadata)
 
     def _value_kwargs(self, reading: p.Reading, old: p.Reading | None, metadata: p.PVMetadata) -> dict[str, Any]:
+        # Most values are plain numbers, for which _convert changes nothing: spared its call.
+        value = reading.value
+        if self.as_string or type(value) not in _PLAIN:
+            value = self._convert(value, metadata, self.as_string)
+        old_value = None if old is None else old.value
+        if old is not None and (self.as_string or type(old_value) not in _PLAIN):
+            old_value = self._convert(old_value, metadata, self.as_string)
         return {
-            "old_value": self._convert(old.value, metadata, self.as_string) if old is not None else None,
-            "value": self._convert(reading.value, metadata, self.as_string),
+            "old_value": old_value,
+            "value": value,
             "timestamp": reading.timestamp,
             "status": reading.status,
             "severity": reading.severity,
@@ -572,33 +582,33 @@ class EpicsSignalBase:
     def _on_channel(self, kind: str, channel: Channel, old: p.Reading | None) -> None:
         if kind not in self._subs_by_kind:
             return
-        if kind == "value":
+        if kind == self.SUB_VALUE:
             reading = channel.reading
             if reading is not None:
                 self._hub.dispatch(self._run_value_subs, channel.version, reading, old, channel.metadata)
-        elif kind == "meta":
+        elif kind == self.SUB_META:
             self._hub.dispatch(self._run_meta_subs, channel.version)
 
     # Run on the callback thread: deliver the change ``version`` to every primed subscription
     # that has not seen it, with what a callback gets built only if one will.
     def _run_value_subs(self, version: int, reading: p.Reading, old: p.Reading | None,
                         metadata: p.PVMetadata) -> None:
-        subs = self._subs_due(self.SUB_VALUE, version)
-        if subs:
-            self._deliver(subs, self.SUB_VALUE, version, self._value_kwargs(reading, old, metadata))
+        kwargs = None
+        for sub in self._subs_by_kind.get(self.SUB_VALUE, ()):
+            if sub.primed and sub.version < version:
+                if kwargs is None:
+                    kwargs = self._value_kwargs(reading, old, metadata)
+                sub.version = version
+                self._call(sub.callback, self.SUB_VALUE, kwargs)
 
     def _run_meta_subs(self, version: int) -> None:
-        subs = self._subs_due(self.SUB_META, version)
-        if subs:
-            self._deliver(subs, self.SUB_META, version, self._meta_kwargs())
-
-    def _subs_due(self, event_type: str, version: int) -> list[_Subscription]:
-        return [s for s in self._subs_by_kind.get(event_type, ()) if s.primed and s.version < version]
-
-    def _deliver(self, subs: list[_Subscription], event_type: str, version: int, kwargs: dict[str, Any]) -> None:
-        for sub in subs:
-            sub.version = version
-            self._call(sub.callback, event_type, kwargs)
+        kwargs = None
+        for sub in self._subs_by_kind.get(self.SUB_META, ()):
+            if sub.primed and sub.version < version:
+                if kwargs is None:
+                    kwargs = self._meta_kwargs()
+                sub.version = version
+                self._call(sub.callback, self.SUB_META, kwargs)
 
     def _call(self, callback: Callable[..., Any], event_type: str, kwargs: dict[str, Any]) -> None:
         try:
