@@ -51,6 +51,7 @@ import heapq
 import itertools
 import math
 import os
+import queue
 import socket
 import sys
 import threading
@@ -151,10 +152,11 @@ class Hub:
         self._channels: dict[str, Channel] = {}
         self._channels_lock = threading.Lock()
         self._proofs = ProofSchedule(PROOF_INTERVAL, SNAPSHOT_TIMEOUT)  # Rule 4
-        # Rule 2: (func, args, kwargs) in order, None once closing; ``_dispatch_wanted`` is
-        # set when there is something for the dispatcher to look at.
+        # Rule 2: (func, args, kwargs) in order, None once closing. ``_dispatch_wake`` gets a
+        # token when there is something for the dispatcher to look at (a SimpleQueue: its put
+        # and get are C, an Event's set and wait are Python and a new lock per wait).
         self._dispatch: collections.deque = collections.deque()
-        self._dispatch_wanted = threading.Event()
+        self._dispatch_wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._io_ident: int | None = None  # the I/O thread's, once it runs
         self._io_dispatched = False  # the I/O thread queued work it has not woken anyone for
         self._dispatcher_ended = False  # after close: dispatch runs on the caller's thread
@@ -297,13 +299,13 @@ class Hub:
         if threading.get_ident() == self._io_ident:
             self._io_dispatched = True  # woken at the end of the batch (Rule 2)
         else:
-            self._dispatch_wanted.set()
+            self._dispatch_wake.put(None)
 
     def _wake_dispatcher(self) -> None:
         """On the I/O thread: the batch is complete, the dispatcher may run it (Rule 2)."""
         if self._io_dispatched:
             self._io_dispatched = False
-            self._dispatch_wanted.set()
+            self._dispatch_wake.put(None)
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -313,7 +315,7 @@ class Hub:
         if threading.current_thread() is not self._io:
             self._io.join(timeout=5)
         self._dispatch.append(None)
-        self._dispatch_wanted.set()
+        self._dispatch_wake.put(None)
         if threading.current_thread() is not self._dispatcher:
             self._dispatcher.join(timeout=5)
         if not self._io.is_alive():
@@ -717,12 +719,12 @@ class Hub:
     # --- the dispatcher thread -------------------------------------------------------------
 
     def _run_dispatcher(self) -> None:
-        wanted = self._dispatch_wanted
+        wake = self._dispatch_wake
         while True:
-            # Cleared before the queue is looked at: whatever is queued after this is either
-            # found below or sets the event again, so no wake-up is lost.
-            wanted.wait()
-            wanted.clear()
+            # Each token comes after the work it stands for: whatever is queued after the
+            # queue was last looked at has a token still to come, so no wake-up is lost (a
+            # token whose work ran already costs one look at an empty queue).
+            wake.get()
             if self._run_queued():  # the close came; what came with or after it still runs
                 self._dispatcher_ended = True
                 self._run_queued()  # queued between the last look and the flag
