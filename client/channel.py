@@ -248,6 +248,11 @@ class ProofSchedule:
         self._heap: list[tuple[float, int, Channel]] = []
         self._order = itertools.count()
 
+    @property
+    def heap(self) -> list[tuple[float, int, Channel]]:
+        """The entries, soonest first (``heap[0]``; it may be stale, which only wakes early)."""
+        return self._heap
+
     def __len__(self) -> int:
         """How many channels are still looked after."""
         return sum(1 for due, _, channel in list(self._heap) if channel.proof_due == due)

@@ -76,7 +76,9 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 PROOF_INTERVAL = 0.1
 SNAPSHOT_TIMEOUT = 5.0
 HELLO_RETRY = 0.1
-POLL_MS = 50
+# The I/O thread sleeps until its next due work (a hello, a ping, a proof, a deadline: Rule 1),
+# at most this long.
+POLL_MS = 1000
 # Readings the I/O thread applies before it wakes the dispatcher even mid-drain (Rule 2).
 DISPATCH_BATCH = 128
 # The readings socket's flags, as plain ints: pyzmq turns its enum constants back into enums
@@ -340,7 +342,7 @@ class Hub:
         try:
             poller = self._open_sockets()
             while not self._closed.is_set():
-                ready = dict(poller.poll(POLL_MS))
+                ready = dict(poller.poll(self._sleep_ms(time.monotonic())))
                 self.wakeups += 1
                 if self._wake_r.fileno() in ready:
                     _drain(self._wake_r)
@@ -367,6 +369,20 @@ class Hub:
         finally:
             self._finish(failure)
             self._wake_dispatcher()
+
+    def _sleep_ms(self, now: float) -> int:
+        """How long the I/O thread may wait for its sockets: until the next thing due (Rule 1).
+        An idle client wakes once a second, to ping, not twenty times."""
+        if self._calls:
+            return 0
+        if not self._hello.is_set():
+            due = self._last_hello + HELLO_RETRY
+        else:
+            due = self._last_ping + p.CLIENT_HEARTBEAT_S
+        for heap in (self._proofs.heap, self._deadlines.heap):
+            if heap and heap[0][0] < due:
+                due = heap[0][0]
+        return max(0, min(POLL_MS, int((due - now) * 1000) + 1))
 
     def _open_sockets(self) -> zmq.Poller:
         self._dealer = self._ctx.socket(zmq.DEALER)
@@ -782,6 +798,11 @@ class RequestDeadlines:
 
     def __len__(self) -> int:
         return len(self._heap)
+
+    @property
+    def heap(self) -> list[tuple[float, int, float, str]]:
+        """The entries, soonest first (``heap[0]``), for the I/O thread's sleep."""
+        return self._heap
 
     def add(self, request_id: int, timeout: float, what: str, now: float, pending: Collection[int]) -> None:
         heapq.heappush(self._heap, (now + timeout, request_id, timeout, what))
