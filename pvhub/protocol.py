@@ -9,8 +9,9 @@ A ``set`` gets two replies: ``SetAccepted`` (or an ``ErrorReply`` at once), then
 ``ErrorReply`` when the IOC's put-completion arrives.
 Rule 4: readings are published on topic ``pv.encode() + b"\\0"`` (the NUL makes ZeroMQ's prefix
 match exact). A readings message is that topic frame followed by one or more encoded messages
-of that PV, in order (an actor batches a fast PV's updates). ``seq`` counts per PV per actor incarnation; ``epoch`` names the incarnation, so
-a subscriber detects both gaps and restarts (the ZeroMQ guide's Clone pattern).
+of that PV, in order (an actor batches a fast PV's updates). ``seq`` counts per PV per actor
+incarnation; ``epoch`` names the incarnation, so a subscriber detects both gaps and restarts
+(the ZeroMQ guide's Clone pattern).
 Rule 5: arrays travel as raw bytes with dtype and shape (a msgpack ext type), never element by
 element; numpy scalars travel as plain numbers. Nothing is ever pickled.
 Rule 6: ``decode`` refuses any malformed input with ``ProtocolError`` and allocates nothing
