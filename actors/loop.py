@@ -19,9 +19,10 @@ Rule 5: ``PVHUB_FAULT_EXIT_ON_ADOPT`` (a glob pattern) makes the process exit wh
 PV that matches: a PV that crashes whatever process holds it, for the tests of the broker's
 quarantine. Unset, it costs nothing.
 Rule 6: a readings message is a PV's topic frame followed by one or more of its Updates, in
-seq order. A PV's message goes at the end of the loop's pass, unless the PV's previous one
-left less than ``BATCH_WINDOW_S`` ago: then its updates wait, and go together when the window
-is over. A quiet PV's update goes alone, at once; one that changes faster than the window
+seq order. A PV's message goes at the end of the loop's pass, unless the PV's previous message
+with a new value left less than ``BATCH_WINDOW_S`` ago: then its updates wait, and go together
+when the window is over (a snapshot, such as the one a new client asks for, starts no window,
+so a new PV's first value never waits). A quiet PV's update goes alone, at once; one that changes faster than the window
 (500 Hz) waits at most the window, and its updates cost the actor, the daemon's forwarder and
 every client one message per window instead of one per update (each ZeroMQ message wakes a
 thread in each of them). What waits is bounded by the PVs this actor owns, times their rate
@@ -70,6 +71,7 @@ class Actor:
         self._sent_at: dict[str, float] = {}  # when each PV's last readings message left
         self._next_send: float | None = None  # when the first waiting message may leave
         self._fresh = False  # a PV's first update since its last message is among them
+        self._valued: set[str] = set()  # PVs whose waiting messages carry a change, not only snapshots
         self._initial = list(pvs)
         self._events: collections.deque[ca.Event] = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -318,10 +320,12 @@ class Actor:
                 pv = effect.update.pv
                 frames = self._outgoing.get(pv)
                 if frames is None:
-                    self._outgoing[pv] = [p.topic(pv), p.encode(effect.update)]
+                    self._outgoing[pv] = frames = [p.topic(pv), p.encode(effect.update)]
                     self._fresh = True
                 else:
                     frames.append(p.encode(effect.update))
+                if not effect.update.snapshot:
+                    self._valued.add(pv)
             elif isinstance(effect, Reply):
                 self._reply(effect.client, effect.message)
             elif isinstance(effect, StartRead):
@@ -347,7 +351,9 @@ class Actor:
                 next_send = free_at if next_send is None else min(next_send, free_at)
                 continue
             self._pub.send_multipart(frames)
-            sent_at[pv] = now
+            if pv in self._valued:
+                sent_at[pv] = now
+        self._valued.intersection_update(waiting)
         self._outgoing = waiting
         self._next_send = next_send
 

@@ -426,6 +426,8 @@ class Hub:
             kind, value = event["event"], event["value"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.handshake_problem = None
+                if not self._hello.is_set():
+                    self._last_hello = 0.0  # the daemon is there now: say hello at once
                 continue
             if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 problem = (f"the daemon refused this client (ZAP status {value})"
