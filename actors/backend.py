@@ -184,6 +184,8 @@ def metadata_of(response: Any, native: ChannelType, count: int, host: str) -> p.
 
 def _put_error(response: Any) -> str | None:
     """Why a put's completion says it failed, or None."""
+    if response is None:
+        return "put could not be sent: refused by the Channel Access state machine"
     if isinstance(response, caproto.ErrorResponse):
         return f"IOC refused the put: {_text(bytes(response.error_message))}"
     status = getattr(response, "status", None)
@@ -310,6 +312,7 @@ class _Circuit:
     outbox: bytearray = field(default_factory=bytearray)
     last_heard: float = 0.0
     echo_sent: float | None = None
+    writing: bool = False  # watched for POLLOUT: the outbox holds what the kernel did not take
 
     @property
     def host(self) -> str:
@@ -415,7 +418,8 @@ class ChannelAccessBackend:
             return
         circuit.operations[write.ioid] = (channel, on_write)
         circuit.operations[read.ioid] = (channel, on_read)
-        self._send(circuit, write, read)
+        if not self._send(circuit, write, read):
+            self._not_sent(circuit, write.ioid, read.ioid)
 
     def read(self, name: str, read_id: int) -> None:
         """A Channel Access read (DBR_TIME); a ``ReadDoneEvent`` follows."""
@@ -428,7 +432,7 @@ class ChannelAccessBackend:
 
         def on_read(response: Any) -> None:
             reading = None
-            if not isinstance(response, caproto.ErrorResponse):
+            if response is not None and not isinstance(response, caproto.ErrorResponse):
                 reading = reading_of(response, native)
             self._emit(ReadDoneEvent(name, read_id, reading))
 
@@ -494,6 +498,7 @@ class ChannelAccessBackend:
 
     def _send_searches(self, now: float) -> None:
         batch: list[bytes] = []
+        batch_ids: list[int] = []
         size = 0
         version = bytes(caproto.VersionRequest(priority=0, version=caproto.DEFAULT_PROTOCOL_VERSION))
         while self._due and self._due[0][0] <= now:
@@ -504,15 +509,19 @@ class ChannelAccessBackend:
             request = bytes(caproto.SearchRequest(channel.name, search_id, caproto.DEFAULT_PROTOCOL_VERSION))
             if size + len(request) > SEARCH_DATAGRAM_BYTES - len(version) and batch:
                 if not self._send_datagram(version + b"".join(batch)):
-                    heapq.heappush(self._due, (now + 0.01, search_id))
-                    break  # the socket is full: the rest go on the next tick
-                batch, size = [], 0
+                    # The socket is full: this batch and the rest go again in 10 ms.
+                    for unsent in (*batch_ids, search_id):
+                        heapq.heappush(self._due, (now + 0.01, unsent))
+                    return
+                batch, batch_ids, size = [], [], 0
             batch.append(request)
+            batch_ids.append(search_id)
             size += len(request)
             heapq.heappush(self._due, (now + channel.interval, search_id))
             channel.interval = min(MAX_RETRY, channel.interval * 2)
-        if batch:
-            self._send_datagram(version + b"".join(batch))
+        if batch and not self._send_datagram(version + b"".join(batch)):
+            for unsent in batch_ids:
+                heapq.heappush(self._due, (now + 0.01, unsent))
 
     def _send_datagram(self, datagram: bytes) -> bool:
         for address in self._servers:
@@ -605,18 +614,21 @@ class ChannelAccessBackend:
         circuit.by_cid[channel.ca.cid] = channel
         self._send(circuit, channel.ca.create())
 
-    def _send(self, circuit: _Circuit, *commands: Any) -> None:
+    def _send(self, circuit: _Circuit, *commands: Any) -> bool:
+        """Queue ``commands`` on the circuit and send what the kernel takes; False if caproto's
+        state machine refused them (nothing was queued)."""
         try:
             buffers = circuit.core.send(*commands)
-        except caproto.CaprotoError as exc:  # our own request refused by the state machine
+        except caproto.CaprotoError as exc:
             log.error("request_not_sent", host=circuit.host, error=str(exc))
-            return
+            return False
         was_empty = not circuit.outbox
         for buffer in buffers:
             # A header (ctypes) or data (a numpy array, of any dtype): its raw bytes.
             circuit.outbox += buffer.tobytes() if hasattr(buffer, "tobytes") else bytes(buffer)
         if was_empty:
             self._flush(circuit)
+        return True
 
     def _flush(self, circuit: _Circuit) -> None:
         try:
@@ -627,7 +639,10 @@ class ChannelAccessBackend:
             self._drop(circuit, f"send failed: {exc}")
             return
         del circuit.outbox[:sent]
-        self._watch(circuit.sock.fileno(), _POLLIN | _POLLOUT if circuit.outbox else _POLLIN)
+        waiting = bool(circuit.outbox)
+        if waiting != circuit.writing:  # the poller is told only of a change
+            circuit.writing = waiting
+            self._watch(circuit.sock.fileno(), _POLLIN | _POLLOUT if waiting else _POLLIN)
 
     def _receive(self, circuit: _Circuit) -> None:
         sock = circuit.sock
@@ -755,6 +770,9 @@ class ChannelAccessBackend:
         name, host = channel.name, circuit.host
 
         def on_control(response: Any) -> None:
+            if response is None:
+                log.warning("metadata_read_not_sent", pv=name)
+                return
             if isinstance(response, caproto.ErrorResponse):
                 log.warning("metadata_read_refused", pv=name, error=_text(bytes(response.error_message)))
                 return
@@ -762,7 +780,8 @@ class ChannelAccessBackend:
 
         control = channel.ca.read(data_type="control", ioid=circuit.core.new_ioid())
         circuit.operations[control.ioid] = (channel, on_control)
-        self._send(circuit, subscribe, control)
+        if not self._send(circuit, subscribe, control):
+            self._not_sent(circuit, control.ioid)
 
     def _refused(self, circuit: _Circuit, response: Any) -> None:
         request = response.original_request
@@ -783,11 +802,24 @@ class ChannelAccessBackend:
         assert circuit is not None
         request = channel.ca.read(data_type=data_type, ioid=circuit.core.new_ioid())
         circuit.operations[request.ioid] = (channel, on_answer)
-        self._send(circuit, request)
+        if not self._send(circuit, request):
+            self._not_sent(circuit, request.ioid)
+
+    @staticmethod
+    def _not_sent(circuit: _Circuit, *ioids: int) -> None:
+        """Answer requests that never left (refused by caproto's state machine) with None, so
+        that nothing waits for them (Rule 4)."""
+        for ioid in ioids:
+            circuit.core._ioids.pop(ioid, None)
+            operation = circuit.operations.pop(ioid, None)
+            if operation is not None:
+                operation[1](None)
 
     def _put_read_back(self, name: str, put_id: int, native: ChannelType, response: Any) -> None:
         readback = None
-        if isinstance(response, caproto.ErrorResponse):
+        if response is None:
+            log.warning("readback_not_sent", pv=name)
+        elif isinstance(response, caproto.ErrorResponse):
             # The put itself completed; only its read-back is lost (the monitor follows).
             log.warning("readback_refused", pv=name, error=_text(bytes(response.error_message)))
         else:
@@ -859,6 +891,22 @@ class ChannelAccessBackend:
 
 
 
+def poller_watch(poller: zmq.Poller) -> Callable[[int, int], None]:
+    """The ``watch`` a backend is given: registers its sockets in ``poller`` (flags 0: forgets
+    them)."""
+
+    def watch(fd: int, flags: int) -> None:
+        if flags:
+            poller.register(fd, flags)
+        else:
+            try:
+                poller.unregister(fd)
+            except KeyError:
+                pass
+
+    return watch
+
+
 class Driver:
     """A backend run on its own, without an actor (benchmarks, tests): the actor loop's part
     in small. Events other than the one waited for are dropped."""
@@ -866,16 +914,7 @@ class Driver:
     def __init__(self) -> None:
         self._events: collections.deque[Event] = collections.deque()
         self._poller = zmq.Poller()
-        self.backend = ChannelAccessBackend(self._events.append, self._watch)
-
-    def _watch(self, fd: int, flags: int) -> None:
-        if flags:
-            self._poller.register(fd, flags)
-        else:
-            try:
-                self._poller.unregister(fd)
-            except KeyError:
-                pass
+        self.backend = ChannelAccessBackend(self._events.append, poller_watch(self._poller))
 
     def wait_for(self, wanted: Callable[[Event], bool], timeout: float) -> Event:
         """Run until an event ``wanted`` says yes to; ``TimeoutError`` after ``timeout``."""

@@ -97,18 +97,8 @@ class Actor:
         self._poller = zmq.Poller()
         self._poller.register(self._dealer, zmq.POLLIN)
         self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        self._backend = ca.ChannelAccessBackend(self._events.append, self._watch)
+        self._backend = ca.ChannelAccessBackend(self._events.append, ca.poller_watch(self._poller))
         self.log = log.bind(actor=actor_id, actor_pid=os.getpid())
-
-    def _watch(self, fd: int, flags: int) -> None:
-        """The backend's sockets in our poller (``flags`` 0: no longer)."""
-        if flags:
-            self._poller.register(fd, flags)
-        else:
-            try:
-                self._poller.unregister(fd)
-            except KeyError:
-                pass
 
     def request_stop(self, *_: Any) -> None:
         self._stopping = True

@@ -421,6 +421,13 @@ def spray(port: int, payload: bytes) -> None:
             pass
 
 
+def assert_updates_of(frames: list[bytes], pv: str) -> None:
+    """``frames`` are a readings message of ``pv``: its topic, then one or more updates."""
+    topic, *payloads = frames
+    assert topic == p.topic(pv) and payloads
+    assert all(isinstance(p.decode(payload), p.Update) for payload in payloads)
+
+
 def port_of(endpoint: str) -> int:
     return int(endpoint.rsplit(":", 1)[1])
 
@@ -444,9 +451,7 @@ def test_raw_garbage_on_the_request_and_readings_ports_harms_nobody(hub, attacke
         assert_serving(hub, attacker, prefix)
         # Readings still flow to a subscriber that was there all along.
         assert subscriber.poll(10_000), "no readings after the garbage"
-        topic, *payloads = subscriber.recv_multipart()  # one or more updates of one PV
-        assert topic == p.topic(f"{prefix}fast") and payloads
-        assert all(isinstance(p.decode(payload), p.Update) for payload in payloads)
+        assert_updates_of(subscriber.recv_multipart(), f"{prefix}fast")
     finally:
         for conn in idle:
             conn.close()
@@ -480,9 +485,7 @@ def test_garbage_subscription_frames_on_the_readings_socket_harm_nobody(hub, att
         deadline = time.monotonic() + 15
         while seen < 5 and time.monotonic() < deadline:
             if good.poll(1000):
-                topic, *payloads = good.recv_multipart()  # one or more updates of one PV
-                assert topic == p.topic(f"{prefix}fast") and payloads
-                assert all(isinstance(p.decode(payload), p.Update) for payload in payloads)
+                assert_updates_of(good.recv_multipart(), f"{prefix}fast")
                 seen += 1
         assert seen == 5, "readings stopped after the garbage subscriptions"
         assert_serving(hub, attacker, prefix)

@@ -135,3 +135,28 @@ def test_a_name_nobody_serves_is_searched_with_growing_intervals(zoo_ioc, prefix
         assert len(driver.backend._due) <= 2  # one live entry per name (plus at most a stale one)
     finally:
         driver.close()
+
+
+def test_a_request_the_state_machine_refuses_is_answered_not_left_waiting(zoo_ioc, prefix, monkeypatch):
+    for key, value in zoo_ioc.ca_env().items():
+        monkeypatch.setenv(key, value)
+    pv = f"{prefix}motor"
+    driver = ca.Driver()
+    try:
+        driver.backend.add(pv)
+        driver.wait_for(lambda e: isinstance(e, ca.MetadataEvent), 15)
+        (circuit,) = driver.backend._circuits.values()
+
+        def refuse(*commands):
+            raise caproto.LocalProtocolError("refused for the test")
+
+        monkeypatch.setattr(circuit.core, "send", refuse)
+        driver.backend.put(pv, 1, 2.0)
+        done = driver.wait_for(lambda e: isinstance(e, ca.PutDoneEvent), 5)
+        assert done.error is not None and "could not be sent" in done.error
+        driver.backend.read(pv, 2)
+        read = driver.wait_for(lambda e: isinstance(e, ca.ReadDoneEvent), 5)
+        assert read.reading is None
+        assert not circuit.operations  # nothing left waiting for an answer
+    finally:
+        driver.close()
