@@ -5,8 +5,10 @@ Rule 1: the broker thread owns the two ROUTER sockets; the readings forwarder
 message.
 Rule 2: nothing a client sends can stop the loop. A message that does not decode is answered
 with ``bad_message`` when it carries enough to answer, and dropped (logged) otherwise.
-Rule 3: the loop runs the supervisor's reaping every tick, so an actor's death is answered
-within one tick (``TICK_S``).
+Rule 3: the loop ticks every ``TICK_S``, however many messages arrive in between: the
+supervisor's reaping and the router's ``tick`` (restarts, hung actors, silent clients) cost
+O(processes + clients), so they run on the clock, never per message. An actor's death is
+answered within one tick.
 Rule 4: with ``[security]``, the ZAP handler starts before any socket binds, and each
 client's identity is read from the messages themselves (``daemon/security.py``). Listening off
 loopback without it is refused (``pvhub.config.exposure_problem``). Every socket has a
@@ -19,6 +21,7 @@ resubscribe by themselves, and see a gap they resync from).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -188,9 +191,10 @@ class Broker:
         watchdog = watchdog_interval()
         last_watchdog = 0.0
         stop_deadline: float | None = None
+        next_tick = 0.0
         try:
             while True:
-                ready = dict(poller.poll(int(TICK_S * 1000)))
+                ready = dict(poller.poll(max(0, math.ceil((next_tick - time.monotonic()) * 1000))))
                 if clients in ready:
                     self._drain_clients(ctx)
                 if actors in ready:
@@ -201,9 +205,11 @@ class Broker:
                     self._reload = False
                     self._reload_config(router)
                 now = time.monotonic()
-                for actor, code in supervisor.reap():
-                    self._carry_out(ctx, router.actor_exited(actor, code, now))
-                self._carry_out(ctx, router.tick(now))
+                if now >= next_tick:  # Rule 3
+                    next_tick = now + TICK_S
+                    for actor, code in supervisor.reap():
+                        self._carry_out(ctx, router.actor_exited(actor, code, now))
+                    self._carry_out(ctx, router.tick(now))
                 if watchdog is not None and now - last_watchdog >= watchdog:
                     last_watchdog = now
                     self.notifier.watchdog()

@@ -68,9 +68,9 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 CLIENT_TIMEOUT = p.LIVENESS * p.CLIENT_HEARTBEAT_S + 2.0
 ACTOR_TIMEOUT = p.LIVENESS * p.ACTOR_HEARTBEAT_S + 1.0
-# The broker's loop ticks at least this often. A gap between ticks longer than STALL_S means
-# the daemon itself was not running (SIGSTOP, a paused VM, a starved machine): what it did
-# not hear then was not silence.
+# The broker's loop ticks this often (broker Rule 3). A gap between ticks longer than STALL_S
+# means the daemon itself was not running (SIGSTOP, a paused VM, a starved machine): what it
+# did not hear then was not silence.
 TICK_S = 0.2
 STALL_S = 1.0
 # Rule 5: a PV that lived this long in a process that did not die is no suspect.
