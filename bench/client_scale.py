@@ -95,7 +95,7 @@ class Window:
 
     def __enter__(self) -> Window:
         self.io0 = thread_cpu_ns(self.hub._io.native_id)
-        self.cb0 = thread_cpu_ns(self.hub._dispatcher.native_id)
+        self.cb0 = thread_cpu_ns(self.hub._dispatcher.thread.native_id)
         self.wakeups0 = getattr(self.hub, "wakeups", 0)
         self.dispatches0 = getattr(self.hub, "dispatches", 0)
         self.t0 = time.monotonic()
@@ -104,7 +104,7 @@ class Window:
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.monotonic() - self.t0
         self.io_ns = thread_cpu_ns(self.hub._io.native_id) - self.io0
-        self.cb_ns = thread_cpu_ns(self.hub._dispatcher.native_id) - self.cb0
+        self.cb_ns = thread_cpu_ns(self.hub._dispatcher.thread.native_id) - self.cb0
         self.wakeups = getattr(self.hub, "wakeups", 0) - self.wakeups0
         self.dispatches = getattr(self.hub, "dispatches", 0) - self.dispatches0
 

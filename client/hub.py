@@ -2,11 +2,9 @@
 
 Rule 1: one I/O thread owns the sockets (a DEALER for requests, a SUB for readings); ZeroMQ
 sockets are not thread-safe. User threads hand it work through a queue and a wake-up pipe.
-Rule 2: user callbacks never run on the I/O thread; they run in order on one dispatcher
-thread, so a slow callback delays other callbacks, never the connection. Work for it goes
-into one queue, in the order it is handed over from any thread; the I/O thread wakes the
-dispatcher once per batch (a pass of its loop, or ``DISPATCH_BATCH`` readings), not once per
-reading: a thousand readings a second cost a few dozen wake-ups.
+Rule 2: user callbacks never run on the I/O thread; they run in order on the callback
+thread (``pvhub.client.dispatcher``), which the I/O thread wakes once per batch (a pass of
+its loop, or ``DISPATCH_BATCH`` readings), not once per reading.
 Rule 3 (the Clone pattern): a PV's channel subscribes to its topic first, then asks for a
 snapshot; ``pvhub.client.channel`` holds the rules for what it then accepts.
 Rule 4: a subscription is known to be live once something arrives on it. Until then the
@@ -18,20 +16,17 @@ the same reason a snapshot request unanswered after ``SNAPSHOT_TIMEOUT`` is give
 answer is ignored) and asked again: a read changes nothing, so asking twice is harmless. Only
 channels waiting for a proof or a snapshot are looked at, in a heap by when they are due: a
 wake-up costs nothing per idle channel, so a process may hold thousands of them.
-Rule 5 (Paranoid Pirate): the client pings the daemon every ``CLIENT_HEARTBEAT_S``; a daemon
-silent for ``LIVENESS`` beats, or one that announces it is stopping, is lost: every request in
-flight fails at once (a put's outcome is then unknown; nothing is ever re-sent), every channel
-turns disconnected, and the client says hello again until a daemon answers, then re-attaches
-every channel from a fresh snapshot. Requests are never queued for a daemon that is not there
+Rule 5 (Paranoid Pirate, decided in ``pvhub.client.liveness``): the client pings the daemon
+every ``CLIENT_HEARTBEAT_S``; a daemon silent for ``LIVENESS`` beats, or one that announces it
+is stopping, is lost: every request in flight fails at once (a put's outcome is then unknown;
+nothing is ever re-sent), every channel turns disconnected, and the client says hello again
+until a daemon answers, then re-attaches every channel from a fresh snapshot. Requests are never queued for a daemon that is not there
 (``ZMQ_IMMEDIATE``), so nothing sent during an outage is delivered to the next daemon.
-Rule 6: no request waits forever. Each has a deadline for its final reply, kept in a heap
-and checked on every pass of the I/O loop (the work is the requests that expire, never the
-ones pending); one past it fails with ``PvhubTimeoutError`` and its late reply is ignored.
-Reads, describes and status get ``REQUEST_TIMEOUT`` unless the caller gives its own; a set
-gets none by default: its final reply comes when the IOC completes the put, which may be a
-motor's whole move, and its waiters bound their wait themselves (``Status`` timeouts). A
-request whose final reply the daemon could not deliver (named in a ``Pong``'s ``lost``)
-fails at once, its outcome unknown.
+Rule 6: no request waits forever (``pvhub.client.requests``): each may have a deadline for
+its final reply, checked on every pass of the I/O loop; a set has none by default (its
+waiters bound their wait themselves, with ``Status`` timeouts). A request whose final reply
+the daemon could not deliver (named in a ``Pong``'s ``lost``) fails at once, its outcome
+unknown.
 Rule 7: an I/O thread that dies of an error (not of ``close()``) takes the connection with it
 in plain sight: every channel is lost and refuses to connect, every request pending fails,
 and every later one fails at once, each with ``HubUnavailableError`` naming the cause. A
@@ -47,17 +42,14 @@ from __future__ import annotations
 
 import atexit
 import collections
-import heapq
 import itertools
-import math
 import os
-import queue
 import socket
 import sys
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Collection, Iterable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import zmq
@@ -65,9 +57,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from pvhub import protocol as p
 from pvhub.config import DEFAULT_READINGS_HWM
-from pvhub.errors import HubUnavailableError, LimitError, ProtocolError, PvhubError, PvhubTimeoutError, error_from_code
+from pvhub.errors import HubUnavailableError, LimitError, ProtocolError, PvhubError, error_from_code
 from pvhub.keys import KeyFileError, load_public, load_secret
 from pvhub.client.channel import Channel, ProofSchedule
+from pvhub.client.dispatcher import DISPATCH_BATCH, Dispatcher
+from pvhub.client.liveness import Liveness, Lose, SayHello
+from pvhub.client.requests import ReplyHandler, RequestTable, answer_all, default_timeout, describe
 from pvhub.logs import library_logger
 
 log = library_logger("pvhub.client")
@@ -75,18 +70,13 @@ log = library_logger("pvhub.client")
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 PROOF_INTERVAL = 0.1
 SNAPSHOT_TIMEOUT = 5.0
-HELLO_RETRY = 0.1
 # The I/O thread sleeps until its next due work (a hello, a ping, a proof, a deadline: Rule 1),
 # at most this long.
 POLL_MS = 1000
-# Readings the I/O thread applies before it wakes the dispatcher even mid-drain (Rule 2).
-DISPATCH_BATCH = 128
 # The readings socket's flags, as plain ints: pyzmq turns its enum constants back into enums
 # on every call, a microsecond per reading.
 _NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
-# Rule 6: how long a read, describe or status waits for its reply unless told otherwise.
-REQUEST_TIMEOUT = 60.0
 # ``Hub.call`` waits this much past its request's deadline, so that the deadline (checked
 # once per pass of the I/O loop) is what fails the call.
 CALL_GRACE = 0.5
@@ -95,7 +85,6 @@ HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_N
 CLIENT_KEY_ENV = "PVHUB_CLIENT_KEY"
 SERVER_KEY_ENV = "PVHUB_SERVER_KEY"
 
-ReplyHandler = Callable[[p.Message], bool]
 # Errors to a snapshot request that asking again will not change.
 PERMANENT_ERRORS = {"pv_not_allowed", "access_denied", "bad_message", "unsupported_version", "unknown_operation"}
 
@@ -126,46 +115,26 @@ class Hub:
         self.known_as = ""
         # Why the last security handshake with the daemon failed; None once one succeeds.
         self.handshake_problem: str | None = None
-        self._hello = threading.Event()
         self._closed = threading.Event()
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._ids = itertools.count(1)
-        self._pending: dict[int, ReplyHandler] = {}
+        self._requests = RequestTable(self.address)  # Rule 6; the I/O thread's only
         # Requests handed to the I/O thread but not sent yet; whoever takes one out answers it.
         self._unsent: dict[object, ReplyHandler] = {}
         self._unsent_lock = threading.Lock()
         self._io_finished = False
         self._io_failure: BaseException | None = None  # why the I/O thread died (Rule 7)
-        self._deadlines = RequestDeadlines()  # Rule 6
-        self._last_heard = 0.0
-        self._last_ping = 0.0
-        self._last_hello = 0.0
-        self._hello_id: int | None = None
-        self._pvs_changed = True
-        self._pings: set[int] = set()
-        self._unanswered = 0  # pings sent (or tried) since the daemon last said anything
-        self._stopping_hub = False  # the daemon said it is stopping: answers still come
-        self.losses = 0
+        self._liveness = Liveness()  # Rule 5; its ``connected`` is set once a daemon said hello
         self.wakeups = 0  # passes of the I/O loop (benchmarks: work per wake-up)
-        self.dispatches = 0  # callbacks queued for the callback thread
         self._channels: dict[str, Channel] = {}
         self._channels_lock = threading.Lock()
         self._proofs = ProofSchedule(PROOF_INTERVAL, SNAPSHOT_TIMEOUT)  # Rule 4
-        # Rule 2: (func, args, kwargs) in order, None once closing. ``_dispatch_wake`` gets a
-        # token when there is something for the dispatcher to look at (a SimpleQueue: its put
-        # and get are C, an Event's set and wait are Python and a new lock per wait).
-        self._dispatch: collections.deque = collections.deque()
-        self._dispatch_wake: queue.SimpleQueue[None] = queue.SimpleQueue()
-        self._io_ident: int | None = None  # the I/O thread's, once it runs
-        self._io_dispatched = False  # the I/O thread queued work it has not woken anyone for
-        self._dispatcher_ended = False  # after close: dispatch runs on the caller's thread
         self._ctx = zmq.Context()
+        self._dispatcher = Dispatcher()  # Rule 2
         self._io = threading.Thread(target=self._run, name=f"pvhub-io {self.address}", daemon=True)
-        self._dispatcher = threading.Thread(target=self._run_dispatcher, name="pvhub-callbacks", daemon=True)
-        self._dispatcher.start()
         self._io.start()
 
     # --- user-thread API ------------------------------------------------------------------
@@ -179,14 +148,14 @@ class Hub:
                 if self._io_failure is not None:  # Rule 7: nobody will ever attach it
                     channel.error = HubUnavailableError(self._ended_text("the PV cannot connect"))
                     return channel
-                self._pvs_changed = True
+                self._liveness.pvs_changed()
                 self._call_soon(lambda: self._attach(channel))
             elif channel.error is not None and self._io_failure is None:
                 # Refused before (access rules, allow list): a new use asks again, since the
                 # daemon's rules may have been reloaded since.
                 with channel.cond:
                     channel.error = None
-                self._call_soon(lambda: self._hello.is_set() and self._request_snapshot(channel))
+                self._call_soon(lambda: self._liveness.connected.is_set() and self._request_snapshot(channel))
             return channel
 
     def request(self, build: Callable[[int], p.Message], handler: ReplyHandler | None = None,
@@ -229,17 +198,15 @@ class Hub:
             if self.max_message_bytes and len(payload) > self.max_message_bytes:
                 # The daemon would drop the connection: refuse it here, saying why.
                 on_reply(p.ErrorReply(id=request_id, code=LimitError.code, message=(
-                    f"{_describe(message)} is {len(payload)} bytes; the pvhub daemon at {self.address} takes "
+                    f"{describe(message)} is {len(payload)} bytes; the pvhub daemon at {self.address} takes "
                     f"at most {self.max_message_bytes} ([limits] max_message_bytes); the request was not sent")))
                 return
-            if not self._hello.is_set() or self._stopping_hub or not self._try_send(payload):
+            if not self._liveness.connected.is_set() or self._liveness.stopping or not self._try_send(payload):
                 on_reply(p.ErrorReply(id=request_id, code=HubUnavailableError.code,
                                       message=f"the pvhub daemon at {self.address} is not connected; the request was not sent"))
                 return
-            self._pending[request_id] = on_reply
             limit = default_timeout(message) if timeout is None else timeout
-            if limit is not None and math.isfinite(limit):
-                self._deadlines.add(request_id, limit, _describe(message), time.monotonic(), self._pending)
+            self._requests.add(request_id, on_reply, time.monotonic(), limit, describe(message))
 
         with self._unsent_lock:
             refused = self._closed.is_set() or self._io_finished
@@ -275,12 +242,17 @@ class Hub:
     @property
     def connected(self) -> bool:
         """Whether a daemon answered hello and has not been lost since."""
-        return self._hello.is_set()
+        return self._liveness.connected.is_set()
+
+    @property
+    def losses(self) -> int:
+        """How many times a connected daemon was lost (Rule 5)."""
+        return self._liveness.losses
 
     def wait_for_hello(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         # In slices, so that a dead I/O thread (Rule 7) is reported at once, not at the deadline.
-        while not self._hello.wait(0.25 if deadline is None else min(0.25, max(0.0, deadline - time.monotonic()))):
+        while not self._liveness.connected.wait(0.25 if deadline is None else min(0.25, max(0.0, deadline - time.monotonic()))):
             if self._io_failure is not None:
                 raise HubUnavailableError(self._ended_text("nothing can be sent"))
             if deadline is not None and time.monotonic() >= deadline:
@@ -293,21 +265,12 @@ class Hub:
     def dispatch(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run ``func`` on the callback thread (in order with every other callback); once the
         hub is closed and that thread has ended, on the caller's thread."""
-        if self._dispatcher_ended:
-            func(*args, **kwargs)
-            return
-        self.dispatches += 1
-        self._dispatch.append((func, args, kwargs))
-        if threading.get_ident() == self._io_ident:
-            self._io_dispatched = True  # woken at the end of the batch (Rule 2)
-        else:
-            self._dispatch_wake.put(None)
+        self._dispatcher.dispatch(func, *args, **kwargs)
 
-    def _wake_dispatcher(self) -> None:
-        """On the I/O thread: the batch is complete, the dispatcher may run it (Rule 2)."""
-        if self._io_dispatched:
-            self._io_dispatched = False
-            self._dispatch_wake.put(None)
+    @property
+    def dispatches(self) -> int:
+        """Callbacks queued for the callback thread so far (benchmarks: work per reading)."""
+        return self._dispatcher.dispatches
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -316,10 +279,7 @@ class Hub:
         self._wake()
         if threading.current_thread() is not self._io:
             self._io.join(timeout=5)
-        self._dispatch.append(None)
-        self._dispatch_wake.put(None)
-        if threading.current_thread() is not self._dispatcher:
-            self._dispatcher.join(timeout=5)
+        self._dispatcher.close()
         if not self._io.is_alive():
             self._wake_r.close()
             self._wake_w.close()
@@ -338,7 +298,7 @@ class Hub:
 
     def _run(self) -> None:
         failure: BaseException | None = None
-        self._io_ident = threading.get_ident()
+        self._dispatcher.batch_from_this_thread()
         try:
             poller = self._open_sockets()
             while not self._closed.is_set():
@@ -361,28 +321,29 @@ class Hub:
                 now = time.monotonic()
                 self._keep_alive(now)
                 self._prove_subscriptions(now)
-                self._expire_requests(now)
-                self._wake_dispatcher()
+                self._requests.expire(now)
+                self._dispatcher.flush()
         except Exception as exc:
             failure = exc
             log.exception("hub_io_failed", address=self.address)
         finally:
             self._finish(failure)
-            self._wake_dispatcher()
+            self._dispatcher.flush()
 
     def _sleep_ms(self, now: float) -> int:
         """How long the I/O thread may wait for its sockets: until the next thing due (Rule 1).
         An idle client wakes once a second, to ping, not twenty times."""
         if self._calls:
             return 0
-        if not self._hello.is_set():
-            due = self._last_hello + HELLO_RETRY
-        else:
-            due = self._last_ping + p.CLIENT_HEARTBEAT_S
-        for heap in (self._proofs.heap, self._deadlines.heap):
-            if heap and heap[0][0] < due:
-                due = heap[0][0]
-        return max(0, min(POLL_MS, int((due - now) * 1000) + 1))
+        due = self._liveness.next_due()
+        proofs, deadline = self._proofs.heap, self._requests.next_deadline
+        if proofs and proofs[0][0] < due:
+            due = proofs[0][0]
+        if deadline is not None and deadline < due:
+            due = deadline
+        if due <= now:
+            return 0
+        return min(POLL_MS, int((due - now) * 1000) + 1)
 
     def _open_sockets(self) -> zmq.Poller:
         self._dealer = self._ctx.socket(zmq.DEALER)
@@ -426,8 +387,7 @@ class Hub:
             kind, value = event["event"], event["value"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.handshake_problem = None
-                if not self._hello.is_set():
-                    self._last_hello = 0.0  # the daemon is there now: say hello at once
+                self._liveness.handshake_succeeded()
                 continue
             if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 problem = (f"the daemon refused this client (ZAP status {value})"
@@ -452,10 +412,10 @@ class Hub:
             self._io_failure = failure
             self._io_finished = True
             unsent, self._unsent = self._unsent, {}
-        _answer_all(((0, h) for h in unsent.values()), self._ended_text("the request was not sent"))
-        self._fail_pending(self._ended_text("the outcome is unknown"))
+        answer_all(((0, h) for h in unsent.values()), self._ended_text("the request was not sent"))
+        self._requests.fail_all(self._ended_text("the outcome is unknown"))
         if failure is not None:
-            self._hello.clear()
+            self._liveness.connected.clear()
             reason = f"the pvhub client's I/O thread failed ({type(failure).__name__}: {failure})"
             error_text = self._ended_text("the PV cannot connect")
             with self._channels_lock:  # with ``channel()``: a channel made from now on refuses too
@@ -487,41 +447,30 @@ class Hub:
     # --- liveness -------------------------------------------------------------------------
 
     def _keep_alive(self, now: float) -> None:
-        if not self._hello.is_set():
-            if now - self._last_hello >= HELLO_RETRY:
-                self._send_hello(now)
+        """Rule 5: whatever ``Liveness`` says is due."""
+        action = self._liveness.due(now, self._requests.waiting_besides)
+        if action is None:
             return
-        if self._stopping_hub and not (self._pending.keys() - self._pings):
-            self._lose_hub("the daemon stopped")
-        elif self._unanswered >= p.LIVENESS and now - self._last_heard > p.LIVENESS * p.CLIENT_HEARTBEAT_S:
-            # Counted in unanswered pings, not only in time: a process that was itself
-            # suspended (SIGSTOP, a laptop's sleep) first asks again before it judges.
-            self._lose_hub(f"{self._unanswered} pings unanswered, nothing heard for {now - self._last_heard:.1f} s")
-        elif now - self._last_ping >= p.CLIENT_HEARTBEAT_S:
-            self._last_ping = now
-            pvs = None
-            if self._pvs_changed:
-                self._pvs_changed = False
-                pvs = [channel.pv for channel in self._all_channels()]
+        if isinstance(action, SayHello):
+            self._send_hello(now)
+        elif isinstance(action, Lose):
+            self._lose_hub(action.reason)
+        else:
+            with_pvs = self._liveness.take_pvs_change()
+            pvs = [channel.pv for channel in self._all_channels()] if with_pvs else None
             request_id = next(self._ids)
-            self._unanswered += 1  # a ping that cannot even be sent is unanswered too
-            if self._send(p.PingRequest(id=request_id, pvs=pvs)):
-                self._pings.add(request_id)
-                self._pending[request_id] = lambda message: self._pings.discard(request_id) or True
-            elif pvs is not None:
-                self._pvs_changed = True
+            sent = self._send(p.PingRequest(id=request_id, pvs=pvs))
+            self._liveness.ping_sent(request_id, now, sent, with_pvs)
+            if sent:
+                pings = self._liveness.pings
+                self._requests.add(request_id, lambda message: pings.discard(request_id) or True, now)
 
     def _lose_hub(self, reason: str) -> None:
         """The daemon is gone (Rule 5): fail what it owed, disconnect, start saying hello."""
-        if not self._hello.is_set():
+        if not self._liveness.lost():
             return
-        self.losses += 1
         log.warning("hub_lost", address=self.address, reason=reason)
-        self._hello.clear()
-        self._stopping_hub = False
-        self._pings.clear()
-        self._unanswered = 0
-        self._fail_pending(f"the pvhub daemon at {self.address} went away ({reason}); the outcome is unknown")
+        self._requests.fail_all(f"the pvhub daemon at {self.address} went away ({reason}); the outcome is unknown")
         for channel in self._all_channels():
             channel.lose(reason, daemon_lost=True)
 
@@ -536,38 +485,12 @@ class Hub:
         return (f"the pvhub client's I/O thread for the daemon at {self.address} failed "
                 f"({type(failure).__name__}: {failure}); {outcome}")
 
-    def _fail_pending(self, message: str) -> None:
-        """Answer every request still waiting, so that no Status or call waits forever."""
-        pending, self._pending = self._pending, {}
-        self._deadlines.clear()
-        _answer_all(pending.items(), message)
-
-    # --- deadlines (Rule 6) ---------------------------------------------------------------
-
-    def _expire_requests(self, now: float) -> None:
-        for request_id, timeout, what in self._deadlines.expired(now, self._pending):
-            handler = self._pending.pop(request_id)
-            log.warning("request_timed_out", address=self.address, request=request_id, what=what, timeout=timeout)
-            _answer_all([(request_id, handler)],
-                        f"request {request_id} ({what}) got no reply from the pvhub daemon at {self.address} "
-                        f"within {timeout:g} s", code=PvhubTimeoutError.code)
-
-    def _fail_lost(self, lost: list) -> None:
-        """Fail the requests whose final reply the daemon could not deliver (Rule 6)."""
-        for request_id in lost:
-            handler = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
-            if handler is None:
-                continue
-            log.warning("reply_lost", address=self.address, request=request_id)
-            _answer_all([(request_id, handler)],
-                        f"the pvhub daemon could not deliver the reply to request {request_id} (this client did "
-                        "not read its replies fast enough); the outcome is unknown")
-
     def _send_hello(self, now: float) -> None:
-        self._last_hello = now
+        request_id = next(self._ids)
+        self._liveness.hello_sent(request_id, now)
 
         def on_hello(message: p.Message) -> bool:
-            if message.id != self._hello_id:  # type: ignore[attr-defined]
+            if not self._liveness.is_current_hello(message.id):  # type: ignore[attr-defined]
                 return True  # an answer to an earlier attempt
             if isinstance(message, p.HelloReply):
                 endpoint = _reachable(message.readings, self.address)
@@ -580,9 +503,7 @@ class Hub:
                 self.identity = message.client
                 self.max_message_bytes = message.max_message_bytes
                 self.known_as = message.identity
-                self._last_heard = self._last_ping = time.monotonic()
-                self._pvs_changed = True
-                self._hello.set()
+                self._liveness.connected_at(time.monotonic())
                 log.info("hub_connected", address=self.address, readings=endpoint)
                 # Attaching waited for the readings endpoint; after a loss, everything resyncs.
                 for channel in self._all_channels():
@@ -592,10 +513,8 @@ class Hub:
                 log.error("hello_refused", address=self.address, code=message.code, error=message.message)
             return True
 
-        request_id = next(self._ids)
-        self._hello_id = request_id
         if self._send(p.HelloRequest(id=request_id, client=self.name)):
-            self._pending[request_id] = on_hello
+            self._requests.add(request_id, on_hello, now)
 
     def _drain_replies(self) -> None:
         while True:
@@ -608,26 +527,14 @@ class Hub:
             except ProtocolError as exc:
                 log.error("bad_reply", error=str(exc))
                 continue
-            self._last_heard = time.monotonic()
-            for ping in self._pings:  # any answer proves the daemon alive; older pings are moot
-                self._pending.pop(ping, None)
-            self._pings.clear()
-            self._unanswered = 0
+            for ping in self._liveness.heard(time.monotonic()):  # older pings are moot now
+                self._requests.discard(ping)
             if isinstance(message, p.Pong):
                 if message.pvs_wanted:
-                    self._pvs_changed = True  # the daemon forgot us (we were away): the next ping says
+                    self._liveness.pvs_changed()  # the daemon forgot us (we were away): the next ping says
                 if message.lost:
-                    self._fail_lost(message.lost)
-            handler = self._pending.get(getattr(message, "id", -1))
-            if handler is None:
-                continue
-            try:
-                final = handler(message)
-            except Exception:
-                log.exception("reply_handler_failed", op=message.OP)
-                final = True
-            if final:
-                self._pending.pop(message.id, None)  # type: ignore[attr-defined]
+                    self._requests.fail_lost(message.lost)
+            self._requests.answer(message)
 
     def _drain_readings(self) -> None:
         # The hot path: a thousand readings a second to each of a hundred processes. A
@@ -657,7 +564,7 @@ class Hub:
                         channel.apply(update.epoch, update.seq, update.connected, update.reading, update.metadata,
                                       from_stream=True)
                     if not count % DISPATCH_BATCH:
-                        self._wake_dispatcher()
+                        self._dispatcher.flush()
                 else:
                     self._other_reading(update)
 
@@ -667,7 +574,7 @@ class Hub:
             # Requests in flight are still answered (the daemon lets puts finish); new
             # ones are refused here, and the hub counts as lost once it owes nothing.
             log.info("hub_stopping", address=self.address, reason=update.reason)
-            self._stopping_hub = True
+            self._liveness.stopping = True
         elif isinstance(update, p.PvLost):
             lost = self._channels.get(update.pv)
             if lost is not None:
@@ -678,7 +585,7 @@ class Hub:
 
     def _attach(self, channel: Channel) -> None:
         self._sub.setsockopt(zmq.SUBSCRIBE, p.topic(channel.pv))
-        if self._hello.is_set():
+        if self._liveness.connected.is_set():
             self._request_snapshot(channel)
 
     def _request_snapshot(self, channel: Channel) -> None:
@@ -704,7 +611,7 @@ class Hub:
             return True
 
         if self._send(p.ReadRequest(id=request_id, pv=channel.pv, publish=not channel.live)):
-            self._pending[request_id] = on_snapshot
+            self._requests.add(request_id, on_snapshot, now)
             self._proofs.sent(channel, request_id, now)
         else:
             self._proofs.not_sent(channel, now)
@@ -718,11 +625,11 @@ class Hub:
 
     def _prove_subscriptions(self, now: float) -> None:
         """Rule 4, for the channels that are due."""
-        if not self._hello.is_set():
+        if not self._liveness.connected.is_set():
             return
         ask, given_up = self._proofs.due(now)
         for _, request_id in given_up:
-            self._pending.pop(request_id, None)
+            self._requests.discard(request_id)
         if given_up:
             log.warning("snapshots_unanswered", count=len(given_up), pvs=[c.pv for c, _ in given_up[:5]],
                         after_s=SNAPSHOT_TIMEOUT)
@@ -733,37 +640,6 @@ class Hub:
                 self._sub.setsockopt(zmq.UNSUBSCRIBE, topic)
                 self._sub.setsockopt(zmq.SUBSCRIBE, topic)
             self._request_snapshot(channel)
-
-    # --- the dispatcher thread -------------------------------------------------------------
-
-    def _run_dispatcher(self) -> None:
-        wake = self._dispatch_wake
-        while True:
-            # Each token comes after the work it stands for: whatever is queued after the
-            # queue was last looked at has a token still to come, so no wake-up is lost (a
-            # token whose work ran already costs one look at an empty queue).
-            wake.get()
-            if self._run_queued():  # the close came; what came with or after it still runs
-                self._dispatcher_ended = True
-                self._run_queued()  # queued between the last look and the flag
-                return
-
-    def _run_queued(self) -> bool:
-        """Run what is queued, in order (Rule 2); whether the close was among it."""
-        work, closing = self._dispatch, False
-        while work:
-            item = work.popleft()
-            if item is None:
-                closing = True  # statuses must still finish: go on
-                continue
-            func, args, kwargs = item
-            try:
-                func(*args, **kwargs)
-            except Exception:
-                log.exception("callback_failed", callback=repr(func))
-            # Hold nothing between callbacks: a Signal the user dropped must be freed.
-            del item, func, args, kwargs
-        return closing
 
 
 def _reachable(endpoint: str, request_address: str) -> str:
@@ -782,58 +658,6 @@ def _drain(sock: socket.socket) -> None:
             pass
     except (BlockingIOError, InterruptedError):
         pass
-
-
-class RequestDeadlines:
-    """When each request with a deadline expires (Rule 6), without I/O or a clock of its own.
-
-    A heap of (deadline, request id, timeout, what). A request answered in time is not looked
-    for: its entry is dropped when it comes up, or when the heap has grown to twice what is
-    pending (and at least ``SLACK``), so both its size and its cost per request stay bounded.
-    Used by the I/O thread only.
-    """
-
-    SLACK = 1024
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, float, str]] = []
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    @property
-    def heap(self) -> list[tuple[float, int, float, str]]:
-        """The entries, soonest first (``heap[0]``), for the I/O thread's sleep."""
-        return self._heap
-
-    def add(self, request_id: int, timeout: float, what: str, now: float, pending: Collection[int]) -> None:
-        heapq.heappush(self._heap, (now + timeout, request_id, timeout, what))
-        if len(self._heap) > 2 * len(pending) + self.SLACK:
-            self._heap = [entry for entry in self._heap if entry[1] in pending]
-            heapq.heapify(self._heap)
-
-    def expired(self, now: float, pending: Collection[int]) -> list[tuple[int, float, str]]:
-        """(request id, timeout, what) of each request in ``pending`` past its deadline at
-        ``now``, taken out; the work is the entries that came up, never all of them."""
-        heap, expired = self._heap, []
-        while heap and heap[0][0] <= now:
-            _, request_id, timeout, what = heapq.heappop(heap)
-            if request_id in pending:
-                expired.append((request_id, timeout, what))
-        return expired
-
-    def clear(self) -> None:
-        self._heap.clear()
-
-
-def default_timeout(message: p.Message) -> float | None:
-    """Rule 6: how long a request may wait for its final reply unless its caller says."""
-    return None if isinstance(message, p.SetRequest) else REQUEST_TIMEOUT
-
-
-def _describe(message: p.Message) -> str:
-    pv = getattr(message, "pv", "")
-    return f"{message.OP} {pv}" if pv else message.OP
 
 
 def key_paths(client_key: str | os.PathLike[str] | None = None,
@@ -886,13 +710,3 @@ def close_hubs() -> None:
 
 
 atexit.register(close_hubs)
-
-
-def _answer_all(requests: Iterable[tuple[int, ReplyHandler]], message: str,
-                code: str = HubUnavailableError.code) -> None:
-    """Fail each ``(id, handler)`` request with ``message``; one handler's error stops no other."""
-    for request_id, handler in requests:
-        try:
-            handler(p.ErrorReply(id=request_id, code=code, message=message))
-        except Exception:
-            log.exception("reply_handler_failed", op="error")

@@ -24,8 +24,9 @@ from zmq.auth.thread import ThreadAuthenticator
 from pvhub import keys
 from pvhub import protocol as p
 from pvhub.client import EpicsSignal
-from pvhub.client import hub as hub_module
-from pvhub.client.hub import Hub, RequestDeadlines, get_hub
+from pvhub.client import requests as requests_module
+from pvhub.client.hub import Hub, get_hub
+from pvhub.client.requests import RequestDeadlines
 from pvhub.errors import HubUnavailableError, PvhubTimeoutError
 from pvhub.keys import KeyFileError
 
@@ -155,7 +156,7 @@ def test_a_request_unanswered_within_its_timeout_fails_and_its_late_reply_is_ign
 
 
 def test_reads_get_a_default_deadline_and_sets_none(hand_made, client, monkeypatch):
-    monkeypatch.setattr(hub_module, "REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(requests_module, "REQUEST_TIMEOUT", 0.3)
     a_read = client.request(read("X:swallowed"))
     a_set = client.request(lambda rid: p.SetRequest(id=rid, pv="X:motor", value=1.0))
     unbounded = client.request(read("X:swallowed"), timeout=math.inf)
