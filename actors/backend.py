@@ -376,8 +376,7 @@ class ChannelAccessBackend:
         if channel in circuit.waiting:
             circuit.waiting.remove(channel)
         self._forget_operations(circuit, channel)
-        if channel.subscription is not None:
-            circuit.by_subscription.pop(channel.subscription, None)
+        self._forget_subscription(circuit, channel)
         if channel.ca is not None and channel.connected:
             channel.connected = False
             self._send(circuit, channel.ca.clear())
@@ -868,8 +867,7 @@ class ChannelAccessBackend:
     def _lost(self, circuit: _Circuit, channel: _Channel) -> None:
         """The IOC dropped one channel (its record went away)."""
         self._forget_operations(circuit, channel)
-        if channel.subscription is not None:
-            circuit.by_subscription.pop(channel.subscription, None)
+        self._forget_subscription(circuit, channel)
         if channel.connected:
             self._emit(ConnectionEvent(channel.name, False))
 
@@ -884,9 +882,24 @@ class ChannelAccessBackend:
 
     @staticmethod
     def _forget_operations(circuit: _Circuit, channel: _Channel) -> None:
-        # O(the circuit's requests in flight): only when a channel goes.
+        # O(the circuit's requests in flight): only when a channel goes. caproto's own record
+        # of each goes too: its ids are 16 bits, and an id never freed is never reused.
         for ioid in [ioid for ioid, (owner, _) in circuit.operations.items() if owner is channel]:
             del circuit.operations[ioid]
+            circuit.core._ioids.pop(ioid, None)
+
+    @staticmethod
+    def _forget_subscription(circuit: _Circuit, channel: _Channel) -> None:
+        """Forget the channel's monitor here and in caproto, whose circuit keeps every
+        subscription until it hears it cancelled: a channel the IOC dropped, or one we
+        cleared, is never cancelled, and on a long-lived circuit (a gateway's) the 16-bit
+        subscription ids would run out."""
+        if channel.subscription is None:
+            return
+        circuit.by_subscription.pop(channel.subscription, None)
+        circuit.core.event_add_commands.pop(channel.subscription, None)
+        circuit.core.event_cancel_commands.pop(channel.subscription, None)
+        channel.subscription = None
 
 
 

@@ -47,6 +47,7 @@ from pvhub.daemon.routing import (
     Release,
     ClientForgotten,
     KillActor,
+    RetireActor,
     Quarantined,
     Router,
     SpawnActor,
@@ -420,6 +421,9 @@ class Broker:
             elif isinstance(effect, KillActor):
                 self.log.warning("actor_hung", actor=effect.actor, reason=effect.reason)
                 ctx.supervisor.kill(effect.actor)
+            elif isinstance(effect, RetireActor):
+                self.log.info("actor_retiring", actor=effect.actor, reason=effect.reason)
+                ctx.supervisor.retire(effect.actor)
             elif isinstance(effect, Announce):
                 ctx.announcer.send_multipart([effect.topic, p.encode(effect.message)])
             elif isinstance(effect, ClientForgotten):

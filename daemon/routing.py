@@ -32,7 +32,9 @@ the PV, else ``access_denied`` at once; every set is allowed or refused before a
 it. Each client connection has a request rate (a token bucket), a bound on its requests in
 flight and on the PVs it has asked for, and the daemon a bound on the PVs it holds; past one,
 that request alone gets a ``limit`` error. A PV that finds no IOC for
-``release_unconnected_s`` (never connected since it was adopted) is released.
+``release_unconnected_s`` (never connected since it was adopted) is released; a process of
+its own (isolated, quarantined, on probation) left with no PV is stopped for good, so that
+names asked for once do not leave processes behind.
 Rule 7 (placement): PVs of one device or IOC (one name prefix, see ``device_prefix``) share a
 pooled process while it has room (``max_pvs_per_actor``); a new prefix goes to the least
 loaded one. When the last room is taken, one more pooled process starts at once, ahead of
@@ -132,6 +134,14 @@ class SpawnActor:
 
 @dataclass(frozen=True)
 class KillActor:
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetireActor:
+    """Stop ``actor``'s process for good: it owns no PV any more (Rule 8)."""
+
     actor: str
     reason: str
 
@@ -361,8 +371,10 @@ class Router:
             record, spawned = self._group_actor(group, now)
             effects.extend(spawned)
         elif self.config.isolated(pv):
-            effects.extend(self._new_actor(f"pv:{pv}", OWN, now))
-            record = self.actors[f"pv:{pv}"]
+            record = self.actors.get(f"pv:{pv}")
+            if record is None:
+                effects.extend(self._new_actor(f"pv:{pv}", OWN, now))
+                record = self.actors[f"pv:{pv}"]
         else:
             record, spawned = self._pool_member_for(pv, now)
             effects.extend(spawned)
@@ -676,6 +688,24 @@ class Router:
             effects.append(Quarantined(tuple(half), record.actor, actor))
         return effects
 
+    def _retire(self, record: ActorRecord, reason: str) -> list[Effect]:
+        """Forget ``record`` and stop its process for good (Rule 8); whatever still waits for
+        it is answered."""
+        del self.actors[record.actor]
+        self.identities.pop(record.identity, None)
+        effects: list[Effect] = []
+        for (client, request_id), _ in record.inflight.items():
+            effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason))))
+            self._settled(client)
+        for client, request_id, _, _ in record.queued:
+            effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason))))
+            self._settled(client)
+        record.inflight.clear()
+        record.queued.clear()
+        if record.alive:
+            effects.append(RetireActor(record.actor, reason))
+        return effects
+
     def _restart(self, record: ActorRecord, now: float) -> list[Effect]:
         record.restart_at = None
         record.alive = True
@@ -726,6 +756,7 @@ class Router:
     def _release_unconnected(self, now: float) -> list[Effect]:
         """Rule 8: PVs adopted ``release_unconnected_s`` ago that never connected since."""
         released: list[str] = []
+        emptied: list[ActorRecord] = []
         to_actors: dict[str, list[str]] = {}
         while self._searches and self._searches[0][0] <= now:
             _, pv, adopted = self._searches.popleft()
@@ -737,11 +768,15 @@ class Router:
             del self.pvs[pv]
             record.pvs.discard(pv)
             released.append(pv)
-            if record.ready:  # one not ready adopts what it still owns when it is
+            if record.kind in (OWN, PROBATION) and not record.pvs:
+                emptied.append(record)
+            elif record.ready:  # one not ready adopts what it still owns when it is
                 to_actors.setdefault(record.identity, []).append(pv)
         effects: list[Effect] = [Release(identity, tuple(pvs)) for identity, pvs in to_actors.items()]
         seconds = self.config.limits.release_unconnected_s
         reason = f"no IOC answered for {seconds:g} s: the daemon released it (a new request searches again)"
+        for record in emptied:
+            effects.extend(self._retire(record, reason))
         effects.extend(Announce(p.topic(pv), p.PvLost(pv=pv, reason=reason)) for pv in released)
         return effects
 

@@ -6,6 +6,10 @@ Rule 2: the broker never waits for a process to start: ``spawn`` hands the work 
 supervisor's own thread and returns at once; the broker hears of the new process when it
 says ``ActorReady``, or of its failure through ``reap``.
 Rule 3: stopping is bounded: SIGTERM to all, then SIGKILL to whoever is left at the deadline.
+Rule 4: a retired actor (one the broker has no more use for) gets SIGTERM and is reaped
+without a word to the broker. A new incarnation of the same actor starts only once the
+retired process is gone (SIGKILL after ``RETIRE_GRACE_S``), so that two processes never
+present the same identity to the broker.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 import structlog
 
 log = structlog.get_logger("pvhub.supervisor")
+
+RETIRE_GRACE_S = 2.0
 
 
 @dataclass
@@ -44,6 +50,9 @@ class Supervisor:
         self._lock = threading.Lock()
         self._processes: dict[str, ActorProcess] = {}  # by actor; guarded by _lock
         self._failed: list[tuple[str, int | None]] = []  # spawns that raised; guarded by _lock
+        # Rule 4: retired, not yet reaped; guarded by _lock. Bounded by the retirements of the
+        # last few seconds: each leaves at its SIGTERM, or its SIGKILL.
+        self._retiring: list[ActorProcess] = []
         self._requests: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self._stopped = False
         self._last_epoch = 0  # on the spawner thread only
@@ -65,6 +74,7 @@ class Supervisor:
         with self._lock:
             exited.extend(self._failed)
             self._failed.clear()
+            self._reap_retired()
             for actor, record in list(self._processes.items()):
                 if record.process is None:
                     continue
@@ -74,6 +84,31 @@ class Supervisor:
                     exited.append((actor, code))
                     log.warning("actor_exited", actor=actor, actor_pid=record.process.pid, code=code)
         return exited
+
+    def _reap_retired(self) -> None:
+        """Rule 4, with the lock held: forget the retired that left; SIGKILL the late."""
+        still = []
+        for record in self._retiring:
+            assert record.process is not None
+            if record.process.poll() is not None:
+                log.info("actor_retired", actor=record.actor, actor_pid=record.process.pid)
+                continue
+            if time.monotonic() - record.started > RETIRE_GRACE_S:
+                _signal(record.process, signal.SIGKILL)
+            still.append(record)
+        self._retiring = still
+
+    def retire(self, actor: str) -> None:
+        """Stop ``actor``'s process for good, quietly (Rule 4)."""
+        with self._lock:
+            record = self._processes.pop(actor, None)
+            if record is None:
+                return
+            record.killed = True
+            if record.process is not None:
+                _signal(record.process, signal.SIGTERM)
+                record.started = time.monotonic()  # from now: its grace
+                self._retiring.append(record)
 
     def kill(self, actor: str) -> None:
         """SIGKILL a hung actor; ``reap`` reports its exit."""
@@ -91,8 +126,9 @@ class Supervisor:
         self._thread.join(timeout)
         with self._lock:
             self._stopped = True
-            records = [r for r in self._processes.values() if r.process is not None]
+            records = [r for r in (*self._processes.values(), *self._retiring) if r.process is not None]
             self._processes.clear()
+            self._retiring.clear()
         for record in records:
             _signal(record.process, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -112,6 +148,7 @@ class Supervisor:
             if request is None:
                 return
             actor, identity = request
+            self._wait_for_retired(actor)
             with self._lock:
                 claimed = self._processes.get(actor)
                 if self._stopped or claimed is None or claimed.identity != identity:
@@ -134,6 +171,19 @@ class Supervisor:
                 if claimed.killed:
                     _signal(process, signal.SIGKILL)
             log.info("actor_spawned", actor=actor, incarnation=identity, actor_pid=process.pid)
+
+    def _wait_for_retired(self, actor: str) -> None:
+        """Rule 4: a retired process of ``actor`` is gone before its successor starts."""
+        with self._lock:
+            old = [r for r in self._retiring if r.actor == actor]
+        for record in old:
+            assert record.process is not None
+            try:
+                record.process.wait(max(0.0, record.started + RETIRE_GRACE_S - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("actor_killed", actor=actor, actor_pid=record.process.pid, reason="retired, still running")
+                _signal(record.process, signal.SIGKILL)
+                record.process.wait()
 
     def _next_epoch(self) -> int:
         """Each incarnation's epoch is larger than the last one's, even if the wall clock was

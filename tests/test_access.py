@@ -14,7 +14,7 @@ from pvhub import protocol as p
 from pvhub.access import ANONYMOUS, AccessRules, parse_access
 from pvhub.client.channel import Channel
 from pvhub.config import Config, ConfigError, Limits, exposure_problem, is_local, parse, reloadable
-from pvhub.daemon.routing import Announce, Release, Router, TokenBucket, ToActor, ToClient
+from pvhub.daemon.routing import Announce, Release, RetireActor, Router, TokenBucket, ToActor, ToClient
 from pvhub.daemon.security import RefusalLog, REFUSALS_PER_WINDOW, REFUSAL_WINDOW_S
 from pvhub.daemon.supervisor import next_epoch
 
@@ -252,7 +252,9 @@ def test_a_pv_that_never_connects_is_released_and_its_subscribers_told():
     assert not [e for e in router.tick(39.0) if isinstance(e, Release)]
     none_actor = router.pvs["N:none"].actor
     effects = router.tick(40.5)
-    assert [e for e in effects if isinstance(e, Release)] == [Release(none_actor, ("N:none",))]
+    # Its process held nothing else: it is stopped for good rather than told to let go.
+    assert [e.actor for e in effects if isinstance(e, RetireActor)] == [none_actor]
+    assert not [e for e in effects if isinstance(e, Release)]
     (lost,) = [e for e in effects if isinstance(e, Announce)]
     assert lost.topic == p.topic("N:none") and "released" in lost.message.reason
     assert "N:none" not in router.pvs and "C:conn" in router.pvs and "K:kept" in router.pvs

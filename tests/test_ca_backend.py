@@ -160,3 +160,26 @@ def test_a_request_the_state_machine_refuses_is_answered_not_left_waiting(zoo_io
         assert not circuit.operations  # nothing left waiting for an answer
     finally:
         driver.close()
+
+
+def test_a_channel_removed_and_added_again_leaves_nothing_behind_on_its_circuit(zoo_ioc, prefix, monkeypatch):
+    # caproto's circuit keeps each subscription (16-bit ids) until it hears it cancelled; a
+    # channel cleared or dropped by the IOC never is, so the backend forgets it there too.
+    for key, value in zoo_ioc.ca_env().items():
+        monkeypatch.setenv(key, value)
+    pv = f"{prefix}motor"
+    driver = ca.Driver()
+    try:
+        for _ in range(5):
+            driver.backend.add(pv)
+            driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent) and e.connected, 15)
+            driver.backend.read(pv, 1)  # in flight when the channel goes
+            driver.backend.remove(pv)
+        driver.backend.add(pv)
+        driver.wait_for(lambda e: isinstance(e, ca.MetadataEvent), 15)
+        (circuit,) = driver.backend._circuits.values()  # the same circuit all along
+        assert len(circuit.core.event_add_commands) == 1
+        assert len(circuit.by_subscription) == 1
+        assert len(circuit.core._ioids) <= 1  # at most the new channel's metadata read
+    finally:
+        driver.close()

@@ -11,6 +11,8 @@ from pvhub.daemon.routing import (
     Adopt,
     TRUST_S,
     Quarantined,
+    Release,
+    RetireActor,
     Router,
     SpawnActor,
     ToActor,
@@ -218,6 +220,27 @@ def test_isolated_pvs_get_a_process_of_their_own():
     effects = send(router, p.ReadRequest(id=1, pv="FRAGILE:x"))
     assert effects == [SpawnActor("pv:FRAGILE:x", "pv:FRAGILE:x")]
     assert owner(router, "FRAGILE:x") == "pv:FRAGILE:x"
+
+
+def test_an_isolated_pv_released_stops_its_process_and_a_new_request_starts_a_fresh_one():
+    from pvhub.config import Limits
+
+    router = pooled(1, isolate=("FRAGILE:*",), limits=Limits(release_unconnected_s=30))
+    send(router, p.ReadRequest(id=1, pv="FRAGILE:x"), now=1.0)
+    ready(router, "pv:FRAGILE:x", now=1.5)
+    ready(router, "pool:0", now=1.5)
+    send(router, p.ReadRequest(id=2, pv="A:1"), now=1.0)
+    effects = router.tick(32.0)  # neither found an IOC
+    (retired,) = [e for e in effects if isinstance(e, RetireActor)]
+    assert retired.actor == "pv:FRAGILE:x" and "released" in retired.reason
+    assert [e for e in effects if isinstance(e, Release)] == [Release("pool:0", ("A:1",))]  # the pool stays
+    assert "pv:FRAGILE:x" not in router.actors and "pool:0" in router.actors
+    assert router.actor_exited("pv:FRAGILE:x", 0, now=33.0) == []  # its exit is no death
+    # Asked for again: a process of its own again, and it serves.
+    assert send(router, p.ReadRequest(id=3, pv="FRAGILE:x"), now=40.0) == [SpawnActor("pv:FRAGILE:x", "pv:FRAGILE:x")]
+    effects = ready(router, "pv:FRAGILE:x", now=40.5)
+    assert ("pv:FRAGILE:x", ["FRAGILE:x"]) in adopted(effects)
+    assert any(isinstance(e, ToActor) for e in effects)
 
 
 def test_a_request_is_answered_once_its_pooled_process_is_ready_even_after_a_death():

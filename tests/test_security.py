@@ -341,6 +341,27 @@ def test_a_pv_that_finds_no_ioc_is_released(zoo_ioc, hub_factory, tmp_path, peer
     assert missing in [e["pv"] for e in client.ask(lambda i: p.StatusRequest(id=i)).status["pvs"]]
 
 
+def test_a_released_pv_of_its_own_leaves_no_process_behind(zoo_ioc, hub_factory, tmp_path, peers):
+    config = write_config(tmp_path / "isolated.toml", None, "[limits]\nrelease_unconnected_s = 1\n"
+                          f'[actors]\nisolate = ["{zoo_ioc.prefix}iso*"]\n')
+    daemon = hub_factory(zoo_ioc, args=("--config", str(config)))
+    client = peers(daemon.address)
+    assert client.hello()
+    missing = zoo_ioc.prefix + "iso_no_such_record"
+    for round_ in range(1, 4):  # a client that keeps asking for a name no IOC has
+        reply = client.ask(lambda i: p.ReadRequest(id=i, pv=missing), timeout=20)
+        assert isinstance(reply, p.Snapshot) and not reply.connected
+        wait_until(lambda: len(log_events(daemon, "actor_retired")) == round_, timeout=15,
+                   message=lambda: f"round {round_}: {log_events(daemon, 'actor_retiring')}")
+        actors = client.ask(lambda i: p.StatusRequest(id=i)).status["actors"]
+        assert not [a for a in actors if a["kind"] == "own"], actors
+    spawned = [e for e in log_events(daemon, "actor_spawned") if e["actor"] == f"pv:{missing}"]
+    retired = [e["actor_pid"] for e in log_events(daemon, "actor_retired")]
+    assert len(spawned) == 3 and sorted(e["actor_pid"] for e in spawned) == sorted(retired)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in retired)  # reaped, not zombies
+    assert isinstance(client.ask(lambda i: p.ReadRequest(id=i, pv=zoo_ioc.pv("x"))), p.Snapshot)
+
+
 # --- holes a review found --------------------------------------------------------------------
 
 
