@@ -62,6 +62,8 @@ from pvhub.errors import (
     UnknownOperationError,
 )
 
+# Rule 7: how many more device prefixes than twice the PVs held ``Router.homes`` may keep.
+HOMES_SLACK = 1024
 # An actor that has not said ActorReady this long after its start is stuck in start-up.
 ACTOR_STARTUP_TIMEOUT = 20.0
 # An actor that dies sooner than this after starting "dies young": its next restart waits.
@@ -293,8 +295,11 @@ class ClientRecord:
     bucket: TokenBucket | None = None
     status_bucket: TokenBucket | None = None
     inflight: int = 0  # requests sent to (or queued for) actors, not finally answered
-    # PVs this connection asked for (bounded by max_pvs_per_client).
+    # PVs this connection asked for (bounded by max_pvs_per_client); names the daemon has
+    # released since are dropped when the bound is reached (``pruned_at``: ``Router.releases``
+    # then).
     asked: set[str] = field(default_factory=set)
+    pruned_at: int = 0
     # Final replies the broker could not deliver (its queue for this client was full); said
     # in the next pong, bounded.
     lost: list[int] = field(default_factory=list)
@@ -312,14 +317,15 @@ class Router:
         # identity -> actor, for live incarnations only: a word from any other is ignored.
         self.identities: dict[str, str] = {}
         self.pool: list[str] = []
-        # Rule 7: device prefix -> the pooled actor holding its PVs. One entry per prefix of a
-        # PV ever placed, so it is bounded by the PVs the daemon allows.
+        # Rule 7: device prefix -> the pooled actor holding its PVs. Prefixes whose PVs all
+        # went are dropped when it holds twice as many entries as there are PVs (``_place``).
         self.homes: dict[str, str] = {}
         # Rule 5: (trusted at, pv, actor, incarnation), in the order PVs joined.
         self._trials: collections.deque[tuple[float, str, str, int]] = collections.deque()
         # Rule 8: (release at, pv, adopted at) in the order PVs were adopted.
         self._searches: collections.deque[tuple[float, str, float]] = collections.deque()
         self._probations = itertools.count(1)
+        self.releases = 0  # batches of PVs released so far (Rule 8)
         self.started = 0.0
         self.stopping = False
         self.last_tick: float | None = None
@@ -395,8 +401,18 @@ class Router:
             effects.extend(self._grow_pool(now))
             roomy = [self.pool[-1]]
         home = min(roomy, key=lambda a: len(self.actors[a].pvs))
-        self.homes[prefix] = home
+        self._place(prefix, home)
         return self.actors[home], effects
+
+    def _place(self, prefix: str, actor: str) -> None:
+        """``prefix``'s PVs go to ``actor`` from now on (Rule 7). Entries of prefixes none of
+        whose PVs is held any more are dropped once they would double the map: O(PVs) then,
+        O(1) per placement over time."""
+        self.homes[prefix] = actor
+        if len(self.homes) > 2 * len(self.pvs) + HOMES_SLACK:
+            pool = set(self.pool)
+            held = {device_prefix(pv) for pv, record in self.pvs.items() if record.actor in pool}
+            self.homes = {p_: a for p_, a in self.homes.items() if p_ in held or p_ == prefix}
 
     def _assign(self, pv: str, record: ActorRecord, now: float) -> list[Effect]:
         """``pv`` belongs to ``record`` from now on; a ready process adopts it at once."""
@@ -486,12 +502,17 @@ class Router:
         if record.inflight >= limits.max_requests_in_flight:
             return LimitError(f"this client has {record.inflight} requests in flight, the most the daemon "
                               "allows; the request was not sent")
-        if pv not in record.asked:
+        if pv not in record.asked and len(record.asked) >= limits.max_pvs_per_client:
+            if record.pruned_at != self.releases:
+                # PVs released since the last look no longer count against the client: at most
+                # one pass over its names per batch of releases, never one per request.
+                record.pruned_at = self.releases
+                record.asked.intersection_update(self.pvs.keys())
             if len(record.asked) >= limits.max_pvs_per_client:
                 return LimitError(f"this client has asked for {len(record.asked)} PVs, the most the daemon "
                                   f"allows one client; {pv!r} was not opened")
-            if pv not in self.pvs and len(self.pvs) >= limits.max_pvs:
-                return LimitError(f"the daemon holds {len(self.pvs)} PVs, the most it allows; {pv!r} was not opened")
+        if pv not in self.pvs and len(self.pvs) >= limits.max_pvs:
+            return LimitError(f"the daemon holds {len(self.pvs)} PVs, the most it allows; {pv!r} was not opened")
         return None
 
     def _route(self, client: bytes, message: p.Message, payload: bytes, now: float) -> list[Effect]:
@@ -762,7 +783,7 @@ class Router:
             _, pv, adopted = self._searches.popleft()
             pv_record = self.pvs.get(pv)
             if (pv_record is None or pv_record.adopted != adopted or pv_record.ever_connected
-                    or pv in self.config.start or self.config.group_of(pv) is not None):
+                    or self.config.starts_with_daemon(pv) or self.config.group_of(pv) is not None):
                 continue
             record = self.actors[pv_record.actor]
             del self.pvs[pv]
@@ -772,6 +793,8 @@ class Router:
                 emptied.append(record)
             elif record.ready:  # one not ready adopts what it still owns when it is
                 to_actors.setdefault(record.identity, []).append(pv)
+        if released:
+            self.releases += 1
         effects: list[Effect] = [Release(identity, tuple(pvs)) for identity, pvs in to_actors.items()]
         seconds = self.config.limits.release_unconnected_s
         reason = f"no IOC answered for {seconds:g} s: the daemon released it (a new request searches again)"

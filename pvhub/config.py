@@ -139,9 +139,14 @@ class Config:
         # PV -> group, so that placing a PV costs one lookup however many groups there are.
         index = {pv: name for name, pvs in self.groups.items() for pv in pvs}
         object.__setattr__(self, "_group_index", index)
+        object.__setattr__(self, "_start_set", frozenset(self.start))
 
     def group_of(self, pv: str) -> str | None:
         return self._group_index.get(pv)  # type: ignore[attr-defined]
+
+    def starts_with_daemon(self, pv: str) -> bool:
+        """Whether ``pv`` is in ``start`` (one lookup, however long the list)."""
+        return pv in self._start_set  # type: ignore[attr-defined]
 
 
 def reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:

@@ -367,3 +367,27 @@ def test_a_pv_released_while_its_actor_restarts_is_still_announced_to_its_subscr
     assert not [e for e in effects if isinstance(e, Release)]  # nobody to tell: it never adopted it
     assert [e.topic for e in effects if isinstance(e, Announce)] == [p.topic("N:none")]
     assert "N:none" not in router.pvs
+
+
+def test_the_daemons_bound_on_pvs_holds_for_names_a_client_asked_for_before():
+    router = make_router(limits=Limits(max_pvs=2, release_unconnected_s=30))
+    for i, pv in enumerate(("A:1", "A:2")):
+        assert error_of(send(router, p.ReadRequest(id=i, pv=pv), now=10.0)) is None
+    router.tick(41.0)  # neither found an IOC: both released
+    assert not router.pvs
+    for i, pv in enumerate(("B:1", "B:2")):  # another client fills the daemon
+        assert error_of(send(router, p.ReadRequest(id=i, pv=pv), client=BOB, now=42.0)) is None
+    refused = error_of(send(router, p.ReadRequest(id=5, pv="A:1"), now=43.0))
+    assert refused.code == "limit" and "the daemon holds 2 PVs" in refused.message
+    assert "A:1" not in router.pvs
+
+
+def test_names_the_daemon_released_no_longer_count_against_a_client():
+    router = make_router(limits=Limits(max_pvs_per_client=2, release_unconnected_s=30))
+    for i, pv in enumerate(("A:1", "A:2")):
+        assert error_of(send(router, p.ReadRequest(id=i, pv=pv), now=10.0)) is None
+    refused = error_of(send(router, p.ReadRequest(id=3, pv="A:3"), now=11.0))
+    assert refused.code == "limit"
+    router.tick(41.0)  # both released
+    assert error_of(send(router, p.ReadRequest(id=4, pv="A:3"), now=42.0)) is None
+    assert router.clients[ALICE].asked == {"A:3"}

@@ -243,6 +243,26 @@ def test_an_isolated_pv_released_stops_its_process_and_a_new_request_starts_a_fr
     assert any(isinstance(e, ToActor) for e in effects)
 
 
+def test_placements_of_devices_whose_pvs_all_went_are_forgotten():
+    from pvhub.config import Limits
+    from pvhub.daemon.routing import HOMES_SLACK
+
+    router = pooled(2, limits=Limits(release_unconnected_s=30))
+    for actor in list(router.pool):
+        ready(router, actor)
+    now = 1.0
+    for batch in range(3):  # thousands of devices asked for once, none found, all released
+        for i in range(HOMES_SLACK):
+            send(router, p.ReadRequest(id=i, pv=f"DEV{batch}x{i}:pv"), now=now)
+        now += 31.0
+        router.tick(now)
+        assert not router.pvs
+        assert len(router.homes) <= 2 * len(router.pvs) + HOMES_SLACK + 1
+    send(router, p.ReadRequest(id=1, pv="KEPT:a"), now=now)
+    send(router, p.ReadRequest(id=2, pv="KEPT:b"), now=now)
+    assert owner(router, "KEPT:a") == owner(router, "KEPT:b")  # one device, one process still
+
+
 def test_a_request_is_answered_once_its_pooled_process_is_ready_even_after_a_death():
     router = pooled(1)
     ready(router, "pool:0")
