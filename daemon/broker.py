@@ -1,8 +1,8 @@
 """The daemon's sockets and its loop: clients in, actors out, readings forwarded in C.
 
-Rule 1: the broker thread owns the two ROUTER sockets; the readings forwarder
-(``zmq.proxy_steerable`` XSUB -> XPUB) runs on its own thread and never touches Python per
-message.
+Rule 1: the broker thread owns the two ROUTER sockets; the readings forwarder (XSUB ->
+XPUB, ``daemon/security.py``) runs on its own thread: per readings message a receive and a
+send of its frames, untouched, never decoded.
 Rule 2: nothing a client sends can stop the loop. A message that does not decode is answered
 with ``bad_message`` when it carries enough to answer, and dropped (logged) otherwise.
 Rule 3: the loop ticks every ``TICK_S``, however many messages arrive in between: the
@@ -164,9 +164,11 @@ class Broker:
         actor_endpoint = f"ipc://{self._rundir}/actors"
         actors.bind(actor_endpoint)
         readings_in_endpoint = f"ipc://{self._rundir}/readings"
+        self._router_pvs: dict = {}
         forwarder = ReadingsForwarder(self._ctx, readings_in_endpoint, self.readings_address, self.readings_hwm,
                                       access=lambda: self.config.access, allows=self.config.allows,
-                                      security=security, max_topics=limits.max_pvs + 1)
+                                      security=security, max_topics=limits.max_pvs + 1,
+                                      held=lambda pv: pv in self._router_pvs)
         readings_endpoint = forwarder.start()
         # The daemon's own announcements (a PV's actor died, the daemon stops) join the
         # readings stream, so they reach clients in order with the PVs' updates.
@@ -175,6 +177,7 @@ class Broker:
         announcer.connect(readings_in_endpoint)
 
         router = Router(self.config, readings_endpoint)
+        self._router_pvs = router.pvs  # the forwarder's ``held`` (read from its thread)
         self._security = security
         self._forwarder = forwarder
         supervisor = Supervisor(actor_endpoint, readings_in_endpoint, self.log_format, self.log_level)

@@ -13,8 +13,11 @@ kind; the rest are counted and the count is said with the next record.
 Rule 3: the readings socket is an ``XPUB_MANUAL``: a subscription is applied only if its
 sender's identity may read that PV (or, for the empty prefix, every PV), so readings of a PV
 a client may not read never reach it, whatever it subscribes. Upstream (to the actors) each
-allowed topic is subscribed once and stays subscribed (an unsubscription cannot be told
-apart from one of a subscription that was refused); an XPUB drops, in C, what nobody takes.
+allowed topic is subscribed once and stays subscribed while the daemon holds its PV (an
+unsubscription cannot be told apart from one of a subscription that was refused); an XPUB
+drops, in C, what nobody takes. When the topics reach ``max_topics``, those of PVs the daemon
+no longer holds (released) are unsubscribed upstream and forgotten, at most once a second, so
+names subscribed once over a long life never fill the forwarder.
 Rule 4: the forwarder's work per reading is a receive and a send of its frames, untouched;
 per subscription, one access decision (cached, ``AccessRules``).
 """
@@ -41,6 +44,8 @@ log = structlog.get_logger("pvhub.daemon")
 REFUSAL_WINDOW_S = 10.0
 # A readings socket not bound again after this long is logged at every try (an error).
 REBIND_WARNING_S = 2.0
+# Rule 3: how often, at most, a full forwarder looks for topics of PVs no longer held.
+PRUNE_INTERVAL_S = 1.0
 REFUSALS_PER_WINDOW = 10
 _HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -235,7 +240,7 @@ class ReadingsForwarder:
 
     def __init__(self, ctx: zmq.Context, inward: str, outward: str, hwm: int, access: Callable[[], AccessRules],
                  allows: Callable[[str], bool], security: Security | None = None,
-                 max_topics: int = 100_000) -> None:
+                 max_topics: int = 100_000, held: Callable[[str], bool] = lambda pv: True) -> None:
         self._ctx = ctx
         self._hwm = hwm
         self._inward = inward
@@ -253,6 +258,8 @@ class ReadingsForwarder:
         # subscribing to every name the allow list admits must not grow the daemon unbounded.
         self.upstream: set[bytes] = set()
         self._max_topics = max_topics
+        self._held = held  # whether the daemon holds a PV (Rule 3's pruning)
+        self._pruned_at = -PRUNE_INTERVAL_S
         self.refused = RefusalLog(event="subscription_refused")
         self._ready = threading.Event()
         self._endpoint = ""
@@ -402,6 +409,8 @@ class ReadingsForwarder:
             if data[0] == 0:
                 xpub.setsockopt(zmq.UNSUBSCRIBE, topic)  # the sender's own, if it had it
                 continue
+            if len(self.upstream) >= self._max_topics and topic not in self.upstream:
+                self._prune(xsub)
             identity = identity_of(frame)
             if not self._may_subscribe(identity, topic):
                 self.refused.refused_connection("subscription", identity=identity,
@@ -411,6 +420,20 @@ class ReadingsForwarder:
             if topic not in self.upstream:
                 self.upstream.add(topic)
                 xsub.send(data)
+
+    def _prune(self, xsub: zmq.Socket) -> None:
+        """Rule 3: forget the topics of PVs the daemon no longer holds."""
+        now = time.monotonic()
+        if now - self._pruned_at < PRUNE_INTERVAL_S:
+            return
+        self._pruned_at = now
+        gone = [topic for topic in self.upstream if topic.endswith(b"\0") and topic != p.HUB_TOPIC
+                and not self._held(topic[:-1].decode(errors="replace"))]
+        for topic in gone:
+            self.upstream.discard(topic)
+            xsub.send(b"\0" + topic)
+        if gone:
+            log.info("subscriptions_pruned", count=len(gone), kept=len(self.upstream))
 
     def _may_subscribe(self, identity: str, topic: bytes) -> bool:
         access = self._access()

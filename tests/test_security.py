@@ -362,6 +362,24 @@ def test_a_released_pv_of_its_own_leaves_no_process_behind(zoo_ioc, hub_factory,
     assert isinstance(client.ask(lambda i: p.ReadRequest(id=i, pv=zoo_ioc.pv("x"))), p.Snapshot)
 
 
+def test_subscriptions_to_names_the_daemon_no_longer_holds_do_not_fill_the_forwarder(
+        zoo_ioc, hub_factory, tmp_path, peers):
+    # max_pvs 3: the forwarder takes 4 topics upstream. Names subscribed once and never held
+    # (or released since) are forgotten when room is needed; before, it stayed full for good.
+    config = write_config(tmp_path / "topics.toml", None, "[limits]\nmax_pvs = 3\n")
+    daemon = hub_factory(zoo_ioc, args=("--config", str(config)))
+    filler = peers(daemon.address)
+    hello = filler.hello()
+    assert hello is not None
+    filler.subscribe(hello.readings, *(p.topic(f"{zoo_ioc.prefix}gone{i}") for i in range(6)))
+    wait_until(lambda: log_events(daemon, "subscriptions_pruned"), timeout=10,
+               message="the forwarder never made room")
+    client = peers(daemon.address)
+    assert client.hello()
+    client.follow(hello.readings, zoo_ioc.pv("fast"))  # a held PV's readings come
+    assert not log_events(daemon, "subscription_refused")
+
+
 # --- holes a review found --------------------------------------------------------------------
 
 
