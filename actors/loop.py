@@ -14,7 +14,10 @@ Rule 3: nothing a client sends can end the loop: a request that cannot be handle
 with an error and logged with its traceback.
 Rule 4: the broker gives the actor its PVs (``AdoptPvs``, before any request for them); the
 actor's heartbeat names only the PVs whose state changed since the last one, so a process
-that owns thousands of quiet PVs sends almost nothing.
+that owns thousands of quiet PVs sends almost nothing. A PV adopted, connected or
+disconnected is named in the next heartbeat; one that only counted updates, at most every
+``STATS_INTERVAL_S``: thousands of busy PVs cost the broker a few records a second, not
+thousands.
 Rule 5: ``PVHUB_FAULT_EXIT_ON_ADOPT`` (a glob pattern) makes the process exit when it adopts a
 PV that matches: a PV that crashes whatever process holds it, for the tests of the broker's
 quarantine. Unset, it costs nothing.
@@ -55,6 +58,8 @@ POLL_MS = 250
 DRAIN_LIMIT = 2000
 # A PV's readings messages leave at most this often; updates in between go together (Rule 6).
 BATCH_WINDOW_S = 0.005
+# Rule 4: how often update counts alone go to the broker (``pvhub status`` shows them).
+STATS_INTERVAL_S = 2.0
 
 
 class Actor:
@@ -66,7 +71,9 @@ class Actor:
         # Given by the daemon, larger than any earlier incarnation's whatever the wall clock did.
         self.epoch = epoch if epoch is not None else time.time_ns()
         self.states: dict[str, PvState] = {}
-        self._changed: set[str] = set()  # PVs to name in the next heartbeat (Rule 4)
+        self._changed: set[str] = set()  # PVs whose update counts changed (Rule 4)
+        self._urgent: set[str] = set()  # PVs adopted, connected or disconnected since
+        self._last_stats = 0.0
         self._outgoing: dict[str, list[bytes]] = {}  # readings messages not sent yet (Rule 6)
         self._sent_at: dict[str, float] = {}  # when each PV's last readings message left
         self._next_send: float | None = None  # when the first waiting message may leave
@@ -120,7 +127,7 @@ class Actor:
             os._exit(70)
         for pv in new:
             self.states[pv] = PvState(pv, self.epoch)
-            self._changed.add(pv)
+            self._urgent.add(pv)
         for i, pv in enumerate(new):
             self._backend.add(pv)
             if i % 100 == 99:
@@ -135,6 +142,7 @@ class Actor:
         for pv in gone:
             self._carry_out(self.states.pop(pv).fail_all_puts(reason))
             self._changed.discard(pv)
+            self._urgent.discard(pv)
             self._sent_at.pop(pv, None)
             self._backend.remove(pv)
         if gone:
@@ -192,8 +200,15 @@ class Actor:
         self._ctx.term()
         self.log.info("actor_stopped")
 
-    def _stats(self) -> dict:
-        changed, self._changed = self._changed, set()
+    def _stats(self, now: float) -> dict:
+        """Rule 4: what the next heartbeat says of the PVs."""
+        if now - self._last_stats >= STATS_INTERVAL_S:
+            self._last_stats = now
+            changed, self._changed = self._changed | self._urgent, set()
+        else:
+            changed = self._urgent
+            self._changed -= changed
+        self._urgent = set()
         return {
             pv: {
                 "connected": state.connected,
@@ -210,7 +225,7 @@ class Actor:
         now = time.monotonic()
         if now - self._last_beat >= p.ACTOR_HEARTBEAT_S:
             self._last_beat = now
-            self._send_control(p.Heartbeat(sender=self.actor_id, stats=self._stats()))
+            self._send_control(p.Heartbeat(sender=self.actor_id, stats=self._stats(now)))
 
     def _send_control(self, message: p.Message) -> None:
         self._dealer.send_multipart([b"", p.encode(message)])
@@ -281,7 +296,9 @@ class Actor:
                 continue
             try:
                 effects = self._apply(state, event)
-                if effects:
+                if type(event) is ca.ConnectionEvent:
+                    self._urgent.add(event.pv)
+                elif effects:
                     self._changed.add(event.pv)
                 self._carry_out(effects)
             except Exception:
