@@ -456,7 +456,7 @@ class Hub:
         elif isinstance(action, Lose):
             self._lose_hub(action.reason)
         else:
-            with_pvs = self._liveness.take_pvs_change()
+            with_pvs = self._liveness.take_pvs_change(now, len(self._channels))
             pvs = [channel.pv for channel in self._all_channels()] if with_pvs else None
             request_id = next(self._ids)
             sent = self._send(p.PingRequest(id=request_id, pvs=pvs))
@@ -531,7 +531,7 @@ class Hub:
                 self._requests.discard(ping)
             if isinstance(message, p.Pong):
                 if message.pvs_wanted:
-                    self._liveness.pvs_changed()  # the daemon forgot us (we were away): the next ping says
+                    self._liveness.pvs_changed(wanted=True)  # the daemon forgot us (we were away)
                 if message.lost:
                     self._requests.fail_lost(message.lost)
             self._requests.answer(message)

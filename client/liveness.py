@@ -14,6 +14,10 @@ first asks again before it judges. A ping that could not even be sent counts as 
 Rule 4: a daemon that says it is stopping still answers what it owes; it counts as lost once
 nothing but pings waits for it.
 Rule 5: ``connected`` is an Event: user threads wait on it, only the I/O thread sets it.
+Rule 6: a ping carries the full list of PVs the process follows (for ``pvhub status``) when
+it changed, at most once per ``max(1 s, channels / PVS_REPORTED_PER_S)``: a process that opens
+channels one by one does not send its ten thousand names every second. When the daemon asks
+for the list (it forgot this client), or on a new connection, it goes with the next ping.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Callable, Collection
 from pvhub import protocol as p
 
 HELLO_RETRY = 0.1
+# Rule 6: names of followed PVs a client sends per second, at most, in the long run.
+PVS_REPORTED_PER_S = 1000
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class Liveness:
         self._last_hello = -math.inf  # the first hello goes at once
         self._hello_id: int | None = None
         self._pvs_changed = True
+        self._pvs_wanted = True  # Rule 6: the list goes with the next ping, however soon
+        self._next_pvs_report = -math.inf
 
     def next_due(self) -> float:
         """When ``due`` may next have something to do (Rules 2, 3)."""
@@ -97,14 +105,17 @@ class Liveness:
     def connected_at(self, now: float) -> None:
         """The daemon answered the current hello."""
         self.last_heard = self._last_ping = now
-        self._pvs_changed = True
+        self._pvs_changed = self._pvs_wanted = True
         self.connected.set()
 
-    def take_pvs_change(self) -> bool:
-        """Whether this ping must carry the PVs followed; the flag is cleared (a change from
-        now on goes with the next ping)."""
-        changed, self._pvs_changed = self._pvs_changed, False
-        return changed
+    def take_pvs_change(self, now: float, channels: int) -> bool:
+        """Whether the ping at ``now`` carries the PVs followed (Rule 6; ``channels``: how
+        many there are); if so the flags are cleared, and a change from now on goes later."""
+        if not self._pvs_changed or (not self._pvs_wanted and now < self._next_pvs_report):
+            return False
+        self._pvs_changed = self._pvs_wanted = False
+        self._next_pvs_report = now + max(1.0, channels / PVS_REPORTED_PER_S)
+        return True
 
     def ping_sent(self, request_id: int, now: float, sent: bool, with_pvs: bool) -> None:
         """A ping was tried at ``now``; ``sent``: whether it left. PVs that did not leave
@@ -114,11 +125,13 @@ class Liveness:
         if sent:
             self.pings.add(request_id)
         elif with_pvs:
-            self._pvs_changed = True
+            self._pvs_changed = self._pvs_wanted = True
 
-    def pvs_changed(self) -> None:
-        """The next ping carries the PVs followed (they changed, or the daemon asked); any
-        thread may say so."""
+    def pvs_changed(self, wanted: bool = False) -> None:
+        """The PVs followed changed (any thread may say so), or ``wanted``: the daemon asked
+        for them (Rule 6)."""
+        if wanted:
+            self._pvs_wanted = True
         self._pvs_changed = True
 
     def heard(self, now: float) -> set[int]:

@@ -52,8 +52,8 @@ def test_connected_pings_every_heartbeat_and_any_answer_makes_pings_moot():
     assert live.connected.is_set()
     assert live.due(100.0 + BEAT / 2, nothing_else) is None
     assert live.due(100.0 + BEAT, nothing_else) == Ping()
-    live.ping_sent(7, 100.0 + BEAT, sent=True, with_pvs=live.take_pvs_change())
-    live.ping_sent(8, 100.0 + 2 * BEAT, sent=True, with_pvs=live.take_pvs_change())
+    live.ping_sent(7, 100.0 + BEAT, sent=True, with_pvs=live.take_pvs_change(100.0 + BEAT, 10))
+    live.ping_sent(8, 100.0 + 2 * BEAT, sent=True, with_pvs=live.take_pvs_change(100.0 + 2 * BEAT, 10))
     assert live.unanswered == 2
     assert live.heard(100.0 + 2 * BEAT) == {7, 8}
     assert live.unanswered == 0 and not live.pings
@@ -85,14 +85,26 @@ def test_a_suspended_process_asks_again_before_it_judges():
 
 def test_a_ping_that_could_not_be_sent_counts_and_keeps_its_pvs_for_the_next():
     live = connected(0.0)
-    assert live.take_pvs_change()  # a new connection reports its PVs
+    assert live.take_pvs_change(BEAT, 10)  # a new connection reports its PVs
     live.ping_sent(1, BEAT, sent=False, with_pvs=True)
     assert live.unanswered == 1 and not live.pings
-    assert live.take_pvs_change()  # still to be said
+    assert live.take_pvs_change(BEAT, 10)  # still to be said, at once
     live.ping_sent(2, 2 * BEAT, sent=True, with_pvs=True)
-    assert not live.take_pvs_change()
+    assert not live.take_pvs_change(3 * BEAT, 10)  # nothing changed
+
+
+def test_the_pv_list_goes_at_most_once_per_second_per_thousand_channels():
+    live = connected(0.0)
+    assert live.take_pvs_change(1.0, 20_000)  # the first, at once: 20 s until the next
     live.pvs_changed()
-    assert live.take_pvs_change()
+    assert not live.take_pvs_change(2.0, 20_000)
+    assert not live.take_pvs_change(20.9, 20_000)
+    assert live.take_pvs_change(21.0, 20_000)
+    live.pvs_changed()
+    live.pvs_changed(wanted=True)  # the daemon forgot this client: at once
+    assert live.take_pvs_change(22.0, 20_000)
+    live.pvs_changed()  # a few channels: a second apart
+    assert not live.take_pvs_change(22.5, 5)
 
 
 def test_a_stopping_daemon_is_lost_once_it_owes_only_pings():
