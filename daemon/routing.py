@@ -326,6 +326,7 @@ class Router:
         self._searches: collections.deque[tuple[float, str, float]] = collections.deque()
         self._probations = itertools.count(1)
         self.releases = 0  # batches of PVs released so far (Rule 8)
+        self.followed = 0  # the lengths of all clients' lists of followed PVs, summed
         self.started = 0.0
         self.stopping = False
         self.last_tick: float | None = None
@@ -442,6 +443,8 @@ class Router:
                        identity: str = ANONYMOUS) -> list[Effect]:
         record = self.clients.get(client)
         if record is None or record.identity != identity:  # a new connection took this routing id
+            if record is not None:
+                self.followed -= len(record.pvs or ())
             record = self.clients[client] = ClientRecord(client=client, first_seen=now, last_seen=now,
                                                          identity=identity)
         record.last_seen = now
@@ -464,15 +467,19 @@ class Router:
         if isinstance(message, p.PingRequest):
             if message.pvs is not None:
                 limit = self.config.limits.max_pvs_per_client
+                self.followed -= len(record.pvs or ())
                 record.pvs = tuple(str(pv) for pv in message.pvs[:limit])
+                self.followed += len(record.pvs)
             lost, record.lost = record.lost or None, []
             return [ToClient(client, p.Pong(id=message.id, pvs_wanted=record.pvs is None, lost=lost))]
         if isinstance(message, p.StatusRequest):
             if record.status_bucket is None:
                 record.status_bucket = TokenBucket(STATUS_PER_S, now)
-            if not record.status_bucket.take(now, max(len(self.pvs), 1) / STATUS_PVS_PER_TOKEN):
+            # A status walks every PV and every client's list of followed PVs: it costs both.
+            if not record.status_bucket.take(now, max(len(self.pvs) + self.followed, 1) / STATUS_PVS_PER_TOKEN):
                 return [ToClient(client, error_reply(message.id, LimitError(
-                    f"too many status requests from this client (each walks all {len(self.pvs)} PVs); ask less often")))]
+                    f"too many status requests from this client (each walks all {len(self.pvs)} PVs and "
+                    f"{self.followed} followed by clients); ask less often")))]
             return [ToClient(client, p.StatusReply(id=message.id, status=self.status(now, viewer=record)))]
         if isinstance(message, p.PV_REQUESTS):
             refusal = self._refusal(record, message, now)
@@ -566,7 +573,9 @@ class Router:
             record.lost.append(request_id)
 
     def client_gone(self, client: bytes) -> None:
-        self.clients.pop(client, None)
+        record = self.clients.pop(client, None)
+        if record is not None:
+            self.followed -= len(record.pvs or ())
 
     # --- actors ----------------------------------------------------------------------------
 
@@ -771,6 +780,7 @@ class Router:
             idle = now - client_record.last_seen
             if now - max(client_record.last_seen, self.listening_since) > CLIENT_TIMEOUT:
                 del self.clients[client]
+                self.followed -= len(client_record.pvs or ())
                 effects.append(ClientForgotten(client, client_record.name, idle))
         return effects
 

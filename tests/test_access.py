@@ -391,3 +391,23 @@ def test_names_the_daemon_released_no_longer_count_against_a_client():
     router.tick(41.0)  # both released
     assert error_of(send(router, p.ReadRequest(id=4, pv="A:3"), now=42.0)) is None
     assert router.clients[ALICE].asked == {"A:3"}
+
+
+def test_a_status_costs_the_clients_lists_of_followed_pvs_too():
+    from pvhub.daemon.routing import STATUS_PVS_PER_TOKEN
+
+    router = make_router()
+    many = [f"F:{i}" for i in range(5_000)]
+    send(router, p.PingRequest(id=1, pvs=many), client=BOB)
+    send(router, p.PingRequest(id=2, pvs=many[:10]), client=BOB)  # replaced, not added
+    assert router.followed == 10
+    send(router, p.PingRequest(id=3, pvs=many), client=BOB)
+    assert router.followed == 5_000
+    costs = []
+    for i in range(200):
+        reply = send(router, p.StatusRequest(id=100 + i), now=10.0)[0].message
+        costs.append(isinstance(reply, p.ErrorReply))
+    # Every status costs 5,000 / STATUS_PVS_PER_TOKEN tokens: refused long before 200 in a row.
+    assert any(costs) and costs.index(True) <= max(2, 200 * STATUS_PVS_PER_TOKEN // 5_000)
+    router.client_gone(BOB)
+    assert router.followed == 0
