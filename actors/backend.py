@@ -201,6 +201,8 @@ _HEADER = struct.Struct(">HHHHII")  # command, payload size, data type, data cou
 _EXTENDED = struct.Struct(">II")  # payload size, data count: after a header saying 0xFFFF, 0
 _TIME_HEAD = struct.Struct(">hhII")  # status, severity, seconds and nanoseconds past 1990
 _EVENT_ADD = 1
+# READ_NOTIFY and WRITE_NOTIFY: their answers name the request (the ioid) in parameter 2.
+_ANSWERS = (caproto.ReadNotifyResponse.ID, caproto.WriteNotifyResponse.ID)
 _ECA_NORMAL = 1
 _EPICS_EPOCH = 631152000.0  # 1990-01-01 in Unix seconds
 _SCALAR = {
@@ -698,6 +700,10 @@ class ChannelAccessBackend:
                         self._emit(ReadingEvent(channel.name, reading))
                         at += whole
                         continue
+            if (command == _EVENT_ADD and parameter2 not in circuit.core.event_add_commands) or (
+                    command in _ANSWERS and parameter2 not in circuit.core._ioids):
+                at += whole  # a late word for a channel cleared (``_forget_subscription``)
+                continue
             self._process(circuit, bytes(buf[at:at + whole]))
             at += whole
             if circuit.sock.fileno() == -1:

@@ -16,8 +16,8 @@ Rule 4: the broker gives the actor its PVs (``AdoptPvs``, before any request for
 actor's heartbeat names only the PVs whose state changed since the last one, so a process
 that owns thousands of quiet PVs sends almost nothing. A PV adopted, connected or
 disconnected is named in the next heartbeat; one that only counted updates, at most every
-``STATS_INTERVAL_S``: thousands of busy PVs cost the broker a few records a second, not
-thousands.
+``ACTOR_STATS_INTERVAL_S`` (``pvhub.protocol``): thousands of busy PVs cost the broker a few
+records a second, not thousands.
 Rule 5: ``PVHUB_FAULT_EXIT_ON_ADOPT`` (a glob pattern) makes the process exit when it adopts a
 PV that matches: a PV that crashes whatever process holds it, for the tests of the broker's
 quarantine. Unset, it costs nothing.
@@ -58,8 +58,6 @@ POLL_MS = 250
 DRAIN_LIMIT = 2000
 # A PV's readings messages leave at most this often; updates in between go together (Rule 6).
 BATCH_WINDOW_S = 0.005
-# Rule 4: how often update counts alone go to the broker (``pvhub status`` shows them).
-STATS_INTERVAL_S = 2.0
 
 
 class Actor:
@@ -202,7 +200,7 @@ class Actor:
 
     def _stats(self, now: float) -> dict:
         """Rule 4: what the next heartbeat says of the PVs."""
-        if now - self._last_stats >= STATS_INTERVAL_S:
+        if now - self._last_stats >= p.ACTOR_STATS_INTERVAL_S:
             self._last_stats = now
             changed, self._changed = self._changed | self._urgent, set()
         else:

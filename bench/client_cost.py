@@ -40,8 +40,8 @@ READY_TIMEOUT = 60.0
 ANSWER_GRACE = 30.0
 # Frames py-spy samples that are the library's path for a reading, by what they stand for.
 HOT_FRAMES = ("_run", "poll", "_drain_readings", "recv_multipart", "decode", "decode_reading", "apply",
-              "_on_channel", "dispatch", "_wake_dispatcher", "_keep_alive", "_prove_subscriptions",
-              "_run_dispatcher", "_run_subs", "_run_value_subs", "_call")
+              "_on_channel", "dispatch", "flush", "_keep_alive", "_prove_subscriptions",
+              "_run_queued", "_run_subs", "_run_value_subs", "_call")
 
 
 # --- the client process ------------------------------------------------------------------

@@ -62,6 +62,9 @@ from pvhub.errors import (
     UnknownOperationError,
 )
 
+# Rule 8: how long a retired actor's name keeps counting its incarnations: longer than its
+# process may take to go (the supervisor's SIGTERM, then SIGKILL after a grace).
+RETIRED_MEMORY_S = 30.0
 # Rule 7: how many more device prefixes than twice the PVs held ``Router.homes`` may keep.
 HOMES_SLACK = 1024
 # An actor that has not said ActorReady this long after its start is stuck in start-up.
@@ -321,12 +324,14 @@ class Router:
         # went are dropped when it holds twice as many entries as there are PVs (``_place``).
         self.homes: dict[str, str] = {}
         # Rule 5: (trusted at, pv, actor, incarnation), in the order PVs joined.
-        self._trials: collections.deque[tuple[float, str, str, int]] = collections.deque()
+        self._trials: collections.deque[tuple[float, str, ActorRecord, int]] = collections.deque()
         # Rule 8: (release at, pv, adopted at) in the order PVs were adopted.
         self._searches: collections.deque[tuple[float, str, float]] = collections.deque()
         self._probations = itertools.count(1)
         self.releases = 0  # batches of PVs released so far (Rule 8)
         self.followed = 0  # the lengths of all clients' lists of followed PVs, summed
+        # Names retired lately -> (when, their next incarnation); kept RETIRED_MEMORY_S.
+        self._retired: dict[str, tuple[float, int]] = {}
         self.started = 0.0
         self.stopping = False
         self.last_tick: float | None = None
@@ -349,7 +354,11 @@ class Router:
         return effects
 
     def _new_actor(self, actor: str, kind: str, now: float) -> list[Effect]:
-        record = self.actors[actor] = ActorRecord(actor=actor, kind=kind, started=now, last_seen=now)
+        # A name retired a moment ago goes on counting its incarnations: its old process may
+        # still be on its way out, and must never be taken for the new one (``identity_of``).
+        _, incarnation = self._retired.pop(actor, (0.0, 0))
+        record = self.actors[actor] = ActorRecord(actor=actor, kind=kind, started=now, last_seen=now,
+                                                  restarts=incarnation)
         self.identities[record.identity] = actor
         return [SpawnActor(actor, record.identity)]
 
@@ -435,7 +444,7 @@ class Router:
 
     def _on_trial(self, pv: str, record: ActorRecord, now: float) -> None:
         if not self.pvs[pv].trusted:
-            self._trials.append((now + TRUST_S, pv, record.actor, record.restarts))
+            self._trials.append((now + TRUST_S, pv, record, record.restarts))
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -718,11 +727,12 @@ class Router:
             effects.append(Quarantined(tuple(half), record.actor, actor))
         return effects
 
-    def _retire(self, record: ActorRecord, reason: str) -> list[Effect]:
+    def _retire(self, record: ActorRecord, reason: str, now: float) -> list[Effect]:
         """Forget ``record`` and stop its process for good (Rule 8); whatever still waits for
         it is answered."""
         del self.actors[record.actor]
         self.identities.pop(record.identity, None)
+        self._retired[record.actor] = (now, record.restarts + 1)
         effects: list[Effect] = []
         for (client, request_id), _ in record.inflight.items():
             effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason))))
@@ -756,13 +766,15 @@ class Router:
             effects.append(Stalled(now - self.last_tick))
         self.last_tick = now
         while self._trials and self._trials[0][0] <= now:
-            _, pv, actor, incarnation = self._trials.popleft()
-            record = self.actors.get(actor)
+            _, pv, trial, incarnation = self._trials.popleft()
             pv_record = self.pvs.get(pv)
-            if (record is not None and pv_record is not None and pv_record.actor == actor
-                    and record.alive and record.restarts == incarnation):
+            # The same record (not one made anew under its name since) and incarnation.
+            if (self.actors.get(trial.actor) is trial and pv_record is not None and pv_record.actor == trial.actor
+                    and trial.alive and trial.restarts == incarnation):
                 pv_record.trusted = True
         effects.extend(self._release_unconnected(now))
+        if self._retired:
+            self._retired = {a: v for a, v in self._retired.items() if now - v[0] < RETIRED_MEMORY_S}
         for record in self.actors.values():
             if not record.alive:
                 if record.restart_at is not None and now >= record.restart_at and not self.stopping:
@@ -809,7 +821,7 @@ class Router:
         seconds = self.config.limits.release_unconnected_s
         reason = f"no IOC answered for {seconds:g} s: the daemon released it (a new request searches again)"
         for record in emptied:
-            effects.extend(self._retire(record, reason))
+            effects.extend(self._retire(record, reason, now))
         effects.extend(Announce(p.topic(pv), p.PvLost(pv=pv, reason=reason)) for pv in released)
         return effects
 
@@ -914,11 +926,12 @@ class Router:
 
     @staticmethod
     def _rate(pv_record: PvRecord, now: float) -> float:
-        # A PV that stopped changing sends no more stats: its rate decays as time goes by.
+        # A PV that stopped changing sends no more stats: its rate decays as time goes by. A
+        # busy PV's count comes every ACTOR_STATS_INTERVAL_S (at the next heartbeat after it).
         if pv_record.window is None:
             return 0.0
         since, updates = pv_record.window
-        if now - since <= 2 * RATE_WINDOW_S:
+        if now - since <= max(2 * RATE_WINDOW_S, p.ACTOR_STATS_INTERVAL_S + 2 * p.ACTOR_HEARTBEAT_S):
             return pv_record.rate
         return (pv_record.updates - updates) / (now - since)
 

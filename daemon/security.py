@@ -16,8 +16,9 @@ a client may not read never reach it, whatever it subscribes. Upstream (to the a
 allowed topic is subscribed once and stays subscribed while the daemon holds its PV (an
 unsubscription cannot be told apart from one of a subscription that was refused); an XPUB
 drops, in C, what nobody takes. When the topics reach ``max_topics``, those of PVs the daemon
-no longer holds (released) are unsubscribed upstream and forgotten, at most once a second, so
-names subscribed once over a long life never fill the forwarder.
+did not hold at two looks at least a second apart are unsubscribed upstream and forgotten, so
+names subscribed once over a long life never fill the forwarder. (Two looks: a PV released a
+moment ago still has its ``PvLost`` on the way, on its topic.)
 Rule 4: the forwarder's work per reading is a receive and a send of its frames, untouched;
 per subscription, one access decision (cached, ``AccessRules``).
 """
@@ -44,8 +45,11 @@ log = structlog.get_logger("pvhub.daemon")
 REFUSAL_WINDOW_S = 10.0
 # A readings socket not bound again after this long is logged at every try (an error).
 REBIND_WARNING_S = 2.0
-# Rule 3: how often, at most, a full forwarder looks for topics of PVs no longer held.
+# Rule 3: how often, at most, a full forwarder looks for topics of PVs no longer held, and
+# within how long a second look must follow the first to count (clients whose subscription
+# was refused subscribe again every tenth of a second until it is taken).
 PRUNE_INTERVAL_S = 1.0
+PRUNE_LOOKS_WITHIN_S = 10.0
 REFUSALS_PER_WINDOW = 10
 _HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -260,6 +264,7 @@ class ReadingsForwarder:
         self._max_topics = max_topics
         self._held = held  # whether the daemon holds a PV (Rule 3's pruning)
         self._pruned_at = -PRUNE_INTERVAL_S
+        self._unheld: set[bytes] = set()  # topics of PVs not held at the last look (Rule 3)
         self.refused = RefusalLog(event="subscription_refused")
         self._ready = threading.Event()
         self._endpoint = ""
@@ -426,9 +431,12 @@ class ReadingsForwarder:
         now = time.monotonic()
         if now - self._pruned_at < PRUNE_INTERVAL_S:
             return
+        previous = self._unheld if now - self._pruned_at <= PRUNE_LOOKS_WITHIN_S else set()
         self._pruned_at = now
-        gone = [topic for topic in self.upstream if topic.endswith(b"\0") and topic != p.HUB_TOPIC
-                and not self._held(topic[:-1].decode(errors="replace"))]
+        unheld = {topic for topic in self.upstream if topic.endswith(b"\0") and topic != p.HUB_TOPIC
+                  and not self._held(topic[:-1].decode(errors="replace"))}
+        gone = unheld & previous
+        self._unheld = unheld - gone
         for topic in gone:
             self.upstream.discard(topic)
             xsub.send(b"\0" + topic)

@@ -6,10 +6,9 @@ Rule 2: the broker never waits for a process to start: ``spawn`` hands the work 
 supervisor's own thread and returns at once; the broker hears of the new process when it
 says ``ActorReady``, or of its failure through ``reap``.
 Rule 3: stopping is bounded: SIGTERM to all, then SIGKILL to whoever is left at the deadline.
-Rule 4: a retired actor (one the broker has no more use for) gets SIGTERM and is reaped
-without a word to the broker. A new incarnation of the same actor starts only once the
-retired process is gone (SIGKILL after ``RETIRE_GRACE_S``), so that two processes never
-present the same identity to the broker.
+Rule 4: a retired actor (one the broker has no more use for) gets SIGTERM, SIGKILL after
+``RETIRE_GRACE_S``, and is reaped without a word to the broker. A new actor of the same name
+may start meanwhile: the broker gives it the next incarnation's identity.
 """
 
 from __future__ import annotations
@@ -148,7 +147,6 @@ class Supervisor:
             if request is None:
                 return
             actor, identity = request
-            self._wait_for_retired(actor)
             with self._lock:
                 claimed = self._processes.get(actor)
                 if self._stopped or claimed is None or claimed.identity != identity:
@@ -171,19 +169,6 @@ class Supervisor:
                 if claimed.killed:
                     _signal(process, signal.SIGKILL)
             log.info("actor_spawned", actor=actor, incarnation=identity, actor_pid=process.pid)
-
-    def _wait_for_retired(self, actor: str) -> None:
-        """Rule 4: a retired process of ``actor`` is gone before its successor starts."""
-        with self._lock:
-            old = [r for r in self._retiring if r.actor == actor]
-        for record in old:
-            assert record.process is not None
-            try:
-                record.process.wait(max(0.0, record.started + RETIRE_GRACE_S - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("actor_killed", actor=actor, actor_pid=record.process.pid, reason="retired, still running")
-                _signal(record.process, signal.SIGKILL)
-                record.process.wait()
 
     def _next_epoch(self) -> int:
         """Each incarnation's epoch is larger than the last one's, even if the wall clock was

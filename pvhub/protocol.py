@@ -693,6 +693,8 @@ HUB_TOPIC = b"\0hub"
 
 # Liveness (the ZeroMQ guide's Paranoid Pirate): a peer silent for ``LIVENESS`` beats is dead.
 ACTOR_HEARTBEAT_S = 0.5
+# An actor's heartbeats name a PV whose update count changed at most this often.
+ACTOR_STATS_INTERVAL_S = 2.0
 # Messages that may wait between the broker and one actor process, each way. ZeroMQ drops
 # what passes its high-water mark, silently: a burst of thousands of new PVs (an adoption and
 # a request each) must never reach it. Requests are bounded per client; adoptions by PVs.

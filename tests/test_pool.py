@@ -236,11 +236,18 @@ def test_an_isolated_pv_released_stops_its_process_and_a_new_request_starts_a_fr
     assert [e for e in effects if isinstance(e, Release)] == [Release("pool:0", ("A:1",))]  # the pool stays
     assert "pv:FRAGILE:x" not in router.actors and "pool:0" in router.actors
     assert router.actor_exited("pv:FRAGILE:x", 0, now=33.0) == []  # its exit is no death
-    # Asked for again: a process of its own again, and it serves.
-    assert send(router, p.ReadRequest(id=3, pv="FRAGILE:x"), now=40.0) == [SpawnActor("pv:FRAGILE:x", "pv:FRAGILE:x")]
+    # Asked for again: a process of its own again, under the next incarnation's identity (the
+    # old process may still be on its way out), and it serves.
+    assert send(router, p.ReadRequest(id=3, pv="FRAGILE:x"), now=40.0) == [
+        SpawnActor("pv:FRAGILE:x", "pv:FRAGILE:x 1")]
     effects = ready(router, "pv:FRAGILE:x", now=40.5)
-    assert ("pv:FRAGILE:x", ["FRAGILE:x"]) in adopted(effects)
+    assert ("pv:FRAGILE:x 1", ["FRAGILE:x"]) in adopted(effects)
     assert any(isinstance(e, ToActor) for e in effects)
+    # Long after, the name starts over.
+    router.tick(80.0)
+    router.tick(111.0)
+    assert "pv:FRAGILE:x" not in router.actors
+    assert send(router, p.ReadRequest(id=4, pv="FRAGILE:x"), now=112.0) == [SpawnActor("pv:FRAGILE:x", "pv:FRAGILE:x")]
 
 
 def test_placements_of_devices_whose_pvs_all_went_are_forgotten():

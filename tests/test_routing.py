@@ -1016,6 +1016,18 @@ def test_a_pvs_rate_is_measured_over_at_least_a_second():
     assert pv_status(router, "X:a", 23.0)["rate"] == 0.0
 
 
+def test_a_busy_pvs_rate_holds_between_its_counts_two_seconds_apart():
+    # Actors send a busy PV's count every ACTOR_STATS_INTERVAL_S, at their next heartbeat.
+    router = make_router()
+    actor = running(router)
+    step = p.ACTOR_STATS_INTERVAL_S + p.ACTOR_HEARTBEAT_S
+    heartbeat(router, actor, 20.0, **{"X:a": {"connected": True, "updates": 0}})
+    heartbeat(router, actor, 20.0 + step, **{"X:a": {"connected": True, "updates": int(100 * step)}})
+    for later in (0.0, 1.0, step - 0.01):  # until the next count: the rate it measured
+        assert pv_status(router, "X:a", 20.0 + step + later)["rate"] == 100.0
+    assert pv_status(router, "X:a", 20.0 + step + 10.0)["rate"] == 0.0  # none came: it stopped
+
+
 def test_a_pv_is_not_connected_while_its_actor_is_not_ready():
     router = make_router()
     send(router, p.ReadRequest(id=1, pv="X:a"), now=0.0)
