@@ -9,9 +9,8 @@ is full. There is no thread hand-off on any path: a put costs the IOC's round tr
 loop's own work.
 Rule 3: caproto keeps the protocol's state (each circuit's and channel's state machine, ids)
 and parses every response but one: a monitor update in the DBR_TIME form we subscribed with
-is read straight from the received bytes (``_TIME_LAYOUT``), since it is nearly all a busy
-actor receives. Its value, timestamp, status and severity are exactly what caproto would
-give (same types, big-endian arrays, timestamps cut to the microsecond as caproto does).
+is read straight from the received bytes (``actors/codec.py``, its Rule 3), since it is
+nearly all a busy actor receives.
 Rule 4: a put's outcome comes from the IOC's WRITE_NOTIFY answer or its ErrorResponse, and
 it is sent once. When a channel or its circuit drops, what was in flight is forgotten here:
 the state machine answers it (its outcome unknown) as it hears of the disconnection.
@@ -51,180 +50,37 @@ import heapq
 import itertools
 import os
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import caproto
-import numpy as np
 import structlog
 import zmq
 from caproto import ChannelType
-from caproto._numpy_backend import type_map as _CAPROTO_DTYPES
 from caproto.client import common as _ca_common
 
-from pvhub import protocol as p
-
-log = structlog.get_logger("pvhub.actor")
-
-# --- events ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConnectionEvent:
-    pv: str
-    connected: bool
-
-
-@dataclass(frozen=True)
-class AccessEvent:
-    pv: str
-    read_access: bool
-    write_access: bool
-
-
-@dataclass(frozen=True)
-class MetadataEvent:
-    pv: str
-    metadata: p.PVMetadata
-
-
-@dataclass(frozen=True)
-class ReadingEvent:
-    pv: str
-    reading: p.Reading
-
-
-@dataclass(frozen=True)
-class PutDoneEvent:
-    pv: str
-    put_id: int
-    error: str | None
-    readback: p.Reading | None
-
-
-@dataclass(frozen=True)
-class ReadDoneEvent:
-    pv: str
-    read_id: int
-    reading: p.Reading | None  # None: the read failed
-
-
-Event = ConnectionEvent | AccessEvent | MetadataEvent | ReadingEvent | PutDoneEvent | ReadDoneEvent
-
-_NATIVE_KIND = {
-    ChannelType.STRING: "string",
-    ChannelType.INT: "int",
-    ChannelType.LONG: "int",
-    ChannelType.FLOAT: "float",
-    ChannelType.DOUBLE: "float",
-    ChannelType.ENUM: "enum",
-    ChannelType.CHAR: "char",
-}
-
-_LIMIT_FIELDS = (
-    "lower_ctrl_limit",
-    "upper_ctrl_limit",
-    "lower_disp_limit",
-    "upper_disp_limit",
-    "lower_alarm_limit",
-    "upper_alarm_limit",
-    "lower_warning_limit",
-    "upper_warning_limit",
+from pvhub.actors.codec import (
+    ANSWERS,
+    ECA_NORMAL,
+    EVENT_ADD,
+    EXTENDED,
+    HEADER,
+    AccessEvent,
+    ConnectionEvent,
+    Event,
+    MetadataEvent,
+    PutDoneEvent,
+    ReadDoneEvent,
+    ReadingEvent,
+    metadata_of,
+    put_error,
+    reading_of,
+    text,
+    time_reading,
 )
 
-
-def _text(raw: Any) -> str:
-    if isinstance(raw, bytes):
-        return raw.split(b"\0", 1)[0].decode("latin-1")
-    return str(raw)
-
-
-def value_of(response: Any, native: ChannelType) -> Any:
-    """The Python value of a read or monitor response: a scalar for one element, an array
-    (or list of str) for more, like ophyd."""
-    data = response.data
-    if native == ChannelType.STRING:
-        items = [_text(item) for item in data]
-        return items[0] if len(items) == 1 else items
-    if len(data) == 1:
-        # ndarray.item(0) gives the Python scalar in one call (indexing first makes a numpy
-        # scalar, then converts it): this runs for every monitor update and read-back.
-        return data.item(0) if hasattr(data, "item") else data[0]
-    return data.copy()
-
-
-def reading_of(response: Any, native: ChannelType) -> p.Reading:
-    md = response.metadata
-    return p.Reading(
-        value=value_of(response, native),
-        timestamp=float(getattr(md, "timestamp", 0.0)),
-        severity=int(getattr(md, "severity", 0)),
-        status=int(getattr(md, "status", 0)),
-    )
-
-
-def metadata_of(response: Any, native: ChannelType, count: int, host: str) -> p.PVMetadata:
-    md = response.metadata
-    kind = _NATIVE_KIND.get(native, "float")
-    out: p.PVMetadata = {"native_type": kind, "count": count, "host": host}
-    # Fields the PV's control structure lacks (strings and enums have no units or limits)
-    # are None, as ophyd reports them.
-    out["units"] = _text(md.units) if hasattr(md, "units") else None  # type: ignore[typeddict-item]
-    out["precision"] = int(md.precision) if hasattr(md, "precision") else None
-    for name in _LIMIT_FIELDS:
-        value = getattr(md, name, None)
-        out[name] = value.item() if hasattr(value, "item") else value  # type: ignore[literal-required]
-    out["enum_strs"] = (
-        [_text(s) for s in md.enum_strings] if kind == "enum" and hasattr(md, "enum_strings") else None
-    )
-    return out
-
-
-def _put_error(response: Any) -> str | None:
-    """Why a put's completion says it failed, or None."""
-    if response is None:
-        return "put could not be sent: refused by the Channel Access state machine"
-    if isinstance(response, caproto.ErrorResponse):
-        return f"IOC refused the put: {_text(bytes(response.error_message))}"
-    status = getattr(response, "status", None)
-    if status is not None and not getattr(status, "success", status == 1):
-        return f"IOC reported the put failed: {getattr(status, 'description', None) or status}"
-    return None
-
-
-
-# --- the wire -----------------------------------------------------------------------------------
-
-_HEADER = struct.Struct(">HHHHII")  # command, payload size, data type, data count, p1, p2
-_EXTENDED = struct.Struct(">II")  # payload size, data count: after a header saying 0xFFFF, 0
-_TIME_HEAD = struct.Struct(">hhII")  # status, severity, seconds and nanoseconds past 1990
-_EVENT_ADD = 1
-# READ_NOTIFY and WRITE_NOTIFY: their answers name the request (the ioid) in parameter 2.
-_ANSWERS = (caproto.ReadNotifyResponse.ID, caproto.WriteNotifyResponse.ID)
-_ECA_NORMAL = 1
-_EPICS_EPOCH = 631152000.0  # 1990-01-01 in Unix seconds
-_SCALAR = {
-    ChannelType.INT: struct.Struct(">h"),
-    ChannelType.FLOAT: struct.Struct(">f"),
-    ChannelType.ENUM: struct.Struct(">H"),
-    ChannelType.CHAR: struct.Struct(">B"),
-    ChannelType.LONG: struct.Struct(">i"),
-    ChannelType.DOUBLE: struct.Struct(">d"),
-}
-# A DBR_TIME_<native> payload: where its value starts past the status, severity and stamp
-# (the padding EPICS puts there, per type), and the native type (Rule 3).
-_TIME_LAYOUT: dict[int, tuple[int, ChannelType]] = {
-    ChannelType.TIME_STRING: (12, ChannelType.STRING),
-    ChannelType.TIME_INT: (14, ChannelType.INT),
-    ChannelType.TIME_FLOAT: (12, ChannelType.FLOAT),
-    ChannelType.TIME_ENUM: (14, ChannelType.ENUM),
-    ChannelType.TIME_CHAR: (15, ChannelType.CHAR),
-    ChannelType.TIME_LONG: (12, ChannelType.LONG),
-    ChannelType.TIME_DOUBLE: (16, ChannelType.DOUBLE),
-}
-_STRING_BYTES = 40
+log = structlog.get_logger("pvhub.actor")
 
 # A message's payload may not claim more (Rule 9): twice the largest array the daemon carries.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -248,30 +104,6 @@ def _conn_timeout() -> float:
         return max(0.1, float(os.environ.get("EPICS_CA_CONN_TMO", "30")))
     except ValueError:
         return 30.0
-
-
-def time_reading(buf: bytearray, start: int, size: int, data_type: int, count: int) -> p.Reading | None:
-    """The reading in the DBR_TIME payload of ``size`` bytes at ``buf[start:]``, or None for
-    another type."""
-    layout = _TIME_LAYOUT.get(data_type)
-    if layout is None or count < 1:
-        return None
-    offset, native = layout
-    item = _STRING_BYTES if native == ChannelType.STRING else _SCALAR[native].size
-    if size < offset + item * count:
-        return None  # shorter than it says: caproto's parser says what is wrong with it
-    status, severity, seconds, nanoseconds = _TIME_HEAD.unpack_from(buf, start)
-    at = start + offset
-    if native == ChannelType.STRING:
-        items = [_text(bytes(buf[at + i * _STRING_BYTES:at + (i + 1) * _STRING_BYTES])) for i in range(count)]
-        value: Any = items[0] if count == 1 else items
-    elif count == 1:
-        value = _SCALAR[native].unpack_from(buf, at)[0]
-    else:
-        value = np.frombuffer(buf, dtype=_CAPROTO_DTYPES[native], count=count, offset=at).copy()
-    # As caproto's TimeStamp.timestamp: cut to the microsecond.
-    timestamp = _EPICS_EPOCH + seconds + 1.0e-6 * int(1.0e-3 * nanoseconds)
-    return p.Reading(value=value, timestamp=timestamp, severity=severity, status=status)
 
 
 # --- our state of channels and circuits ---------------------------------------------------------
@@ -396,7 +228,7 @@ class ChannelAccessBackend:
         race = _PutRace()
 
         def on_write(response: Any) -> None:
-            error = _put_error(response)
+            error = put_error(response)
             race.completed = True
             if error is not None:
                 race.finished = True
@@ -680,19 +512,19 @@ class ChannelAccessBackend:
         at = 0
         subscriptions = circuit.by_subscription
         while end - at >= 16:
-            command, size, data_type, count, parameter1, parameter2 = _HEADER.unpack_from(buf, at)
+            command, size, data_type, count, parameter1, parameter2 = HEADER.unpack_from(buf, at)
             header = 16
             if size == 0xFFFF and count == 0:
                 if end - at < 24:
                     break
-                size, count = _EXTENDED.unpack_from(buf, at + 16)
+                size, count = EXTENDED.unpack_from(buf, at + 16)
                 header = 24
             if size > MAX_MESSAGE_BYTES:
                 raise caproto.RemoteProtocolError(f"a message of {size} bytes announced")
             whole = header + size
             if end - at < whole:
                 break
-            if command == _EVENT_ADD and parameter1 == _ECA_NORMAL and size:
+            if command == EVENT_ADD and parameter1 == ECA_NORMAL and size:
                 channel = subscriptions.get(parameter2)
                 if channel is not None:
                     reading = time_reading(buf, at + header, size, data_type, count)
@@ -700,8 +532,8 @@ class ChannelAccessBackend:
                         self._emit(ReadingEvent(channel.name, reading))
                         at += whole
                         continue
-            if (command == _EVENT_ADD and parameter2 not in circuit.core.event_add_commands) or (
-                    command in _ANSWERS and parameter2 not in circuit.core._ioids):
+            if (command == EVENT_ADD and parameter2 not in circuit.core.event_add_commands) or (
+                    command in ANSWERS and parameter2 not in circuit.core._ioids):
                 at += whole  # a late word for a channel cleared (``_forget_subscription``)
                 continue
             self._process(circuit, bytes(buf[at:at + whole]))
@@ -728,7 +560,7 @@ class ChannelAccessBackend:
                 operation[1](command)
         elif isinstance(command, caproto.EventAddResponse):
             channel = circuit.by_subscription.get(command.subscriptionid)
-            if channel is not None and command.payload_size and command.status_code == _ECA_NORMAL:
+            if channel is not None and command.payload_size and command.status_code == ECA_NORMAL:
                 self._emit(ReadingEvent(channel.name, reading_of(command, channel.ca.native_data_type)))
         elif isinstance(command, caproto.AccessRightsResponse):
             channel = circuit.by_cid.get(command.cid)
@@ -779,7 +611,7 @@ class ChannelAccessBackend:
                 log.warning("metadata_read_not_sent", pv=name)
                 return
             if isinstance(response, caproto.ErrorResponse):
-                log.warning("metadata_read_refused", pv=name, error=_text(bytes(response.error_message)))
+                log.warning("metadata_read_refused", pv=name, error=text(bytes(response.error_message)))
                 return
             self._emit(MetadataEvent(name, metadata_of(response, native, count, host)))
 
@@ -800,7 +632,7 @@ class ChannelAccessBackend:
                 return
         channel = circuit.by_cid.get(response.cid)
         log.warning("ioc_refused_request", host=circuit.host, pv=channel.name if channel else None,
-                    request=command, error=_text(bytes(response.error_message)))  # fmt: skip
+                    request=command, error=text(bytes(response.error_message)))  # fmt: skip
 
     def _read(self, channel: _Channel, data_type: str, on_answer: Callable[[Any], None]) -> None:
         circuit = channel.circuit
@@ -826,7 +658,7 @@ class ChannelAccessBackend:
             log.warning("readback_not_sent", pv=name)
         elif isinstance(response, caproto.ErrorResponse):
             # The put itself completed; only its read-back is lost (the monitor follows).
-            log.warning("readback_refused", pv=name, error=_text(bytes(response.error_message)))
+            log.warning("readback_refused", pv=name, error=text(bytes(response.error_message)))
         else:
             readback = reading_of(response, native)
         self._emit(PutDoneEvent(name, put_id, None, readback))

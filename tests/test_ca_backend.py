@@ -1,6 +1,6 @@
-"""The actor's Channel Access backend: monitor updates read straight from the bytes give what
-caproto's parser gives, for every DBR_TIME type, scalars and arrays; and the backend on its
-own (``Driver``) against a real IOC.
+"""The actor's Channel Access backend and its codec: monitor updates read straight from the
+bytes give what caproto's parser gives, for every DBR_TIME type, scalars and arrays; and the
+backend on its own (``Driver``) against a real IOC.
 
 Rule: the bytes are made by caproto's own encoder, the way an IOC sends them, so the fast
 path is compared with the slow one on the same message.
@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from caproto import ChannelType, EventAddResponse
 from caproto._commands import read_from_bytestream
-from caproto._dbr import DBR_TIME_DOUBLE, DBR_TYPES, TimeStamp
+from caproto._dbr import DBR_TYPES, TimeStamp
 import caproto
 
 from pvhub.actors import backend as ca
+from pvhub.actors import codec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,7 +50,7 @@ def _message(data_type: ChannelType, values: list, *, nanoseconds: int = 123_456
 
 def _slow(message: bytes, data_type: ChannelType):
     _, command, _ = read_from_bytestream(bytearray(message), caproto.SERVER)
-    return ca.reading_of(command, caproto.native_type(data_type))
+    return codec.reading_of(command, caproto.native_type(data_type))
 
 
 def _fast(message: bytes) -> ca.p.Reading | None:
@@ -58,7 +59,7 @@ def _fast(message: bytes) -> ca.p.Reading | None:
     if size == 0xFFFF and count == 0:
         size, count = struct.unpack_from(">II", message, 16)
         header = 24
-    return ca.time_reading(bytearray(message), header, size, data_type, count)
+    return codec.time_reading(bytearray(message), header, size, data_type, count)
 
 
 @pytest.mark.parametrize("data_type, values", CASES, ids=[f"{t.name}x{len(v)}" for t, v in CASES])

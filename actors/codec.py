@@ -1,0 +1,207 @@
+"""What Channel Access messages mean to an actor: the events the backend emits, and the
+readings and metadata read from caproto's responses or straight from the received bytes.
+
+Rule 1: pure functions and frozen dataclasses; no sockets, no state. ``actors/backend.py``
+speaks the protocol and calls these; its tests compare them with caproto's own parse.
+Rule 2: a value is what ophyd gives: a Python scalar for one element, a numpy array (or a
+list of str) for more; strings are decoded as latin-1 up to their first NUL (CA strings are
+bytes; latin-1 takes every byte).
+Rule 3: a monitor update in the DBR_TIME form the backend subscribes with is read straight
+from the received bytes (``time_reading``, ``TIME_LAYOUT``): its value, timestamp, status and
+severity are exactly what caproto would give (same types, big-endian arrays, timestamps cut
+to the microsecond as caproto does). Anything else goes through caproto's parser.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import caproto
+import numpy as np
+from caproto import ChannelType
+from caproto._numpy_backend import type_map as _CAPROTO_DTYPES
+
+from pvhub import protocol as p
+
+# --- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    pv: str
+    connected: bool
+
+
+@dataclass(frozen=True)
+class AccessEvent:
+    pv: str
+    read_access: bool
+    write_access: bool
+
+
+@dataclass(frozen=True)
+class MetadataEvent:
+    pv: str
+    metadata: p.PVMetadata
+
+
+@dataclass(frozen=True)
+class ReadingEvent:
+    pv: str
+    reading: p.Reading
+
+
+@dataclass(frozen=True)
+class PutDoneEvent:
+    pv: str
+    put_id: int
+    error: str | None
+    readback: p.Reading | None
+
+
+@dataclass(frozen=True)
+class ReadDoneEvent:
+    pv: str
+    read_id: int
+    reading: p.Reading | None  # None: the read failed
+
+
+Event = ConnectionEvent | AccessEvent | MetadataEvent | ReadingEvent | PutDoneEvent | ReadDoneEvent
+
+_NATIVE_KIND = {
+    ChannelType.STRING: "string",
+    ChannelType.INT: "int",
+    ChannelType.LONG: "int",
+    ChannelType.FLOAT: "float",
+    ChannelType.DOUBLE: "float",
+    ChannelType.ENUM: "enum",
+    ChannelType.CHAR: "char",
+}
+
+_LIMIT_FIELDS = (
+    "lower_ctrl_limit",
+    "upper_ctrl_limit",
+    "lower_disp_limit",
+    "upper_disp_limit",
+    "lower_alarm_limit",
+    "upper_alarm_limit",
+    "lower_warning_limit",
+    "upper_warning_limit",
+)
+
+
+def text(raw: Any) -> str:
+    if isinstance(raw, bytes):
+        return raw.split(b"\0", 1)[0].decode("latin-1")
+    return str(raw)
+
+
+def value_of(response: Any, native: ChannelType) -> Any:
+    """The Python value of a read or monitor response: a scalar for one element, an array
+    (or list of str) for more, like ophyd."""
+    data = response.data
+    if native == ChannelType.STRING:
+        items = [text(item) for item in data]
+        return items[0] if len(items) == 1 else items
+    if len(data) == 1:
+        # ndarray.item(0) gives the Python scalar in one call (indexing first makes a numpy
+        # scalar, then converts it): this runs for every monitor update and read-back.
+        return data.item(0) if hasattr(data, "item") else data[0]
+    return data.copy()
+
+
+def reading_of(response: Any, native: ChannelType) -> p.Reading:
+    md = response.metadata
+    return p.Reading(
+        value=value_of(response, native),
+        timestamp=float(getattr(md, "timestamp", 0.0)),
+        severity=int(getattr(md, "severity", 0)),
+        status=int(getattr(md, "status", 0)),
+    )
+
+
+def metadata_of(response: Any, native: ChannelType, count: int, host: str) -> p.PVMetadata:
+    md = response.metadata
+    kind = _NATIVE_KIND.get(native, "float")
+    out: p.PVMetadata = {"native_type": kind, "count": count, "host": host}
+    # Fields the PV's control structure lacks (strings and enums have no units or limits)
+    # are None, as ophyd reports them.
+    out["units"] = text(md.units) if hasattr(md, "units") else None  # type: ignore[typeddict-item]
+    out["precision"] = int(md.precision) if hasattr(md, "precision") else None
+    for name in _LIMIT_FIELDS:
+        value = getattr(md, name, None)
+        out[name] = value.item() if hasattr(value, "item") else value  # type: ignore[literal-required]
+    out["enum_strs"] = (
+        [text(s) for s in md.enum_strings] if kind == "enum" and hasattr(md, "enum_strings") else None
+    )
+    return out
+
+
+def put_error(response: Any) -> str | None:
+    """Why a put's completion says it failed, or None."""
+    if response is None:
+        return "put could not be sent: refused by the Channel Access state machine"
+    if isinstance(response, caproto.ErrorResponse):
+        return f"IOC refused the put: {text(bytes(response.error_message))}"
+    status = getattr(response, "status", None)
+    if status is not None and not getattr(status, "success", status == 1):
+        return f"IOC reported the put failed: {getattr(status, 'description', None) or status}"
+    return None
+
+
+
+# --- the wire -----------------------------------------------------------------------------------
+
+HEADER = struct.Struct(">HHHHII")  # command, payload size, data type, data count, p1, p2
+EXTENDED = struct.Struct(">II")  # payload size, data count: after a header saying 0xFFFF, 0
+_TIME_HEAD = struct.Struct(">hhII")  # status, severity, seconds and nanoseconds past 1990
+EVENT_ADD = 1
+# READ_NOTIFY and WRITE_NOTIFY: their answers name the request (the ioid) in parameter 2.
+ANSWERS = (caproto.ReadNotifyResponse.ID, caproto.WriteNotifyResponse.ID)
+ECA_NORMAL = 1
+_EPICS_EPOCH = 631152000.0  # 1990-01-01 in Unix seconds
+_SCALAR = {
+    ChannelType.INT: struct.Struct(">h"),
+    ChannelType.FLOAT: struct.Struct(">f"),
+    ChannelType.ENUM: struct.Struct(">H"),
+    ChannelType.CHAR: struct.Struct(">B"),
+    ChannelType.LONG: struct.Struct(">i"),
+    ChannelType.DOUBLE: struct.Struct(">d"),
+}
+# A DBR_TIME_<native> payload: where its value starts past the status, severity and stamp
+# (the padding EPICS puts there, per type), and the native type (Rule 3).
+TIME_LAYOUT: dict[int, tuple[int, ChannelType]] = {
+    ChannelType.TIME_STRING: (12, ChannelType.STRING),
+    ChannelType.TIME_INT: (14, ChannelType.INT),
+    ChannelType.TIME_FLOAT: (12, ChannelType.FLOAT),
+    ChannelType.TIME_ENUM: (14, ChannelType.ENUM),
+    ChannelType.TIME_CHAR: (15, ChannelType.CHAR),
+    ChannelType.TIME_LONG: (12, ChannelType.LONG),
+    ChannelType.TIME_DOUBLE: (16, ChannelType.DOUBLE),
+}
+_STRING_BYTES = 40
+
+def time_reading(buf: bytearray, start: int, size: int, data_type: int, count: int) -> p.Reading | None:
+    """The reading in the DBR_TIME payload of ``size`` bytes at ``buf[start:]``, or None for
+    another type."""
+    layout = TIME_LAYOUT.get(data_type)
+    if layout is None or count < 1:
+        return None
+    offset, native = layout
+    item = _STRING_BYTES if native == ChannelType.STRING else _SCALAR[native].size
+    if size < offset + item * count:
+        return None  # shorter than it says: caproto's parser says what is wrong with it
+    status, severity, seconds, nanoseconds = _TIME_HEAD.unpack_from(buf, start)
+    at = start + offset
+    if native == ChannelType.STRING:
+        items = [text(bytes(buf[at + i * _STRING_BYTES:at + (i + 1) * _STRING_BYTES])) for i in range(count)]
+        value: Any = items[0] if count == 1 else items
+    elif count == 1:
+        value = _SCALAR[native].unpack_from(buf, at)[0]
+    else:
+        value = np.frombuffer(buf, dtype=_CAPROTO_DTYPES[native], count=count, offset=at).copy()
+    # As caproto's TimeStamp.timestamp: cut to the microsecond.
+    timestamp = _EPICS_EPOCH + seconds + 1.0e-6 * int(1.0e-3 * nanoseconds)
+    return p.Reading(value=value, timestamp=timestamp, severity=severity, status=status)
