@@ -31,14 +31,20 @@ variables), until a server answers; a name whose circuit or channel drops starts
 the shortest interval. Searches wait in a heap by due time, so a tick costs what is due, not
 what is searched. The first server to answer a name gets it.
 Rule 8: liveness. A circuit silent for ``EPICS_CA_CONN_TMO`` seconds is sent an echo; still
-silent ``min(5 s, EPICS_CA_CONN_TMO)`` later, it is dropped and its names searched again. No
-beacons are watched: an IOC that comes back is found by the next search, within
-``MAX_RETRY`` seconds.
+silent ``min(5 s, EPICS_CA_CONN_TMO)`` later, it is dropped and its names searched again.
 Rule 9: bounds. A circuit's receive buffer holds at most one incomplete message, which may
 not claim more than ``MAX_MESSAGE_BYTES``; a circuit that announces more is dropped. The
 loop reads our sockets only while its event queue is short (``service`` is not called
 otherwise), so an IOC faster than the actor is held back by TCP, and EPICS servers coalesce
 monitor updates for a slow client, as Channel Access intends.
+Rule 10: beacons. The search socket registers with the host's CA repeater (caRepeater or
+caproto-repeater, on ``EPICS_CA_REPEATER_PORT``; again every ``REGISTER_RETRY`` seconds until
+it confirms) and so hears the IOCs' beacons. A server heard for the first time, or whose
+beacons come four times faster than before (it restarted), sends every name not yet found
+searching again at once, from the shortest interval: an IOC that comes back is found as it
+starts, not at the next search up to ``MAX_RETRY`` later. At most once per
+``BEACON_SEARCH_GAP``, so a network of starting IOCs costs a few searches a second; servers
+are remembered up to ``MAX_BEACON_SERVERS``. Without a repeater nothing changes but that.
 """
 
 from __future__ import annotations
@@ -89,6 +95,9 @@ MIN_RETRY = _ca_common.MIN_RETRY_SEARCHES_INTERVAL
 MAX_RETRY = _ca_common.MAX_RETRY_SEARCHES_INTERVAL
 SEARCH_DATAGRAM_BYTES = 1472  # one Ethernet frame
 CONNECT_TIMEOUT = 5.0
+REGISTER_RETRY = 10.0  # Rule 10: caproto's client waits as long
+BEACON_SEARCH_GAP = 0.5
+MAX_BEACON_SERVERS = 10_000
 LIVENESS_PERIOD = 0.5
 _CREATE_FAILED_RETRY = 1.0
 
@@ -175,6 +184,13 @@ class ChannelAccessBackend:
         self._udp.setblocking(False)
         self._udp.bind(("", 0))
         self._watch(self._udp.fileno(), _POLLIN)
+        # Rule 10: the repeater, and what its beacons said of each server (last seen, interval).
+        environment = caproto.get_environment_variables()
+        self._repeater = (caproto.get_local_address(), int(environment["EPICS_CA_REPEATER_PORT"]))
+        self._registered = False
+        self._register_due = 0.0
+        self._beacons: dict[tuple[str, int], tuple[float, float]] = {}
+        self._beacon_search_at = -BEACON_SEARCH_GAP
         self._received = bytearray(_RECV_BYTES)
         self._received_view = memoryview(self._received)
         self._conn_timeout = _conn_timeout()
@@ -306,6 +322,9 @@ class ChannelAccessBackend:
     def timeout(self, now: float) -> float | None:
         """Seconds until ``tick`` has something to do, or None."""
         due = self._due[0][0] - now if self._due else None
+        if not self._registered:
+            register = self._register_due - now
+            due = register if due is None else min(due, register)
         if self._circuits:
             liveness = self._next_liveness - now
             due = liveness if due is None else min(due, liveness)
@@ -313,6 +332,8 @@ class ChannelAccessBackend:
 
     def tick(self, now: float) -> None:
         """Send the searches that are due; check the circuits' liveness (Rule 8)."""
+        if not self._registered and now >= self._register_due:
+            self._register(now)
         if self._due and self._due[0][0] <= now:
             self._send_searches(now)
         if self._circuits and now >= self._next_liveness:
@@ -383,6 +404,39 @@ class ChannelAccessBackend:
             for command in commands:
                 if isinstance(command, caproto.SearchResponse):
                     self._found(command)
+                elif isinstance(command, caproto.Beacon):
+                    self._beacon(command, sender)
+                elif isinstance(command, caproto.RepeaterConfirmResponse) and not self._registered:
+                    self._registered = True
+                    log.debug("repeater_registered", repeater="%s:%d" % self._repeater)
+
+    # --- beacons (Rule 10) ---------------------------------------------------------------------
+
+    def _register(self, now: float) -> None:
+        self._register_due = now + REGISTER_RETRY
+        try:
+            self._udp.sendto(bytes(caproto.RepeaterRegisterRequest("0.0.0.0")), self._repeater)
+        except OSError as exc:  # no repeater reachable now: later, again
+            log.debug("repeater_not_reached", repeater="%s:%d" % self._repeater, error=str(exc))
+
+    def _beacon(self, beacon: Any, sender: tuple[str, int]) -> None:
+        now = time.monotonic()
+        host = beacon.address if beacon.address not in ("0.0.0.0", "") else sender[0]
+        server = (host, beacon.server_port)
+        heard = self._beacons.pop(server, None)  # put back last: the oldest go first
+        if heard is None:
+            anomaly, interval = True, 0.0
+            if len(self._beacons) >= MAX_BEACON_SERVERS:
+                del self._beacons[next(iter(self._beacons))]
+        else:
+            interval = now - heard[0]
+            anomaly = interval < heard[1] / 4  # faster than before: it restarted
+        self._beacons[server] = (now, interval)
+        if anomaly and self._searching and now - self._beacon_search_at >= BEACON_SEARCH_GAP:
+            self._beacon_search_at = now
+            for channel in list(self._searching.values()):
+                channel.interval = MIN_RETRY
+                self._search(channel, delay=0.0)
 
     def _found(self, response: Any) -> None:
         channel = self._searching.pop(response.cid, None)

@@ -184,3 +184,63 @@ def test_a_channel_removed_and_added_again_leaves_nothing_behind_on_its_circuit(
         assert len(circuit.core._ioids) <= 1  # at most the new channel's metadata read
     finally:
         driver.close()
+
+
+REPEATER = """
+import ctypes, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: it dies with the test
+from caproto.sync.repeater import run
+print("repeater starting", flush=True)
+run(host="127.0.0.1")
+"""
+
+
+@pytest.mark.timeout(90)
+def test_an_ioc_that_comes_back_is_found_by_its_beacons_not_the_next_search(prefix, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    from pvhub.sim import LOOPBACK, SimulatedIOC, free_udp_port
+
+    port = free_udp_port()
+    beacons = {"EPICS_CA_REPEATER_PORT": str(port), "EPICS_CAS_BEACON_PORT": str(port)}
+    repeater = subprocess.Popen([sys.executable, "-c", REPEATER], env={**__import__("os").environ, **beacons},
+                                stdout=subprocess.PIPE, text=True)
+    ioc = SimulatedIOC("tests.iocs.zoo", prefix=prefix, ready_pv="dt", env=beacons)
+    driver = None
+    try:
+        assert repeater.stdout.readline().startswith("repeater starting")
+        ioc.start()
+        for key, value in {**ioc.ca_env(), **beacons}.items():
+            monkeypatch.setenv(key, value)
+        pv = f"{prefix}motor"
+        driver = ca.Driver()
+        driver.backend.add(pv)
+        driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent) and e.connected, 15)
+        assert driver.backend._registered, "the repeater did not confirm the registration"
+        ioc.stop()
+        driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent) and not e.connected, 15)
+        channel = driver.backend._channels[pv]
+
+        def next_search() -> float:
+            return min(due for due, search_id in driver.backend._due if search_id == channel.search_id)
+
+        # Until searches are MAX_RETRY apart, and one has just gone: the next is seconds away.
+        deadline = time.monotonic() + 30
+        while not (channel.interval >= ca.MAX_RETRY and next_search() - time.monotonic() > ca.MAX_RETRY - 0.5):
+            assert time.monotonic() < deadline, "searches never slowed down"
+            with pytest.raises(TimeoutError):
+                driver.wait_for(lambda e: False, 0.05)
+        waiting = next_search() - time.monotonic()
+        started = time.monotonic()
+        ioc.start()  # same ports; its first beacons go out as it starts
+        driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent) and e.connected, 15)
+        took = time.monotonic() - started
+        assert took < waiting - 1.0, f"found after {took:.2f} s; the next search was {waiting:.2f} s away"
+    finally:
+        if driver is not None:
+            driver.close()
+        ioc.stop()
+        repeater.kill()
+        repeater.wait(5)
