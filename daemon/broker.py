@@ -193,12 +193,13 @@ class Broker:
         poller.register(actors, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         watchdog = watchdog_interval()
-        last_watchdog = 0.0
+        next_watchdog = 0.0 if watchdog is not None else math.inf
         stop_deadline: float | None = None
         next_tick = 0.0
         try:
             while True:
-                ready = dict(poller.poll(max(0, math.ceil((next_tick - time.monotonic()) * 1000))))
+                wake = min(next_tick, next_watchdog)
+                ready = dict(poller.poll(max(0, math.ceil((wake - time.monotonic()) * 1000))))
                 if clients in ready:
                     self._drain_clients(ctx)
                 if actors in ready:
@@ -214,8 +215,8 @@ class Broker:
                     for actor, code in supervisor.reap():
                         self._carry_out(ctx, router.actor_exited(actor, code, now))
                     self._carry_out(ctx, router.tick(now))
-                if watchdog is not None and now - last_watchdog >= watchdog:
-                    last_watchdog = now
+                if watchdog is not None and now >= next_watchdog:  # on its own clock (Rule 3)
+                    next_watchdog = now + watchdog
                     self.notifier.watchdog()
                     self.notifier.status(self._status_line(router))
                 if self._stopping and stop_deadline is None:

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.system
 
 WATCHDOG_USEC = 400_000
 PING_INTERVAL = WATCHDOG_USEC / 2_000_000  # what the daemon should keep: 0.2 s
-# Loose bounds for a loaded machine: the loop pings on its first tick at or after the
-# interval (its tick is 0.2 s too), so 0.2-0.4 s is normal.
+# Loose bounds for a loaded machine: the loop pings on its own clock, every 0.2 s; a gap of
+# up to 0.6 s, or a mean gap down to 0.1 s, is still right.
 PING_SPACING = (0.1, 0.6)
 SYSTEMD_ENV = {"WATCHDOG_USEC": str(WATCHDOG_USEC)}
 # "STATUS=3 PVs, 2 actors, 1 clients": only the numbers matter here.
@@ -122,7 +122,10 @@ def test_watchdog_pings_every_half_watchdog_usec(
     )
     gaps = [round(b - a, 3) for a, b in zip(pings, pings[1:])]
     assert len(gaps) >= 3
-    assert all(PING_SPACING[0] <= gap <= PING_SPACING[1] for gap in gaps), gaps
+    # Never late (a gap is what the test saw: one ping it read late shortens the next gap,
+    # so each gap is bounded above only), and over the run about one per interval, not more.
+    assert max(gaps) <= PING_SPACING[1], gaps
+    assert (pings[-1] - pings[0]) / len(gaps) >= PING_SPACING[0], gaps
 
 
 def test_status_counts_pvs_and_clients(
