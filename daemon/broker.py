@@ -8,7 +8,8 @@ with ``bad_message`` when it carries enough to answer, and dropped (logged) othe
 Rule 3: the loop ticks every ``TICK_S``, however many messages arrive in between: the
 supervisor's reaping and the router's ``tick`` (restarts, hung actors, silent clients) cost
 O(processes + clients), so they run on the clock, never per message. An actor's death is
-answered within one tick.
+answered within one tick. systemd's watchdog is pinged on a clock of its own, every half
+``WATCHDOG_USEC``; the loop sleeps until the sooner of the two.
 Rule 4: with ``[security]``, the ZAP handler starts before any socket binds, and each
 client's identity is read from the messages themselves (``daemon/security.py``). Listening off
 loopback without it is refused (``pvhub.config.exposure_problem``). Every socket has a
