@@ -4,7 +4,9 @@ Rule: the actor never outlives its daemon. Before anything else (before the impo
 up most of its start-up) it asks Linux to SIGKILL it when its parent dies, and then checks
 that its parent is still the daemon that started it (``--parent-pid``): a daemon that died
 while this process was being started is noticed here, since the parent-death signal only
-covers deaths after the request.
+covers deaths after the request. The daemon's supervisor makes the same request sooner, in
+the bootstrap it starts the interpreter with (``daemon/supervisor.py`` Rule 1); this one
+covers an actor started by hand.
 """
 
 from __future__ import annotations

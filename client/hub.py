@@ -20,8 +20,9 @@ Rule 5 (Paranoid Pirate, decided in ``pvhub.client.liveness``): the client pings
 every ``CLIENT_HEARTBEAT_S``; a daemon silent for ``LIVENESS`` beats, or one that announces it
 is stopping, is lost: every request in flight fails at once (a put's outcome is then unknown;
 nothing is ever re-sent), every channel turns disconnected, and the client says hello again
-until a daemon answers, then re-attaches every channel from a fresh snapshot. Requests are never queued for a daemon that is not there
-(``ZMQ_IMMEDIATE``), so nothing sent during an outage is delivered to the next daemon.
+until a daemon answers, then re-attaches every channel from a fresh snapshot. Requests are
+never queued for a daemon that is not there (``ZMQ_IMMEDIATE``), so nothing sent during an
+outage is delivered to the next daemon.
 Rule 6: no request waits forever (``pvhub.client.requests``): each may have a deadline for
 its final reply, checked on every pass of the I/O loop; a set has none by default (its
 waiters bound their wait themselves, with ``Status`` timeouts). A request whose final reply
@@ -49,7 +50,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Callable
 from urllib.parse import urlsplit
 
 import zmq
@@ -134,6 +135,9 @@ class Hub:
         self._proofs = ProofSchedule(PROOF_INTERVAL, SNAPSHOT_TIMEOUT)  # Rule 4
         self._ctx = zmq.Context()
         self._dispatcher = Dispatcher()  # Rule 2
+        # ``dispatch``: the dispatcher's own method, bound here, not a method of ours that
+        # calls it: a Signal's subscription calls it per reading.
+        self.dispatch = self._dispatcher.dispatch
         self._io = threading.Thread(target=self._run, name=f"pvhub-io {self.address}", daemon=True)
         self._io.start()
 
@@ -261,11 +265,6 @@ class Hub:
                     f"the pvhub daemon at {self.address} did not answer within {timeout} s: "
                     + (problem if problem else "is `pvhub serve` running?")
                 )
-
-    def dispatch(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run ``func`` on the callback thread (in order with every other callback); once the
-        hub is closed and that thread has ended, on the caller's thread."""
-        self._dispatcher.dispatch(func, *args, **kwargs)
 
     @property
     def dispatches(self) -> int:

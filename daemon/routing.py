@@ -656,16 +656,7 @@ class Router:
         pvs = sorted(record.pvs)
         shown = ", ".join(pvs[:3]) + (f" and {len(pvs) - 3} more" if len(pvs) > 3 else "")
         reason = f"the actor owning {shown or 'no PV'} exited (code {returncode})"
-        effects: list[Effect] = []
-        for (client, request_id), op in record.inflight.items():
-            detail = "; the put's outcome is unknown" if op == p.SetRequest.OP else ""
-            effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason + detail))))
-            self._settled(client)
-        for client, request_id, _, _ in record.queued:
-            effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason))))
-            self._settled(client)
-        record.inflight.clear()
-        record.queued.clear()
+        effects = self._answer_owed(record, reason)
         effects.extend(Announce(p.topic(pv), p.PvLost(pv=pv, reason=reason)) for pv in pvs)
         for pv in pvs:  # what the dead process counted died with it
             pv_record = self.pvs[pv]
@@ -727,21 +718,28 @@ class Router:
             effects.append(Quarantined(tuple(half), record.actor, actor))
         return effects
 
-    def _retire(self, record: ActorRecord, reason: str, now: float) -> list[Effect]:
-        """Forget ``record`` and stop its process for good (Rule 8); whatever still waits for
-        it is answered."""
-        del self.actors[record.actor]
-        self.identities.pop(record.identity, None)
-        self._retired[record.actor] = (now, record.restarts + 1)
+    def _answer_owed(self, record: ActorRecord, reason: str) -> list[Effect]:
+        """Rule 3: ``actor_died`` for every request in flight to ``record``'s process or queued
+        for it (a put in flight: its outcome unknown)."""
         effects: list[Effect] = []
-        for (client, request_id), _ in record.inflight.items():
-            effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason))))
+        for (client, request_id), op in record.inflight.items():
+            detail = "; the put's outcome is unknown" if op == p.SetRequest.OP else ""
+            effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason + detail))))
             self._settled(client)
         for client, request_id, _, _ in record.queued:
             effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason))))
             self._settled(client)
         record.inflight.clear()
         record.queued.clear()
+        return effects
+
+    def _retire(self, record: ActorRecord, reason: str, now: float) -> list[Effect]:
+        """Forget ``record`` and stop its process for good (Rule 8); whatever still waits for
+        it is answered."""
+        del self.actors[record.actor]
+        self.identities.pop(record.identity, None)
+        self._retired[record.actor] = (now, record.restarts + 1)
+        effects = self._answer_owed(record, reason)
         if record.alive:
             effects.append(RetireActor(record.actor, reason))
         return effects

@@ -68,9 +68,10 @@ class Supervisor:
         self._lock = threading.Lock()
         self._processes: dict[str, ActorProcess] = {}  # by actor; guarded by _lock
         self._failed: list[tuple[str, int | None]] = []  # spawns that raised; guarded by _lock
-        # Rule 4: retired, not yet reaped; guarded by _lock. Bounded by the retirements of the
-        # last few seconds: each leaves at its SIGTERM, or its SIGKILL.
-        self._retiring: list[ActorProcess] = []
+        # Rule 4: (actor, process, when it was retired), not yet reaped; guarded by _lock.
+        # Bounded by the retirements of the last few seconds: each leaves at its SIGTERM, or
+        # its SIGKILL.
+        self._retiring: list[tuple[str, subprocess.Popen, float]] = []
         self._requests: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self._stopped = False
         self._last_epoch = 0  # on the spawner thread only
@@ -106,14 +107,13 @@ class Supervisor:
     def _reap_retired(self) -> None:
         """Rule 4, with the lock held: forget the retired that left; SIGKILL the late."""
         still = []
-        for record in self._retiring:
-            assert record.process is not None
-            if record.process.poll() is not None:
-                log.info("actor_retired", actor=record.actor, actor_pid=record.process.pid)
+        for actor, process, since in self._retiring:
+            if process.poll() is not None:
+                log.info("actor_retired", actor=actor, actor_pid=process.pid)
                 continue
-            if time.monotonic() - record.started > RETIRE_GRACE_S:
-                _signal(record.process, signal.SIGKILL)
-            still.append(record)
+            if time.monotonic() - since > RETIRE_GRACE_S:
+                _signal(process, signal.SIGKILL)
+            still.append((actor, process, since))
         self._retiring = still
 
     def retire(self, actor: str) -> None:
@@ -122,11 +122,10 @@ class Supervisor:
             record = self._processes.pop(actor, None)
             if record is None:
                 return
-            record.killed = True
+            record.killed = True  # one still being started is killed by the spawner
             if record.process is not None:
                 _signal(record.process, signal.SIGTERM)
-                record.started = time.monotonic()  # from now: its grace
-                self._retiring.append(record)
+                self._retiring.append((actor, record.process, time.monotonic()))
 
     def kill(self, actor: str) -> None:
         """SIGKILL a hung actor; ``reap`` reports its exit."""
@@ -144,19 +143,20 @@ class Supervisor:
         self._thread.join(timeout)
         with self._lock:
             self._stopped = True
-            records = [r for r in (*self._processes.values(), *self._retiring) if r.process is not None]
+            processes = [(r.actor, r.process) for r in self._processes.values() if r.process is not None]
+            processes += [(actor, process) for actor, process, _ in self._retiring]
             self._processes.clear()
             self._retiring.clear()
-        for record in records:
-            _signal(record.process, signal.SIGTERM)
+        for _, process in processes:
+            _signal(process, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for record in records:
+        for actor, process in processes:
             try:
-                record.process.wait(max(0.0, deadline - time.monotonic()))
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("actor_killed", actor=record.actor, actor_pid=record.process.pid)
-                _signal(record.process, signal.SIGKILL)
-                record.process.wait()
+                log.warning("actor_killed", actor=actor, actor_pid=process.pid)
+                _signal(process, signal.SIGKILL)
+                process.wait()
 
     # --- on the spawner's thread -------------------------------------------------------------
 

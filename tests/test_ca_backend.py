@@ -8,7 +8,13 @@ path is compared with the slow one on the same message.
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +25,7 @@ import caproto
 
 from pvhub.actors import backend as ca
 from pvhub.actors import codec
+from pvhub.sim import SimulatedIOC, free_udp_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,116 +105,98 @@ def test_other_types_and_short_payloads_are_left_to_caproto():
     assert _fast(bytes(message)) is None
 
 
-def test_the_backend_on_its_own_reads_puts_and_follows_a_pv(zoo_ioc, prefix, monkeypatch):
+@pytest.fixture
+def driver(zoo_ioc, monkeypatch) -> Iterator[ca.Driver]:
+    """A backend on its own (``Driver``) that reaches the zoo IOC and nothing else."""
     for key, value in zoo_ioc.ca_env().items():
         monkeypatch.setenv(key, value)
+    made = ca.Driver()
+    yield made
+    made.close()
+
+
+def test_the_backend_on_its_own_reads_puts_and_follows_a_pv(driver, prefix):
     pv = f"{prefix}motor"
-    driver = ca.Driver()
-    try:
-        driver.backend.add(pv)
-        connected = driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent), 15)
-        assert connected.connected
-        metadata = driver.wait_for(lambda e: isinstance(e, ca.MetadataEvent), 10)
-        assert metadata.metadata["native_type"] == "float"
-        driver.backend.put(pv, 1, 2.5)
-        done = driver.wait_for(lambda e: isinstance(e, ca.PutDoneEvent), 10)
-        assert done.error is None and done.readback.value == 2.5
-        driver.backend.read(pv, 7)
-        read = driver.wait_for(lambda e: isinstance(e, ca.ReadDoneEvent), 10)
-        assert read.read_id == 7 and read.reading.value == 2.5
-        driver.backend.put(pv, 2, 4.0)
-        update = driver.wait_for(lambda e: isinstance(e, ca.ReadingEvent) and e.reading.value == 4.0, 10)
-        assert update.pv == pv
-    finally:
-        driver.close()
+    driver.backend.add(pv)
+    connected = driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent), 15)
+    assert connected.connected
+    metadata = driver.wait_for(lambda e: isinstance(e, ca.MetadataEvent), 10)
+    assert metadata.metadata["native_type"] == "float"
+    driver.backend.put(pv, 1, 2.5)
+    done = driver.wait_for(lambda e: isinstance(e, ca.PutDoneEvent), 10)
+    assert done.error is None and done.readback.value == 2.5
+    driver.backend.read(pv, 7)
+    read = driver.wait_for(lambda e: isinstance(e, ca.ReadDoneEvent), 10)
+    assert read.read_id == 7 and read.reading.value == 2.5
+    driver.backend.put(pv, 2, 4.0)
+    update = driver.wait_for(lambda e: isinstance(e, ca.ReadingEvent) and e.reading.value == 4.0, 10)
+    assert update.pv == pv
 
 
-def test_a_name_nobody_serves_is_searched_with_growing_intervals(zoo_ioc, prefix, monkeypatch):
-    for key, value in zoo_ioc.ca_env().items():
-        monkeypatch.setenv(key, value)
-    driver = ca.Driver()
-    try:
-        driver.backend.add(f"{prefix}no_such_pv")
-        with pytest.raises(TimeoutError):
-            driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent), 0.5)
-        (channel,) = driver.backend._channels.values()
-        # Searched at once, then after 30 ms, 60, 120, 240 (caproto's defaults): doubled since.
-        assert channel.interval > ca.MIN_RETRY * 4
-        assert len(driver.backend._due) <= 2  # one live entry per name (plus at most a stale one)
-    finally:
-        driver.close()
+def test_a_name_nobody_serves_is_searched_with_growing_intervals(driver, prefix):
+    driver.backend.add(f"{prefix}no_such_pv")
+    with pytest.raises(TimeoutError):
+        driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent), 0.5)
+    (channel,) = driver.backend._channels.values()
+    # Searched at once, then after 30 ms, 60, 120, 240 (caproto's defaults): doubled since.
+    assert channel.interval > ca.MIN_RETRY * 4
+    assert len(driver.backend._due) <= 2  # one live entry per name (plus at most a stale one)
 
 
-def test_a_request_the_state_machine_refuses_is_answered_not_left_waiting(zoo_ioc, prefix, monkeypatch):
-    for key, value in zoo_ioc.ca_env().items():
-        monkeypatch.setenv(key, value)
+def test_a_request_the_state_machine_refuses_is_answered_not_left_waiting(driver, prefix, monkeypatch):
     pv = f"{prefix}motor"
-    driver = ca.Driver()
-    try:
-        driver.backend.add(pv)
-        driver.wait_for(lambda e: isinstance(e, ca.MetadataEvent), 15)
-        (circuit,) = driver.backend._circuits.values()
+    driver.backend.add(pv)
+    driver.wait_for(lambda e: isinstance(e, ca.MetadataEvent), 15)
+    (circuit,) = driver.backend._circuits.values()
 
-        def refuse(*commands):
-            raise caproto.LocalProtocolError("refused for the test")
+    def refuse(*commands):
+        raise caproto.LocalProtocolError("refused for the test")
 
-        monkeypatch.setattr(circuit.core, "send", refuse)
-        driver.backend.put(pv, 1, 2.0)
-        done = driver.wait_for(lambda e: isinstance(e, ca.PutDoneEvent), 5)
-        assert done.error is not None and "could not be sent" in done.error
-        driver.backend.read(pv, 2)
-        read = driver.wait_for(lambda e: isinstance(e, ca.ReadDoneEvent), 5)
-        assert read.reading is None
-        assert not circuit.operations  # nothing left waiting for an answer
-    finally:
-        driver.close()
+    monkeypatch.setattr(circuit.core, "send", refuse)
+    driver.backend.put(pv, 1, 2.0)
+    done = driver.wait_for(lambda e: isinstance(e, ca.PutDoneEvent), 5)
+    assert done.error is not None and "could not be sent" in done.error
+    driver.backend.read(pv, 2)
+    read = driver.wait_for(lambda e: isinstance(e, ca.ReadDoneEvent), 5)
+    assert read.reading is None
+    assert not circuit.operations  # nothing left waiting for an answer
 
 
-def test_a_channel_removed_and_added_again_leaves_nothing_behind_on_its_circuit(zoo_ioc, prefix, monkeypatch):
+def test_a_channel_removed_and_added_again_leaves_nothing_behind_on_its_circuit(driver, prefix):
     # caproto's circuit keeps each subscription (16-bit ids) until it hears it cancelled; a
     # channel cleared or dropped by the IOC never is, so the backend forgets it there too.
-    for key, value in zoo_ioc.ca_env().items():
-        monkeypatch.setenv(key, value)
     pv = f"{prefix}motor"
-    driver = ca.Driver()
-    try:
-        for _ in range(5):
-            driver.backend.add(pv)
-            driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent) and e.connected, 15)
-            driver.backend.read(pv, 1)  # in flight when the channel goes
-            driver.backend.remove(pv)
+    for _ in range(5):
         driver.backend.add(pv)
-        driver.wait_for(lambda e: isinstance(e, ca.MetadataEvent), 15)
-        (circuit,) = driver.backend._circuits.values()  # the same circuit all along
-        assert len(circuit.core.event_add_commands) == 1
-        assert len(circuit.by_subscription) == 1
-        assert len(circuit.core._ioids) <= 1  # at most the new channel's metadata read
-    finally:
-        driver.close()
+        driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent) and e.connected, 15)
+        driver.backend.read(pv, 1)  # in flight when the channel goes
+        driver.backend.remove(pv)
+    driver.backend.add(pv)
+    driver.wait_for(lambda e: isinstance(e, ca.MetadataEvent), 15)
+    (circuit,) = driver.backend._circuits.values()  # the same circuit all along
+    assert len(circuit.core.event_add_commands) == 1
+    assert len(circuit.by_subscription) == 1
+    assert len(circuit.core._ioids) <= 1  # at most the new channel's metadata read
 
 
+# caproto's repeater on loopback only, dying with the test (run from the repository root).
 REPEATER = """
-import ctypes, signal, sys
-ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: it dies with the test
+from tests.iocs.rsrv import die_with_parent
+die_with_parent()
 from caproto.sync.repeater import run
 print("repeater starting", flush=True)
 run(host="127.0.0.1")
 """
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(90)
 def test_an_ioc_that_comes_back_is_found_by_its_beacons_not_the_next_search(prefix, monkeypatch):
-    import subprocess
-    import sys
-    import time
-
-    from pvhub.sim import LOOPBACK, SimulatedIOC, free_udp_port
-
     port = free_udp_port()
     beacons = {"EPICS_CA_REPEATER_PORT": str(port), "EPICS_CAS_BEACON_PORT": str(port)}
-    repeater = subprocess.Popen([sys.executable, "-c", REPEATER], env={**__import__("os").environ, **beacons},
-                                stdout=subprocess.PIPE, text=True)
-    ioc = SimulatedIOC("tests.iocs.zoo", prefix=prefix, ready_pv="dt", env=beacons)
+    repeater = subprocess.Popen([sys.executable, "-c", REPEATER], env={**os.environ, **beacons},
+                                stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    ioc = SimulatedIOC("tests.iocs.zoo", prefix=prefix, ready_pv="dt", env=beacons, cwd=REPO_ROOT)
     driver = None
     try:
         assert repeater.stdout.readline().startswith("repeater starting")
