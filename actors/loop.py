@@ -37,7 +37,6 @@ from __future__ import annotations
 import collections
 import fnmatch
 import os
-import socket
 import time
 from typing import Any
 
@@ -50,6 +49,7 @@ from pvhub.config import DEFAULT_READINGS_HWM, valid_pv_name
 from pvhub.actors.state import Effect, Publish, PvState, Reply, StartPut, StartRead
 from pvhub.errors import ActorDiedError, DisconnectedError, InternalError, ProtocolError
 from pvhub.logs import loggable
+from pvhub.waker import Waker
 
 log = structlog.get_logger("pvhub.actor")
 
@@ -79,9 +79,7 @@ class Actor:
         self._valued: set[str] = set()  # PVs whose waiting messages carry a change, not only snapshots
         self._initial = list(pvs)
         self._events: collections.deque[ca.Event] = collections.deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waker = Waker()
         self._stopping = False
         self._parent = parent_pid if parent_pid is not None else os.getppid()
         self._last_beat = time.monotonic()
@@ -101,16 +99,13 @@ class Actor:
         self._pub.connect(readings)
         self._poller = zmq.Poller()
         self._poller.register(self._dealer, zmq.POLLIN)
-        self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._poller.register(self._waker.fileno(), zmq.POLLIN)
         self._backend = ca.ChannelAccessBackend(self._events.append, ca.poller_watch(self._poller))
         self.log = log.bind(actor=actor_id, actor_pid=os.getpid())
 
     def request_stop(self, *_: Any) -> None:
         self._stopping = True
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
+        self._waker.wake()
 
     def adopt(self, pvs: list[str]) -> None:
         """Own ``pvs`` from now on (those not owned yet): connect and monitor them."""
@@ -151,7 +146,7 @@ class Actor:
         self._send_control(p.ActorReady(actor=self.actor_id, pid=os.getpid(), pvs=list(self.states)))
         self.log.info("actor_started", pvs=len(self.states))
         backend = self._backend
-        wake = self._wake_r.fileno()
+        wake = self._waker.fileno()
         try:
             while not self._stopping:
                 # Work left over from a bounded drain is taken up again at once.
@@ -171,7 +166,7 @@ class Actor:
                     if item is self._dealer:
                         self._drain_requests()
                     elif item == wake:
-                        self._drain_wakeups()
+                        self._waker.drain()
                     elif len(self._events) < DRAIN_LIMIT and backend.owns(item):
                         backend.service(item, flags)
                 backend.tick(time.monotonic())
@@ -274,13 +269,6 @@ class Actor:
         except Exception as exc:  # the loop boundary: answer, log, go on
             self.log.exception("request_failed")
             self._reply(client, p.ErrorReply(id=request_id, code=InternalError.code, message=repr(exc)))
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _drain_events(self) -> None:
         for count in range(1, DRAIN_LIMIT + 1):

@@ -45,7 +45,6 @@ import atexit
 import collections
 import itertools
 import os
-import socket
 import sys
 import threading
 import time
@@ -57,7 +56,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pvhub import protocol as p
-from pvhub.config import DEFAULT_READINGS_HWM
+from pvhub.config import DEFAULT_ADDRESS, DEFAULT_READINGS_HWM
 from pvhub.errors import HubUnavailableError, LimitError, ProtocolError, PvhubError, error_from_code
 from pvhub.keys import KeyFileError, load_public, load_secret
 from pvhub.client.channel import Channel, ProofSchedule
@@ -65,10 +64,10 @@ from pvhub.client.dispatcher import DISPATCH_BATCH, Dispatcher
 from pvhub.client.liveness import Liveness, Lose, SayHello
 from pvhub.client.requests import ReplyHandler, RequestTable, answer_all, default_timeout, describe
 from pvhub.logs import library_logger
+from pvhub.waker import Waker
 
 log = library_logger("pvhub.client")
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 PROOF_INTERVAL = 0.1
 SNAPSHOT_TIMEOUT = 5.0
 # The I/O thread sleeps until its next due work (a hello, a ping, a proof, a deadline: Rule 1),
@@ -118,9 +117,7 @@ class Hub:
         self.handshake_problem: str | None = None
         self._closed = threading.Event()
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waker = Waker()
         self._ids = itertools.count(1)
         self._requests = RequestTable(self.address)  # Rule 6; the I/O thread's only
         # Requests handed to the I/O thread but not sent yet; whoever takes one out answers it.
@@ -280,8 +277,7 @@ class Hub:
             self._io.join(timeout=5)
         self._dispatcher.close()
         if not self._io.is_alive():
-            self._wake_r.close()
-            self._wake_w.close()
+            self._waker.close()
 
     # --- the I/O thread -------------------------------------------------------------------
 
@@ -290,10 +286,7 @@ class Hub:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass
+        self._waker.wake()
 
     def _run(self) -> None:
         failure: BaseException | None = None
@@ -303,8 +296,8 @@ class Hub:
             while not self._closed.is_set():
                 ready = dict(poller.poll(self._sleep_ms(time.monotonic())))
                 self.wakeups += 1
-                if self._wake_r.fileno() in ready:
-                    _drain(self._wake_r)
+                if self._waker.fileno() in ready:
+                    self._waker.drain()
                 while self._calls:
                     call = self._calls.popleft()
                     try:
@@ -373,7 +366,7 @@ class Hub:
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._sub, zmq.POLLIN)
         poller.register(self._handshakes, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        poller.register(self._waker.fileno(), zmq.POLLIN)
         return poller
 
     def _read_handshakes(self) -> None:
@@ -649,14 +642,6 @@ def _reachable(endpoint: str, request_address: str) -> str:
         host = urlsplit(request_address).hostname or "127.0.0.1"
         return f"tcp://{host}:{parts.port}"
     return endpoint
-
-
-def _drain(sock: socket.socket) -> None:
-    try:
-        while sock.recv(4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
 
 
 def key_paths(client_key: str | os.PathLike[str] | None = None,

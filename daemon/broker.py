@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from typing import Any
@@ -60,6 +59,7 @@ from pvhub.daemon.routing import (
     error_reply,
 )
 from pvhub.daemon.supervisor import Supervisor
+from pvhub.waker import Waker
 from pvhub.errors import AccessDeniedError, ActorDiedError, InternalError, ProtocolError
 
 log = structlog.get_logger("pvhub.daemon")
@@ -105,9 +105,7 @@ class Broker:
         self._stopping = False
         self._ctx = zmq.Context()
         self._rundir = tempfile.mkdtemp(prefix="pvhub-", dir=os.environ.get("RUNTIME_DIRECTORY"))
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waker = Waker()
         self.log_format = log_format
         self.log_level = log_level
 
@@ -123,7 +121,7 @@ class Broker:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGHUP, self.request_reload)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._waker.signal_fd, warn_on_full_buffer=False)
 
     def run(self) -> int:
         """Serve until stopped. Raises ``ConfigError`` (or ``KeyFileError``) before binding
@@ -192,7 +190,7 @@ class Broker:
         poller = zmq.Poller()
         poller.register(clients, zmq.POLLIN)
         poller.register(actors, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        poller.register(self._waker.fileno(), zmq.POLLIN)
         watchdog = watchdog_interval()
         next_watchdog = 0.0 if watchdog is not None else math.inf
         stop_deadline: float | None = None
@@ -205,8 +203,8 @@ class Broker:
                     self._drain_clients(ctx)
                 if actors in ready:
                     self._drain_actors(ctx)
-                if self._wake_r.fileno() in ready:
-                    _drain(self._wake_r)
+                if self._waker.fileno() in ready:
+                    self._waker.drain()
                 if self._reload:
                     self._reload = False
                     self._reload_config(router)
@@ -458,11 +456,3 @@ class _LoopContext:
         self.router = router
         self.supervisor = supervisor
         self.announcer = announcer
-
-
-def _drain(sock: socket.socket) -> None:
-    try:
-        while sock.recv(4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass

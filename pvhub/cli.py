@@ -10,8 +10,7 @@ import time
 from typing import Any
 
 from pvhub import __version__
-
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
+from pvhub.config import DEFAULT_ADDRESS
 
 
 def main(argv: list[str] | None = None) -> int:
