@@ -43,8 +43,8 @@ import streams  # noqa: E402
 from fanout import IOCControl  # noqa: E402
 from stats import duration, table  # noqa: E402
 
-from pvhub.process import DaemonProcess  # noqa: E402
-from pvhub.sim import SimulatedIOC, merge_ca_env  # noqa: E402
+from pvhub.testing import DaemonProcess  # noqa: E402
+from pvhub.testing import SimulatedIOC, merge_ca_env  # noqa: E402
 
 REPO_ROOT = Path(__file__).absolute().parent.parent
 PARTS = ("latency", "scale", "fanout", "throughput", "waveform")

@@ -45,8 +45,8 @@ import structlog
 from fanout import IOCControl, Subscribers, Window, measure
 from stats import Timing, number, table
 
-from pvhub.process import DaemonProcess
-from pvhub.sim import SimulatedIOC
+from pvhub.testing import DaemonProcess
+from pvhub.testing import SimulatedIOC
 
 # The IOC runs as ``python -m tests.iocs.zoo`` from here. Not resolved: a checkout that links
 # bench/ in from elsewhere benchmarks its own tree.

@@ -179,8 +179,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).absolute().parent))
     from fanout import IOCControl
 
-    from pvhub.process import DaemonProcess
-    from pvhub.sim import SimulatedIOC, merge_ca_env
+    from pvhub.testing import DaemonProcess
+    from pvhub.testing import SimulatedIOC, merge_ca_env
 
     prefix = f"cc{uuid.uuid4().hex[:6]}:"
     with SimulatedIOC("tests.iocs.zoo", prefix=prefix, cwd=REPO_ROOT, ready_pv="dt") as ioc:

@@ -43,8 +43,8 @@ from typing import Any, Callable
 
 import structlog
 
-from pvhub.process import DaemonProcess
-from pvhub.sim import SimulatedIOC
+from pvhub.testing import DaemonProcess
+from pvhub.testing import SimulatedIOC
 
 REPO_ROOT = Path(__file__).absolute().parent.parent
 GROUP_SIZE = 2500  # PVs per actor process

@@ -28,7 +28,7 @@ from typing import IO, Any, Callable
 
 import procstat
 
-from pvhub.sim import SimulatedIOC
+from pvhub.testing import SimulatedIOC
 
 SUBSCRIBER = Path(__file__).with_name("subscriber.py")
 READY_TIMEOUT = 90.0  # sixteen Python processes importing numpy on two cores take a while

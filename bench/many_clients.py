@@ -21,7 +21,7 @@ import zmq
 
 import procstat
 from pvhub import protocol as p
-from pvhub.process import DaemonProcess
+from pvhub.testing import DaemonProcess
 
 MEASURE_S = 8.0
 

@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import structlog
 
-    from pvhub.process import DaemonProcess
-    from pvhub.sim import SimulatedIOC
+    from pvhub.testing import DaemonProcess
+    from pvhub.testing import SimulatedIOC
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     module, ready_pv = IOCS[args.ioc]

@@ -33,7 +33,7 @@ from typing import Any
 import procstat
 import structlog
 
-from pvhub.process import DaemonProcess
+from pvhub.testing import DaemonProcess
 
 PROBE = 5  # PVs; with one process each, a loaded machine starts them slowly
 CONNECT_BUDGET = 60.0  # seconds for a batched step (or the probe) to connect

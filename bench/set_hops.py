@@ -20,8 +20,8 @@ from pathlib import Path
 import zmq
 
 from pvhub import protocol as p
-from pvhub.process import DaemonProcess
-from pvhub.sim import SimulatedIOC
+from pvhub.testing import DaemonProcess
+from pvhub.testing import SimulatedIOC
 
 REPO_ROOT = Path(__file__).absolute().parent.parent
 ROUNDS = 300

@@ -411,8 +411,8 @@ class Soak:
     # --- setup ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        from pvhub.process import DaemonProcess
-        from pvhub.sim import SimulatedIOC, merge_ca_env
+        from pvhub.testing import DaemonProcess
+        from pvhub.testing import SimulatedIOC, merge_ca_env
 
         # The parent's own client library logs (pv_lost while it puts fast_rate) go to a file.
         handler = logging.FileHandler(self.workdir / "parent-client.log")

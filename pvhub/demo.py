@@ -28,8 +28,8 @@ def run_demo(duration: float = 3.0) -> int:
         print("pvhub demo needs bluesky: pip install 'pvhub[bluesky]'")
         return 2
 
-    from pvhub.process import DaemonProcess
-    from pvhub.sim import SimulatedIOC, merge_ca_env
+    from pvhub.testing import DaemonProcess
+    from pvhub.testing import SimulatedIOC, merge_ca_env
 
     with SimulatedIOC("caproto.ioc_examples.random_walk", prefix="random_walk:") as ioc, \
             SimulatedIOC("caproto.ioc_examples.fake_motor_record", prefix="sim:", ready_pv="mtr1") as motors:

@@ -20,8 +20,8 @@ from uuid import uuid4
 
 import pytest
 
-from pvhub.process import DaemonProcess
-from pvhub.sim import SimulatedIOC, free_udp_port, merge_ca_env
+from pvhub.testing import DaemonProcess
+from pvhub.testing import SimulatedIOC, free_udp_port, merge_ca_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DAEMON_READY_TIMEOUT = 20.0

@@ -25,7 +25,7 @@ import caproto
 
 from pvhub.actors import backend as ca
 from pvhub.actors import codec
-from pvhub.sim import SimulatedIOC, free_udp_port
+from pvhub.testing import SimulatedIOC, free_udp_port
 
 pytestmark = pytest.mark.timeout(60)
 

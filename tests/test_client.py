@@ -273,7 +273,7 @@ def test_pv_that_nobody_serves_times_out(hub, prefix):
 
 
 def test_daemon_that_does_not_answer(monkeypatch):
-    from pvhub.sim import free_tcp_port
+    from pvhub.testing import free_tcp_port
 
     monkeypatch.setenv("PVHUB_ADDRESS", f"tcp://127.0.0.1:{free_tcp_port()}")
     try:

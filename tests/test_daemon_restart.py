@@ -14,8 +14,8 @@ from helpers import log_events, wait_for_put_in_flight, wait_until
 
 from pvhub.client import EpicsSignal, close_hubs, get_hub
 from pvhub.errors import PvhubError
-from pvhub.process import DaemonProcess
-from pvhub.sim import free_tcp_port
+from pvhub.testing import DaemonProcess
+from pvhub.testing import free_tcp_port
 
 pytestmark = pytest.mark.system
 

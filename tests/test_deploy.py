@@ -355,7 +355,7 @@ class SandboxedDaemon:
     """``pvhub serve`` started through this file's launcher, in a process group of its own."""
 
     def __init__(self, spec: dict, ioc_env: dict[str, str], directory: Path, config: Path) -> None:
-        from pvhub.sim import LOOPBACK, free_tcp_port
+        from pvhub.testing import LOOPBACK, free_tcp_port
 
         self.address = f"tcp://{LOOPBACK}:{free_tcp_port()}"
         self.notify = NotifyListener()

@@ -58,13 +58,23 @@ def test_cores_do_no_io(core, allowed):
 
 
 def test_shared_root_does_not_import_the_sides():
-    # pvhub.cli, pvhub.demo and pvhub.process are entry points: they may start anything.
-    entry_points = {"cli.py", "demo.py", "process.py", "__main__.py"}
+    # pvhub.cli and pvhub.demo are entry points: they may start anything.
+    entry_points = {"cli.py", "demo.py", "__main__.py"}
     for path in modules("pvhub"):
         if path.name in entry_points:
             continue
         assert not any(n.startswith(("pvhub.daemon", "pvhub.actors", "pvhub.client"))
                        for n in imports_of(path)), path.name
+
+
+def test_nothing_that_runs_in_production_imports_the_testing_harness():
+    """``pvhub.testing`` (simulated IOCs, daemons started by a test) is for tests, benchmarks
+    and the demo; the daemon, its actors and the client library never need it."""
+    for package in ("pvhub", "pvhub.daemon", "pvhub.actors", "pvhub.client"):
+        for path in modules(package):
+            if package == "pvhub" and path.name == "demo.py":
+                continue
+            assert not any(n.startswith("pvhub.testing") for n in imports_of(path)), f"{package}: {path.name}"
 
 
 def test_the_client_library_does_not_import_ophyd_or_caproto():

@@ -42,7 +42,7 @@ from pvhub.client.ophyd_async import (
     signal_metadata,
 )
 from pvhub.errors import DisconnectedError, PVNotAllowedError
-from pvhub.sim import free_tcp_port
+from pvhub.testing import free_tcp_port
 
 SCRIPT = Path(__file__).with_name("side_by_side_async.py")
 

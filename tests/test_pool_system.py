@@ -18,7 +18,7 @@ from helpers import log_events, wait_until
 
 from pvhub import protocol as p
 from pvhub.client import EpicsSignal, EpicsSignalRO
-from pvhub.sim import LOOPBACK, free_tcp_port
+from pvhub.testing import LOOPBACK, free_tcp_port
 
 pytestmark = pytest.mark.system
 

@@ -28,8 +28,8 @@ from conftest import REPO_ROOT
 from helpers import wait_until
 
 from pvhub.client import EpicsSignal, close_hubs
-from pvhub.process import DaemonProcess
-from pvhub.sim import SimulatedIOC
+from pvhub.testing import DaemonProcess
+from pvhub.testing import SimulatedIOC
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(90)]
 

@@ -21,8 +21,8 @@ from conftest import REPO_ROOT
 from helpers import wait_until
 
 from pvhub.client import EpicsSignal, EpicsSignalRO, ReadOnlyError, close_hubs
-from pvhub.process import DaemonProcess
-from pvhub.sim import SimulatedIOC, free_tcp_port
+from pvhub.testing import DaemonProcess
+from pvhub.testing import SimulatedIOC, free_tcp_port
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
 

@@ -18,7 +18,7 @@ from helpers import log_events, wait_until
 
 from pvhub import protocol as p
 from pvhub.keys import generate, load_public, load_secret
-from pvhub.process import free_tcp_port
+from pvhub.testing import free_tcp_port
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(90)]
 

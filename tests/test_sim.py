@@ -1,4 +1,4 @@
-"""Simulated IOCs (``pvhub.sim``): they start on loopback, answer a real CA client that knows
+"""Simulated IOCs (``pvhub.testing``): they start on loopback, answer a real CA client that knows
 only their ``ca_env()``, and leave nothing running when stopped."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import wait_until
 
-from pvhub.sim import LOOPBACK, SimulatedIOC, merge_ca_env
+from pvhub.testing import LOOPBACK, SimulatedIOC, merge_ca_env
 
 pytestmark = pytest.mark.system
 

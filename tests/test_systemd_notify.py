@@ -22,8 +22,8 @@ import pytest
 from helpers import log_events, wait_until
 
 from pvhub.client import EpicsSignalRO, close_hubs
-from pvhub.process import DaemonProcess
-from pvhub.sim import SimulatedIOC
+from pvhub.testing import DaemonProcess
+from pvhub.testing import SimulatedIOC
 
 pytestmark = pytest.mark.system
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from uuid import uuid4
 
-from pvhub.sim import LOOPBACK, _signal_group, free_tcp_port
+from pvhub.testing.ioc import LOOPBACK, free_tcp_port, signal_group
 
 __all__ = ["DaemonProcess", "NotifySocket"]
 
@@ -192,7 +192,7 @@ class DaemonProcess:
                 try:
                     process.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    _signal_group(process, signal.SIGKILL)
+                    signal_group(process, signal.SIGKILL)
                     process.wait()
                     raise TimeoutError(
                         f"pvhub serve ignored SIGTERM for {timeout} s and was killed:\n"

@@ -38,11 +38,13 @@ _STOP_TIMEOUT = 5.0
 _LOG_TAIL_CHARS = 4000
 
 __all__ = [
+    "LOOPBACK",
     "SimulatedIOC",
     "ca_read",
     "free_tcp_port",
     "free_udp_port",
     "merge_ca_env",
+    "signal_group",
 ]
 
 
@@ -420,15 +422,17 @@ def _started(value: Any) -> Any:
 def _terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
     """Stop ``process`` and its process group: SIGTERM, then SIGKILL after ``timeout``."""
     if process.poll() is None:
-        _signal_group(process, signal.SIGTERM)
+        signal_group(process, signal.SIGTERM)
         try:
             return process.wait(timeout)
         except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
+            signal_group(process, signal.SIGKILL)
     return process.wait()
 
 
-def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+def signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    """Send ``signum`` to the process group ``process`` leads (started with
+    ``start_new_session``); a group already gone is not an error."""
     # The IOC leads its own process group (start_new_session), so the group id is its pid;
     # signalling the group also reaches anything the IOC itself may have spawned.
     try:

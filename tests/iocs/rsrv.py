@@ -1,7 +1,7 @@
 """A beamline-like IOC served by EPICS base's own IOC and its C Channel Access server, rsrv.
 
 It runs with pythonSoftIOC (``softioc``), which embeds EPICS base in a Python process. Run it
-from the repository root (the module path is what ``pvhub.sim.SimulatedIOC`` launches)::
+from the repository root (the module path is what ``pvhub.testing.SimulatedIOC`` launches)::
 
     python -m tests.iocs.rsrv --prefix bl: --count 1000
 
@@ -26,7 +26,7 @@ PVs, after the prefix:
   second"``: EPICS base's scan thread processes them, no Python on their path).
 - ``scale:s00000`` .. : ``--count`` ``ai`` records that never change.
 
-Rule 1: loopback only. The environment ``pvhub.sim.SimulatedIOC`` gives the process
+Rule 1: loopback only. The environment ``pvhub.testing.SimulatedIOC`` gives the process
 (``EPICS_CAS_INTF_ADDR_LIST``, ``EPICS_CA_SERVER_PORT``, the beacon variables) is what rsrv
 reads; ``--interfaces`` is accepted for SimulatedIOC's command line and must be loopback.
 The pvAccess server is not started: it would listen on its own ports, on every interface.

@@ -47,8 +47,8 @@ from pathlib import Path
 
 import ophyd.tests
 
-from pvhub.process import DaemonProcess
-from pvhub.sim import LOOPBACK, SimulatedIOC, free_tcp_port
+from pvhub.testing import DaemonProcess
+from pvhub.testing import LOOPBACK, SimulatedIOC, free_tcp_port
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
