@@ -1,8 +1,9 @@
 """What Channel Access messages mean to an actor: the events the backend emits, and the
 readings and metadata read from caproto's responses or straight from the received bytes.
 
-Rule 1: pure functions and frozen dataclasses; no sockets, no state. ``actors/backend.py``
-speaks the protocol and calls these; its tests compare them with caproto's own parse.
+Rule 1: pure functions and frozen dataclasses; no sockets, no state. ``actors/backend.py`` and
+``actors/circuit.py`` speak the protocol and call these; their tests compare them with caproto's
+own parse.
 Rule 2: a value is what ophyd gives: a Python scalar for one element, a numpy array (or a
 list of str) for more; strings are decoded as latin-1 up to their first NUL (CA strings are
 bytes; latin-1 takes every byte).

@@ -24,7 +24,7 @@ from caproto._dbr import DBR_TYPES, TimeStamp
 import caproto
 
 from pvhub.actors import backend as ca
-from pvhub.actors import codec
+from pvhub.actors import codec, search
 from pvhub.testing import SimulatedIOC, free_udp_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -60,7 +60,7 @@ def _slow(message: bytes, data_type: ChannelType):
     return codec.reading_of(command, caproto.native_type(data_type))
 
 
-def _fast(message: bytes) -> ca.p.Reading | None:
+def _fast(message: bytes) -> codec.p.Reading | None:
     command, size, data_type, count, _, _ = struct.unpack_from(">HHHHII", message)
     header = 16
     if size == 0xFFFF and count == 0:
@@ -139,8 +139,8 @@ def test_a_name_nobody_serves_is_searched_with_growing_intervals(driver, prefix)
         driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent), 0.5)
     (channel,) = driver.backend._channels.values()
     # Searched at once, then after 30 ms, 60, 120, 240 (caproto's defaults): doubled since.
-    assert channel.interval > ca.MIN_RETRY * 4
-    assert len(driver.backend._due) <= 2  # one live entry per name (plus at most a stale one)
+    assert channel.interval > search.MIN_RETRY * 4
+    assert len(driver.backend._search._due) <= 2  # one live entry per name (plus at most a stale one)
 
 
 def test_a_request_the_state_machine_refuses_is_answered_not_left_waiting(driver, prefix, monkeypatch):
@@ -207,17 +207,18 @@ def test_an_ioc_that_comes_back_is_found_by_its_beacons_not_the_next_search(pref
         driver = ca.Driver()
         driver.backend.add(pv)
         driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent) and e.connected, 15)
-        assert driver.backend._registered, "the repeater did not confirm the registration"
+        assert driver.backend._search.registered, "the repeater did not confirm the registration"
         ioc.stop()
         driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent) and not e.connected, 15)
         channel = driver.backend._channels[pv]
 
         def next_search() -> float:
-            return min(due for due, search_id in driver.backend._due if search_id == channel.search_id)
+            return min(due for due, search_id in driver.backend._search._due if search_id == channel.search_id)
 
         # Until searches are MAX_RETRY apart, and one has just gone: the next is seconds away.
         deadline = time.monotonic() + 30
-        while not (channel.interval >= ca.MAX_RETRY and next_search() - time.monotonic() > ca.MAX_RETRY - 0.5):
+        slowest = search.MAX_RETRY
+        while not (channel.interval >= slowest and next_search() - time.monotonic() > slowest - 0.5):
             assert time.monotonic() < deadline, "searches never slowed down"
             with pytest.raises(TimeoutError):
                 driver.wait_for(lambda e: False, 0.05)

@@ -3,7 +3,7 @@
 caproto's IOC server leaves Nagle's algorithm on; EPICS base's rsrv turns it off. Against the
 first, an actor's put used to take about 45 ms instead of 2: the IOC held the read-back's
 reply behind a monitor update that our kernel acknowledged only after its delayed-ACK timer
-(``actors/backend.py``, Rule 4; ``bench/nagle_probe.py`` shows the sequence). The actor now
+(``actors/circuit.py``, Rule 2; ``bench/nagle_probe.py`` shows the sequence). The actor now
 tells the kernel to acknowledge at once after every receipt from an IOC.
 
 Timing is not asserted here (a shared machine makes any bound either loose or flaky); the

@@ -1,0 +1,215 @@
+"""Finding names: the actor's UDP side of Channel Access, its name searches and the IOCs' beacons.
+
+The backend (``actors/backend.py``) starts and stops the search for a channel; a server's
+answer goes back to it (``found(channel, address)``), which connects to the server there.
+
+Rule 1: searching. A name is searched at once, then again after ``MIN_RETRY`` seconds,
+doubling up to ``MAX_RETRY`` (caproto's client settings, from the same environment
+variables), until a server answers; a name whose circuit or channel drops starts again from
+the shortest interval. Searches wait in a heap by due time, so a tick costs what is due, not
+what is searched. The first server to answer a name gets it.
+Rule 2: beacons. The search socket registers with the host's CA repeater (caRepeater or
+caproto-repeater, on ``EPICS_CA_REPEATER_PORT``; again every ``REGISTER_RETRY`` seconds until
+it confirms) and so hears the IOCs' beacons. A server heard for the first time, or whose
+beacons come four times faster than before (it restarted), sends every name not yet found
+searching again at once, from the shortest interval: an IOC that comes back is found as it
+starts, not at the next search up to ``MAX_RETRY`` later. At most once per
+``BEACON_SEARCH_GAP``, so a network of starting IOCs costs a few searches a second; servers
+are remembered up to ``MAX_BEACON_SERVERS``. Without a repeater nothing changes but that.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import caproto
+import structlog
+from caproto.client import common as _ca_common
+
+from pvhub.actors.circuit import POLLIN
+
+if TYPE_CHECKING:
+    from pvhub.actors.backend import Channel
+
+log = structlog.get_logger("pvhub.actor")
+
+MIN_RETRY = _ca_common.MIN_RETRY_SEARCHES_INTERVAL
+MAX_RETRY = _ca_common.MAX_RETRY_SEARCHES_INTERVAL
+SEARCH_DATAGRAM_BYTES = 1472  # one Ethernet frame
+REGISTER_RETRY = 10.0  # Rule 2: caproto's client waits as long
+BEACON_SEARCH_GAP = 0.5
+MAX_BEACON_SERVERS = 10_000
+
+
+class NameSearch:
+    """The search socket of one actor: the names searched, when each goes next, and what the
+    repeater's beacons said of each server.
+
+    ``found(channel, address)`` takes each name a server answered; ``watch(fd, flags)`` is the
+    actor loop's poller registration.
+    """
+
+    def __init__(
+        self, found: Callable[[Channel, tuple[str, int]], None], watch: Callable[[int, int], None]
+    ) -> None:
+        self._found = found
+        self._watch = watch
+        self._searching: dict[int, Channel] = {}  # search id -> channel
+        self._due: list[tuple[float, int]] = []  # (when, search id): a heap (Rule 1)
+        self._search_ids = itertools.count(1)
+        self._servers = caproto.get_client_address_list()
+        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        self._udp.setblocking(False)
+        self._udp.bind(("", 0))
+        self._watch(self._udp.fileno(), POLLIN)
+        # Rule 2: the repeater, and what its beacons said of each server (last seen, interval).
+        environment = caproto.get_environment_variables()
+        self._repeater = (caproto.get_local_address(), int(environment["EPICS_CA_REPEATER_PORT"]))
+        self._registered = False
+        self._register_due = 0.0
+        self._beacons: dict[tuple[str, int], tuple[float, float]] = {}
+        self._beacon_search_at = -BEACON_SEARCH_GAP
+
+    @property
+    def registered(self) -> bool:
+        """The repeater confirmed our registration: its beacons reach us."""
+        return self._registered
+
+    def fileno(self) -> int:
+        return self._udp.fileno()
+
+    def close(self) -> None:
+        self._watch(self._udp.fileno(), 0)
+        self._udp.close()
+
+    # --- searching (Rule 1) ---------------------------------------------------------------------
+
+    def start(self, channel: Channel, delay: float) -> None:
+        """Search ``channel``'s name after ``delay`` seconds, then at its growing interval."""
+        if channel.search_id is not None:
+            self._searching.pop(channel.search_id, None)
+        search_id = next(self._search_ids) & 0xFFFFFFFF
+        channel.search_id = search_id
+        self._searching[search_id] = channel
+        heapq.heappush(self._due, (time.monotonic() + delay, search_id))
+
+    def stop(self, channel: Channel) -> None:
+        """Search ``channel``'s name no more (it was removed)."""
+        if channel.search_id is not None:
+            self._searching.pop(channel.search_id, None)
+
+    def timeout(self, now: float) -> float | None:
+        """Seconds until ``tick`` has something to do (0 or less: now), or None."""
+        due = self._due[0][0] - now if self._due else None
+        if not self._registered:
+            register = self._register_due - now
+            due = register if due is None else min(due, register)
+        return due
+
+    def tick(self, now: float) -> None:
+        """Register with the repeater, and send the searches, that are due."""
+        if not self._registered and now >= self._register_due:
+            self._register(now)
+        if self._due and self._due[0][0] <= now:
+            self._send_searches(now)
+
+    def _send_searches(self, now: float) -> None:
+        batch: list[bytes] = []
+        batch_ids: list[int] = []
+        size = 0
+        version = bytes(caproto.VersionRequest(priority=0, version=caproto.DEFAULT_PROTOCOL_VERSION))
+        while self._due and self._due[0][0] <= now:
+            _, search_id = heapq.heappop(self._due)
+            channel = self._searching.get(search_id)
+            if channel is None or channel.search_id != search_id:
+                continue  # answered or forgotten since
+            request = bytes(caproto.SearchRequest(channel.name, search_id, caproto.DEFAULT_PROTOCOL_VERSION))
+            if size + len(request) > SEARCH_DATAGRAM_BYTES - len(version) and batch:
+                if not self._send_datagram(version + b"".join(batch)):
+                    # The socket is full: this batch and the rest go again in 10 ms.
+                    for unsent in (*batch_ids, search_id):
+                        heapq.heappush(self._due, (now + 0.01, unsent))
+                    return
+                batch, batch_ids, size = [], [], 0
+            batch.append(request)
+            batch_ids.append(search_id)
+            size += len(request)
+            heapq.heappush(self._due, (now + channel.interval, search_id))
+            channel.interval = min(MAX_RETRY, channel.interval * 2)
+        if batch and not self._send_datagram(version + b"".join(batch)):
+            for unsent in batch_ids:
+                heapq.heappush(self._due, (now + 0.01, unsent))
+
+    def _send_datagram(self, datagram: bytes) -> bool:
+        for address in self._servers:
+            try:
+                self._udp.sendto(datagram, address)
+            except BlockingIOError:
+                return False
+            except OSError as exc:  # an address the host cannot reach now: the others still may
+                log.warning("search_not_sent", address="%s:%d" % address, error=str(exc))
+        return True
+
+    def receive(self) -> None:
+        """The socket is readable: search answers, beacons, the repeater's confirmation."""
+        for _ in range(100):
+            try:
+                data, sender = self._udp.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ICMP port unreachable from a server that is gone
+                log.debug("search_receive_failed", error=str(exc))
+                continue
+            try:
+                commands = caproto._commands.read_datagram(data, sender, caproto.SERVER)
+            except Exception as exc:  # not Channel Access, or broken: nothing to do with it
+                log.warning("bad_datagram", sender="%s:%d" % sender[:2], error=str(exc))
+                continue
+            for command in commands:
+                if isinstance(command, caproto.SearchResponse):
+                    self._answered(command)
+                elif isinstance(command, caproto.Beacon):
+                    self._beacon(command, sender)
+                elif isinstance(command, caproto.RepeaterConfirmResponse) and not self._registered:
+                    self._registered = True
+                    log.debug("repeater_registered", repeater="%s:%d" % self._repeater)
+
+    def _answered(self, response: Any) -> None:
+        channel = self._searching.pop(response.cid, None)
+        if channel is None or channel.search_id != response.cid:
+            return  # answered already (another server, or an earlier datagram)
+        channel.search_id = None
+        self._found(channel, caproto.extract_address(response))
+
+    # --- beacons (Rule 2) -----------------------------------------------------------------------
+
+    def _register(self, now: float) -> None:
+        self._register_due = now + REGISTER_RETRY
+        try:
+            self._udp.sendto(bytes(caproto.RepeaterRegisterRequest("0.0.0.0")), self._repeater)
+        except OSError as exc:  # no repeater reachable now: later, again
+            log.debug("repeater_not_reached", repeater="%s:%d" % self._repeater, error=str(exc))
+
+    def _beacon(self, beacon: Any, sender: tuple[str, int]) -> None:
+        now = time.monotonic()
+        host = beacon.address if beacon.address not in ("0.0.0.0", "") else sender[0]
+        server = (host, beacon.server_port)
+        heard = self._beacons.pop(server, None)  # put back last: the oldest go first
+        if heard is None:
+            anomaly, interval = True, 0.0
+            if len(self._beacons) >= MAX_BEACON_SERVERS:
+                del self._beacons[next(iter(self._beacons))]
+        else:
+            interval = now - heard[0]
+            anomaly = interval < heard[1] / 4  # faster than before: it restarted
+        self._beacons[server] = (now, interval)
+        if anomaly and self._searching and now - self._beacon_search_at >= BEACON_SEARCH_GAP:
+            self._beacon_search_at = now
+            for channel in list(self._searching.values()):
+                channel.interval = MIN_RETRY
+                self.start(channel, delay=0.0)
