@@ -41,7 +41,7 @@ from pvhub import config as config_module
 from pvhub.config import DEFAULT_READINGS_HWM, Config, ConfigError, exposure_problem
 from pvhub.daemon.notify import Notifier, watchdog_interval
 from pvhub.daemon.security import ReadingsForwarder, Security, identity_of
-from pvhub.daemon.routing import (
+from pvhub.daemon.effects import (
     Adopt,
     Announce,
     Release,
@@ -49,15 +49,14 @@ from pvhub.daemon.routing import (
     KillActor,
     RetireActor,
     Quarantined,
-    Router,
     SpawnActor,
-    TICK_S,
     Stalled,
     ToActor,
     ToClient,
     coalesce,
     error_reply,
 )
+from pvhub.daemon.routing import TICK_S, Router
 from pvhub.daemon.supervisor import Supervisor
 from pvhub.waker import Waker
 from pvhub.errors import AccessDeniedError, ActorDiedError, InternalError, ProtocolError

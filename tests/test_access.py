@@ -1,7 +1,8 @@
 """Access rules, limits and the other guards that need no sockets: ``pvhub.access``, the
-security parts of ``pvhub.config``, the broker's Rule 8 (``pvhub.daemon.routing``), epochs
-that never go back (``pvhub.daemon.supervisor.next_epoch``) and a channel that takes a new
-daemon's smaller epoch after it lost the old one.
+security parts of ``pvhub.config``, the broker's access rules and limits (``daemon/clients.py``
+Rule 2, ``daemon/routing.py`` Rule 6, releases: ``daemon/placement.py`` Rule 5), epochs that
+never go back (``pvhub.daemon.supervisor.next_epoch``) and a channel that takes a new daemon's
+smaller epoch after it lost the old one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pvhub import protocol as p
 from pvhub.access import ANONYMOUS, AccessRules, parse_access
 from pvhub.client.channel import Channel
 from pvhub.config import Config, ConfigError, Limits, exposure_problem, is_local, parse, reloadable
-from pvhub.daemon.routing import Announce, Release, RetireActor, Router, TokenBucket, ToActor, ToClient
+from pvhub.daemon.clients import TokenBucket
+from pvhub.daemon.effects import Announce, Release, RetireActor, ToActor, ToClient
+from pvhub.daemon.routing import Router
 from pvhub.daemon.security import RefusalLog, REFUSALS_PER_WINDOW, REFUSAL_WINDOW_S
 from pvhub.daemon.supervisor import next_epoch
 
@@ -155,7 +158,7 @@ def test_a_reload_takes_access_limits_and_clients_and_names_what_needs_a_restart
     assert set(ignored) == {"address", "limits.max_message_bytes"}
 
 
-# --- the broker's Rule 8 -------------------------------------------------------------------
+# --- access and limits (clients.py Rule 2, routing.py Rule 6, placement.py Rule 5) ---------
 
 
 def make_router(**config) -> Router:
@@ -331,7 +334,7 @@ def test_a_failed_handshake_is_named():
 
 
 def test_status_which_walks_every_pv_is_rate_limited_per_client():
-    from pvhub.daemon.routing import STATUS_PER_S, STATUS_PVS_PER_TOKEN
+    from pvhub.daemon.clients import STATUS_PER_S, STATUS_PVS_PER_TOKEN
 
     router = make_router()
     for i in range(STATUS_PVS_PER_TOKEN):  # one token a status
@@ -353,7 +356,7 @@ def test_a_status_of_many_pvs_costs_more():
 
 
 def test_a_client_name_is_kept_short():
-    from pvhub.daemon.routing import MAX_CLIENT_NAME
+    from pvhub.daemon.clients import MAX_CLIENT_NAME
 
     router = make_router()
     send(router, p.HelloRequest(id=1, client="n" * 1_000_000))
@@ -394,15 +397,15 @@ def test_names_the_daemon_released_no_longer_count_against_a_client():
 
 
 def test_a_status_costs_the_clients_lists_of_followed_pvs_too():
-    from pvhub.daemon.routing import STATUS_PVS_PER_TOKEN
+    from pvhub.daemon.clients import STATUS_PVS_PER_TOKEN
 
     router = make_router()
     many = [f"F:{i}" for i in range(5_000)]
     send(router, p.PingRequest(id=1, pvs=many), client=BOB)
     send(router, p.PingRequest(id=2, pvs=many[:10]), client=BOB)  # replaced, not added
-    assert router.followed == 10
+    assert router.clients.followed == 10
     send(router, p.PingRequest(id=3, pvs=many), client=BOB)
-    assert router.followed == 5_000
+    assert router.clients.followed == 5_000
     costs = []
     for i in range(200):
         reply = send(router, p.StatusRequest(id=100 + i), now=10.0)[0].message
@@ -410,4 +413,4 @@ def test_a_status_costs_the_clients_lists_of_followed_pvs_too():
     # Every status costs 5,000 / STATUS_PVS_PER_TOKEN tokens: refused long before 200 in a row.
     assert any(costs) and costs.index(True) <= max(2, 200 * STATUS_PVS_PER_TOKEN // 5_000)
     router.client_gone(BOB)
-    assert router.followed == 0
+    assert router.clients.followed == 0

@@ -1,4 +1,4 @@
-"""Pooled actors (``pvhub.daemon.routing``, Rules 2, 5 and 7): many PVs per actor process,
+"""Pooled actors (``pvhub.daemon.placement``, Rules 2, 3 and 4): many PVs per actor process,
 placed by device prefix, a pool that grows ahead of need, and quarantine of a PV that keeps
 killing its process. No sockets and no clock: messages and ``now`` in, effects out."""
 
@@ -6,21 +6,9 @@ from __future__ import annotations
 
 from pvhub import protocol as p
 from pvhub.config import Config
-from pvhub.daemon.routing import (
-    QUARANTINE_STRIKES,
-    Adopt,
-    TRUST_S,
-    Quarantined,
-    Release,
-    RetireActor,
-    Router,
-    SpawnActor,
-    ToActor,
-    ToClient,
-    coalesce,
-    device_prefix,
-    identity_of,
-)
+from pvhub.daemon.effects import Adopt, Quarantined, Release, RetireActor, SpawnActor, ToActor, ToClient, coalesce
+from pvhub.daemon.placement import QUARANTINE_STRIKES, TRUST_S, device_prefix, identity_of
+from pvhub.daemon.routing import Router
 
 READINGS = "tcp://127.0.0.1:5571"
 ALICE = b"\x00alice"
@@ -54,7 +42,7 @@ def test_the_pool_starts_with_the_daemon_and_a_new_pv_spawns_nothing():
     router = Router(Config(pool_size=3), READINGS)
     effects = router.initial_actors(now=0.0)
     assert effects == [SpawnActor(f"pool:{i}", f"pool:{i}") for i in range(3)]
-    for actor in router.pool:
+    for actor in router.placement.pool:
         ready(router, actor)
     request = p.ReadRequest(id=1, pv="IOC1:m1")
     effects = send(router, request)
@@ -67,7 +55,7 @@ def test_the_pool_starts_with_the_daemon_and_a_new_pv_spawns_nothing():
 
 def test_pvs_of_one_device_prefix_share_a_process_and_new_prefixes_spread():
     router = pooled(2)
-    for actor in router.pool:
+    for actor in router.placement.pool:
         ready(router, actor)
     for i, pv in enumerate(["IOC1:m1.VAL", "IOC1:m1.RBV", "IOC1:m2", "IOC2:x", "IOC2:y"]):
         send(router, p.ReadRequest(id=i, pv=pv))
@@ -118,7 +106,7 @@ def test_a_restarted_process_adopts_all_its_pvs_again_in_one_message():
 
 def test_only_the_dead_processs_pvs_are_lost():
     router = pooled(2)
-    for actor in router.pool:
+    for actor in router.placement.pool:
         ready(router, actor)
     send(router, p.ReadRequest(id=1, pv="A:x"))
     send(router, p.ReadRequest(id=2, pv="B:y"))
@@ -252,10 +240,10 @@ def test_an_isolated_pv_released_stops_its_process_and_a_new_request_starts_a_fr
 
 def test_placements_of_devices_whose_pvs_all_went_are_forgotten():
     from pvhub.config import Limits
-    from pvhub.daemon.routing import HOMES_SLACK
+    from pvhub.daemon.placement import HOMES_SLACK
 
     router = pooled(2, limits=Limits(release_unconnected_s=30))
-    for actor in list(router.pool):
+    for actor in list(router.placement.pool):
         ready(router, actor)
     now = 1.0
     for batch in range(3):  # thousands of devices asked for once, none found, all released
@@ -264,7 +252,7 @@ def test_placements_of_devices_whose_pvs_all_went_are_forgotten():
         now += 31.0
         router.tick(now)
         assert not router.pvs
-        assert len(router.homes) <= 2 * len(router.pvs) + HOMES_SLACK + 1
+        assert len(router.placement.homes) <= 2 * len(router.pvs) + HOMES_SLACK + 1
     send(router, p.ReadRequest(id=1, pv="KEPT:a"), now=now)
     send(router, p.ReadRequest(id=2, pv="KEPT:b"), now=now)
     assert owner(router, "KEPT:a") == owner(router, "KEPT:b")  # one device, one process still
@@ -282,7 +270,7 @@ def test_a_request_is_answered_once_its_pooled_process_is_ready_even_after_a_dea
 
 def test_a_burst_of_new_pvs_is_adopted_in_one_message_per_actor_before_its_requests():
     router = pooled(2)
-    for actor in router.pool:
+    for actor in router.placement.pool:
         ready(router, actor)
     requests = [p.ReadRequest(id=i, pv=f"{'AB'[i % 2]}:{i}") for i in range(6)]
     effects = coalesce([e for r in requests for e in send(router, r)])

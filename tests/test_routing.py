@@ -1,6 +1,7 @@
-"""The broker's rules (``pvhub.daemon.routing``): who owns a PV, what each message becomes,
-what happens to requests when an actor dies, when it is restarted, killed, or a client
-forgotten. No sockets and no clock: messages and ``now`` (plain floats) in, effects out.
+"""The broker's rules, through ``Router`` (``pvhub.daemon.routing``): who owns a PV, what each
+message becomes, what happens to requests when an actor dies, when it is restarted, killed,
+or a client forgotten. No sockets and no clock: messages and ``now`` (plain floats) in,
+effects out.
 """
 
 from __future__ import annotations
@@ -10,24 +11,17 @@ import pytest
 from pvhub import __version__
 from pvhub import protocol as p
 from pvhub.config import Config, Limits
+from pvhub.daemon.clients import CLIENT_TIMEOUT
+from pvhub.daemon.effects import Adopt, Announce, ClientForgotten, KillActor, SpawnActor, Stalled, ToActor, ToClient
+from pvhub.daemon.placement import identity_of
 from pvhub.daemon.routing import (
     ACTOR_STARTUP_TIMEOUT,
-    Adopt,
     ACTOR_TIMEOUT,
     BACKOFF_MAX_S,
-    CLIENT_TIMEOUT,
     DIES_YOUNG_S,
     STALL_S,
     TICK_S,
-    Announce,
-    ClientForgotten,
-    KillActor,
     Router,
-    SpawnActor,
-    Stalled,
-    ToActor,
-    ToClient,
-    identity_of,
     restart_delay,
 )
 
