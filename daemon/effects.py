@@ -98,8 +98,8 @@ class Quarantined:
     actor: str
 
 
-Effect = (ToClient | ToActor | Adopt | Release | SpawnActor | KillActor | Announce | ClientForgotten | Stalled
-          | Quarantined)
+Effect = (ToClient | ToActor | Adopt | Release | SpawnActor | KillActor | RetireActor | Announce
+          | ClientForgotten | Stalled | Quarantined)
 
 
 def coalesce(effects: list[Effect]) -> list[Effect]:
