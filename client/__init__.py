@@ -4,11 +4,13 @@
 """
 
 from pvhub.client.hub import Hub, close_hubs, get_hub
-from pvhub.client.signal import EpicsSignal, EpicsSignalBase, EpicsSignalRO, Kind, LimitError
+from pvhub.client.ophyd_types import Kind
+from pvhub.client.signal import EpicsSignal, EpicsSignalBase, EpicsSignalRO
 from pvhub.client.status import AndStatus, Status, wait
 from pvhub.errors import (
     ConnectionTimeoutError,
     DisconnectedError,
+    LimitError,
     PvhubError,
     ReadOnlyError,
     StatusTimeoutError,

@@ -182,12 +182,12 @@ class Channel:
             if epoch != self.epoch:
                 # A new actor: what it published before our subscription reached it
                 # (metadata, the connection) comes with a fresh snapshot.
-                self.hub._resync(self)
+                self.hub.resync(self)
             elif seq > self.seq + 1:
                 self.gaps += 1
                 self.missed += seq - self.seq - 1
                 log.warning("readings_missed", pv=self.pv, missed=seq - self.seq - 1, gaps=self.gaps)
-                self.hub._resync(self)
+                self.hub.resync(self)
         was_connected = self.connected
         self.epoch, self.seq = epoch, seq
         self.connected = connected

@@ -7,23 +7,66 @@
 Rule 1: the names, arguments and answers are pyepics' (``caget`` returns ``None`` when the PV
 does not connect, ``caput`` returns 1, or -1 when ``wait`` ran out of time); ``PV`` is the
 same class the ophyd layer uses. What only a daemon adds is keyword-only: ``address``.
-Rule 2: PVs are made once per name (and form) and kept, as pyepics' cache keeps them, so a
-script that reads a PV in a loop pays for its connection once.
+Rule 2: PVs are made once per name (and form) and kept (``get_pv``), as pyepics' cache keeps
+them, so a script that reads a PV in a loop pays for its connection once.
 Rule 3: ``camonitor`` writes one line per update through ``writer`` (``print`` by default),
 or calls ``callback``; callbacks run on the hub's callback thread, never on the I/O thread.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable
 
-from pvhub.client.pv import PV, _format_time, clear_pv_cache, get_pv
+from pvhub.client.hub import get_hub
+from pvhub.client.pv import PV
+from pvhub.client.pv_fields import format_time
 
 __all__ = ["PV", "caget", "cainfo", "camonitor", "camonitor_clear", "caput", "clear_pv_cache", "get_pv"]
 
 _MONITOR_INDEX = -999  # pyepics' own index for camonitor's callback
 _monitors: dict[str, PV] = {}
+_pv_cache: dict[tuple[str, str, str], PV] = {}  # Rule 2: by name, form and daemon
+_pv_cache_lock = threading.Lock()
+
+
+def get_pv(pvname: str, form: str = "time", connect: bool = False, context: Any = None,
+           timeout: float = 5.0, connection_callback: Callable[..., Any] | None = None,
+           access_callback: Callable[..., Any] | None = None,
+           callback: Callable[..., Any] | None = None, *, address: str | None = None) -> PV:
+    """The process's PV for ``pvname`` (made once per name and form, as pyepics caches it).
+
+    Callbacks given here are added to a cached PV too. ``context`` is pyepics' CA context:
+    there is none here, and only ``None`` is accepted."""
+    if context is not None:
+        raise ValueError("there is no Channel Access context with pvhub; pass context=None")
+    hub = get_hub(address)
+    key = (pvname.strip(), form.lower(), hub.address)
+    with _pv_cache_lock:
+        pv = _pv_cache.get(key)
+        if pv is None or not pv.listens_to(hub):
+            pv = _pv_cache[key] = PV(pvname, form=form, hub=hub)
+    if connection_callback is not None:
+        pv.connection_callbacks.append(connection_callback)
+        if pv.connected:
+            hub.dispatch(connection_callback, pvname=pv.pvname, conn=True, pv=pv)
+    if access_callback is not None:
+        pv.access_callbacks.append(access_callback)
+    if callback is not None:
+        pv.add_callback(callback)
+    if connect:
+        pv.wait_for_connection(timeout)
+    return pv
+
+
+def clear_pv_cache() -> None:
+    """Forget every cached PV (their callbacks stop)."""
+    with _pv_cache_lock:
+        pvs = list(_pv_cache.values())
+        _pv_cache.clear()
+    for pv in pvs:
+        pv.disconnect()
 
 
 def caput(pvname: str, value: Any, wait: bool = False, timeout: float = 60.0,
@@ -78,7 +121,7 @@ def camonitor(pvname: str, writer: Callable[[str], Any] | None = None,
                      timestamp: float | None = None, **fields: Any) -> None:
             # pyepics hands a monitor callback every PV field by keyword; this one needs three.
             text = char_value if char_value is not None else repr(value)
-            writer(f"{pvname:.32s} {_format_time(timestamp or time.time())} {text}")
+            writer(f"{pvname:.32s} {format_time(timestamp or time.time())} {text}")
 
     pv = get_pv(pvname, connect=False, address=address)
     if not pv.wait_for_connection(connection_timeout):

@@ -612,7 +612,8 @@ class Hub:
         with self._channels_lock:
             return list(self._channels.values())
 
-    def _resync(self, channel: Channel) -> None:
+    def resync(self, channel: Channel) -> None:
+        """On the I/O thread: ask anew for ``channel``'s snapshot (its stream skipped, or has a new actor)."""
         self._request_snapshot(channel)
 
     def _prove_subscriptions(self, now: float) -> None:

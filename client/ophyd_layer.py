@@ -106,6 +106,13 @@ class OphydPV(PV):
         """As ophyd's shims: all callbacks, access and connection ones too."""
         super().clear_callbacks(with_access_callback, with_connect_callback)
 
+    def release(self) -> None:
+        """ophyd is done with one reference: the last one disconnects the PV. ophyd's Signals
+        count their references in ``_reference_count`` themselves, as with its own shims."""
+        self._reference_count -= 1
+        if self._reference_count <= 0:
+            self.disconnect()
+
 
 def get_pv(
     pvname: str,
@@ -147,9 +154,7 @@ def get_pv(
 def release_pvs(*pvs: OphydPV) -> None:
     """ophyd is done with ``pvs`` (a Signal was destroyed or collected)."""
     for pv in pvs:
-        pv._reference_count -= 1
-        if pv._reference_count <= 0:
-            pv.disconnect()
+        pv.release()
 
 
 def caget(pvname: str, as_string: bool = False, count: int | None = None, as_numpy: bool = True,

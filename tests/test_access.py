@@ -295,7 +295,7 @@ def test_epochs_grow_even_when_the_wall_clock_goes_back():
 
 def test_a_channel_that_lost_its_daemon_takes_the_next_ones_smaller_epoch():
     class Hub:
-        def _resync(self, channel):
+        def resync(self, channel):
             pass
 
     channel = Channel(Hub(), "X:a")

@@ -1,7 +1,7 @@
 """A client's copy of one PV (``pvhub.client.hub.Channel``): the Clone rules for snapshots and
 published updates, its listeners, and losing the PV; and the schedule by which the hub asks
 for snapshots until a channel is live (``ProofSchedule``). No sockets: the hub is a stub that
-records the snapshots the channel asks for (``_resync``), the only thing a Channel asks of it.
+records the snapshots the channel asks for (``resync``), the only thing a Channel asks of it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class StubHub:
     def __init__(self) -> None:
         self.resyncs: list[Channel] = []
 
-    def _resync(self, channel: Channel) -> None:
+    def resync(self, channel: Channel) -> None:
         self.resyncs.append(channel)
 
 

@@ -254,7 +254,7 @@ def test_fast_decode_of_any_bytes_is_a_message_or_a_protocol_error(data: bytes) 
 
 
 class _StubHub:
-    def _resync(self, channel: Channel) -> None:
+    def resync(self, channel: Channel) -> None:
         pass
 
 

@@ -18,7 +18,7 @@ from ophyd import Device, EpicsSignal, EpicsSignalRO  # noqa: E402
 from ophyd.utils.errors import ReadOnlyError  # noqa: E402
 
 from pvhub.client import ophyd_layer  # noqa: E402
-from pvhub.client.pv import as_native, char_value, dbr_name, dbr_type  # noqa: E402
+from pvhub.client.pv_fields import as_native, char_value, dbr_name, dbr_type  # noqa: E402
 from pvhub.errors import BadValueError  # noqa: E402
 
 

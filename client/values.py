@@ -1,0 +1,78 @@
+"""A reading's value as an ophyd Signal hands it out, and as its ``describe`` names it.
+
+Rule 1: a value handed out is never the channel's own array: a reading is shared by every
+Signal and callback of its PV and never changes once made, so an array is copied first.
+Rule 2: ``as_string`` gives ophyd's text: an enum's label, a char waveform's text up to its
+first NUL, ``str()`` of another scalar; other arrays stay arrays.
+Rule 3: ``PLAIN`` are the types ``convert`` returns as they are without ``as_string``: a path
+run per reading may skip the call for them.
+Rule 4: ``data_key`` is what ophyd's ``EpicsSignalBase.describe`` gives for one Signal, with
+its event-model dtype and shape (``data_type``, ``data_shape``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from pvhub import protocol as p
+
+PLAIN = frozenset((int, float, bool, type(None)))  # Rule 3
+
+
+def convert(value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
+    """``value`` as a Signal gives it (Rules 1 and 2)."""
+    if isinstance(value, np.ndarray):
+        value = value.copy()
+    if not as_string:
+        return value
+    kind = metadata.get("native_type")
+    if kind == "enum":
+        strs = metadata.get("enum_strs") or []
+        return strs[value] if isinstance(value, int) and 0 <= value < len(strs) else str(value)
+    if kind == "char" and isinstance(value, np.ndarray):
+        return value.astype(np.uint8).tobytes().split(b"\0", 1)[0].decode(errors="replace")
+    if isinstance(value, (list, np.ndarray)):
+        return value
+    return value if isinstance(value, str) else str(value)
+
+
+def data_type(value: Any) -> str:
+    """The event-model dtype of ``value``, as ophyd names it."""
+    if isinstance(value, (str, bytes)):
+        return "string"
+    if isinstance(value, Iterable) and not isinstance(value, dict):
+        return "array"
+    if isinstance(value, (bool, int, np.integer)):
+        return "integer"
+    if isinstance(value, (float, np.floating)):
+        return "number"
+    raise ValueError(f"cannot describe a value of type {type(value).__name__}")
+
+
+def data_shape(value: Any) -> list[int]:
+    if data_type(value) != "array":
+        return []
+    shape = getattr(value, "shape", None)
+    return list(shape) if shape is not None else [len(value)]
+
+
+def data_key(source: str, value: Any, units: str | None, limits: tuple[Any, Any], precision: int | None,
+             enum_strs: Iterable[str] | None) -> dict[str, Any]:
+    """The data key ``describe`` gives for ``value`` (Rule 4)."""
+    low, high = limits
+    desc: dict[str, Any] = {
+        "source": source,
+        "dtype": data_type(value),
+        "shape": data_shape(value),
+        "units": units,
+        "lower_ctrl_limit": low,
+        "upper_ctrl_limit": high,
+    }
+    if precision is not None:
+        desc["precision"] = precision
+    if enum_strs is not None:
+        desc["enum_strs"] = tuple(enum_strs)
+    return desc
