@@ -246,6 +246,11 @@ class Hub:
         return self._liveness.connected.is_set()
 
     @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called: a closed hub never connects again."""
+        return self._closed.is_set()
+
+    @property
     def losses(self) -> int:
         """How many times a connected daemon was lost (Rule 5)."""
         return self._liveness.losses
@@ -680,7 +685,7 @@ def get_hub(address: str | None = None, *, client_key: str | os.PathLike[str] | 
     client, server = key_paths(client_key, server_key)
     with _hubs_lock:
         hub = _hubs.get((address, client, server))
-        if hub is None or hub._closed.is_set():
+        if hub is None or hub.closed:
             hub = _hubs[(address, client, server)] = Hub(address, client_key=client, server_key=server)
         return hub
 

@@ -356,7 +356,7 @@ def test_closing_the_hub_answers_what_it_has_not_sent_yet(hub, prefix):
     status = slow.set(1)
     closer = threading.Thread(target=close_hubs)
     closer.start()
-    wait_until(client_hub._closed.is_set, 5)
+    wait_until(lambda: client_hub.closed, 5)
     held.set()
     closer.join(10)
     assert not closer.is_alive()
