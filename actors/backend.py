@@ -44,6 +44,7 @@ from pvhub.actors.codec import (
     ConnectionEvent,
     Event,
     MetadataEvent,
+    PutAnsweredEvent,
     PutDoneEvent,
     ReadDoneEvent,
     ReadingEvent,
@@ -137,8 +138,9 @@ class ChannelAccessBackend:
         # A channel still being created is cleared when the IOC answers (``_created``).
 
     def put(self, name: str, put_id: int, value: Any) -> None:
-        """Put with completion; a ``PutDoneEvent`` follows. The read-back is sent right
-        behind the put, on the same circuit (Rule 4)."""
+        """Put with completion; a ``PutDoneEvent`` follows, after a ``PutAnsweredEvent`` if
+        the IOC completed it. The read-back is sent right behind the put, on the same circuit
+        (Rule 4)."""
         channel = self._channels.get(name)
         if channel is None or not channel.connected or channel.circuit is None:
             self._emit(PutDoneEvent(name, put_id, "put could not be sent: the channel is not connected", None))
@@ -153,7 +155,9 @@ class ChannelAccessBackend:
             if error is not None:
                 race.finished = True
                 self._emit(PutDoneEvent(name, put_id, error, None))
-            elif not race.read_pending:  # the pipelined read was answered too early
+                return
+            self._emit(PutAnsweredEvent(name, put_id))  # a monitor update may settle it (state.py Rule 6)
+            if not race.read_pending:  # the pipelined read was answered too early
                 self._read(channel, "time", lambda r: self._put_read_back(name, put_id, native, r))
 
         def on_read(response: Any) -> None:

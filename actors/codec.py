@@ -55,6 +55,13 @@ class ReadingEvent:
 
 
 @dataclass(frozen=True)
+class PutAnsweredEvent:
+    """The IOC says a put completed; its read-back (a ``PutDoneEvent``) is on its way."""
+    pv: str
+    put_id: int
+
+
+@dataclass(frozen=True)
 class PutDoneEvent:
     pv: str
     put_id: int
@@ -69,7 +76,8 @@ class ReadDoneEvent:
     reading: p.Reading | None  # None: the read failed
 
 
-Event = ConnectionEvent | AccessEvent | MetadataEvent | ReadingEvent | PutDoneEvent | ReadDoneEvent
+Event = (ConnectionEvent | AccessEvent | MetadataEvent | ReadingEvent | PutAnsweredEvent | PutDoneEvent
+         | ReadDoneEvent)
 
 _NATIVE_KIND = {
     ChannelType.STRING: "string",

@@ -302,6 +302,8 @@ class Actor:
             return state.access_changed(event.read_access, event.write_access)
         if isinstance(event, ca.ReadDoneEvent):
             return state.read_completed(event.read_id, event.reading)
+        if isinstance(event, ca.PutAnsweredEvent):
+            return state.put_answered(event.put_id)
         if isinstance(event, ca.PutDoneEvent):
             effects = state.reading_received(event.readback, read=True) if event.readback else []
             return effects + state.put_completed(event.put_id, event.error)

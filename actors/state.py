@@ -14,6 +14,14 @@ put, a fresh read), and the monitor's may come late; a monitor reading older (by
 timestamp) than a read's that is held is dropped, so what is published never goes back in
 time. Monitor readings among themselves keep the IOC's order, whatever their timestamps say
 (device timestamps need not grow). A reconnection starts afresh.
+Rule 6: a put is done when the IOC has completed it and its value has been seen since it was
+sent. The read-back (backend.py Rule 4) always shows it, but on EPICS base's server a read
+sent behind the put is answered before the completion, so the read-back is a second round
+trip. A monitor update that arrives after the put was sent and carries exactly the scalar
+value put (number, enum index or string) shows it as well, and usually comes sooner: the put
+is done at the completion or at that update, whichever is later, with the latest reading. A
+value the IOC changed (clipped to a drive limit, rounded to a float32) or an array waits for
+the read-back, as does a put whose value no update carried (an unchanged value posts none).
 """
 
 from __future__ import annotations
@@ -77,11 +85,13 @@ class StartRead:
 Effect = Reply | Publish | StartPut | StartRead
 
 
-@dataclass(frozen=True)
+@dataclass
 class _PendingPut:
     client: bytes
     request_id: int
     value: Any
+    answered: bool = False  # the IOC has completed it; its read-back is on its way (Rule 6)
+    seen: bool = False  # a monitor update since it was sent carried its value (Rule 6)
 
 
 class PvState:
@@ -184,7 +194,25 @@ class PvState:
         self._held_from_read = read
         self.reading = reading
         self.last_timestamp = reading.timestamp
-        return self._publish_if_changed(metadata_changed=False, reading_changed=True)
+        effects = self._publish_if_changed(metadata_changed=False, reading_changed=True)
+        if self._pending_puts and not read:
+            effects += self._seen(reading.value)
+        return effects
+
+    def _seen(self, value: Any) -> list[Effect]:
+        """Rule 6: a monitor update carried ``value``; the puts that put it and were completed
+        are done."""
+        if isinstance(value, np.ndarray):
+            return []
+        effects: list[Effect] = []
+        for put_id, put in list(self._pending_puts.items()):
+            if put.seen or not _same_scalar(put.value, value):
+                continue
+            if put.answered:
+                effects += self._put_done(put_id)
+            else:
+                put.seen = True
+        return effects
 
     def _publish_if_changed(
         self, *, metadata_changed: bool, reading_changed: bool = False
@@ -198,13 +226,31 @@ class PvState:
         self.updates_published += 1
         return [Publish(self.update(with_metadata=connected and (connection_changed or metadata_changed)))]
 
+    def put_answered(self, put_id: int) -> list[Effect]:
+        """The IOC completed a put; done now if a monitor update has shown its value, else at
+        the update that does or at the read-back (Rule 6)."""
+        pending = self._pending_puts.get(put_id)
+        if pending is None:
+            return []
+        if pending.seen:
+            return self._put_done(put_id)
+        pending.answered = True
+        return []
+
     def put_completed(self, put_id: int, error: str | None = None) -> list[Effect]:
-        """The IOC answered a put (``error`` is None on success) and the value was read back."""
+        """The IOC answered a put (``error`` is None on success) and the value was read back;
+        nothing if the put was done already (Rule 6)."""
+        if error is not None:
+            pending = self._pending_puts.pop(put_id, None)
+            if pending is None:
+                return []
+            return [Reply(pending.client, _error(pending.request_id, PutFailedError(error), self.pv))]
+        return self._put_done(put_id)
+
+    def _put_done(self, put_id: int) -> list[Effect]:
         pending = self._pending_puts.pop(put_id, None)
         if pending is None:
             return []
-        if error is not None:
-            return [Reply(pending.client, _error(pending.request_id, PutFailedError(error), self.pv))]
         done = p.SetDone(
             id=pending.request_id, pv=self.pv, epoch=self.epoch, seq=self.seq, reading=self.reading
         )
@@ -278,6 +324,16 @@ class PvState:
             StartPut(self.pv, put_id, value),
             Reply(client, p.SetAccepted(id=request.id, pv=self.pv)),
         ]
+
+
+def _same_scalar(put: Any, seen: Any) -> bool:
+    """Whether a monitor's scalar ``seen`` is exactly the coerced ``put`` (Rule 6). Arrays
+    never match: they wait for the read-back."""
+    if isinstance(put, np.ndarray):
+        return False
+    if isinstance(put, str) or isinstance(seen, str):
+        return type(put) is type(seen) and put == seen
+    return put == seen
 
 
 def _error(request_id: int, exc: PvhubError, pv: str = "") -> p.ErrorReply:

@@ -75,7 +75,7 @@ class Plan:
 
 
 FULL = Plan(
-    latency_rounds=2, latency_puts=300, latency_budget=2.5, latency_points=20, latency_runs=2,
+    latency_rounds=2, latency_puts=300, latency_budget=2.5, latency_points=20, latency_runs=6,
     scale_counts=(1000, 10000), scale_window=5.0,
     fanout=((1000.0, 100), (5000.0, 10)),
     throughput=((10, (1000.0, 2000.0, 5000.0, 10000.0)),), throughput_extra=500,

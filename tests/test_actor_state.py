@@ -649,3 +649,95 @@ def test_monitor_readings_keep_the_iocs_order_whatever_their_timestamps():
     (first,) = updates(state.reading_received(reading(5.0, timestamp=500.0)))
     (second,) = updates(state.reading_received(reading(6.0, timestamp=499.0)))
     assert second.seq == first.seq + 1 and state.reading.value == 6.0
+
+
+# --- a put settled by the monitor (Rule 6) --------------------------------------------------
+
+
+def done_replies(effects) -> list[p.SetDone]:
+    return [r.message for r in replies(effects) if isinstance(r.message, p.SetDone)]
+
+
+def test_a_completed_put_is_done_at_the_monitor_update_that_carries_its_value():
+    state = connected_state()
+    put_id = start_put(state, value=2.5, request_id=7)
+    assert state.put_answered(put_id) == []  # completed, its value not seen yet
+    assert state.pending_puts == 1
+    effects = state.reading_received(reading(2.5, timestamp=150.0))
+    assert updates(effects)[0].reading == reading(2.5, timestamp=150.0)  # published as ever
+    assert done_replies(effects) == [
+        p.SetDone(id=7, pv=PV, epoch=EPOCH, seq=2, reading=reading(2.5, timestamp=150.0))
+    ]
+    assert state.pending_puts == 0
+    # The read-back that follows counts as a reading, and answers nothing twice.
+    assert done_replies(state.reading_received(reading(2.5, timestamp=150.0), read=True)) == []
+    assert state.put_completed(put_id) == []
+
+
+def test_a_put_whose_value_was_seen_before_its_completion_is_done_at_the_completion():
+    state = connected_state()
+    put_id = start_put(state, value=2.5, request_id=7)
+    assert done_replies(state.reading_received(reading(2.5, timestamp=150.0))) == []
+    state.reading_received(reading(3.0, timestamp=160.0))  # changed again since: the latest counts
+    (done,) = done_replies(state.put_answered(put_id))
+    assert done.id == 7 and done.reading == reading(3.0, timestamp=160.0) and done.seq == 3
+
+
+def test_a_value_the_ioc_changed_waits_for_the_read_back():
+    state = connected_state()
+    put_id = start_put(state, value=15.0, request_id=7)  # the IOC clips it to its drive limit
+    state.put_answered(put_id)
+    assert done_replies(state.reading_received(reading(10.0, timestamp=150.0))) == []
+    state.reading_received(reading(10.0, timestamp=150.0), read=True)
+    (done,) = done_replies(state.put_completed(put_id))
+    assert done.reading.value == 10.0
+
+
+def test_an_update_from_a_read_does_not_settle_a_put_only_the_monitor():
+    state = connected_state()
+    put_id = start_put(state, value=2.5)
+    state.put_answered(put_id)
+    assert done_replies(state.reading_received(reading(2.5, timestamp=150.0), read=True)) == []
+    assert state.pending_puts == 1
+
+
+def test_the_monitor_settles_nothing_before_the_completion_and_a_failure_still_fails():
+    state = connected_state()
+    put_id = start_put(state, value=2.5, request_id=7)
+    assert done_replies(state.reading_received(reading(2.5, timestamp=150.0))) == []
+    (reply,) = state.put_completed(put_id, error="IOC refused the put: no")
+    assert reply.message.code == "put_failed"
+
+
+def test_an_array_put_waits_for_the_read_back_even_when_the_monitor_shows_it():
+    metadata = dict(FLOAT_METADATA, count=3)
+    state = connected_state(metadata, value=np.zeros(3))
+    put_id = start_put(state, value=[1.0, 2.0, 3.0])
+    state.put_answered(put_id)
+    assert done_replies(state.reading_received(reading(np.array([1.0, 2.0, 3.0]), timestamp=150.0))) == []
+    assert len(done_replies(state.put_completed(put_id))) == 1
+
+
+@pytest.mark.parametrize("metadata, put, seen, settles", [
+    (md("enum", enum_strs=["Off", "On"]), "On", 1, True),  # a label is put as its index
+    (md("string"), "hello", "hello", True),
+    (md("string"), "1", 1, False),  # a string never equals a number
+    (md("int"), 3, 3, True),
+    (md("float"), 0.1, float(np.float32(0.1)), False),  # a float32 record rounds it
+])
+def test_which_monitor_values_settle_a_put(metadata, put, seen, settles):
+    state = connected_state(dict(metadata, read_access=True, write_access=True),
+                            value="" if metadata["native_type"] == "string" else 0)
+    put_id = start_put(state, value=put, request_id=7)
+    state.put_answered(put_id)
+    assert bool(done_replies(state.reading_received(reading(seen, timestamp=150.0)))) is settles
+
+
+def test_two_puts_of_the_same_value_are_both_settled_by_its_update():
+    state = connected_state()
+    first = start_put(state, value=2.5, request_id=1, client=CLIENT)
+    second = start_put(state, value=2.5, request_id=2, client=OTHER_CLIENT)
+    state.put_answered(first)
+    state.put_answered(second)
+    done = done_replies(state.reading_received(reading(2.5, timestamp=150.0)))
+    assert sorted(d.id for d in done) == [1, 2]

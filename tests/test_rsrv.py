@@ -112,6 +112,18 @@ def test_puts_complete_on_every_kind_of_record(rsrv_hub, rsrv_ioc, prefix):
     assert bytes(rsrv_ioc.read("chars").data).rstrip(b"\0") == b"beamline"
 
 
+def test_a_set_reads_back_what_the_record_holds(rsrv_hub, rsrv_ioc, prefix):
+    """actors/state.py Rule 6 on EPICS base's server, which answers a read sent behind a put
+    before the put's completion: a value the record keeps as put is settled by its monitor
+    update, one it clips to its drive limits or leaves unchanged (no update) by the read-back.
+    Either way, get() after wait() is what the record holds."""
+    motor = connected(EpicsSignal(f"{prefix}motor", name="motor", put_complete=True))
+    for value in (1.25, 15.0, -3.5, -12.0, 1.25, 1.25):
+        motor.set(value).wait(TIMEOUT)
+        assert motor.get() == min(10.0, max(-10.0, value)), value
+        assert rsrv_ioc.read("motor").data[0] == motor.get()
+
+
 def test_a_record_that_refuses_writes(rsrv_hub, rsrv_ioc, prefix):
     locked = connected(EpicsSignal(f"{prefix}locked", name="locked"))
     assert locked.read_access and not locked.write_access  # access security group READONLY
