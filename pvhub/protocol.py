@@ -12,8 +12,8 @@ match exact). A readings message is that topic frame followed by one or more enc
 of that PV, in order (an actor batches a fast PV's updates). ``seq`` counts per PV per actor
 incarnation; ``epoch`` names the incarnation, so a subscriber detects both gaps and restarts
 (the ZeroMQ guide's Clone pattern).
-Rule 5: arrays travel as raw bytes with dtype and shape (a msgpack ext type), never element by
-element; numpy scalars travel as plain numbers. Nothing is ever pickled.
+Rule 5: arrays travel as raw bytes with dtype and shape (a msgpack ext type, ``pvhub.arrays``),
+never element by element; numpy scalars travel as plain numbers. Nothing is ever pickled.
 Rule 6: ``decode`` refuses any malformed input with ``ProtocolError`` and allocates nothing
 beyond what arrived.
 Rule 7: ``decode_reading`` is ``decode`` for the readings socket: what it returns or refuses is
@@ -23,110 +23,16 @@ exactly what ``decode`` returns or refuses; it is only quicker for the usual ``U
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypedDict
 
 import msgpack
 import numpy as np
 
+from pvhub.arrays import pack_default, unpack_ext
 from pvhub.errors import ProtocolError, UnknownOperationError, UnsupportedVersionError
 
 PROTOCOL_VERSION = 1
-_NDARRAY_EXT = 1
-
-
-# --- values -------------------------------------------------------------------------------
-
-
-def _pack_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        array = obj if obj.flags.c_contiguous else obj.copy(order="C")  # keeps 0-D shapes
-        if array.dtype.hasobject:
-            return array.tolist()
-        header = msgpack.packb([array.dtype.str, list(array.shape)])
-        return msgpack.ExtType(_NDARRAY_EXT, header + array.tobytes())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (tuple, set, frozenset)):
-        return list(obj)
-    raise TypeError(f"cannot send a value of type {type(obj).__name__}")
-
-
-def _unpack_ext(code: int, data: bytes) -> Any:
-    """An ndarray from its ext payload: a msgpack header ``[dtype.str, shape]``, then the
-    raw bytes. Anything else is a ``ProtocolError``, and nothing is allocated beyond the
-    bytes that came (Rule 6)."""
-    if code != _NDARRAY_EXT:
-        raise ProtocolError(f"unknown msgpack extension type {code}")
-    # The header is a few bytes; limits sized from the payload keep a forged length from
-    # asking msgpack for more than what arrived.
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
-    unpacker.feed(data)
-    try:
-        header = unpacker.unpack()
-    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
-        raise ProtocolError(f"array header is not msgpack: {exc}") from exc
-    if type(header) is not list or len(header) != 2:
-        raise ProtocolError("array header must be [dtype, shape]")
-    dtype_str, shape = header
-    dtype = _array_dtype(dtype_str)
-    if type(shape) is not list or len(shape) > MAX_ARRAY_DIMS:
-        raise ProtocolError(f"array shape must be a list of at most {MAX_ARRAY_DIMS} sizes")
-    elements = 1
-    span = 1  # the product of the sizes but zeros: what numpy refuses past 2**63 even when empty
-    for size in shape:
-        if type(size) is not int or size < 0:
-            raise ProtocolError(f"array shape {shape!r:.80} holds something other than a size")
-        elements *= size  # Python ints: an absurd shape cannot wrap around to a small one
-        span *= max(size, 1)
-    offset = unpacker.tell()
-    if span > _MAX_ARRAY_SPAN or elements * dtype.itemsize != len(data) - offset:
-        raise ProtocolError(
-            f"array of shape {shape!r:.80} and dtype {dtype.str} does not fit the "
-            f"{len(data) - offset} bytes that came"
-        )
-    if dtype.kind == "U" and elements and not _valid_code_points(data, dtype, offset):
-        raise ProtocolError("a text array holds something that is not a character")
-    # frombuffer shares the (immutable) message buffer; users expect an array they own.
-    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape).copy()
-
-
-def _valid_code_points(data: bytes, dtype: np.dtype, offset: int) -> bool:
-    # numpy keeps any 32-bit number as a character; Python makes a str of one past U+10FFFF
-    # only by raising SystemError (in repr, in a log line), and one of a surrogate never
-    # encodes. Neither may get in.
-    codes = np.frombuffer(data, dtype=dtype.byteorder.replace("=", "") + "u4", offset=offset)
-    return not bool(((codes > 0x10FFFF) | ((codes >= 0xD800) & (codes <= 0xDFFF))).any())
-
-
-def _array_dtype(dtype_str: Any) -> np.dtype:
-    """The dtype a peer named, if it is one whose bytes are plain values (Rule 6)."""
-    dtype = _ARRAY_DTYPES.get(dtype_str) if type(dtype_str) is str else None
-    if dtype is not None:
-        return dtype
-    if type(dtype_str) is not str or len(dtype_str) > 16:
-        raise ProtocolError(f"array dtype must be a short string, not {dtype_str!r:.40}")
-    try:
-        with warnings.catch_warnings():  # numpy deprecates some aliases: still just refused
-            warnings.simplefilter("ignore")
-            dtype = np.dtype(dtype_str)
-    except Exception as exc:  # numpy's parser raises TypeError, ValueError, SyntaxError...
-        raise ProtocolError(f"{dtype_str!r} is not a dtype") from exc
-    if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize == 0:
-        raise ProtocolError(f"arrays of dtype {dtype_str!r} do not travel")
-    if len(_ARRAY_DTYPES) < 256:  # a peer naming ever new spellings does not grow it forever
-        _ARRAY_DTYPES[dtype_str] = dtype
-    return dtype
-
-
-# Booleans, integers, floats, complex numbers, bytes and text: dtypes whose bytes are values.
-# Objects (pointers), void and structured records, datetimes never travel.
-_ARRAY_KINDS = frozenset("biufcSU")
-_ARRAY_DTYPES: dict[str, np.dtype] = {}
-MAX_ARRAY_DIMS = 32
-# Sizes past this are absurd even for an empty array (numpy itself stops at 2**63 bytes).
-_MAX_ARRAY_SPAN = 2**40
 
 
 # --- shared shapes -------------------------------------------------------------------------
@@ -481,7 +387,7 @@ def encode(message: Message) -> bytes:
                      "severity": value.severity, "status": value.status}
         body[name] = value
     try:
-        return msgpack.packb(body, default=_pack_default, use_bin_type=True)
+        return msgpack.packb(body, default=pack_default, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"cannot encode {message.OP}: {exc}") from exc
 
@@ -491,7 +397,7 @@ def decode(data: bytes) -> Message:
     try:
         # unpackb bounds every length a message claims by the bytes it holds: a forged
         # header cannot make msgpack allocate more.
-        body = msgpack.unpackb(data, raw=False, ext_hook=_unpack_ext, strict_map_key=False)
+        body = msgpack.unpackb(data, raw=False, ext_hook=unpack_ext, strict_map_key=False)
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types for bad bytes
@@ -639,7 +545,7 @@ def decode_reading(data: bytes) -> Message:
     and built without ``decode``'s general walk; anything else, valid or not, goes to
     ``decode``, which accepts it or refuses it with ``ProtocolError`` as always."""
     try:
-        body = msgpack.unpackb(data, raw=False, ext_hook=_unpack_ext, strict_map_key=False)
+        body = msgpack.unpackb(data, raw=False, ext_hook=unpack_ext, strict_map_key=False)
     except Exception:  # malformed: let decode say why, in its words
         return decode(data)
     if type(body) is not dict or len(body) != _UPDATE_SIZE:

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pvhub import protocol as p
+from pvhub.arrays import pack_default, unpack_ext
 from pvhub.client.channel import Channel
 from pvhub.errors import ProtocolError
 
@@ -143,11 +144,11 @@ def test_fast_decode_takes_its_fast_path_for_a_plain_update(monkeypatch: pytest.
 
 
 def _body(update: p.Update) -> dict[str, Any]:
-    return msgpack.unpackb(p.encode(update), raw=False, ext_hook=p._unpack_ext)
+    return msgpack.unpackb(p.encode(update), raw=False, ext_hook=unpack_ext)
 
 
 def _pack(body: Any) -> bytes:
-    return msgpack.packb(body, use_bin_type=True, default=p._pack_default)
+    return msgpack.packb(body, use_bin_type=True, default=pack_default)
 
 
 _PLAIN = p.Update(pv="X:a", epoch=5, seq=9, connected=True, reading=p.Reading(3.0, 100.0, 1, 2))

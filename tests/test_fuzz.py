@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from pvhub import protocol as p
+from pvhub.arrays import NDARRAY_EXT
 from pvhub.actors.state import coerce_value
 from pvhub.client import EpicsSignal, get_hub
 from pvhub.errors import BadValueError, ProtocolError
@@ -70,7 +71,7 @@ def arrays(draw) -> msgpack.ExtType:
     shape = draw(st.lists(st.integers(min_value=-2, max_value=2**40), max_size=4) | st.just([]) | scalars)
     data = draw(st.binary(max_size=64))
     header = msgpack.packb([dtype, shape]) if draw(st.booleans()) else draw(st.binary(max_size=8))
-    code = draw(st.sampled_from([p._NDARRAY_EXT, p._NDARRAY_EXT, 0, 2, 42, 127]))
+    code = draw(st.sampled_from([NDARRAY_EXT, NDARRAY_EXT, 0, 2, 42, 127]))
     return msgpack.ExtType(code, header + data)
 
 

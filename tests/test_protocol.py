@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from pvhub import protocol
+from pvhub import arrays, protocol
 from pvhub.errors import ProtocolError, UnknownOperationError, UnsupportedVersionError
 from pvhub.protocol import (
     MESSAGES,
@@ -324,7 +324,7 @@ def test_malformed_reading_raises_protocol_error():
 
 
 def _array_ext(dtype: str, shape: list[int], data: bytes) -> msgpack.ExtType:
-    return msgpack.ExtType(protocol._NDARRAY_EXT, packed([dtype, shape]) + data)
+    return msgpack.ExtType(arrays.NDARRAY_EXT, packed([dtype, shape]) + data)
 
 
 @pytest.mark.parametrize(
@@ -334,7 +334,7 @@ def _array_ext(dtype: str, shape: list[int], data: bytes) -> msgpack.ExtType:
         _array_ext("<f8", [3], b"\x00" * 16),  # shape does not match the bytes
         _array_ext("not a dtype", [1], b"\x00" * 8),
         _array_ext("|O", [1], b"\x00" * 8),  # an object array from raw memory: never
-        msgpack.ExtType(protocol._NDARRAY_EXT, b"\xc1"),  # header is not msgpack
+        msgpack.ExtType(arrays.NDARRAY_EXT, b"\xc1"),  # header is not msgpack
     ],
     ids=["unknown-ext", "short-data", "bad-dtype", "object-dtype", "bad-header"],
 )
@@ -448,7 +448,7 @@ def test_array_shapes_that_do_not_fit_the_bytes_raise_protocol_error(shape, data
     ids=["str", "one", "three", "map", "empty", "truncated"],
 )
 def test_array_headers_that_are_not_dtype_and_shape_raise_protocol_error(header):
-    ext = msgpack.ExtType(protocol._NDARRAY_EXT, header + b"\x00" * 8)
+    ext = msgpack.ExtType(arrays.NDARRAY_EXT, header + b"\x00" * 8)
     body = wire(SetRequest(id=1, pv="X:w", value=0)) | {"value": ext}
     with pytest.raises(ProtocolError):
         decode(packed(body))
