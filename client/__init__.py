@@ -3,7 +3,8 @@
     from pvhub.client import EpicsSignal, EpicsSignalRO, wait
 """
 
-from pvhub.client.hub import Hub, close_hubs, get_hub
+from pvhub.client.hub import Hub
+from pvhub.client.registry import close_hubs, get_hub
 from pvhub.client.ophyd_types import Kind
 from pvhub.client.signal import EpicsSignal, EpicsSignalBase, EpicsSignalRO
 from pvhub.client.status import AndStatus, Status, wait

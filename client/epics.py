@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from pvhub.client.hub import get_hub
+from pvhub.client.registry import get_hub
 from pvhub.client.pv import PV
 from pvhub.client.pv_fields import format_time
 

@@ -41,7 +41,6 @@ watches the request socket's handshakes and says why hello goes unanswered.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import itertools
 import os
@@ -94,7 +93,8 @@ def default_address() -> str:
 
 
 class Hub:
-    """The connection to one daemon. Use ``get_hub(address)``; it is shared per address and keys."""
+    """The connection to one daemon. Use ``get_hub(address)`` (``pvhub.client.registry``): it is
+    shared per address and keys."""
 
     def __init__(self, address: str | None = None, *, name: str | None = None,
                  client_key: str | os.PathLike[str] | None = None,
@@ -671,32 +671,3 @@ def _curve_keys(client: str | None, server: str | None) -> tuple[bytes, bytes, b
         return None
     public, secret = load_secret(client)
     return public, secret, load_public(server)
-
-
-_hubs: dict[tuple[str, str | None, str | None], Hub] = {}
-_hubs_lock = threading.Lock()
-
-
-def get_hub(address: str | None = None, *, client_key: str | os.PathLike[str] | None = None,
-            server_key: str | os.PathLike[str] | None = None) -> Hub:
-    """The process's shared connection to the daemon at ``address`` ($PVHUB_ADDRESS), with
-    the CURVE keys of ``Hub`` (Rule 8): one per address and keys."""
-    address = address or default_address()
-    client, server = key_paths(client_key, server_key)
-    with _hubs_lock:
-        hub = _hubs.get((address, client, server))
-        if hub is None or hub.closed:
-            hub = _hubs[(address, client, server)] = Hub(address, client_key=client, server_key=server)
-        return hub
-
-
-def close_hubs() -> None:
-    """Close every hub of this process (tests, and interpreter exit)."""
-    with _hubs_lock:
-        hubs = list(_hubs.values())
-        _hubs.clear()
-    for hub in hubs:
-        hub.close()
-
-
-atexit.register(close_hubs)

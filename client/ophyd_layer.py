@@ -25,7 +25,7 @@ import types
 from typing import Any, Callable
 
 from pvhub.client import epics
-from pvhub.client.hub import get_hub
+from pvhub.client.registry import get_hub
 from pvhub.client.pv import PV
 
 name = "pvhub"

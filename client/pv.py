@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from pvhub import protocol as p
 from pvhub.client.channel import Channel
-from pvhub.client.hub import Hub, get_hub
+from pvhub.client.hub import Hub
+from pvhub.client.registry import get_hub
 from pvhub.client.pv_fields import (
     FORM_OFFSET,
     PVFields,

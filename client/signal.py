@@ -27,7 +27,8 @@ import numpy as np
 
 from pvhub import protocol as p
 from pvhub.client.completion import ReadbackWatch, send_set
-from pvhub.client.hub import Channel, Hub, get_hub
+from pvhub.client.hub import Channel, Hub
+from pvhub.client.registry import get_hub
 from pvhub.client.ophyd_types import Kind, limit_error
 from pvhub.client.status import Status
 from pvhub.client.subscriptions import Subscriptions

@@ -25,7 +25,8 @@ from pvhub import keys
 from pvhub import protocol as p
 from pvhub.client import EpicsSignal
 from pvhub.client import requests as requests_module
-from pvhub.client.hub import Hub, get_hub
+from pvhub.client.hub import Hub
+from pvhub.client.registry import get_hub
 from pvhub.client.requests import RequestDeadlines
 from pvhub.errors import HubUnavailableError, PvhubTimeoutError
 from pvhub.keys import KeyFileError

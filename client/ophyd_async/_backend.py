@@ -38,7 +38,8 @@ from ophyd_async.epics.core._util import EpicsSignalBackend  # not exported by 0
 
 from pvhub import protocol as p
 from pvhub.client.channel import Channel
-from pvhub.client.hub import Hub, get_hub
+from pvhub.client.hub import Hub
+from pvhub.client.registry import get_hub
 from pvhub.client.ophyd_async._convert import (
     DisconnectedConverter,
     PvhubConverter,
