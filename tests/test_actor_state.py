@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 
 from pvhub import protocol as p
-from pvhub.actors.state import (
-    MAX_STRING_BYTES,
-    Publish,
-    StartRead,
-    PvState,
-    Reply,
-    StartPut,
-    coerce_value,
-)
+from pvhub.actors.coercion import MAX_STRING_BYTES, coerce_value
+from pvhub.actors.state import Publish, PvState, Reply, StartPut, StartRead
 from pvhub.errors import ActorDiedError, BadValueError
 
 PV = "TEST:pv"

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from pvhub import protocol as p
 from pvhub.arrays import NDARRAY_EXT
-from pvhub.actors.state import coerce_value
+from pvhub.actors.coercion import coerce_value
 from pvhub.client import EpicsSignal, get_hub
 from pvhub.errors import BadValueError, ProtocolError
 
