@@ -138,9 +138,10 @@ class ChannelAccessBackend:
         # A channel still being created is cleared when the IOC answers (``_created``).
 
     def put(self, name: str, put_id: int, value: Any) -> None:
-        """Put with completion; a ``PutDoneEvent`` follows, after a ``PutAnsweredEvent`` if
-        the IOC completed it. The read-back is sent right behind the put, on the same circuit
-        (Rule 4)."""
+        """Put with completion. The read-back is sent right behind the put, on the same
+        circuit (Rule 4). A failure is a ``PutDoneEvent`` with its error; a completion is a
+        ``PutAnsweredEvent``, then a ``PutDoneEvent`` when the read behind it answers, or
+        when ``read_back`` is asked for (that read answered before the completion)."""
         channel = self._channels.get(name)
         if channel is None or not channel.connected or channel.circuit is None:
             self._emit(PutDoneEvent(name, put_id, "put could not be sent: the channel is not connected", None))
@@ -156,9 +157,9 @@ class ChannelAccessBackend:
                 race.finished = True
                 self._emit(PutDoneEvent(name, put_id, error, None))
                 return
-            self._emit(PutAnsweredEvent(name, put_id))  # a monitor update may settle it (state.py Rule 6)
-            if not race.read_pending:  # the pipelined read was answered too early
-                self._read(channel, "time", lambda r: self._put_read_back(name, put_id, native, r))
+            # Whether to read back (when the pipelined read came too early) is the state
+            # machine's call: a monitor update may have shown the value already (state.py Rule 6).
+            self._emit(PutAnsweredEvent(name, put_id, race.read_pending))
 
         def on_read(response: Any) -> None:
             race.read_pending = False
@@ -177,6 +178,16 @@ class ChannelAccessBackend:
         circuit.operations[read.ioid] = (channel, on_read)
         if not circuit.send(write, read):
             circuit.not_sent(write.ioid, read.ioid)
+
+    def read_back(self, name: str, put_id: int) -> None:
+        """Read a completed put's value back; a ``PutDoneEvent`` follows (without a read-back
+        if the channel is gone: the put completed, its value is not known)."""
+        channel = self._channels.get(name)
+        if channel is None or not channel.connected or channel.circuit is None:
+            self._emit(PutDoneEvent(name, put_id, None, None))
+            return
+        native = channel.ca.native_data_type
+        self._read(channel, "time", lambda r: self._put_read_back(name, put_id, native, r))
 
     def read(self, name: str, read_id: int) -> None:
         """A Channel Access read (DBR_TIME); a ``ReadDoneEvent`` follows."""
@@ -447,6 +458,8 @@ class Driver:
         while True:
             while self._events:
                 event = self._events.popleft()
+                if type(event) is PutAnsweredEvent and not event.read_back_pending:
+                    self.backend.read_back(event.pv, event.put_id)  # as the state machine asks
                 if wanted(event):
                     return event
             now = time.monotonic()

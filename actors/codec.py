@@ -56,9 +56,12 @@ class ReadingEvent:
 
 @dataclass(frozen=True)
 class PutAnsweredEvent:
-    """The IOC says a put completed; its read-back (a ``PutDoneEvent``) is on its way."""
+    """The IOC says a put completed. With ``read_back_pending`` the read sent behind it is
+    still to be answered, and its answer is the read-back (a ``PutDoneEvent``); without, that
+    read was answered first, and a read-back comes only if it is asked for (``read_back``)."""
     pv: str
     put_id: int
+    read_back_pending: bool
 
 
 @dataclass(frozen=True)

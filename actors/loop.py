@@ -46,7 +46,7 @@ import zmq
 from pvhub import protocol as p
 from pvhub.actors import backend as ca
 from pvhub.config import DEFAULT_READINGS_HWM, valid_pv_name
-from pvhub.actors.state import Effect, Publish, PvState, Reply, StartPut, StartRead
+from pvhub.actors.state import Effect, Publish, PvState, Reply, StartPut, StartRead, StartReadBack
 from pvhub.errors import ActorDiedError, DisconnectedError, InternalError, ProtocolError
 from pvhub.logs import loggable
 from pvhub.waker import Waker
@@ -303,7 +303,7 @@ class Actor:
         if isinstance(event, ca.ReadDoneEvent):
             return state.read_completed(event.read_id, event.reading)
         if isinstance(event, ca.PutAnsweredEvent):
-            return state.put_answered(event.put_id)
+            return state.put_answered(event.put_id, event.read_back_pending)
         if isinstance(event, ca.PutDoneEvent):
             effects = state.reading_received(event.readback, read=True) if event.readback else []
             return effects + state.put_completed(event.put_id, event.error)
@@ -325,6 +325,8 @@ class Actor:
                 self._reply(effect.client, effect.message)
             elif isinstance(effect, StartRead):
                 self._backend.read(effect.pv, effect.read_id)
+            elif isinstance(effect, StartReadBack):
+                self._backend.read_back(effect.pv, effect.put_id)
             elif isinstance(effect, StartPut):
                 self._backend.put(effect.pv, effect.put_id, effect.value)
                 # Logged once the put is on its way: the record costs no time on the put's path.

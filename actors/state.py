@@ -22,6 +22,7 @@ value put (number, enum index or string) shows it as well, and usually comes soo
 is done at the completion or at that update, whichever is later, with the latest reading. A
 value the IOC changed (clipped to a drive limit, rounded to a float32) or an array waits for
 the read-back, as does a put whose value no update carried (an unchanged value posts none).
+That second read is asked for only for a put not yet shown at its completion.
 """
 
 from __future__ import annotations
@@ -79,7 +80,15 @@ class StartRead:
     read_id: int
 
 
-Effect = Reply | Publish | StartPut | StartRead
+@dataclass(frozen=True)
+class StartReadBack:
+    """Read a completed put's value back (Rule 6); report back with ``put_completed``."""
+
+    pv: str
+    put_id: int
+
+
+Effect = Reply | Publish | StartPut | StartRead | StartReadBack
 
 
 @dataclass
@@ -223,16 +232,17 @@ class PvState:
         self.updates_published += 1
         return [Publish(self.update(with_metadata=connected and (connection_changed or metadata_changed)))]
 
-    def put_answered(self, put_id: int) -> list[Effect]:
+    def put_answered(self, put_id: int, read_back_pending: bool) -> list[Effect]:
         """The IOC completed a put; done now if a monitor update has shown its value, else at
-        the update that does or at the read-back (Rule 6)."""
+        the update that does or at the read-back, which is asked for unless the read sent
+        behind the put is still to answer (Rule 6)."""
         pending = self._pending_puts.get(put_id)
         if pending is None:
             return []
         if pending.seen:
             return self._put_done(put_id)
         pending.answered = True
-        return []
+        return [] if read_back_pending else [StartReadBack(self.pv, put_id)]
 
     def put_completed(self, put_id: int, error: str | None = None) -> list[Effect]:
         """The IOC answered a put (``error`` is None on success) and the value was read back;

@@ -11,7 +11,7 @@ import pytest
 
 from pvhub import protocol as p
 from pvhub.actors.coercion import MAX_STRING_BYTES, coerce_value
-from pvhub.actors.state import Publish, PvState, Reply, StartPut, StartRead
+from pvhub.actors.state import Publish, PvState, Reply, StartPut, StartRead, StartReadBack
 from pvhub.errors import ActorDiedError, BadValueError
 
 PV = "TEST:pv"
@@ -654,7 +654,7 @@ def done_replies(effects) -> list[p.SetDone]:
 def test_a_completed_put_is_done_at_the_monitor_update_that_carries_its_value():
     state = connected_state()
     put_id = start_put(state, value=2.5, request_id=7)
-    assert state.put_answered(put_id) == []  # completed, its value not seen yet
+    assert state.put_answered(put_id, read_back_pending=True) == []  # completed, its value not seen yet
     assert state.pending_puts == 1
     effects = state.reading_received(reading(2.5, timestamp=150.0))
     assert updates(effects)[0].reading == reading(2.5, timestamp=150.0)  # published as ever
@@ -672,14 +672,14 @@ def test_a_put_whose_value_was_seen_before_its_completion_is_done_at_the_complet
     put_id = start_put(state, value=2.5, request_id=7)
     assert done_replies(state.reading_received(reading(2.5, timestamp=150.0))) == []
     state.reading_received(reading(3.0, timestamp=160.0))  # changed again since: the latest counts
-    (done,) = done_replies(state.put_answered(put_id))
+    (done,) = done_replies(state.put_answered(put_id, read_back_pending=True))
     assert done.id == 7 and done.reading == reading(3.0, timestamp=160.0) and done.seq == 3
 
 
 def test_a_value_the_ioc_changed_waits_for_the_read_back():
     state = connected_state()
     put_id = start_put(state, value=15.0, request_id=7)  # the IOC clips it to its drive limit
-    state.put_answered(put_id)
+    state.put_answered(put_id, read_back_pending=True)
     assert done_replies(state.reading_received(reading(10.0, timestamp=150.0))) == []
     state.reading_received(reading(10.0, timestamp=150.0), read=True)
     (done,) = done_replies(state.put_completed(put_id))
@@ -689,7 +689,7 @@ def test_a_value_the_ioc_changed_waits_for_the_read_back():
 def test_an_update_from_a_read_does_not_settle_a_put_only_the_monitor():
     state = connected_state()
     put_id = start_put(state, value=2.5)
-    state.put_answered(put_id)
+    state.put_answered(put_id, read_back_pending=True)
     assert done_replies(state.reading_received(reading(2.5, timestamp=150.0), read=True)) == []
     assert state.pending_puts == 1
 
@@ -706,7 +706,7 @@ def test_an_array_put_waits_for_the_read_back_even_when_the_monitor_shows_it():
     metadata = dict(FLOAT_METADATA, count=3)
     state = connected_state(metadata, value=np.zeros(3))
     put_id = start_put(state, value=[1.0, 2.0, 3.0])
-    state.put_answered(put_id)
+    state.put_answered(put_id, read_back_pending=True)
     assert done_replies(state.reading_received(reading(np.array([1.0, 2.0, 3.0]), timestamp=150.0))) == []
     assert len(done_replies(state.put_completed(put_id))) == 1
 
@@ -722,7 +722,7 @@ def test_which_monitor_values_settle_a_put(metadata, put, seen, settles):
     state = connected_state(dict(metadata, read_access=True, write_access=True),
                             value="" if metadata["native_type"] == "string" else 0)
     put_id = start_put(state, value=put, request_id=7)
-    state.put_answered(put_id)
+    state.put_answered(put_id, read_back_pending=True)
     assert bool(done_replies(state.reading_received(reading(seen, timestamp=150.0)))) is settles
 
 
@@ -730,7 +730,22 @@ def test_two_puts_of_the_same_value_are_both_settled_by_its_update():
     state = connected_state()
     first = start_put(state, value=2.5, request_id=1, client=CLIENT)
     second = start_put(state, value=2.5, request_id=2, client=OTHER_CLIENT)
-    state.put_answered(first)
-    state.put_answered(second)
+    state.put_answered(first, read_back_pending=True)
+    state.put_answered(second, read_back_pending=True)
     done = done_replies(state.reading_received(reading(2.5, timestamp=150.0)))
     assert sorted(d.id for d in done) == [1, 2]
+
+
+def test_a_read_back_is_asked_for_only_when_the_value_was_not_seen_by_the_completion():
+    # The read sent behind the put was answered before the completion (EPICS base's server).
+    state = connected_state()
+    put_id = start_put(state, value=2.5, request_id=7)
+    assert state.put_answered(put_id, read_back_pending=False) == [StartReadBack(PV, put_id)]
+    (done,) = done_replies(state.reading_received(reading(2.5, timestamp=150.0)))
+    assert done.id == 7
+    # Seen first: done at the completion, nothing read again.
+    put_id = start_put(state, value=3.5, request_id=8)
+    state.reading_received(reading(3.5, timestamp=160.0))
+    effects = state.put_answered(put_id, read_back_pending=False)
+    assert [d.id for d in done_replies(effects)] == [8]
+    assert not [e for e in effects if isinstance(e, StartReadBack)]
