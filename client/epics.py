@@ -45,14 +45,12 @@ def get_pv(pvname: str, form: str = "time", connect: bool = False, context: Any 
     key = (pvname.strip(), form.lower(), hub.address)
     with _pv_cache_lock:
         pv = _pv_cache.get(key)
-        if pv is None or not pv.listens_to(hub):
-            pv = _pv_cache[key] = PV(pvname, form=form, hub=hub)
-    if connection_callback is not None:
-        pv.connection_callbacks.append(connection_callback)
-        if pv.connected:
-            hub.dispatch(connection_callback, pvname=pv.pvname, conn=True, pv=pv)
-    if access_callback is not None:
-        pv.access_callbacks.append(access_callback)
+        made = pv is None or not pv.listens_to(hub)
+        if made:
+            pv = _pv_cache[key] = PV(pvname, form=form, hub=hub, connection_callback=connection_callback,
+                                     access_callback=access_callback)
+    if not made:
+        pv.join_callbacks(connection_callback, access_callback)
     if callback is not None:
         pv.add_callback(callback)
     if connect:

@@ -360,6 +360,23 @@ class PV(PVFields):
         self.clear_callbacks(True, True)
         self._channel.remove_listener(self._on_channel)
 
+    def join_callbacks(self, connection_callback: Callable[..., Any] | None = None,
+                       access_callback: Callable[..., Any] | None = None) -> None:
+        """Add callbacks to a PV that may be connected already (pyepics' ``get_pv`` of a cached
+        PV). On the callback thread, after every event queued before: a connection callback
+        hears that the PV is connected once, if it is, then every change, never twice."""
+        if connection_callback is not None:
+            self._hub.dispatch(self._join_connection, self._deliver("metadata", connection_callback))
+        if access_callback is not None:
+            self.access_callbacks.append(self._deliver("metadata", access_callback))
+
+    def _join_connection(self, callback: Callable[..., Any]) -> None:
+        if self._released:
+            return
+        self.connection_callbacks.append(callback)
+        if self._seen_connected:
+            self._call(callback, pvname=self.pvname, conn=True, pv=self)
+
     def listens_to(self, hub: Hub) -> bool:
         """Whether this PV still hears from ``hub``: made with it, and not disconnected."""
         return not self._released and self._hub is hub
@@ -393,6 +410,8 @@ class PV(PVFields):
                 log.debug("pv_stale_update_dropped", pv=self.pvname, timestamp=state.reading.timestamp)
                 return
             self._newest_stamp = state.reading.timestamp
+            if not self.callbacks and not self.verbose:
+                return  # nobody to tell: no fields built (a PV caget left in the cache)
             fields = self._callback_fields(state.reading, state.metadata)
             if self.verbose:
                 log.info("pv_update", pv=self.pvname, value=fields["char_value"])

@@ -165,6 +165,22 @@ def test_pv_object(prefix):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("cached", [False, True], ids=["new-pv-on-a-live-channel", "cached-pv"])
+def test_get_pv_calls_a_connection_callback_once_when_the_pv_is_already_connected(prefix, cached):
+    """pyepics calls ``get_pv``'s connection callback once for a connected PV. The channel may
+    be connected before the PV is made (another form of the same name holds it), or the PV
+    may come from the cache."""
+    first = epics.get_pv(prefix + "motor", form="ctrl" if not cached else "time", connect=True)
+    assert first.connected
+    conns = []
+    pv = epics.get_pv(prefix + "motor", form="time", connection_callback=lambda **kw: conns.append(kw["conn"]))
+    assert (pv is first) is cached
+    wait_until(lambda: conns, 10)
+    callbacks_done()
+    assert conns == [True]
+
+
+@pytest.mark.timeout(60)
 def test_connection_callback_sees_the_ioc_go(prefix, zoo_ioc):
     conns = []
     pv = epics.PV(prefix + "motor", connection_callback=lambda pvname, conn, pv: conns.append(conn))
