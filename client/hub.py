@@ -207,7 +207,8 @@ class Hub:
                                       message=f"the pvhub daemon at {self.address} is not connected; the request was not sent"))
                 return
             limit = default_timeout(message) if timeout is None else timeout
-            self._requests.add(request_id, on_reply, time.monotonic(), limit, describe(message))
+            self._requests.add(request_id, on_reply, time.monotonic(), limit,
+                               describe(message) if limit is not None else "")
 
         with self._unsent_lock:
             refused = self._closed.is_set() or self._io_finished
@@ -412,7 +413,7 @@ class Hub:
         answer_all(((0, h) for h in unsent.values()), self._ended_text("the request was not sent"))
         self._requests.fail_all(self._ended_text("the outcome is unknown"))
         if failure is not None:
-            self._liveness.connected.clear()
+            self._liveness.ended()
             reason = f"the pvhub client's I/O thread failed ({type(failure).__name__}: {failure})"
             error_text = self._ended_text("the PV cannot connect")
             with self._channels_lock:  # with ``channel()``: a channel made from now on refuses too
@@ -458,9 +459,8 @@ class Hub:
             request_id = next(self._ids)
             sent = self._send(p.PingRequest(id=request_id, pvs=pvs))
             self._liveness.ping_sent(request_id, now, sent, with_pvs)
-            if sent:
-                pings = self._liveness.pings
-                self._requests.add(request_id, lambda message: pings.discard(request_id) or True, now)
+            if sent:  # in the table only so that its answer is taken; ``Liveness`` counts it
+                self._requests.add(request_id, lambda message: True, now)
 
     def _lose_hub(self, reason: str) -> None:
         """The daemon is gone (Rule 5): fail what it owed, disconnect, start saying hello."""
@@ -484,7 +484,9 @@ class Hub:
 
     def _send_hello(self, now: float) -> None:
         request_id = next(self._ids)
-        self._liveness.hello_sent(request_id, now)
+        replaced = self._liveness.hello_sent(request_id, now)
+        if replaced is not None:  # unanswered: its answer would no longer count
+            self._requests.discard(replaced)
 
         def on_hello(message: p.Message) -> bool:
             if not self._liveness.is_current_hello(message.id):  # type: ignore[attr-defined]
@@ -571,7 +573,7 @@ class Hub:
             # Requests in flight are still answered (the daemon lets puts finish); new
             # ones are refused here, and the hub counts as lost once it owes nothing.
             log.info("hub_stopping", address=self.address, reason=update.reason)
-            self._liveness.stopping = True
+            self._liveness.stopping_announced()
         elif isinstance(update, p.PvLost):
             lost = self._channels.get(update.pv)
             if lost is not None:

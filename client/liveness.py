@@ -1,7 +1,7 @@
 """Whether the daemon is there (the ZeroMQ guide's Paranoid Pirate), without sockets or a clock.
 
 Rule 1: no I/O. The hub's I/O thread asks ``due(now)`` what to do (say hello, ping, or count
-the daemon lost), does it, and reports what happened (``hello_sent``, ``connected``,
+the daemon lost), does it, and reports what happened (``hello_sent``, ``connected_at``,
 ``ping_sent``, ``heard``, ``lost``). Every decision is here, testable with a fake clock.
 Rule 2: until a daemon answers hello, hello is said again every ``HELLO_RETRY`` seconds; at
 once when a security handshake has just succeeded (``handshake_succeeded``). An answer to an
@@ -95,12 +95,23 @@ class Liveness:
         if not self.connected.is_set():
             self._last_hello = -math.inf
 
-    def hello_sent(self, request_id: int, now: float) -> None:
+    def hello_sent(self, request_id: int, now: float) -> int | None:
+        """A hello left at ``now``; the earlier attempt it replaces (None: none), whose
+        answer no longer counts."""
         self._last_hello = now
-        self._hello_id = request_id
+        replaced, self._hello_id = self._hello_id, request_id
+        return replaced
 
     def is_current_hello(self, request_id: int) -> bool:
         return request_id == self._hello_id
+
+    def stopping_announced(self) -> None:
+        """The daemon said it is stopping (Rule 4)."""
+        self.stopping = True
+
+    def ended(self) -> None:
+        """The I/O thread is gone: not connected, whatever the daemon does."""
+        self.connected.clear()
 
     def connected_at(self, now: float) -> None:
         """The daemon answered the current hello."""

@@ -109,15 +109,14 @@ def test_the_pv_list_goes_at_most_once_per_second_per_thousand_channels():
 
 def test_a_stopping_daemon_is_lost_once_it_owes_only_pings():
     live = connected(0.0)
-    live.stopping = True
-    owed = {5}
-
-    def waiting_besides(ids):
-        return bool(owed - set(ids))
-
-    assert live.due(0.1, waiting_besides) is None
-    owed.clear()
-    assert live.due(0.1, waiting_besides) == Lose("the daemon stopped")
+    table = RequestTable("tcp://127.0.0.1:1")
+    live.ping_sent(9, 0.05, sent=True, with_pvs=False)  # owed, but only a ping
+    table.add(9, lambda message: True, 0.05)
+    table.add(5, lambda message: True, 0.05)  # a set in flight
+    live.stopping_announced()
+    assert live.due(0.1, table.waiting_besides) is None
+    table.discard(5)  # the set was answered
+    assert live.due(0.1, table.waiting_besides) == Lose("the daemon stopped")
     live.lost()
     assert not live.stopping
 
