@@ -16,8 +16,9 @@ it is sent once. When a channel or its circuit drops, what was in flight is forg
 the state machine answers it (its outcome unknown) as it hears of the disconnection.
 Rule 4: a put's read-back travels right behind it. An IOC answers one circuit's requests in
 order, so a read answered after the put's completion was read after it and is the read-back:
-the put costs one round trip. A read answered first (an asynchronous record: a motor, a busy
-record) read the value from before the completion; another read follows the completion.
+the put costs one round trip. A read answered first (EPICS base's server, an asynchronous
+record) read the value from before the completion; another read follows the completion when
+the state machine asks for it (``read_back``; state.py Rule 6).
 """
 
 from __future__ import annotations
@@ -445,7 +446,8 @@ def poller_watch(poller: zmq.Poller) -> Callable[[int, int], None]:
 
 class Driver:
     """A backend run on its own, without an actor (benchmarks, tests): the actor loop's part
-    in small. Events other than the one waited for are dropped."""
+    in small. It reads a completed put back when the read behind it came too early, as the
+    state machine would ask; other events than the one waited for are dropped."""
 
     def __init__(self) -> None:
         self._events: collections.deque[Event] = collections.deque()

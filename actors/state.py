@@ -19,7 +19,9 @@ sent. The read-back (backend.py Rule 4) always shows it, but on EPICS base's ser
 sent behind the put is answered before the completion, so the read-back is a second round
 trip. A monitor update that arrives after the put was sent and carries exactly the scalar
 value put (number, enum index or string) shows it as well, and usually comes sooner: the put
-is done at the completion or at that update, whichever is later, with the latest reading. A
+is done at that update if it comes after the completion, or at the completion if the latest
+reading then still carries the value (another writer's update since, or one the IOC posted
+before it ran the put, leaves the answer to a read after the completion). A
 value the IOC changed (clipped to a drive limit, rounded to a float32) or an array waits for
 the read-back, as does a put whose value no update carried (an unchanged value posts none).
 That second read is asked for only for a put not yet shown at its completion.
@@ -208,8 +210,6 @@ class PvState:
     def _seen(self, value: Any) -> list[Effect]:
         """Rule 6: a monitor update carried ``value``; the puts that put it and were completed
         are done."""
-        if isinstance(value, np.ndarray):
-            return []
         effects: list[Effect] = []
         for put_id, put in list(self._pending_puts.items()):
             if put.seen or not _same_scalar(put.value, value):
@@ -239,14 +239,16 @@ class PvState:
         pending = self._pending_puts.get(put_id)
         if pending is None:
             return []
-        if pending.seen:
+        if pending.seen and self.reading is not None and _same_scalar(pending.value, self.reading.value):
             return self._put_done(put_id)
+        # Not seen, or another value came since (another writer's, or one the IOC posted
+        # before it ran this put): only a read after the completion says what the PV holds.
         pending.answered = True
         return [] if read_back_pending else [StartReadBack(self.pv, put_id)]
 
     def put_completed(self, put_id: int, error: str | None = None) -> list[Effect]:
-        """The IOC answered a put (``error`` is None on success) and the value was read back;
-        nothing if the put was done already (Rule 6)."""
+        """The IOC answered a put (``error`` is None on success) and its read-back, if any,
+        was applied; nothing if the put was done already (Rule 6)."""
         if error is not None:
             pending = self._pending_puts.pop(put_id, None)
             if pending is None:
@@ -336,11 +338,7 @@ class PvState:
 def _same_scalar(put: Any, seen: Any) -> bool:
     """Whether a monitor's scalar ``seen`` is exactly the coerced ``put`` (Rule 6). Arrays
     never match: they wait for the read-back."""
-    if isinstance(put, np.ndarray):
-        return False
-    if isinstance(put, str) or isinstance(seen, str):
-        return type(put) is type(seen) and put == seen
-    return put == seen
+    return not isinstance(put, np.ndarray) and not isinstance(seen, np.ndarray) and put == seen
 
 
 def _error(request_id: int, exc: PvhubError, pv: str = "") -> p.ErrorReply:

@@ -1,4 +1,5 @@
-"""The daemon's sockets and its loop: clients in, actors out, readings forwarded in C.
+"""The daemon's sockets and its loop: clients in, actors out, readings forwarded on a thread of
+their own (``daemon/security.py``).
 
 Rule 1: the broker thread owns the two ROUTER sockets; the readings forwarder (XSUB ->
 XPUB, ``daemon/security.py``) runs on its own thread: per readings message a receive and a
@@ -165,7 +166,7 @@ class Broker:
         self._router_pvs: dict = {}
         forwarder = ReadingsForwarder(self._ctx, readings_in_endpoint, self.readings_address, self.readings_hwm,
                                       access=lambda: self.config.access, allows=self.config.allows,
-                                      security=security, max_topics=limits.max_pvs + 1,
+                                      security=security, max_topics=lambda: self.config.limits.max_pvs + 1,
                                       held=lambda pv: pv in self._router_pvs)
         readings_endpoint = forwarder.start()
         # The daemon's own announcements (a PV's actor died, the daemon stops) join the

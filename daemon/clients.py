@@ -103,16 +103,20 @@ class Clients(Mapping[bytes, ClientRecord]):
         record = self._records.get(client)
         if record is None or record.identity != identity:  # a new connection took this routing id
             if record is not None:
-                self.followed -= len(record.pvs or ())
+                self._unfollow(record)
             record = self._records[client] = ClientRecord(client=client, first_seen=now, last_seen=now,
                                                           identity=identity)
         record.last_seen = now
         record.requests += 1
         return record
 
+    def _unfollow(self, record: ClientRecord) -> None:
+        """``record``'s list of followed PVs leaves the running total (its owner may replace it)."""
+        self.followed -= len(record.pvs or ())
+
     def follow(self, record: ClientRecord, pvs: list, limit: int) -> None:
         """``record``'s client follows ``pvs`` (its ping says so), at most ``limit`` of them."""
-        self.followed -= len(record.pvs or ())
+        self._unfollow(record)
         record.pvs = tuple(str(pv) for pv in pvs[:limit])
         self.followed += len(record.pvs)
 
@@ -184,7 +188,7 @@ class Clients(Mapping[bytes, ClientRecord]):
     def gone(self, client: bytes) -> None:
         record = self._records.pop(client, None)
         if record is not None:
-            self.followed -= len(record.pvs or ())
+            self._unfollow(record)
 
     def forget_silent(self, now: float, listening_since: float) -> list[ClientForgotten]:
         """Rule 3."""
@@ -193,7 +197,7 @@ class Clients(Mapping[bytes, ClientRecord]):
             idle = now - record.last_seen
             if now - max(record.last_seen, listening_since) > CLIENT_TIMEOUT:
                 del self._records[client]
-                self.followed -= len(record.pvs or ())
+                self._unfollow(record)
                 forgotten.append(ClientForgotten(client, record.name, idle))
         return forgotten
 

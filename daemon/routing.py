@@ -25,6 +25,8 @@ past one, that request alone gets a ``limit`` error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pvhub import __version__
 from pvhub import protocol as p
 from pvhub.access import ANONYMOUS
@@ -278,16 +280,17 @@ class Router:
             record.restart_at = now + delay
         return effects
 
-    def _answer_owed(self, record: ActorRecord, reason: str) -> list[Effect]:
-        """Rule 3: ``actor_died`` for every request in flight to ``record``'s process or queued
-        for it (a put in flight: its outcome unknown)."""
+    def _answer_owed(self, record: ActorRecord, reason: str,
+                     never_sent: Callable[[str], PvhubError] = ActorDiedError) -> list[Effect]:
+        """Rule 3: ``actor_died`` for every request in flight to ``record``'s process (a put:
+        its outcome unknown); ``never_sent(reason)`` for every one queued for it."""
         effects: list[Effect] = []
         for (client, request_id), op in record.inflight.items():
             detail = "; the put's outcome is unknown" if op == p.SetRequest.OP else ""
             effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason + detail))))
             self.clients.settled(client)
         for client, request_id, _, _ in record.queued:
-            effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason))))
+            effects.append(ToClient(client, error_reply(request_id, never_sent(reason))))
             self.clients.settled(client)
         record.inflight.clear()
         record.queued.clear()
@@ -351,11 +354,8 @@ class Router:
         self.stopping = True
         effects: list[Effect] = [Announce(p.HUB_TOPIC, p.HubStopping(reason="the daemon is stopping"))]
         for record in self.actors.values():
-            if not record.alive:
-                for client, request_id, _, _ in record.queued:
-                    effects.append(ToClient(client, error_reply(request_id, HubUnavailableError("the daemon is stopping; the request was not sent"))))
-                    self.clients.settled(client)
-                record.queued.clear()
+            if not record.alive:  # nothing in flight: a dead process's requests were answered
+                effects.extend(self._answer_owed(record, "the daemon is stopping", _not_sent("the request was not sent")))
         return effects
 
     def puts_in_flight(self) -> int:
@@ -368,13 +368,7 @@ class Router:
         """The daemon is going: answer everything still queued or in flight (Rule 3)."""
         effects: list[Effect] = []
         for record in self.actors.values():
-            for (client, request_id), op in record.inflight.items():
-                detail = "; the put's outcome is unknown" if op == p.SetRequest.OP else ""
-                effects.append(ToClient(client, error_reply(request_id, ActorDiedError(reason + detail))))
-            for client, request_id, _, _ in record.queued:
-                effects.append(ToClient(client, error_reply(request_id, HubUnavailableError(reason + "; not sent"))))
-            record.inflight.clear()
-            record.queued.clear()
+            effects.extend(self._answer_owed(record, reason, _not_sent("not sent")))
         return effects
 
     # --- introspection ---------------------------------------------------------------------
@@ -384,3 +378,9 @@ class Router:
         every PV sees only the PVs it may read, and no other client."""
         return build_status(self.placement, self.clients, self.config.access, self.readings_endpoint,
                             now - self.started, now, viewer)
+
+
+def _not_sent(outcome: str) -> Callable[[str], PvhubError]:
+    """What a request queued for a process that will never take it is told: the daemon is
+    unavailable, and the request never left."""
+    return lambda reason: HubUnavailableError(f"{reason}; {outcome}")

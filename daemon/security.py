@@ -244,7 +244,8 @@ class ReadingsForwarder:
 
     def __init__(self, ctx: zmq.Context, inward: str, outward: str, hwm: int, access: Callable[[], AccessRules],
                  allows: Callable[[str], bool], security: Security | None = None,
-                 max_topics: int = 100_000, held: Callable[[str], bool] = lambda pv: True) -> None:
+                 max_topics: Callable[[], int] = lambda: 100_000,
+                 held: Callable[[str], bool] = lambda pv: True) -> None:
         self._ctx = ctx
         self._hwm = hwm
         self._inward = inward
@@ -258,7 +259,8 @@ class ReadingsForwarder:
         self._thread: threading.Thread | None = None
         self._wake_endpoint = f"inproc://pvhub-readings-wake-{id(self)}"
         self._wake: zmq.Socket | None = None
-        # Topics subscribed upstream, at most ``max_topics`` (the daemon's PV limit): a client
+        # Topics subscribed upstream, at most ``max_topics()`` (the daemon's PV limit, which a
+        # reload may change): a client
         # subscribing to every name the allow list admits must not grow the daemon unbounded.
         self.upstream: set[bytes] = set()
         self._max_topics = max_topics
@@ -414,7 +416,7 @@ class ReadingsForwarder:
             if data[0] == 0:
                 xpub.setsockopt(zmq.UNSUBSCRIBE, topic)  # the sender's own, if it had it
                 continue
-            if len(self.upstream) >= self._max_topics and topic not in self.upstream:
+            if len(self.upstream) >= self._max_topics() and topic not in self.upstream:
                 self._prune(xsub)
             identity = identity_of(frame)
             if not self._may_subscribe(identity, topic):
@@ -433,7 +435,7 @@ class ReadingsForwarder:
             return
         previous = self._unheld if now - self._pruned_at <= PRUNE_LOOKS_WITHIN_S else set()
         self._pruned_at = now
-        unheld = {topic for topic in self.upstream if topic.endswith(b"\0") and topic != p.HUB_TOPIC
+        unheld = {topic for topic in self.upstream if topic.endswith(b"\0")  # not HUB_TOPIC
                   and not self._held(topic[:-1].decode(errors="replace"))}
         gone = unheld & previous
         self._unheld = unheld - gone
@@ -447,7 +449,7 @@ class ReadingsForwarder:
         access = self._access()
         if topic == p.HUB_TOPIC:
             return True
-        if len(self.upstream) >= self._max_topics and topic not in self.upstream:
+        if len(self.upstream) >= self._max_topics() and topic not in self.upstream:
             return False
         if topic == b"":
             return access.reads_everything(identity)
