@@ -21,6 +21,12 @@ names subscribed once over a long life never fill the forwarder. (Two looks: a P
 moment ago still has its ``PvLost`` on the way, on its topic.)
 Rule 4: the forwarder's work per reading is a receive and a send of its frames, untouched;
 per subscription, one access decision (cached, ``AccessRules``).
+Rule 5: a client's unsubscription is not applied here; its subscription stays until it
+disconnects, and its own SUB socket drops what it no longer follows. A client proves a
+subscription by unsubscribing and subscribing again (client hub.py Rule 4), and applied, the
+pair left a moment in which the stream to it was cut: readings published then were lost to
+it (a gap in ``seq``). What it may keep is what it was allowed (Rule 3): no more than the
+topics the forwarder holds.
 """
 
 from __future__ import annotations
@@ -414,8 +420,7 @@ class ReadingsForwarder:
                 continue  # not a subscription: nothing to do with it
             topic = data[1:]
             if data[0] == 0:
-                xpub.setsockopt(zmq.UNSUBSCRIBE, topic)  # the sender's own, if it had it
-                continue
+                continue  # kept until the client goes: Rule 5
             if len(self.upstream) >= self._max_topics() and topic not in self.upstream:
                 self._prune(xsub)
             identity = identity_of(frame)
