@@ -10,10 +10,15 @@ the shortest interval. Searches wait in a heap by due time, so a tick costs what
 what is searched. The first server to answer a name gets it.
 Rule 2: beacons. The search socket registers with the host's CA repeater (caRepeater or
 caproto-repeater, on ``EPICS_CA_REPEATER_PORT``; again every ``REGISTER_RETRY`` seconds until
-it confirms) and so hears the IOCs' beacons. A server heard for the first time, or whose
-beacons come four times faster than before (it restarted), sends every name not yet found
-searching again at once, from the shortest interval: an IOC that comes back is found as it
-starts, not at the next search up to ``MAX_RETRY`` later. At most once per
+it confirms) and so hears the IOCs' beacons. A server that is new on the network sends every
+name not yet found searching again at once, from the shortest interval: an IOC that comes back
+is found as it starts, not at the next search up to ``MAX_RETRY`` later. ``BeaconWatch`` tells
+a new server as libca does: not by its first beacon (every IOC already running is heard for
+the first time within one beacon period of our start), but by a second one that came sooner
+than we had been listening before the first (a starting IOC beacons fast), by beacons four
+fifths of their usual interval apart or closer (it restarted), or by a gap of over 3.25 usual
+intervals (its network came back). A beacon number just before, equal to, or two or three
+past the last is a duplicate route's copy and is not counted. At most one such search per
 ``BEACON_SEARCH_GAP``, so a network of starting IOCs costs a few searches a second; servers
 are remembered up to ``MAX_BEACON_SERVERS``. Without a repeater nothing changes but that.
 """
@@ -72,7 +77,7 @@ class NameSearch:
         self._repeater = (caproto.get_local_address(), int(environment["EPICS_CA_REPEATER_PORT"]))
         self._registered = False
         self._register_due = 0.0
-        self._beacons: dict[tuple[str, int], tuple[float, float]] = {}
+        self._beacons = BeaconWatch(time.monotonic())
         self._beacon_search_at = -BEACON_SEARCH_GAP
 
     @property
@@ -198,18 +203,42 @@ class NameSearch:
     def _beacon(self, beacon: Any, sender: tuple[str, int]) -> None:
         now = time.monotonic()
         host = beacon.address if beacon.address not in ("0.0.0.0", "") else sender[0]
-        server = (host, beacon.server_port)
-        heard = self._beacons.pop(server, None)  # put back last: the oldest go first
-        if heard is None:
-            anomaly, interval = True, 0.0
-            if len(self._beacons) >= MAX_BEACON_SERVERS:
-                del self._beacons[next(iter(self._beacons))]
-        else:
-            interval = now - heard[0]
-            anomaly = interval < heard[1] / 4  # faster than before: it restarted
-        self._beacons[server] = (now, interval)
-        if anomaly and self._searching and now - self._beacon_search_at >= BEACON_SEARCH_GAP:
+        new = self._beacons.heard((host, beacon.server_port), beacon.beacon_id, now)
+        if new and self._searching and now - self._beacon_search_at >= BEACON_SEARCH_GAP:
             self._beacon_search_at = now
             for channel in list(self._searching.values()):
                 channel.interval = MIN_RETRY
                 self.start(channel, delay=0.0)
+
+
+class BeaconWatch:
+    """What each server's beacons said: is it new on the network (Rule 2)? No I/O."""
+
+    def __init__(self, started: float) -> None:
+        self._started = started
+        # server -> (last heard, its usual interval or None after one beacon, last number)
+        self._servers: dict[tuple[str, int], tuple[float, float | None, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._servers)
+
+    def heard(self, server: tuple[str, int], number: int, now: float) -> bool:
+        """A beacon of ``server`` numbered ``number`` came at ``now``: is the server new?"""
+        known = self._servers.pop(server, None)  # put back last: the oldest go first
+        if known is None:
+            if len(self._servers) >= MAX_BEACON_SERVERS:
+                del self._servers[next(iter(self._servers))]
+            self._servers[server] = (now, None, number)
+            return False
+        last, usual, last_number = known
+        advance = (number - last_number) & 0xFFFFFFFF
+        if advance == 0 or advance > 0xFFFFFFFF - 256 or 1 < advance < 4:
+            self._servers[server] = (last, usual, number)  # a duplicate route's copy
+            return False
+        interval = now - last
+        if usual is None:  # the second beacon: new if we would have heard it before at this rate
+            self._servers[server] = (now, interval, number)
+            return interval <= last - self._started
+        new = interval <= usual * 0.8 or interval >= usual * 3.25
+        self._servers[server] = (now, usual * 0.875 + interval * 0.125, number)
+        return new

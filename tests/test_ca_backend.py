@@ -105,6 +105,56 @@ def test_other_types_and_short_payloads_are_left_to_caproto():
     assert _fast(bytes(message)) is None
 
 
+# --- beacons (actors/search.py Rule 2), no sockets ------------------------------------------------
+
+IOC = ("127.0.0.1", 5064)
+
+
+def _beacons(watch: search.BeaconWatch, times: list[float], first: int = 0) -> list[bool]:
+    return [watch.heard(IOC, first + n, at) for n, at in enumerate(times)]
+
+
+def test_an_ioc_already_running_is_not_new_when_first_heard():
+    # Started at 0; the IOC beacons every 15 s, first heard at 3 s: the second beacon's 15 s
+    # are more than we had listened before the first, so we could not have heard it before.
+    watch = search.BeaconWatch(started=0.0)
+    assert _beacons(watch, [3.0, 18.0, 33.0, 48.0], first=500) == [False] * 4
+
+
+def test_an_ioc_that_starts_while_we_listen_is_new_at_its_second_beacon():
+    watch = search.BeaconWatch(started=0.0)
+    assert _beacons(watch, [20.0, 20.02, 20.06]) == [False, True, False]
+
+
+def test_an_ioc_that_restarts_is_new_and_its_beacon_numbers_start_again():
+    watch = search.BeaconWatch(started=0.0)
+    assert _beacons(watch, [3.0, 18.0, 33.0, 48.0], first=500) == [False] * 4
+    # Restarted at 50: its beacons start again from number 0, and far sooner than every 15 s.
+    assert watch.heard(IOC, 0, 50.0) is True
+
+
+def test_an_ioc_whose_beacons_stop_and_come_back_is_new():
+    watch = search.BeaconWatch(started=0.0)
+    assert _beacons(watch, [3.0, 18.0, 33.0], first=7) == [False] * 3
+    assert watch.heard(IOC, 10, 33.0 + 15 * 4) is True  # numbers 8 and 9 lost with the network
+
+
+def test_duplicates_and_near_copies_are_not_counted():
+    watch = search.BeaconWatch(started=0.0)
+    assert _beacons(watch, [3.0, 18.0], first=7) == [False, False]
+    assert watch.heard(IOC, 8, 18.01) is False  # the same number again
+    assert watch.heard(IOC, 10, 18.02) is False  # two past: a duplicate route
+    assert watch.heard(IOC, 11, 33.0) is False  # and the usual interval goes on
+
+
+def test_the_servers_remembered_have_a_bound(monkeypatch):
+    monkeypatch.setattr(search, "MAX_BEACON_SERVERS", 3)
+    watch = search.BeaconWatch(started=0.0)
+    for port in range(10):
+        watch.heard(("127.0.0.1", port), 0, 1.0)
+    assert len(watch) == 3
+
+
 @pytest.fixture
 def driver(zoo_ioc, monkeypatch) -> Iterator[ca.Driver]:
     """A backend on its own (``Driver``) that reaches the zoo IOC and nothing else."""
