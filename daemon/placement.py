@@ -20,6 +20,9 @@ die. When a shared process dies, each untrusted PV it owned gets a strike; those
 several are split between two probation processes, and a probation process that dies is
 split again, so that a PV that kills whatever process holds it is found in about log2(n)
 deaths while the PVs that did nothing go on in their own process. Config groups stay whole.
+A PV released (Rule 5) with strikes or quarantined keeps them for ``SUSPECT_MEMORY_S``
+(at most ``MAX_SUSPECTS`` names, the oldest forgotten first): asked for again, a quarantined
+one goes straight to a process of its own, not back into the pool it killed.
 Rule 5 (release): a PV that finds no IOC for ``release_unconnected_s`` (never connected since
 it was adopted) is released; a process of its own (isolated, quarantined, on probation) left
 with no PV is stopped for good, so that names asked for once do not leave processes behind.
@@ -43,6 +46,9 @@ HOMES_SLACK = 1024
 # Rule 4: a PV that lived this long in a process that did not die is no suspect.
 TRUST_S = 10.0
 QUARANTINE_STRIKES = 2
+# Rule 4: how long, and for how many names, the strikes of released PVs are remembered.
+SUSPECT_MEMORY_S = 3600.0
+MAX_SUSPECTS = 10_000
 # An identity is a ZeroMQ routing id (at most 255 bytes); longer actor names are hashed.
 _MAX_IDENTITY_BYTES = 200
 
@@ -127,6 +133,8 @@ class Placement:
         self.releases = 0  # batches of PVs released so far (Rule 5)
         # Names retired lately -> (when, their next incarnation); kept RETIRED_MEMORY_S.
         self._retired: dict[str, tuple[float, int]] = {}
+        # Rule 4: PVs released with strikes -> (when, strikes, quarantined), oldest first.
+        self._suspects: dict[str, tuple[float, int, bool]] = {}
 
     def live(self, identity: str) -> ActorRecord | None:
         """The record of the live incarnation ``identity``; None for any other, whose word
@@ -176,10 +184,13 @@ class Placement:
             return []
         group = config.group_of(pv)
         effects: list[Effect] = []
+        released, strikes, quarantined = self._suspects.pop(pv, (now, 0, False))
+        if now - released >= SUSPECT_MEMORY_S:
+            strikes, quarantined = 0, False
         if group is not None:
             record, spawned = self._group_actor(group, config, now)
             effects.extend(spawned)
-        elif config.isolated(pv):
+        elif config.isolated(pv) or quarantined:
             record = self.actors.get(f"pv:{pv}")
             if record is None:
                 effects.extend(self._new_actor(f"pv:{pv}", OWN, now))
@@ -188,6 +199,9 @@ class Placement:
             record, spawned = self._pool_member_for(pv, config.max_pvs_per_actor, now)
             effects.extend(spawned)
         effects.extend(self._assign(pv, record, config, now))
+        if strikes or quarantined:
+            self.pvs[pv].strikes = strikes
+            self.pvs[pv].quarantined = quarantined and record.kind == OWN
         if record.kind == POOL and not any(len(self.actors[a].pvs) < config.max_pvs_per_actor for a in self.pool):
             effects.extend(self._grow_pool(now))  # Rule 3: room for the next new PV, ahead of it
         return effects
@@ -313,6 +327,19 @@ class Placement:
         if self._retired:
             self._retired = {a: v for a, v in self._retired.items() if now - v[0] < RETIRED_MEMORY_S}
 
+    @property
+    def suspects_remembered(self) -> int:
+        """How many released PVs' strikes are kept (Rule 4)."""
+        return len(self._suspects)
+
+    def _remember_suspect(self, pv_record: PvRecord, now: float) -> None:
+        """Keep a released PV's strikes (Rule 4); the oldest go past the bound or the time."""
+        self._suspects.pop(pv_record.pv, None)
+        self._suspects[pv_record.pv] = (now, pv_record.strikes, pv_record.quarantined)
+        for pv, (released, _, _) in list(itertools.islice(self._suspects.items(), 2)):
+            if len(self._suspects) > MAX_SUSPECTS or now - released >= SUSPECT_MEMORY_S:
+                del self._suspects[pv]
+
     # --- release (Rule 5) ------------------------------------------------------------------
 
     def release_unconnected(self, config: Config, now: float
@@ -330,6 +357,8 @@ class Placement:
                     or config.starts_with_daemon(pv) or config.group_of(pv) is not None):
                 continue
             record = self.actors[pv_record.actor]
+            if pv_record.strikes or pv_record.quarantined:
+                self._remember_suspect(pv_record, now)
             del self.pvs[pv]
             record.pvs.discard(pv)
             released.append(pv)

@@ -148,6 +148,57 @@ def test_a_pv_that_keeps_killing_its_pooled_process_is_quarantined_alone():
     assert status["BAD:pv"]["quarantined"] is True and status["OLD:0"]["quarantined"] is False
 
 
+def test_a_quarantined_pv_released_and_asked_for_again_goes_to_a_process_of_its_own():
+    from pvhub.config import Limits
+    from pvhub.daemon import placement
+
+    router = pooled(1, limits=Limits(release_unconnected_s=30))
+    ready(router, "pool:0", now=0.0)
+    send(router, p.ReadRequest(id=1, pv="BAD:pv"), now=0.0)
+    send(router, p.ReadRequest(id=2, pv="ODD:pv"), now=0.0)
+    router.actor_exited("pool:0", 139, now=1.0)
+    kill_young(router, "pool:0", 2.0)  # two strikes each: split between two probation processes
+    kill_young(router, owner(router, "BAD:pv"), 3.0)  # BAD's dies again: alone, quarantined
+    assert router.pvs["BAD:pv"].quarantined and owner(router, "BAD:pv") == "pv:BAD:pv"
+    odd_strikes = router.pvs["ODD:pv"].strikes
+    assert odd_strikes == QUARANTINE_STRIKES
+    for actor in list(router.actors):
+        ready(router, actor, now=4.0)
+    router.tick(60.0)  # neither ever found an IOC: both released
+    assert "BAD:pv" not in router.pvs and "ODD:pv" not in router.pvs
+    # Asked for again: not back into the pool it killed, and status still says so.
+    effects = send(router, p.ReadRequest(id=3, pv="BAD:pv"), now=70.0)
+    assert [e.actor for e in effects if isinstance(e, SpawnActor)] == ["pv:BAD:pv"]
+    assert owner(router, "BAD:pv") == "pv:BAD:pv" and router.pvs["BAD:pv"].quarantined
+    status = {entry["pv"]: entry for entry in router.status(70.0)["pvs"]}
+    assert status["BAD:pv"]["quarantined"] is True
+    # One that had strikes only goes back to the pool with them.
+    send(router, p.ReadRequest(id=4, pv="ODD:pv"), now=70.0)
+    assert owner(router, "ODD:pv").startswith("pool:") and router.pvs["ODD:pv"].strikes == odd_strikes
+    # After SUSPECT_MEMORY_S, a name starts over.
+    router.tick(100.0)
+    later = 100.0 + placement.SUSPECT_MEMORY_S
+    send(router, p.ReadRequest(id=5, pv="BAD:pv"), now=later)
+    assert owner(router, "BAD:pv").startswith("pool:") and not router.pvs["BAD:pv"].quarantined
+
+
+def test_the_strikes_of_released_pvs_are_remembered_for_a_bounded_number_of_names(monkeypatch):
+    from pvhub.config import Limits
+    from pvhub.daemon import placement
+
+    monkeypatch.setattr(placement, "MAX_SUSPECTS", 5)
+    router = pooled(1, limits=Limits(release_unconnected_s=30))
+    ready(router, "pool:0", now=0.0)
+    names = [f"S{i}:pv" for i in range(20)]
+    for i, pv in enumerate(names):
+        send(router, p.ReadRequest(id=i, pv=pv), now=0.0)
+    router.actor_exited("pool:0", 139, now=1.0)  # one strike each
+    ready(router, "pool:0", now=1.5)
+    router.tick(60.0)
+    assert not router.pvs
+    assert router.placement.suspects_remembered == 5
+
+
 def test_many_suspects_are_halved_until_the_bad_one_is_alone():
     router = pooled(1)
     ready(router, "pool:0", now=0.0)
