@@ -9,7 +9,10 @@ the tens ``site`` and the package imports take (much more wall time on a busy ma
 Rule 2: the broker never waits for a process to start: ``spawn`` hands the work to the
 supervisor's own thread and returns at once; the broker hears of the new process when it
 says ``ActorReady``, or of its failure through ``reap``.
-Rule 3: stopping is bounded: SIGTERM to all, then SIGKILL to whoever is left at the deadline.
+Rule 3: stopping is bounded: SIGTERM to all, then SIGKILL to whoever is left at the deadline,
+and only then the spawner's thread ends. The kernel sends an actor its parent-death signal
+when the *thread* that started it ends, not the daemon: ended first, it SIGKILLed every actor
+before its SIGTERM, and no actor ever stopped in order.
 Rule 4: a retired actor (one the broker has no more use for) gets SIGTERM, SIGKILL after
 ``RETIRE_GRACE_S``, and is reaped without a word to the broker. A new actor of the same name
 may start meanwhile: the broker gives it the next incarnation's identity.
@@ -138,11 +141,9 @@ class Supervisor:
                 _signal(record.process, signal.SIGKILL)
 
     def stop_all(self, timeout: float = 5.0) -> None:
-        """Stop starting processes, then stop every actor (Rule 3)."""
-        self._requests.put(None)
-        self._thread.join(timeout)
+        """Stop every actor, then the spawner (Rule 3)."""
         with self._lock:
-            self._stopped = True
+            self._stopped = True  # the spawner starts nothing more; one it is starting is killed
             processes = [(r.actor, r.process) for r in self._processes.values() if r.process is not None]
             processes += [(actor, process) for actor, process, _ in self._retiring]
             self._processes.clear()
@@ -157,6 +158,10 @@ class Supervisor:
                 log.warning("actor_killed", actor=actor, actor_pid=process.pid)
                 _signal(process, signal.SIGKILL)
                 process.wait()
+        # Last: an actor's parent-death signal follows the thread that started it, so the
+        # spawner's end is every actor's SIGKILL (Rule 1).
+        self._requests.put(None)
+        self._thread.join(timeout)
 
     # --- on the spawner's thread -------------------------------------------------------------
 

@@ -142,3 +142,93 @@ def _seconds(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+# --- retired processes that do not leave (supervisor Rule 4), with real processes ---------------
+
+# It watches its parent process, not the thread that started it (as a parent-death signal
+# would): the spawner thread's end must not be what stops it.
+STUBBORN = """
+import os, signal, threading, time
+parent = os.getppid()
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.1)
+    os._exit(1)
+threading.Thread(target=watch, daemon=True).start()
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+signal.pause()
+"""
+
+
+@pytest.fixture
+def stubborn_supervisor(monkeypatch):
+    """A Supervisor whose actors are processes that ignore SIGTERM, and the ones it started."""
+    import subprocess
+    import sys
+
+    from pvhub.daemon import supervisor as sup
+
+    started: list[subprocess.Popen] = []
+
+    def start(self, identity: str) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "ready\n"  # SIGTERM is ignored from here on
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(sup.Supervisor, "_start", start)
+    made = sup.Supervisor("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", "console", "warning")
+    yield made, started
+    made.stop_all(timeout=1.0)
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(5)
+        process.stdout.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_retired_process_that_ignores_sigterm_is_killed_after_the_grace(stubborn_supervisor, monkeypatch):
+    from pvhub.daemon import supervisor as sup
+
+    supervisor, started = stubborn_supervisor
+    monkeypatch.setattr(sup, "RETIRE_GRACE_S", 0.3)
+    supervisor.spawn("pv:A", "pv:A")
+    wait_until(lambda: started, timeout=10)
+    wait_until(lambda: supervisor._processes["pv:A"].process is not None, timeout=10)
+    retired_at = time.monotonic()
+    supervisor.retire("pv:A")
+    process = started[0]
+    while process.poll() is None:  # the broker's tick calls reap()
+        assert supervisor.reap() == []  # quietly: a retired actor's exit is no death
+        assert time.monotonic() - retired_at < 10, "the retired process was never killed"
+        time.sleep(0.05)
+    assert process.returncode == -signal.SIGKILL
+    assert time.monotonic() - retired_at >= 0.3  # its SIGTERM had its grace first
+
+
+@pytest.mark.timeout(30)
+def test_stop_all_reaches_processes_still_retiring(stubborn_supervisor, monkeypatch):
+    from pvhub.daemon import supervisor as sup
+
+    supervisor, started = stubborn_supervisor
+    monkeypatch.setattr(sup, "RETIRE_GRACE_S", 60.0)  # its grace would outlast the daemon
+    supervisor.spawn("pv:A", "pv:A")
+    supervisor.spawn("pool:0", "pool:0")
+    wait_until(lambda: len(started) == 2, timeout=10)
+    wait_until(lambda: all(r.process is not None for r in supervisor._processes.values()), timeout=10)
+    supervisor.retire("pv:A")
+    supervisor.stop_all(timeout=0.5)
+    assert [process.poll() for process in started] == [-signal.SIGKILL, -signal.SIGKILL]
+
+
+@pytest.mark.timeout(60)
+def test_a_stopping_daemon_lets_its_actors_stop_in_order(hub_factory):
+    daemon = hub_factory()
+    pool = wait_until(lambda: {e["actor"] for e in log_events(daemon, "actor_started")}, timeout=30)
+    assert daemon.stop() == 0
+    stopped = {event["actor"] for event in log_events(daemon, "actor_stopped")}
+    assert pool <= stopped, f"killed, not stopped: {sorted(pool - stopped)}"
+    assert not log_events(daemon, "actor_killed")
