@@ -13,18 +13,49 @@ PACKAGES = {"pvhub": REPO / "pvhub", "pvhub.daemon": REPO / "daemon",
             "pvhub.actors": REPO / "actors", "pvhub.client": REPO / "client"}
 
 
+def _package_of(path: Path) -> str:
+    for package, root in PACKAGES.items():
+        if path.is_relative_to(root) and (package != "pvhub" or path.parent.is_relative_to(root)):
+            parts = path.relative_to(root).with_suffix("").parts
+            if package == "pvhub" and parts[0] == "testing":
+                return "pvhub.testing"
+            return ".".join((package, *parts[:-1]))
+    raise AssertionError(f"{path} is in no package")
+
+
 def imports_of(path: Path) -> set[str]:
+    """Every module ``path`` imports, absolute, and each name taken from one as a module too:
+    ``from pvhub import testing`` and ``from . import x`` count as ``pvhub.testing``, ``<pkg>.x``."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = _package_of(path).split(".")
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join([*base, *([module] if module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
     return names
 
 
 def modules(package: str):
-    return sorted(PACKAGES[package].glob("*.py"))
+    """The package's modules, its subpackages' too (``client/ophyd_async``), but not
+    ``pvhub.testing``, which is checked as a user of the others."""
+    root = PACKAGES[package]
+    return sorted(path for path in root.rglob("*.py")
+                  if not (package == "pvhub" and path.parent != root))
+
+
+def test_imports_of_sees_modules_taken_by_name_and_relative_imports(tmp_path, monkeypatch):
+    client = tmp_path / "client"
+    client.mkdir()
+    module = client / "thing.py"
+    module.write_text("from pvhub import testing\nfrom . import hub\nfrom .values import x\nimport zmq\n")
+    monkeypatch.setitem(PACKAGES, "pvhub.client", client)
+    assert {"pvhub.testing", "pvhub.client.hub", "pvhub.client.values", "zmq"} <= imports_of(module)
 
 
 @pytest.mark.parametrize("package", ["pvhub.daemon", "pvhub.actors"])
