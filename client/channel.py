@@ -144,6 +144,15 @@ class Channel:
             # queued ahead of anything it queues next (a new subscription's first call).
             self._tell(events)
 
+    def apply_reply(self, message: p.Snapshot | p.SetDone) -> None:
+        """A snapshot's state, or the reading a put's ``SetDone`` carries, applied on the I/O
+        thread before the request's waiter hears of it (read-your-writes)."""
+        if isinstance(message, p.Snapshot):
+            self.apply(message.epoch, message.seq, message.connected, message.reading, message.metadata,
+                       from_stream=False)
+        elif message.reading is not None:
+            self.apply(message.epoch, message.seq, True, message.reading, None, from_stream=False)
+
     def _apply(
         self,
         epoch: int,
@@ -249,9 +258,9 @@ class ProofSchedule:
         self._order = itertools.count()
 
     @property
-    def heap(self) -> list[tuple[float, int, Channel]]:
-        """The entries, soonest first (``heap[0]``; it may be stale, which only wakes early)."""
-        return self._heap
+    def next_due(self) -> float | None:
+        """When the soonest entry is due (it may be stale, which only wakes early), or None."""
+        return self._heap[0][0] if self._heap else None
 
     def __len__(self) -> int:
         """How many channels are still looked after."""

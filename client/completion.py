@@ -88,9 +88,9 @@ class ReadbackWatch:
             self.status.set_finished(dispatch=self.dispatch)
 
 
-def send_set(hub: Hub, pv: str, value: Any, write_channel: Channel, status: Status,
+def send_set(hub: Hub, value: Any, write_channel: Channel, status: Status,
              watch: ReadbackWatch | None, use_complete: bool) -> None:
-    """Ask the daemon to put ``value`` to ``pv``; ``status`` finishes when the completion
+    """Ask the daemon to put ``value`` to ``write_channel``'s PV; ``status`` finishes when the completion
     (``use_complete``), the ``watch``, or both say so (Rule 1), or fails with the put."""
     if watch is not None:
         watch.start()
@@ -101,9 +101,7 @@ def send_set(hub: Hub, pv: str, value: Any, write_channel: Channel, status: Stat
         if isinstance(message, p.SetAccepted):
             return False
         if isinstance(message, p.SetDone):
-            if message.reading is not None:
-                # Read-your-writes: apply the read-back before anyone hears "done".
-                write_channel.apply(message.epoch, message.seq, True, message.reading, None, from_stream=False)
+            write_channel.apply_reply(message)  # read-your-writes, before anyone hears "done"
             if watch is None:
                 status.set_finished(dispatch=hub.dispatch)  # waiters wake now (status.py Rule 4)
             elif use_complete:
@@ -114,4 +112,5 @@ def send_set(hub: Hub, pv: str, value: Any, write_channel: Channel, status: Stat
             return False
         return True
 
+    pv = write_channel.pv
     hub.request(lambda rid: p.SetRequest(id=rid, pv=pv, value=value), on_reply)

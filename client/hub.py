@@ -334,9 +334,9 @@ class Hub:
         if self._calls:
             return 0
         due = self._liveness.next_due()
-        proofs, deadline = self._proofs.heap, self._requests.next_deadline
-        if proofs and proofs[0][0] < due:
-            due = proofs[0][0]
+        proof, deadline = self._proofs.next_due, self._requests.next_deadline
+        if proof is not None and proof < due:
+            due = proof
         if deadline is not None and deadline < due:
             due = deadline
         if due <= now:
@@ -595,10 +595,7 @@ class Hub:
             if not self._proofs.answered(channel, request_id):
                 return True  # given up (Rule 4), or the PV was lost since: a newer one counts
             if isinstance(message, p.Snapshot):
-                channel.apply(
-                    message.epoch, message.seq, message.connected, message.reading, message.metadata,
-                    from_stream=False,
-                )
+                channel.apply_reply(message)
             elif isinstance(message, p.ErrorReply) and message.code in PERMANENT_ERRORS:
                 with channel.cond:
                     channel.error = error_from_code(message.code, message.message)

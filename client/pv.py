@@ -262,9 +262,7 @@ class PV(PVFields):
                 accepted.set_result(True)
                 return False
             if isinstance(message, p.SetDone):
-                if message.reading is not None:
-                    # Read-your-writes: a get after the completion sees the value read back.
-                    channel.apply(message.epoch, message.seq, True, message.reading, None, from_stream=False)
+                channel.apply_reply(message)  # read-your-writes: a get after it sees the read-back
                 error = None
             elif isinstance(message, p.ErrorReply):
                 error = error_from_code(message.code, message.message)

@@ -193,8 +193,7 @@ class EpicsSignalBase(Subscriptions):
 
         def on_reply(message: p.Message) -> bool:  # on the I/O thread, as channels need
             if isinstance(message, p.Snapshot):
-                channel.apply(message.epoch, message.seq, message.connected, message.reading,
-                              message.metadata, from_stream=False)
+                channel.apply_reply(message)
             return isinstance(message, p.FINAL_REPLIES)
 
         future = self._hub.request(lambda rid: p.ReadRequest(id=rid, pv=channel.pv, fresh=True), on_reply,
@@ -468,7 +467,7 @@ class EpicsSignal(EpicsSignalBase):
             watch = ReadbackWatch(self._read_channel, hub.dispatch, status, value, self.tolerance, self.rtolerance)
         elif self._tolerance is not None or self.rtolerance is not None:
             watch = ReadbackWatch(self._read_channel, hub.dispatch, status, value, self._tolerance, self.rtolerance)
-        send_set(hub, self._write_pv, value, self._write_channel, status, watch, use_complete)
+        send_set(hub, value, self._write_channel, status, watch, use_complete)
         return status
 
     def put(self, value: Any, *, force: bool = False, connection_timeout: float | None = None,

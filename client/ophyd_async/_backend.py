@@ -186,10 +186,10 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
                 # Without wait, the put is done once the IOC has it; what comes after is not
                 # waited for, as with a Channel Access put without callback.
                 return not wait
-            if isinstance(message, p.SetDone) and message.reading is not None:
+            if isinstance(message, p.SetDone):
                 # Read-your-writes: the read-back reaches the channel (and so a monitor, and
                 # ophyd-async's cache) before the put returns, whichever socket is faster.
-                channel.apply(message.epoch, message.seq, True, message.reading, None, from_stream=False)
+                channel.apply_reply(message)
             return isinstance(message, (p.SetDone, p.ErrorReply))
 
         future = self.hub.request(
