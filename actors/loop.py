@@ -21,8 +21,9 @@ records a second, not thousands.
 Rule 5: ``PVHUB_FAULT_EXIT_ON_ADOPT`` (a glob pattern) makes the process exit when it adopts a
 PV that matches: a PV that crashes whatever process holds it, for the tests of the broker's
 quarantine. Unset, it costs nothing.
-Rule 6: a readings message is a PV's topic frame followed by one or more of its Updates, in
-seq order. A PV's message goes at the end of the loop's pass, unless the PV's previous message
+Rule 6: a readings message is a PV's topic frame and a frame holding one or more of its
+Updates back to back, in seq order (protocol Rule 8: a client reads one frame, not one per
+update; updates of ``JOIN_LIMIT`` bytes or more, arrays, go as frames of their own). A PV's message goes at the end of the loop's pass, unless the PV's previous message
 with a new value left less than ``BATCH_WINDOW_S`` ago: then its updates wait, and go together
 when the window is over (a snapshot, such as the one a new client asks for, starts no window,
 so a new PV's first value never waits). A quiet PV's update goes alone, at once; one that changes faster than the window
@@ -58,6 +59,8 @@ POLL_MS = 250
 DRAIN_LIMIT = 2000
 # A PV's readings messages leave at most this often; updates in between go together (Rule 6).
 BATCH_WINDOW_S = 0.005
+# An update this big goes in a frame of its own rather than be copied into a joined one (Rule 6).
+JOIN_LIMIT = 65_536
 
 
 class Actor:
@@ -313,12 +316,12 @@ class Actor:
         for effect in effects:
             if isinstance(effect, Publish):
                 pv = effect.update.pv
-                frames = self._outgoing.get(pv)
-                if frames is None:
-                    self._outgoing[pv] = frames = [p.topic(pv), p.encode(effect.update)]
+                payloads = self._outgoing.get(pv)
+                if payloads is None:
+                    self._outgoing[pv] = [p.encode(effect.update)]
                     self._fresh = True
                 else:
-                    frames.append(p.encode(effect.update))
+                    payloads.append(p.encode(effect.update))
                 if not effect.update.snapshot:
                     self._valued.add(pv)
             elif isinstance(effect, Reply):
@@ -341,18 +344,30 @@ class Actor:
         waiting: dict[str, list[bytes]] = {}
         next_send = None
         sent_at = self._sent_at
-        for pv, frames in self._outgoing.items():
+        for pv, payloads in self._outgoing.items():
             free_at = sent_at.get(pv, 0.0) + BATCH_WINDOW_S
             if not everything and now < free_at:
-                waiting[pv] = frames
+                waiting[pv] = payloads
                 next_send = free_at if next_send is None else min(next_send, free_at)
                 continue
-            self._pub.send_multipart(frames)
+            self._send_readings(pv, payloads)
             if pv in self._valued:
                 sent_at[pv] = now
         self._valued.intersection_update(waiting)
         self._outgoing = waiting
         self._next_send = next_send
+
+    def _send_readings(self, pv: str, payloads: list[bytes]) -> None:
+        """One message: the PV's topic and its updates back to back in one frame (Rule 6). An
+        update of ``JOIN_LIMIT`` bytes or more (an array) is not copied into a joined frame:
+        such updates go as frames of their own in the same message."""
+        topic = p.topic(pv)
+        if len(payloads) == 1:
+            self._pub.send_multipart((topic, payloads[0]))
+        elif all(len(payload) < JOIN_LIMIT for payload in payloads):
+            self._pub.send_multipart((topic, b"".join(payloads)))
+        else:
+            self._pub.send_multipart((topic, *payloads))
 
     def _reply(self, client: bytes, message: p.Message) -> None:
         if isinstance(message, p.ErrorReply) and message.code != "bad_message":

@@ -537,10 +537,12 @@ class Hub:
 
     def _drain_readings(self) -> None:
         # The hot path: a thousand readings a second to each of a hundred processes. A
-        # readings message is its topic, then one or more messages of that topic (an actor
-        # may send several updates of a PV at once), each decoded by ``decode_reading`` (as
-        # thorough as ``decode``, quicker for an ``Update``) and applied to its channel; the
-        # dispatcher is woken once per batch (Rule 2).
+        # readings message is its topic, then a frame holding one or more messages of that
+        # topic back to back (an actor sends the updates of a PV it has gathered together;
+        # protocol Rule 8), each decoded as ``decode_reading`` would (as thorough as
+        # ``decode``, quicker for an ``Update``) and applied to its channel; the dispatcher
+        # is woken once per batch (Rule 2). Asking whether more frames follow costs two
+        # microseconds: it is asked twice a message, not once per update.
         recv, more, channels = self._sub.recv, self._sub.get, self._channels
         count = 0  # updates, for the dispatcher's batches
         for _ in range(10_000):  # messages: then the rest of the loop has its turn
@@ -549,23 +551,21 @@ class Hub:
             except zmq.Again:
                 return
             while more(_RCVMORE):  # a message's frames arrive together: no Again here
-                payload = recv(_NOBLOCK)
-                count += 1
                 try:
-                    update = p.decode_reading(payload)
+                    for update in p.decode_readings(recv(_NOBLOCK)):
+                        count += 1
+                        if type(update) is p.Update:
+                            channel = channels.get(update.pv)
+                            if channel is not None:
+                                channel.live = True
+                                channel.apply(update.epoch, update.seq, update.connected, update.reading,
+                                              update.metadata, from_stream=True)
+                            if not count % DISPATCH_BATCH:
+                                self._dispatcher.flush()
+                        else:
+                            self._other_reading(update)
                 except ProtocolError as exc:
                     log.error("bad_reading", error=str(exc))
-                    continue
-                if type(update) is p.Update:
-                    channel = channels.get(update.pv)
-                    if channel is not None:
-                        channel.live = True
-                        channel.apply(update.epoch, update.seq, update.connected, update.reading, update.metadata,
-                                      from_stream=True)
-                    if not count % DISPATCH_BATCH:
-                        self._dispatcher.flush()
-                else:
-                    self._other_reading(update)
 
     def _other_reading(self, update: p.Message) -> None:
         """What the readings socket carries besides updates."""

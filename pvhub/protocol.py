@@ -18,13 +18,17 @@ Rule 6: ``decode`` refuses any malformed input with ``ProtocolError`` and alloca
 beyond what arrived.
 Rule 7: ``decode_reading`` is ``decode`` for the readings socket: what it returns or refuses is
 exactly what ``decode`` returns or refuses; it is only quicker for the usual ``Update``.
+Rule 8: a readings message is a topic frame and one or more frames, each holding one or more
+encoded messages back to back (msgpack delimits them): an actor puts the updates of a PV
+that it sends together in one frame, so a client reads one frame, not one per update.
+``decode_readings`` takes such a frame apart, message by message as ``decode_reading``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar, Iterator, TypedDict
 
 import msgpack
 import numpy as np
@@ -548,13 +552,41 @@ def decode_reading(data: bytes) -> Message:
         body = msgpack.unpackb(data, raw=False, ext_hook=unpack_ext, strict_map_key=False)
     except Exception:  # malformed: let decode say why, in its words
         return decode(data)
+    update = _update_of(body, data)
+    return decode(data) if update is None else update
+
+
+def decode_readings(frame: bytes) -> Iterator[Message]:
+    """The messages of one readings frame, in order (Rule 8): for each, what ``decode_reading``
+    returns for its bytes. A frame broken part way yields the messages before the break, then
+    raises ``ProtocolError``."""
+    size = len(frame)
+    unpacker = msgpack.Unpacker(raw=False, ext_hook=unpack_ext, strict_map_key=False, max_buffer_size=max(size, 1))
+    unpacker.feed(frame)
+    start = 0
+    while start < size:
+        try:
+            body = unpacker.unpack()
+        except Exception:  # broken or cut short from here on: decode says why, in its words
+            decode(frame[start:])
+            raise ProtocolError("undecodable message") from None
+        end = unpacker.tell()
+        data = frame if start == 0 and end == size else frame[start:end]
+        update = _update_of(body, data)
+        yield decode(data) if update is None else update
+        start = end
+
+
+def _update_of(body: Any, data: bytes) -> Update | None:
+    """The ``Update`` that ``body`` (unpacked from ``data``) is, when it has exactly the shape
+    ``encode`` writes and passes decode's checks; None for anything else, for ``decode``."""
     if type(body) is not dict or len(body) != _UPDATE_SIZE:
-        return decode(data)
+        return None
     try:  # as many keys as an Update has, and each of them: exactly its keys
         version, op, pv, reading, metadata = body["v"], body["op"], body["pv"], body["reading"], body["metadata"]
         epoch, seq, connected, snapshot = body["epoch"], body["seq"], body["connected"], body["snapshot"]
     except KeyError:
-        return decode(data)
+        return None
     if (
         type(version) is not int or version != PROTOCOL_VERSION or op != "update"
         or type(pv) is not str or not pv or "\0" in pv
@@ -562,24 +594,24 @@ def decode_reading(data: bytes) -> Message:
         or type(connected) is not bool or type(snapshot) is not bool
         or (metadata is not None and type(metadata) is not dict)
     ):
-        return decode(data)
+        return None
     if reading is not None:
         if type(reading) is not dict or len(reading) != _READING_SIZE:
-            return decode(data)
+            return None
         try:
             value, timestamp, severity, status = (reading["value"], reading["timestamp"], reading["severity"],
                                                   reading["status"])
         except KeyError:
-            return decode(data)
+            return None
         if type(timestamp) not in _NUMBER or type(severity) is not int or type(status) is not int:
-            return decode(data)
+            return None
         # Only containers nest: a plain value and no metadata is two levels deep.
         if (metadata is not None or type(value) in _CONTAINERS) and _may_nest_deeper(data) \
                 and _deeper_than(body, MAX_DEPTH):
-            return decode(data)
+            return None
         body["reading"] = _built(Reading, reading)
     elif metadata is not None and _may_nest_deeper(data) and _deeper_than(body, MAX_DEPTH):
-        return decode(data)
+        return None
     del body["v"], body["op"]
     return _built(Update, body)
 

@@ -433,7 +433,7 @@ def assert_updates_of(frames: list[bytes], pv: str) -> None:
     """``frames`` are a readings message of ``pv``: its topic, then one or more updates."""
     topic, *payloads = frames
     assert topic == p.topic(pv) and payloads
-    assert all(isinstance(p.decode(payload), p.Update) for payload in payloads)
+    assert all(isinstance(update, p.Update) for payload in payloads for update in p.decode_readings(payload))
 
 
 def port_of(endpoint: str) -> int:

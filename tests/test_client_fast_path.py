@@ -251,6 +251,73 @@ def test_fast_decode_of_any_bytes_is_a_message_or_a_protocol_error(data: bytes) 
     assert outcome(p.decode_reading, data) == outcome(p.decode, data)
 
 
+# --- a frame of several messages (protocol Rule 8) ---------------------------------------------
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(updates, min_size=1, max_size=6))
+def test_a_frame_of_updates_back_to_back_decodes_to_each_as_decode_does(batch: list[p.Update]) -> None:
+    pieces = [p.encode(update) for update in batch]
+    decoded = list(p.decode_readings(b"".join(pieces)))
+    assert [_shape(m) for m in decoded] == [outcome(p.decode, piece)[1] for piece in pieces]
+
+
+def test_a_frame_of_one_update_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    update = p.Update(pv="X:fast", epoch=1, seq=7, connected=True, reading=p.Reading(7, 1.5))
+    calls: list[bytes] = []
+    real = p.decode
+    monkeypatch.setattr(p, "decode", lambda payload: calls.append(payload) or real(payload))
+    assert list(p.decode_readings(p.encode(update) * 3)) == [update] * 3
+    assert calls == []
+    lost = p.PvLost(pv="X:fast")
+    assert list(p.decode_readings(p.encode(update) + p.encode(lost))) == [update, lost]
+    assert calls == [p.encode(lost)]  # anything else: decode's, given its own bytes only
+
+
+def _decoded_until_refused(frame: bytes) -> tuple[list[Any], Any]:
+    got: list[Any] = []
+    try:
+        for message in p.decode_readings(frame):
+            got.append(_shape(message))
+    except ProtocolError as exc:
+        return got, type(exc)
+    return got, None
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(updates, min_size=1, max_size=4), st.randoms(use_true_random=False))
+def test_a_damaged_frame_gives_the_messages_before_the_damage_then_a_protocol_error(
+        batch: list[p.Update], random: Any) -> None:
+    pieces = [p.encode(update) for update in batch]
+    frame = bytearray(b"".join(pieces))
+    at = random.randrange(len(frame))
+    choice = random.random()
+    if choice < 0.5:
+        frame[at] = random.randrange(256)
+    elif choice < 0.8:
+        del frame[at:]
+    else:
+        frame.insert(at, random.randrange(256))
+    got, error = _decoded_until_refused(bytes(frame))
+    # The messages wholly before the damage come out as they went in.
+    whole, offset = 0, 0
+    for piece in pieces:
+        if offset + len(piece) > at:
+            break
+        offset, whole = offset + len(piece), whole + 1
+    assert got[:whole] == [_shape(update) for update in batch[:whole]]
+    assert error is None or issubclass(error, ProtocolError)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_a_frame_of_any_bytes_is_messages_then_perhaps_a_protocol_error(data: bytes) -> None:
+    got, error = _decoded_until_refused(data)
+    assert error is None or issubclass(error, ProtocolError)
+    if not got and error is None:
+        assert data == b""
+
+
 # --- the channel wakes its waiters, and only them -----------------------------------------------
 
 
@@ -384,11 +451,17 @@ def test_a_readings_message_of_several_updates_is_applied_in_full_and_in_order()
         daemon.outbox.put([topic, b"\xc1 not msgpack", daemon.update(5, 5)])
         daemon.outbox.put([topic])  # a topic alone: nothing
         daemon.outbox.put([topic, daemon.update(6, 6)])
-        wait_until(lambda: len(seen) >= 7, 10, message=lambda: f"callbacks got {seen}")
-        assert [value for value, _ in seen] == [0, 1, 2, 3, 4, 5, 6]
+        # Updates back to back in one frame (protocol Rule 8), as an actor sends them, and a
+        # joined frame next to frames of their own in one message.
+        daemon.outbox.put([topic, daemon.update(7, 7) + daemon.update(8, 8) + daemon.update(9, 9)])
+        daemon.outbox.put([topic, daemon.update(10, 10) + daemon.update(11, 11), daemon.update(12, 12)])
+        # A frame broken part way: what comes before the break counts, the frame after it too.
+        daemon.outbox.put([topic, daemon.update(13, 13) + b"\xc1 broken", daemon.update(14, 14)])
+        wait_until(lambda: len(seen) >= 15, 10, message=lambda: f"callbacks got {seen}")
+        assert [value for value, _ in seen] == list(range(15))
         assert {name for _, name in seen} == {"pvhub-callbacks"}
         assert signal.missed_updates == 0
-        assert signal.get() == 6
+        assert signal.get() == 14
     finally:
         hub.close()
         daemon.close()

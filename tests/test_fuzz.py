@@ -252,7 +252,8 @@ class SeqWatcher:
                 continue
             _, *payloads = self.sock.recv_multipart()  # one or more updates of one PV
             for payload in payloads:
-                self._check(p.decode(payload))
+                for update in p.decode_readings(payload):
+                    self._check(update)
 
     def _check(self, update: p.Message) -> None:
         if not isinstance(update, p.Update):

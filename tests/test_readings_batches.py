@@ -26,6 +26,7 @@ class Peer:
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.connect(address)
         self.ids = iter(range(1, 1_000_000))
+        self.frames: list[int] = []  # payload frames of each readings message
         self.readings = self.ask(p.HelloRequest(id=next(self.ids), client="batches")).readings
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.connect(self.readings)
@@ -51,7 +52,8 @@ class Peer:
         while (left := deadline - time.monotonic()) > 0:
             if self.sub.poll(int(left * 1000) + 1):
                 _, *payloads = self.sub.recv_multipart()
-                got.append((time.monotonic(), [p.decode(payload) for payload in payloads]))
+                self.frames.append(len(payloads))
+                got.append((time.monotonic(), [m for payload in payloads for m in p.decode_readings(payload)]))
         return got
 
     def close(self) -> None:
@@ -72,6 +74,9 @@ def test_a_fast_pvs_updates_come_several_to_a_message_in_order(peer, prefix):
     assert len(changes) > 200, f"only {len(changes)} updates of a 500 Hz counter in 2 s"
     assert max(len(updates) for _, updates in messages) > 1, "no message carried more than one update"
     assert len(messages) < len(changes), "as many messages as updates: nothing was batched"
+    # A message's updates come back to back in one frame (protocol Rule 8): a client reads
+    # one frame per message, not one per update.
+    assert set(peer.frames) == {1}, f"frames per message: {sorted(set(peer.frames))}"
     seqs = [u.seq for u in changes]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "updates out of order or missing"
     values = [u.reading.value for u in changes]

@@ -88,7 +88,7 @@ class Peer:
         deadline = time.monotonic() + within
         while (left := deadline - time.monotonic()) > 0:
             if self.sub.poll(int(left * 1000)):
-                got.extend(p.decode(frame) for frame in self.sub.recv_multipart()[1:])
+                got.extend(m for frame in self.sub.recv_multipart()[1:] for m in p.decode_readings(frame))
         return got
 
     def close(self) -> None:
