@@ -21,9 +21,10 @@ records a second, not thousands.
 Rule 5: ``PVHUB_FAULT_EXIT_ON_ADOPT`` (a glob pattern) makes the process exit when it adopts a
 PV that matches: a PV that crashes whatever process holds it, for the tests of the broker's
 quarantine. Unset, it costs nothing.
-Rule 6: a readings message is a PV's topic frame and a frame holding one or more of its
-Updates back to back, in seq order (protocol Rule 8: a client reads one frame, not one per
-update; updates of ``JOIN_LIMIT`` bytes or more, arrays, go as frames of their own). A PV's message goes at the end of the loop's pass, unless the PV's previous message
+Rule 6: a readings message is a PV's topic frame and a frame holding its updates back to back,
+in seq order, runs of consecutive value changes as one ``Updates`` each (protocol Rule 8: a
+client reads one frame per message and a few list items per reading; updates of
+``JOIN_LIMIT`` bytes or more, arrays, go as frames of their own). A PV's message goes at the end of the loop's pass, unless the PV's previous message
 with a new value left less than ``BATCH_WINDOW_S`` ago: then its updates wait, and go together
 when the window is over (a snapshot, such as the one a new client asks for, starts no window,
 so a new PV's first value never waits). A quiet PV's update goes alone, at once; one that changes faster than the window
@@ -41,6 +42,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import structlog
 import zmq
 
@@ -75,7 +77,7 @@ class Actor:
         self._changed: set[str] = set()  # PVs whose update counts changed (Rule 4)
         self._urgent: set[str] = set()  # PVs adopted, connected or disconnected since
         self._last_stats = 0.0
-        self._outgoing: dict[str, list[bytes]] = {}  # readings messages not sent yet (Rule 6)
+        self._outgoing: dict[str, list[p.Update]] = {}  # readings messages not sent yet (Rule 6)
         self._sent_at: dict[str, float] = {}  # when each PV's last readings message left
         self._next_send: float | None = None  # when the first waiting message may leave
         self._fresh = False  # a PV's first update since its last message is among them
@@ -316,12 +318,12 @@ class Actor:
         for effect in effects:
             if isinstance(effect, Publish):
                 pv = effect.update.pv
-                payloads = self._outgoing.get(pv)
-                if payloads is None:
-                    self._outgoing[pv] = [p.encode(effect.update)]
+                updates = self._outgoing.get(pv)
+                if updates is None:
+                    self._outgoing[pv] = [effect.update]
                     self._fresh = True
                 else:
-                    payloads.append(p.encode(effect.update))
+                    updates.append(effect.update)
                 if not effect.update.snapshot:
                     self._valued.add(pv)
             elif isinstance(effect, Reply):
@@ -344,30 +346,18 @@ class Actor:
         waiting: dict[str, list[bytes]] = {}
         next_send = None
         sent_at = self._sent_at
-        for pv, payloads in self._outgoing.items():
+        for pv, updates in self._outgoing.items():
             free_at = sent_at.get(pv, 0.0) + BATCH_WINDOW_S
             if not everything and now < free_at:
-                waiting[pv] = payloads
+                waiting[pv] = updates
                 next_send = free_at if next_send is None else min(next_send, free_at)
                 continue
-            self._send_readings(pv, payloads)
+            self._pub.send_multipart(readings_frames(pv, updates))
             if pv in self._valued:
                 sent_at[pv] = now
         self._valued.intersection_update(waiting)
         self._outgoing = waiting
         self._next_send = next_send
-
-    def _send_readings(self, pv: str, payloads: list[bytes]) -> None:
-        """One message: the PV's topic and its updates back to back in one frame (Rule 6). An
-        update of ``JOIN_LIMIT`` bytes or more (an array) is not copied into a joined frame:
-        such updates go as frames of their own in the same message."""
-        topic = p.topic(pv)
-        if len(payloads) == 1:
-            self._pub.send_multipart((topic, payloads[0]))
-        elif all(len(payload) < JOIN_LIMIT for payload in payloads):
-            self._pub.send_multipart((topic, b"".join(payloads)))
-        else:
-            self._pub.send_multipart((topic, *payloads))
 
     def _reply(self, client: bytes, message: p.Message) -> None:
         if isinstance(message, p.ErrorReply) and message.code != "bad_message":
@@ -377,3 +367,36 @@ class Actor:
         self._dealer.send_multipart([client, p.encode(message)])
 
 
+def readings_frames(pv: str, updates: list[p.Update]) -> list[bytes]:
+    """One readings message of ``pv`` (Rule 6, protocol Rule 8): its topic, then one frame with
+    its updates back to back, runs of consecutive value changes as one ``Updates`` each. An
+    update of ``JOIN_LIMIT`` bytes or more (an array) is not copied into a joined frame: then
+    each message goes as a frame of its own."""
+    pieces: list[bytes] = []
+    run: list[p.Update] = []
+
+    def end_run() -> None:
+        if len(run) == 1:
+            pieces.append(p.encode(run[0]))
+        elif run:
+            items = [[u.seq, u.reading.value, u.reading.timestamp, u.reading.severity, u.reading.status]
+                     for u in run]  # type: ignore[union-attr]
+            pieces.append(p.encode(p.Updates(pv=pv, epoch=run[0].epoch, items=items)))
+        run.clear()
+
+    for update in updates:
+        reading = update.reading
+        plain = (update.connected and reading is not None and update.metadata is None and not update.snapshot
+                 and not (isinstance(reading.value, np.ndarray) and reading.value.nbytes >= JOIN_LIMIT))
+        if plain and run and (update.epoch != run[-1].epoch or update.seq != run[-1].seq + 1):
+            end_run()
+        if plain:
+            run.append(update)
+            continue
+        end_run()
+        pieces.append(p.encode(update))
+    end_run()
+    topic = p.topic(pv)
+    if len(pieces) == 1 or all(len(piece) < JOIN_LIMIT for piece in pieces):
+        return [topic, b"".join(pieces)]
+    return [topic, *pieces]

@@ -144,6 +144,19 @@ class Channel:
             # queued ahead of anything it queues next (a new subscription's first call).
             self._tell(events)
 
+    def apply_updates(self, epoch: int, items: list[list]) -> None:
+        """The items of an ``Updates`` message, each as ``apply`` of the ``Update`` it stands
+        for, under one hold of the lock."""
+        with self._lock:
+            for seq, value, timestamp, severity, status in items:
+                events = self._apply(epoch, seq, True, p.new_reading(value, timestamp, severity, status), None, True)
+                if events:
+                    self.version += 1
+                    for kind, old in events:
+                        if kind == "value":
+                            self.value_version, self.previous = self.version, old
+                    self._tell(events)
+
     def apply_reply(self, message: p.Snapshot | p.SetDone) -> None:
         """A snapshot's state, or the reading a put's ``SetDone`` carries, applied on the I/O
         thread before the request's waiter hears of it (read-your-writes)."""

@@ -553,14 +553,19 @@ class Hub:
             while more(_RCVMORE):  # a message's frames arrive together: no Again here
                 try:
                     for update in p.decode_readings(recv(_NOBLOCK)):
-                        count += 1
-                        if type(update) is p.Update:
+                        kind = type(update)
+                        if kind is p.Updates or kind is p.Update:
                             channel = channels.get(update.pv)
                             if channel is not None:
                                 channel.live = True
-                                channel.apply(update.epoch, update.seq, update.connected, update.reading,
-                                              update.metadata, from_stream=True)
-                            if not count % DISPATCH_BATCH:
+                                if kind is p.Updates:
+                                    channel.apply_updates(update.epoch, update.items)
+                                else:
+                                    channel.apply(update.epoch, update.seq, update.connected, update.reading,
+                                                  update.metadata, from_stream=True)
+                            count += len(update.items) if kind is p.Updates else 1
+                            if count >= DISPATCH_BATCH:
+                                count = 0
                                 self._dispatcher.flush()
                         else:
                             self._other_reading(update)

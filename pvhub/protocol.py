@@ -22,6 +22,8 @@ Rule 8: a readings message is a topic frame and one or more frames, each holding
 encoded messages back to back (msgpack delimits them): an actor puts the updates of a PV
 that it sends together in one frame, so a client reads one frame, not one per update.
 ``decode_readings`` takes such a frame apart, message by message as ``decode_reading``.
+Consecutive value changes go as one ``Updates`` message (an array per change, no map, no
+repeated names): what a client decodes per reading is a few list items.
 """
 
 from __future__ import annotations
@@ -276,6 +278,25 @@ class Update(Message):
 
 
 @dataclass(frozen=True)
+class Updates(Message):
+    """Consecutive changes of one PV's value, gathered (Rule 8): ``items`` holds
+    ``[seq, value, timestamp, severity, status]`` for each, ``seq`` rising by one. Each item
+    says what ``Update(pv, epoch, seq, connected=True, reading=Reading(value, timestamp,
+    severity, status))`` would, in a fifth of the bytes and of the decoding."""
+
+    OP: ClassVar[str] = "updates"
+    pv: str
+    epoch: int
+    items: list
+
+    def each(self) -> Iterator[Update]:
+        """The items as the ``Update`` messages they stand for."""
+        for seq, value, timestamp, severity, status in self.items:
+            yield Update(pv=self.pv, epoch=self.epoch, seq=seq, connected=True,
+                         reading=Reading(value, timestamp, severity, status))
+
+
+@dataclass(frozen=True)
 class PvLost(Message):
     """Published by the daemon on a PV's topic when the actor owning it died: the PV is
     disconnected until its new actor (a new ``epoch``) publishes."""
@@ -353,6 +374,7 @@ MESSAGES: dict[str, type[Message]] = {
         Pong,
         ErrorReply,
         Update,
+        Updates,
         PvLost,
         HubStopping,
         ActorReady,
@@ -500,6 +522,27 @@ def _check_types(cls: type[Message], fields: dict[str, Any]) -> None:
     pvs = fields.get("pvs")
     if pvs is not None and not all(type(name) is str for name in pvs):
         raise ProtocolError(f"{cls.OP}.pvs must hold PV names")
+    if cls is Updates:
+        problem = _items_problem(fields["items"])
+        if problem:
+            raise ProtocolError(f"updates.items: {problem}")
+
+
+def _items_problem(items: list) -> str | None:
+    """What is wrong with an ``Updates`` message's items, or None (Rule 8)."""
+    if not items:
+        return "there must be one or more"
+    last = None
+    for item in items:
+        if type(item) is not list or len(item) != 5:
+            return "each must be [seq, value, timestamp, severity, status]"
+        seq, _, timestamp, severity, status = item
+        if type(seq) is not int or (last is not None and seq != last + 1):
+            return "each seq must be an int, one more than the one before"
+        if type(timestamp) not in _NUMBER or type(severity) is not int or type(status) is not int:
+            return "timestamp must be a number, severity and status ints"
+        last = seq
+    return None
 
 
 def _check_field_types(cls: type, where: str, fields: dict[str, Any]) -> None:
@@ -573,6 +616,8 @@ def decode_readings(frame: bytes) -> Iterator[Message]:
         end = unpacker.tell()
         data = frame if start == 0 and end == size else frame[start:end]
         update = _update_of(body, data)
+        if update is None:
+            update = _updates_of(body, data)
         yield decode(data) if update is None else update
         start = end
 
@@ -614,6 +659,37 @@ def _update_of(body: Any, data: bytes) -> Update | None:
         return None
     del body["v"], body["op"]
     return _built(Update, body)
+
+
+_UPDATES_SIZE = len(_FIELDS[Updates]) + 2  # and "v", "op"
+
+
+def _updates_of(body: Any, data: bytes) -> Updates | None:
+    """The ``Updates`` that ``body`` is, checked as ``decode`` checks it; None for anything
+    else, for ``decode`` (Rule 7)."""
+    if type(body) is not dict or len(body) != _UPDATES_SIZE:
+        return None
+    try:
+        version, op, pv, epoch, items = body["v"], body["op"], body["pv"], body["epoch"], body["items"]
+    except KeyError:
+        return None
+    if (type(version) is not int or version != PROTOCOL_VERSION or op != "updates"
+            or type(pv) is not str or not pv or "\0" in pv or type(epoch) is not int
+            or type(items) is not list or _items_problem(items)):
+        return None
+    if any(type(item[1]) in _CONTAINERS for item in items) and _may_nest_deeper(data) \
+            and _deeper_than(body, MAX_DEPTH):
+        return None
+    del body["v"], body["op"]
+    return _built(Updates, body)
+
+
+def new_reading(value: Any, timestamp: float, severity: int, status: int) -> Reading:
+    """``Reading(value, timestamp, severity, status)`` for fields already checked (an item of
+    an ``Updates``), without the frozen dataclass's ``__setattr__`` per field."""
+    reading = object.__new__(Reading)
+    reading.__dict__.update(value=value, timestamp=timestamp, severity=severity, status=status)
+    return reading
 
 
 def _built(cls: type, fields: dict[str, Any]) -> Any:

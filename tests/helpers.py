@@ -78,3 +78,15 @@ def callbacks_done(timeout: float = 5.0) -> None:
     done = threading.Event()
     get_hub().dispatch(done.set)
     assert done.wait(timeout), f"the callback thread did not catch up within {timeout} s"
+
+
+def readings_in(payloads) -> list:
+    """The messages of a readings message's payload frames, an ``Updates`` as the ``Update``
+    messages it stands for (protocol Rule 8)."""
+    from pvhub import protocol as p
+
+    messages = []
+    for payload in payloads:
+        for message in p.decode_readings(payload):
+            messages.extend(message.each() if isinstance(message, p.Updates) else (message,))
+    return messages

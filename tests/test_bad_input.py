@@ -18,7 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from helpers import log_events, wait_until
+from helpers import log_events, readings_in, wait_until
 
 from pvhub import protocol as p
 from pvhub.actors.coercion import coerce_value
@@ -433,7 +433,7 @@ def assert_updates_of(frames: list[bytes], pv: str) -> None:
     """``frames`` are a readings message of ``pv``: its topic, then one or more updates."""
     topic, *payloads = frames
     assert topic == p.topic(pv) and payloads
-    assert all(isinstance(update, p.Update) for payload in payloads for update in p.decode_readings(payload))
+    assert all(isinstance(update, p.Update) for update in readings_in(payloads))
 
 
 def port_of(endpoint: str) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from helpers import daemon_status, wait_until
+from helpers import daemon_status, readings_in, wait_until
 
 from pvhub import protocol as p
 from pvhub.client import EpicsSignalRO
@@ -52,7 +52,7 @@ def one_client(ctx: zmq.Context, address: str, pv: str) -> None:
             assert dealer.poll(5000)
             assert isinstance(p.decode(dealer.recv()), p.Snapshot)
             if sub.poll(100):
-                assert all(isinstance(m, p.Update) for m in p.decode_readings(sub.recv_multipart()[1]))
+                assert all(isinstance(m, p.Update) for m in readings_in(sub.recv_multipart()[1:]))
                 return
         raise AssertionError("the subscription never delivered")
     finally:

@@ -318,6 +318,111 @@ def test_a_frame_of_any_bytes_is_messages_then_perhaps_a_protocol_error(data: by
         assert data == b""
 
 
+# --- consecutive changes as one Updates message (protocol Rule 8) --------------------------------
+
+
+@st.composite
+def gathered(draw: st.DrawFn) -> p.Updates:
+    first = draw(_INT64.filter(lambda seq: seq < 2**63 - 10))
+    items = [[first + i, r.value, r.timestamp, r.severity, r.status]
+             for i, r in enumerate(draw(st.lists(readings, min_size=1, max_size=5)))]
+    pv = draw(st.text(min_size=1, max_size=40).filter(lambda name: "\0" not in name))
+    return p.Updates(pv=pv, epoch=draw(_INT64), items=items)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(gathered())
+def test_an_updates_message_decodes_on_the_fast_path_as_decode_does(message: p.Updates) -> None:
+    data = p.encode(message)
+    assert outcome(p.decode, data)[0] == "accepted"
+    assert [_shape(m) for m in p.decode_readings(data)] == [outcome(p.decode, data)[1]]
+    assert _shape(p.decode(data)) == _shape(message)
+
+
+@pytest.mark.parametrize("items, problem", [
+    ([], "one or more"),
+    ([[1, 2.0, 1.0, 0]], "each must be"),
+    ([[1, 2.0, 1.0, 0, 0], [3, 2.0, 1.0, 0, 0]], "one more than"),
+    ([[1, 2.0, "now", 0, 0]], "timestamp"),
+    ([[1, 2.0, 1.0, 0, True]], "severity and status"),
+    ([[True, 2.0, 1.0, 0, 0]], "seq"),
+    (["not a list"], "each must be"),
+])
+def test_spoiled_updates_are_refused_by_both_decoders_alike(items: list, problem: str) -> None:
+    data = _pack({"v": p.PROTOCOL_VERSION, "op": "updates", "pv": "X:a", "epoch": 1, "items": items})
+    refused = outcome(p.decode, data)
+    assert refused[0] == "refused" and problem in refused[1][1]
+    assert outcome(lambda d: list(p.decode_readings(d))[0], data) == refused
+
+
+def test_an_updates_item_stands_for_the_update_it_replaces() -> None:
+    message = p.Updates(pv="X:a", epoch=3, items=[[7, 1.5, 10.0, 1, 2], [8, 2.5, 11.0, 0, 0]])
+    assert list(message.each()) == [
+        p.Update(pv="X:a", epoch=3, seq=7, connected=True, reading=p.Reading(1.5, 10.0, 1, 2)),
+        p.Update(pv="X:a", epoch=3, seq=8, connected=True, reading=p.Reading(2.5, 11.0, 0, 0)),
+    ]
+
+
+def test_the_actor_gathers_runs_of_value_changes_and_sends_the_rest_as_they_are() -> None:
+    from pvhub.actors.loop import JOIN_LIMIT, readings_frames
+
+    def change(seq: int, value: Any = None, **fields: Any) -> p.Update:
+        return p.Update(pv="X:a", epoch=1, seq=seq, connected=True,
+                        reading=p.Reading(seq if value is None else value, 100.0 + seq), **fields)
+
+    snapshot = change(3, snapshot=True)
+    meta = change(6, metadata={"units": "mm"})
+    updates = [change(1), change(2), snapshot, change(4), change(5), meta, change(7), change(9)]
+    topic, frame = readings_frames("X:a", updates)
+    assert topic == p.topic("X:a")
+    sent = list(p.decode_readings(frame))
+    assert [type(m).__name__ for m in sent] == ["Updates", "Update", "Updates", "Update", "Update", "Update"]
+    assert [m.items for m in sent if isinstance(m, p.Updates)] == [
+        [[1, 1, 101.0, 0, 0], [2, 2, 102.0, 0, 0]], [[4, 4, 104.0, 0, 0], [5, 5, 105.0, 0, 0]]]
+    # What a reader makes of it is the updates as they were, in order.
+    expanded = [u for m in sent for u in (m.each() if isinstance(m, p.Updates) else [m])]
+    assert expanded == updates
+    # A big array is never copied into a joined frame: each message goes as its own frame.
+    big = np.zeros(JOIN_LIMIT // 8 + 1)
+    frames = readings_frames("X:a", [change(1), change(2), change(3, big)])
+    assert len(frames) == 3 and [type(m).__name__ for m in p.decode_readings(frames[1])] == ["Updates"]
+    assert list(p.decode_readings(frames[2]))[0].reading.value.shape == big.shape
+    assert readings_frames("X:a", [change(1)])[1] == p.encode(change(1))
+
+
+class _Listener:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Any, int]] = []
+
+    def on_channel(self, kind: str, channel: Channel, old: Any) -> None:
+        self.seen.append((kind, old, channel.version))
+
+
+def _events(channel: Channel) -> list[tuple[str, Any, int]]:
+    listener = _Listener()
+    channel.add_listener(listener.on_channel)
+    channel.keep = listener  # type: ignore[attr-defined]  # held weakly by the channel
+    return listener.seen
+
+
+def test_an_updates_message_changes_a_channel_as_its_updates_one_by_one_would() -> None:
+    message = p.Updates(pv="X:a", epoch=1, items=[[1, 5, 10.0, 0, 0], [2, 5, 10.0, 0, 0], [3, 6, 11.0, 0, 0],
+                                                 [4, 7, 12.0, 1, 0]])
+    channels = []
+    for _ in range(2):
+        channel = Channel(_StubHub(), "X:a")  # type: ignore[arg-type]
+        channel.apply(1, 0, True, p.Reading(4, 9.0), {"units": ""}, from_stream=False)
+        channels.append((channel, _events(channel)))
+    (gathered_channel, gathered_events), (single_channel, single_events) = channels
+    gathered_channel.apply_updates(message.epoch, message.items)
+    for update in message.each():
+        single_channel.apply(update.epoch, update.seq, update.connected, update.reading, update.metadata,
+                             from_stream=True)
+    assert gathered_events == single_events and len(gathered_events) == 3  # 5 twice is one change
+    for name in ("seq", "epoch", "reading", "version", "value_version", "previous", "missed", "gaps"):
+        assert getattr(gathered_channel, name) == getattr(single_channel, name), name
+
+
 # --- the channel wakes its waiters, and only them -----------------------------------------------
 
 

@@ -24,7 +24,7 @@ from collections import Counter
 import msgpack
 import pytest
 import zmq
-from helpers import wait_until
+from helpers import readings_in, wait_until
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -251,9 +251,8 @@ class SeqWatcher:
             if not self.sock.poll(100):
                 continue
             _, *payloads = self.sock.recv_multipart()  # one or more updates of one PV
-            for payload in payloads:
-                for update in p.decode_readings(payload):
-                    self._check(update)
+            for update in readings_in(payloads):
+                self._check(update)
 
     def _check(self, update: p.Message) -> None:
         if not isinstance(update, p.Update):

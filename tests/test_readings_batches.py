@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from pvhub import protocol as p
-from helpers import wait_until
+from helpers import readings_in, wait_until
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
 
@@ -53,7 +53,7 @@ class Peer:
             if self.sub.poll(int(left * 1000) + 1):
                 _, *payloads = self.sub.recv_multipart()
                 self.frames.append(len(payloads))
-                got.append((time.monotonic(), [m for payload in payloads for m in p.decode_readings(payload)]))
+                got.append((time.monotonic(), readings_in(payloads)))
         return got
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from helpers import log_events, wait_until
+from helpers import log_events, readings_in, wait_until
 
 from pvhub import protocol as p
 from pvhub.keys import generate, load_public, load_secret
@@ -88,7 +88,7 @@ class Peer:
         deadline = time.monotonic() + within
         while (left := deadline - time.monotonic()) > 0:
             if self.sub.poll(int(left * 1000)):
-                got.extend(m for frame in self.sub.recv_multipart()[1:] for m in p.decode_readings(frame))
+                got.extend(readings_in(self.sub.recv_multipart()[1:]))
         return got
 
     def close(self) -> None:
