@@ -121,9 +121,7 @@ def throughput(bench: Any, ioc: Any, address: str, env: dict[str, str]) -> tuple
                    + (f" and {extra[1]} PVs at 1 Hz each" if extra else ""))  # fmt: skip
         found = _windows(bench, control, "pvhub", ioc.pv("fast"), n, list(rates),
                          {**env, "PVHUB_ADDRESS": address}, bench.hub_pids, extra, stop_at_loss=True)  # fmt: skip
-        windows += found
-        if found and not lossless(found[-1]):
-            break
+        windows += found  # a loss ends this number of subscribers' ramp, not the next one's
     clean = [w for w in windows if lossless(w)]
     best = max(clean, key=lambda w: w.delivered_per_s, default=None)
     first_loss = next((w for w in windows if not lossless(w)), None)
