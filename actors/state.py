@@ -139,15 +139,8 @@ class PvState:
         return len(self._pending_puts)
 
     def update(self, *, snapshot: bool = False, with_metadata: bool = False) -> p.Update:
-        return p.Update(
-            pv=self.pv,
-            epoch=self.epoch,
-            seq=self.seq,
-            connected=self.connected,
-            reading=self.reading,
-            metadata=self.metadata if (with_metadata or snapshot) else None,
-            snapshot=snapshot,
-        )
+        return p.new_update(self.pv, self.epoch, self.seq, self.connected, self.reading,
+                            self.metadata if (with_metadata or snapshot) else None, snapshot)
 
     def snapshot(self, request_id: int) -> p.Snapshot:
         return p.Snapshot(
