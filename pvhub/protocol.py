@@ -8,8 +8,8 @@ Rule 3: requests carry a client-chosen ``id``; every reply and error carries the
 A ``set`` gets two replies: ``SetAccepted`` (or an ``ErrorReply`` at once), then ``SetDone`` or an
 ``ErrorReply`` when the IOC's put-completion arrives.
 Rule 4: readings are published on topic ``pv.encode() + b"\\0"`` (the NUL makes ZeroMQ's prefix
-match exact). A readings message is that topic frame followed by one or more encoded messages
-of that PV, in order (an actor batches a fast PV's updates). ``seq`` counts per PV per actor
+match exact). A readings message is that topic frame followed by one or more frames of
+messages of that PV, in order (Rule 8; an actor batches a fast PV's updates). ``seq`` counts per PV per actor
 incarnation; ``epoch`` names the incarnation, so a subscriber detects both gaps and restarts
 (the ZeroMQ guide's Clone pattern).
 Rule 5: arrays travel as raw bytes with dtype and shape (a msgpack ext type, ``pvhub.arrays``),
@@ -38,7 +38,9 @@ import numpy as np
 from pvhub.arrays import pack_default, unpack_ext
 from pvhub.errors import ProtocolError, UnknownOperationError, UnsupportedVersionError
 
-PROTOCOL_VERSION = 1
+# 2: readings may carry ``Updates`` (Rule 8), which a version 1 client cannot read: it is
+# refused at its hello with a clear error instead of losing a fast PV's readings unseen.
+PROTOCOL_VERSION = 2
 
 
 # --- shared shapes -------------------------------------------------------------------------

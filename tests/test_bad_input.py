@@ -195,6 +195,9 @@ def attacker(hub, zmq_context):
     return Attacker(zmq_context, hub.address)
 
 
+V = p.PROTOCOL_VERSION  # what every well-formed message says
+
+
 def body(**fields) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
@@ -206,7 +209,7 @@ def array_ext(dtype, shape, data: bytes) -> msgpack.ExtType:
 def nested(depth: int, value: object = 1) -> bytes:
     """A set request whose value nests ``depth`` levels in all, built by hand (msgpack's own
     packer stops at 512 levels)."""
-    head = msgpack.packb({"v": 1, "op": "set", "id": 23, "pv": "X:a", "value": "VALUE"})
+    head = msgpack.packb({"v": p.PROTOCOL_VERSION, "op": "set", "id": 23, "pv": "X:a", "value": "VALUE"})
     return head.replace(msgpack.packb("VALUE"), b"\x91" * (depth - 1) + msgpack.packb(value))
 
 
@@ -244,47 +247,47 @@ BAD_MESSAGES = [
     # (what, payload, code, id the answer carries: the request's when it could be read)
     ("not msgpack", b"\xc1 not msgpack", "bad_message", 0),
     ("empty frame", b"", "bad_message", 0),
-    ("truncated", body(v=1, op="read", id=3, pv="X:a")[:-3], "bad_message", 0),
+    ("truncated", body(v=V, op="read", id=3, pv="X:a")[:-3], "bad_message", 0),
     ("not a map", msgpack.packb([1, 2, 3]), "bad_message", 0),
     ("no v", body(op="read", id=4, pv="X:a"), "bad_message", 4),
     ("v is text", body(v="1", op="read", id=5, pv="X:a"), "bad_message", 5),
     ("v is bool", body(v=True, op="read", id=6, pv="X:a"), "bad_message", 6),
-    ("wrong v", body(v=2, op="read", id=7, pv="X:a"), "unsupported_version", 7),
-    ("unknown op", body(v=1, op="launch", id=8), "unknown_operation", 8),
-    ("a reply's op", body(v=1, op="snapshot", id=9, pv="X:a", epoch=1, seq=1, connected=True),
+    ("wrong v", body(v=p.PROTOCOL_VERSION + 1, op="read", id=7, pv="X:a"), "unsupported_version", 7),
+    ("unknown op", body(v=V, op="launch", id=8), "unknown_operation", 8),
+    ("a reply's op", body(v=V, op="snapshot", id=9, pv="X:a", epoch=1, seq=1, connected=True),
      "unknown_operation", 9),
-    ("no op", body(v=1, id=11), "bad_message", 11),
-    ("op is a number", body(v=1, op=3, id=12), "bad_message", 12),
-    ("no pv", body(v=1, op="read", id=13), "bad_message", 13),
-    ("no value", body(v=1, op="set", id=14, pv="X:a"), "bad_message", 14),
-    ("no id", body(v=1, op="read", pv="X:a"), "bad_message", 0),
-    ("id is text", body(v=1, op="read", id="15", pv="X:a"), "bad_message", 0),
-    ("pv is a number", body(v=1, op="read", id=16, pv=5), "bad_message", 16),
-    ("pv is empty", body(v=1, op="describe", id=17, pv=""), "bad_message", 17),
-    ("pv holds a NUL", body(v=1, op="read", id=18, pv="X:a\0b"), "bad_message", 18),
-    ("publish is text", body(v=1, op="read", id=19, pv="X:a", publish="yes"), "bad_message", 19),
-    ("pvs is text", body(v=1, op="ping", id=20, pvs="X:a"), "bad_message", 20),
-    ("pvs holds maps", body(v=1, op="ping", id=21, pvs=[{"a": 1}]), "bad_message", 21),
-    ("client is a list", body(v=1, op="hello", id=22, client=[1]), "bad_message", 22),
+    ("no op", body(v=V, id=11), "bad_message", 11),
+    ("op is a number", body(v=V, op=3, id=12), "bad_message", 12),
+    ("no pv", body(v=V, op="read", id=13), "bad_message", 13),
+    ("no value", body(v=V, op="set", id=14, pv="X:a"), "bad_message", 14),
+    ("no id", body(v=V, op="read", pv="X:a"), "bad_message", 0),
+    ("id is text", body(v=V, op="read", id="15", pv="X:a"), "bad_message", 0),
+    ("pv is a number", body(v=V, op="read", id=16, pv=5), "bad_message", 16),
+    ("pv is empty", body(v=V, op="describe", id=17, pv=""), "bad_message", 17),
+    ("pv holds a NUL", body(v=V, op="read", id=18, pv="X:a\0b"), "bad_message", 18),
+    ("publish is text", body(v=V, op="read", id=19, pv="X:a", publish="yes"), "bad_message", 19),
+    ("pvs is text", body(v=V, op="ping", id=20, pvs="X:a"), "bad_message", 20),
+    ("pvs holds maps", body(v=V, op="ping", id=21, pvs=[{"a": 1}]), "bad_message", 21),
+    ("client is a list", body(v=V, op="hello", id=22, client=[1]), "bad_message", 22),
     ("33 levels", nested(33), "bad_message", 23),
     ("1000 levels", nested(1000), "bad_message", 23),
     ("100000 levels", nested(100_000), "bad_message", 0),  # past msgpack's stack: no id
     ("huge claimed array", b"\x85\xa1v\x01\xdd\xff\xff\xff\xff", "bad_message", 0),
-    ("huge claimed str", body(v=1, op="read", id=24)[:-1] + b"\xdb\xff\xff\xff\xff", "bad_message", 0),
-    ("unknown ext", body(v=1, op="set", id=25, pv="X:a", value=msgpack.ExtType(42, b"x")), "bad_message", 25),
-    ("object dtype", body(v=1, op="set", id=26, pv="X:a", value=array_ext("|O", [1], b"\0" * 8)), "bad_message", 26),
-    ("datetime dtype", body(v=1, op="set", id=27, pv="X:a", value=array_ext("<M8[s]", [1], b"\0" * 8)),
+    ("huge claimed str", body(v=V, op="read", id=24)[:-1] + b"\xdb\xff\xff\xff\xff", "bad_message", 0),
+    ("unknown ext", body(v=V, op="set", id=25, pv="X:a", value=msgpack.ExtType(42, b"x")), "bad_message", 25),
+    ("object dtype", body(v=V, op="set", id=26, pv="X:a", value=array_ext("|O", [1], b"\0" * 8)), "bad_message", 26),
+    ("datetime dtype", body(v=V, op="set", id=27, pv="X:a", value=array_ext("<M8[s]", [1], b"\0" * 8)),
      "bad_message", 27),
-    ("structured dtype", body(v=1, op="set", id=28, pv="X:a", value=array_ext("f8,i4", [1], b"\0" * 12)),
+    ("structured dtype", body(v=V, op="set", id=28, pv="X:a", value=array_ext("f8,i4", [1], b"\0" * 12)),
      "bad_message", 28),
-    ("void dtype", body(v=1, op="set", id=29, pv="X:a", value=array_ext("|V8", [1], b"\0" * 8)), "bad_message", 29),
-    ("shape too big", body(v=1, op="set", id=30, pv="X:a", value=array_ext("<f8", [2**62, 2**62], b"")),
+    ("void dtype", body(v=V, op="set", id=29, pv="X:a", value=array_ext("|V8", [1], b"\0" * 8)), "bad_message", 29),
+    ("shape too big", body(v=V, op="set", id=30, pv="X:a", value=array_ext("<f8", [2**62, 2**62], b"")),
      "bad_message", 30),
-    ("negative dim", body(v=1, op="set", id=31, pv="X:a", value=array_ext("<f8", [-1], b"")), "bad_message", 31),
-    ("short data", body(v=1, op="set", id=32, pv="X:a", value=array_ext("<f8", [3], b"\0" * 16)), "bad_message", 32),
-    ("header not a list", body(v=1, op="set", id=33, pv="X:a", value=msgpack.ExtType(1, msgpack.packb("<f8"))),
+    ("negative dim", body(v=V, op="set", id=31, pv="X:a", value=array_ext("<f8", [-1], b"")), "bad_message", 31),
+    ("short data", body(v=V, op="set", id=32, pv="X:a", value=array_ext("<f8", [3], b"\0" * 16)), "bad_message", 32),
+    ("header not a list", body(v=V, op="set", id=33, pv="X:a", value=msgpack.ExtType(1, msgpack.packb("<f8"))),
      "bad_message", 33),
-    ("not a character", body(v=1, op="set", id=34, pv="X:a",
+    ("not a character", body(v=V, op="set", id=34, pv="X:a",
                              value=array_ext("<U1", [1], b"\xff\xff\xff\xff")), "bad_message", 34),
 ]
 
@@ -311,7 +314,7 @@ def test_each_bad_message_gets_its_error_code_with_the_request_id(hub, attacker,
 @pytest.mark.system
 @pytest.mark.timeout(60)
 def test_an_actors_op_from_a_client_is_answered_with_its_id(hub, attacker):
-    attacker.send(body(v=1, op="adopt", id=10, pvs=["X:a"]))
+    attacker.send(body(v=V, op="adopt", id=10, pvs=["X:a"]))
     reply = attacker.receive()
     assert (reply.code, reply.id) == ("unknown_operation", 10)
 

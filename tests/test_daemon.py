@@ -66,9 +66,9 @@ def test_bad_messages_get_errors_and_the_daemon_goes_on(raw, prefix):
     raw.send(msgpack.packb({"v": 99, "op": "read", "id": 5, "pv": "x"}))
     reply = raw.receive()
     assert (reply.code, reply.id) == ("unsupported_version", 5)
-    raw.send(msgpack.packb({"v": 1, "op": "launch", "id": 6}))
+    raw.send(msgpack.packb({"v": p.PROTOCOL_VERSION, "op": "launch", "id": 6}))
     assert raw.receive().id == 6
-    raw.send(msgpack.packb({"v": 1, "op": "read", "id": 7}))
+    raw.send(msgpack.packb({"v": p.PROTOCOL_VERSION, "op": "read", "id": 7}))
     reply = raw.receive()
     assert reply.id == 7 and "pv" in reply.message
     raw.send([b"two", b"frames"])  # an envelope the broker does not expect: dropped, logged

@@ -91,7 +91,7 @@ def requests(draw, prefix: str) -> dict:
     # first of each list, and hello would be most of the fuzz).
     rng = draw(st.randoms(use_true_random=False))
     op = rng.choice(OPS)
-    body: dict = {"v": 1, "op": op, "id": draw(st.integers(min_value=1, max_value=2**31))}
+    body: dict = {"v": p.PROTOCOL_VERSION, "op": op, "id": draw(st.integers(min_value=1, max_value=2**31))}
     pv = rng.choice([prefix + name for name in FUZZ_PVS] + ["elsewhere:pv", prefix])
     if op in ("read", "describe", "set"):
         body["pv"] = pv
@@ -125,7 +125,7 @@ def deep(draw) -> bytes:
     """A request whose value nests deeper than msgpack's own packer goes (by hand)."""
     # Near the limit, or far past it.
     depth = draw(st.integers(min_value=2, max_value=40) | st.integers(min_value=2, max_value=3000))
-    head = msgpack.packb({"v": 1, "op": "set", "id": draw(st.integers(1, 2**31)), "pv": "X:a", "value": "VALUE"})
+    head = msgpack.packb({"v": p.PROTOCOL_VERSION, "op": "set", "id": draw(st.integers(1, 2**31)), "pv": "X:a", "value": "VALUE"})
     return head.replace(msgpack.packb("VALUE"), draw(st.sampled_from([b"\x91", b"\x81\x00"])) * depth + b"\x01")
 
 
@@ -215,7 +215,7 @@ def test_decode_gives_a_message_or_a_protocol_error_and_the_message_travels_back
 @given(values | st.lists(st.floats() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=5), max_size=50))
 def test_a_put_value_is_coerced_or_a_bad_value_for_every_kind_of_pv(value):
     try:  # as the actor gets it: through the wire
-        value = p.decode(packed({"v": 1, "op": "set", "id": 1, "pv": "X:a", "value": value})).value
+        value = p.decode(packed({"v": p.PROTOCOL_VERSION, "op": "set", "id": 1, "pv": "X:a", "value": value})).value
     except ProtocolError:
         return
     for metadata in PV_KINDS:
