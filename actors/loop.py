@@ -23,15 +23,18 @@ PV that matches: a PV that crashes whatever process holds it, for the tests of t
 quarantine. Unset, it costs nothing.
 Rule 6: a readings message is a PV's topic frame and a frame holding its updates back to back,
 in seq order, runs of consecutive value changes as one ``Updates`` each (protocol Rule 8: a
-client reads one frame per message and a few list items per reading; updates of
-``JOIN_LIMIT`` bytes or more, arrays, go as frames of their own). A PV's message goes at the end of the loop's pass, unless the PV's previous message
-with a new value left less than ``BATCH_WINDOW_S`` ago: then its updates wait, and go together
-when the window is over (a snapshot, such as the one a new client asks for, starts no window,
-so a new PV's first value never waits). A quiet PV's update goes alone, at once; one that changes faster than the window
-(500 Hz) waits at most the window, and its updates cost the actor, the daemon's forwarder and
-every client one message per window instead of one per update (each ZeroMQ message wakes a
-thread in each of them). What waits is bounded by the PVs this actor owns, times their rate
-over one window.
+client reads one frame per message and a few list items per reading). When one of them is
+``JOIN_LIMIT`` bytes or more (an array), each goes as a frame of its own instead, so that no
+array is copied into a joined frame. A PV's message goes at the end of the loop's pass,
+unless the PV's previous message with a new value left less than ``BATCH_WINDOW_S`` ago: then
+its updates wait, and go together when the window is over (a snapshot, such as the one a new
+client asks for, starts no window, so a new PV's first value never waits). A quiet PV's
+update goes alone, at once; one that changes faster than the window (500 Hz) waits at most
+the window, and its updates cost the actor, the daemon's forwarder and every client one
+message per window instead of one per update (each ZeroMQ message wakes a thread in each of
+them). What waits is bounded by the PVs this actor owns, times their rate over one window.
+A message that cannot be encoded is logged and dropped; its PV's subscribers see a seq gap
+and ask for a snapshot.
 """
 
 from __future__ import annotations
@@ -343,7 +346,7 @@ class Actor:
         if not (everything or self._fresh) and self._next_send is not None and now < self._next_send:
             return  # only waiting messages, none of them due yet
         self._fresh = False
-        waiting: dict[str, list[bytes]] = {}
+        waiting: dict[str, list[p.Update]] = {}
         next_send = None
         sent_at = self._sent_at
         for pv, updates in self._outgoing.items():
@@ -352,7 +355,12 @@ class Actor:
                 waiting[pv] = updates
                 next_send = free_at if next_send is None else min(next_send, free_at)
                 continue
-            self._pub.send_multipart(readings_frames(pv, updates))
+            try:
+                frames = readings_frames(pv, updates)
+            except ProtocolError as exc:  # Rule 6: never the loop's end
+                self.log.error("readings_not_encoded", pv=pv, updates=len(updates), error=str(exc))
+            else:
+                self._pub.send_multipart(frames)
             if pv in self._valued:
                 sent_at[pv] = now
         self._valued.intersection_update(waiting)

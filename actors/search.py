@@ -17,8 +17,11 @@ a new server as libca does: not by its first beacon (every IOC already running i
 the first time within one beacon period of our start), but by a second one that came sooner
 than we had been listening before the first (a starting IOC beacons fast), by beacons four
 fifths of their usual interval apart or closer (it restarted), or by a gap of over 3.25 usual
-intervals (its network came back). A beacon number just before, equal to, or two or three
-past the last is a duplicate route's copy and is not counted. At most one such search per
+intervals (its network came back); once new, not again for ``NEW_HOLDOFF_S`` (a starting
+server's beacons ramp from 20 ms to 15 s apart, and every step would look new). A beacon
+number just before, equal to, or two or three past the last is a duplicate route's copy and
+is not counted (CA 4.10 on: older servers number none). "We had been listening" counts from
+the repeater's confirmation. At most one such search per
 ``BEACON_SEARCH_GAP``, so a network of starting IOCs costs a few searches a second; servers
 are remembered up to ``MAX_BEACON_SERVERS``. Without a repeater nothing changes but that.
 """
@@ -48,6 +51,10 @@ SEARCH_DATAGRAM_BYTES = 1472  # one Ethernet frame
 REGISTER_RETRY = 10.0  # Rule 2: caproto's client waits as long
 BEACON_SEARCH_GAP = 0.5
 MAX_BEACON_SERVERS = 10_000
+# Rule 2: a server new on the network is not new again for this long (its beacons' ramp).
+NEW_HOLDOFF_S = 30.0
+# Rule 2: beacons carry a count from CA protocol 4.10 on; older servers send 0 each time.
+NUMBERED_BEACONS = 10
 
 
 class NameSearch:
@@ -182,6 +189,7 @@ class NameSearch:
                     self._beacon(command, sender)
                 elif isinstance(command, caproto.RepeaterConfirmResponse) and not self._registered:
                     self._registered = True
+                    self._beacons = BeaconWatch(time.monotonic())  # beacons reach us from now on
                     log.debug("repeater_registered", repeater="%s:%d" % self._repeater)
 
     def _answered(self, response: Any) -> None:
@@ -203,7 +211,8 @@ class NameSearch:
     def _beacon(self, beacon: Any, sender: tuple[str, int]) -> None:
         now = time.monotonic()
         host = beacon.address if beacon.address not in ("0.0.0.0", "") else sender[0]
-        new = self._beacons.heard((host, beacon.server_port), beacon.beacon_id, now)
+        numbered = beacon.version >= NUMBERED_BEACONS  # older servers send 0 every time
+        new = self._beacons.heard((host, beacon.server_port), beacon.beacon_id, now, numbered)
         if new and self._searching and now - self._beacon_search_at >= BEACON_SEARCH_GAP:
             self._beacon_search_at = now
             for channel in list(self._searching.values()):
@@ -215,30 +224,39 @@ class BeaconWatch:
     """What each server's beacons said: is it new on the network (Rule 2)? No I/O."""
 
     def __init__(self, started: float) -> None:
-        self._started = started
-        # server -> (last heard, its usual interval or None after one beacon, last number)
-        self._servers: dict[tuple[str, int], tuple[float, float | None, int]] = {}
+        self._started = started  # since when beacons reach us
+        # server -> (last heard, its usual interval or None after one beacon, last number,
+        # when it was last new)
+        self._servers: dict[tuple[str, int], tuple[float, float | None, int, float]] = {}
 
     def __len__(self) -> int:
         return len(self._servers)
 
-    def heard(self, server: tuple[str, int], number: int, now: float) -> bool:
-        """A beacon of ``server`` numbered ``number`` came at ``now``: is the server new?"""
+    def heard(self, server: tuple[str, int], number: int, now: float, numbered: bool = True) -> bool:
+        """A beacon of ``server`` numbered ``number`` (``numbered``: a server whose beacons
+        count, CA 4.10 and later) came at ``now``: is the server new?"""
         known = self._servers.pop(server, None)  # put back last: the oldest go first
         if known is None:
             if len(self._servers) >= MAX_BEACON_SERVERS:
                 del self._servers[next(iter(self._servers))]
-            self._servers[server] = (now, None, number)
+            self._servers[server] = (now, None, number, -NEW_HOLDOFF_S)
             return False
-        last, usual, last_number = known
+        last, usual, last_number, new_at = known
         advance = (number - last_number) & 0xFFFFFFFF
-        if advance == 0 or advance > 0xFFFFFFFF - 256 or 1 < advance < 4:
-            self._servers[server] = (last, usual, number)  # a duplicate route's copy
+        if numbered and (advance == 0 or advance > 0xFFFFFFFF - 256 or 1 < advance < 4):
+            self._servers[server] = (last, usual, number, new_at)  # a duplicate route's copy
             return False
         interval = now - last
         if usual is None:  # the second beacon: new if we would have heard it before at this rate
-            self._servers[server] = (now, interval, number)
-            return interval <= last - self._started
-        new = interval <= usual * 0.8 or interval >= usual * 3.25
-        self._servers[server] = (now, usual * 0.875 + interval * 0.125, number)
+            new = interval <= last - self._started
+            usual = interval
+        else:
+            new = interval <= usual * 0.8 or interval >= usual * 3.25
+            # A new rhythm starts the average again: a starting server's beacons come twice
+            # as far apart each time, and an average of the old ones would lag behind.
+            usual = interval if new else usual * 0.875 + interval * 0.125
+        # Once new, not new again for NEW_HOLDOFF_S: every other step of that ramp still
+        # would be, and each would send all unfound names searching again.
+        new = new and now - new_at >= NEW_HOLDOFF_S
+        self._servers[server] = (now, usual, number, now if new else new_at)
         return new

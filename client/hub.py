@@ -551,26 +551,41 @@ class Hub:
             except zmq.Again:
                 return
             while more(_RCVMORE):  # a message's frames arrive together: no Again here
-                try:
-                    for update in p.decode_readings(recv(_NOBLOCK)):
-                        kind = type(update)
-                        if kind is p.Updates or kind is p.Update:
-                            channel = channels.get(update.pv)
+                messages = p.decode_readings(recv(_NOBLOCK))
+                while True:
+                    try:
+                        update = next(messages)
+                    except StopIteration:
+                        break
+                    except ProtocolError as exc:  # the rest of this frame is lost: a seq gap tells
+                        log.error("bad_reading", error=str(exc))
+                        break
+                    kind = type(update)
+                    if kind is p.Updates:
+                        channel = channels.get(update.pv)
+                        items = update.items
+                        for at in range(0, len(items), DISPATCH_BATCH):  # Rule 2's batch, held
+                            chunk = items[at:at + DISPATCH_BATCH] if len(items) > DISPATCH_BATCH else items
                             if channel is not None:
                                 channel.live = True
-                                if kind is p.Updates:
-                                    channel.apply_updates(update.epoch, update.items)
-                                else:
-                                    channel.apply(update.epoch, update.seq, update.connected, update.reading,
-                                                  update.metadata, from_stream=True)
-                            count += len(update.items) if kind is p.Updates else 1
+                                channel.apply_updates(update.epoch, chunk)
+                            count += len(chunk)
                             if count >= DISPATCH_BATCH:
                                 count = 0
                                 self._dispatcher.flush()
-                        else:
-                            self._other_reading(update)
-                except ProtocolError as exc:
-                    log.error("bad_reading", error=str(exc))
+                        continue
+                    if kind is p.Update:
+                        channel = channels.get(update.pv)
+                        if channel is not None:
+                            channel.live = True
+                            channel.apply(update.epoch, update.seq, update.connected, update.reading,
+                                          update.metadata, from_stream=True)
+                    else:
+                        self._other_reading(update)
+                    count += 1
+                    if count >= DISPATCH_BATCH:
+                        count = 0
+                        self._dispatcher.flush()
 
     def _other_reading(self, update: p.Message) -> None:
         """What the readings socket carries besides updates."""

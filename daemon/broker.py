@@ -345,7 +345,8 @@ class Broker:
         request_id = p.salvage_id(payload)
         self.log.warning("bad_message", client=client.hex(), error=str(exc))
         reply = error_reply(request_id, exc)
-        self._to_client(ctx, client, p.encode(reply), reply)
+        # An older client reads why in its own version (protocol.py, PROTOCOL_VERSION).
+        self._to_client(ctx, client, p.encode(reply, version=p.salvage_version(payload)), reply)
 
     def _drain_actors(self, ctx: "_LoopContext") -> None:
         for _ in range(1000):

@@ -20,7 +20,7 @@ die. When a shared process dies, each untrusted PV it owned gets a strike; those
 several are split between two probation processes, and a probation process that dies is
 split again, so that a PV that kills whatever process holds it is found in about log2(n)
 deaths while the PVs that did nothing go on in their own process. Config groups stay whole.
-A PV released (Rule 5) with strikes or quarantined keeps them for ``SUSPECT_MEMORY_S``
+A PV released (Rule 5) quarantined, or with strikes and not trusted since, keeps them for ``SUSPECT_MEMORY_S``
 (at most ``MAX_SUSPECTS`` names, the oldest forgotten first): asked for again, a quarantined
 one goes straight to a process of its own, not back into the pool it killed.
 Rule 5 (release): a PV that finds no IOC for ``release_unconnected_s`` (never connected since
@@ -335,7 +335,9 @@ class Placement:
     def _remember_suspect(self, pv_record: PvRecord, now: float) -> None:
         """Keep a released PV's strikes (Rule 4); the oldest go past the bound or the time."""
         self._suspects.pop(pv_record.pv, None)
-        self._suspects[pv_record.pv] = (now, pv_record.strikes, pv_record.quarantined)
+        # A trusted PV's strikes are history: they are not carried into a new trial.
+        strikes = 0 if pv_record.trusted else pv_record.strikes
+        self._suspects[pv_record.pv] = (now, strikes, pv_record.quarantined)
         for pv, (released, _, _) in list(itertools.islice(self._suspects.items(), 2)):
             if len(self._suspects) > MAX_SUSPECTS or now - released >= SUSPECT_MEMORY_S:
                 del self._suspects[pv]
@@ -357,7 +359,7 @@ class Placement:
                     or config.starts_with_daemon(pv) or config.group_of(pv) is not None):
                 continue
             record = self.actors[pv_record.actor]
-            if pv_record.strikes or pv_record.quarantined:
+            if (pv_record.strikes and not pv_record.trusted) or pv_record.quarantined:
                 self._remember_suspect(pv_record, now)
             del self.pvs[pv]
             record.pvs.discard(pv)

@@ -177,8 +177,8 @@ class Supervisor:
                     continue  # stopped, or superseded before it started
             try:
                 process = self._start(identity)
-            except OSError as exc:
-                log.error("actor_spawn_failed", actor=actor, error=str(exc))
+            except Exception as exc:  # never this thread's end: its end SIGKILLs every actor (Rule 3)
+                log.error("actor_spawn_failed", actor=actor, error=repr(exc))
                 with self._lock:
                     if self._processes.get(actor) is claimed:
                         del self._processes[actor]

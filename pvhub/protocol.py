@@ -39,7 +39,8 @@ from pvhub.arrays import pack_default, unpack_ext
 from pvhub.errors import ProtocolError, UnknownOperationError, UnsupportedVersionError
 
 # 2: readings may carry ``Updates`` (Rule 8), which a version 1 client cannot read: it is
-# refused at its hello with a clear error instead of losing a fast PV's readings unseen.
+# refused at its hello instead of losing a fast PV's readings unseen, with an error written
+# in its own version (``encode(..., version=)``) so that it can read why.
 PROTOCOL_VERSION = 2
 
 
@@ -405,9 +406,11 @@ _REQUIRED = {
 }
 
 
-def encode(message: Message) -> bytes:
-    """The bytes of ``message``; raises ``ProtocolError`` for a value that cannot travel."""
-    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": message.OP}
+def encode(message: Message, version: int = PROTOCOL_VERSION) -> bytes:
+    """The bytes of ``message``; raises ``ProtocolError`` for a value that cannot travel.
+    ``version`` other than ours is only for an ``ErrorReply`` to a peer of an older version,
+    whose error replies had the same fields (``salvage_version``)."""
+    body: dict[str, Any] = {"v": version, "op": message.OP}
     for name in _FIELDS[type(message)]:
         value = getattr(message, name)
         if isinstance(value, Reading):  # by hand: dataclasses.asdict deep-copies, per reading
@@ -604,9 +607,25 @@ def decode_reading(data: bytes) -> Message:
 def decode_readings(frame: bytes) -> Iterator[Message]:
     """The messages of one readings frame, in order (Rule 8): for each, what ``decode_reading``
     returns for its bytes. A frame broken part way yields the messages before the break, then
-    raises ``ProtocolError``."""
+    raises ``ProtocolError``; an empty frame is refused as ``decode`` refuses it."""
+    try:  # one message, the usual frame and every big array's: no Unpacker, which copies
+        body = msgpack.unpackb(frame, raw=False, ext_hook=unpack_ext, strict_map_key=False)
+    except msgpack.ExtraData:
+        yield from _each_reading(frame)
+        return
+    except Exception:  # malformed: let decode say why, in its words
+        yield decode(frame)
+        return
+    update = _update_of(body, frame)
+    if update is None:
+        update = _updates_of(body, frame)
+    yield decode(frame) if update is None else update
+
+
+def _each_reading(frame: bytes) -> Iterator[Message]:
+    """``decode_readings`` for a frame of several messages."""
     size = len(frame)
-    unpacker = msgpack.Unpacker(raw=False, ext_hook=unpack_ext, strict_map_key=False, max_buffer_size=max(size, 1))
+    unpacker = msgpack.Unpacker(raw=False, ext_hook=unpack_ext, strict_map_key=False, max_buffer_size=size)
     unpacker.feed(frame)
     start = 0
     while start < size:
@@ -616,7 +635,7 @@ def decode_readings(frame: bytes) -> Iterator[Message]:
             decode(frame[start:])
             raise ProtocolError("undecodable message") from None
         end = unpacker.tell()
-        data = frame if start == 0 and end == size else frame[start:end]
+        data = frame[start:end]
         update = _update_of(body, data)
         if update is None:
             update = _updates_of(body, data)
@@ -739,6 +758,19 @@ def topic(pv: str) -> bytes:
 
 def pv_from_topic(frame: bytes) -> str:
     return frame[:-1].decode()
+
+
+def salvage_version(payload: bytes) -> int:
+    """The version to answer a message that failed to decode in: its own, if it is an older
+    one this side can still write an ``ErrorReply`` in (1 and up), else ours."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception:
+        return PROTOCOL_VERSION
+    version = body.get("v") if isinstance(body, dict) else None
+    if type(version) is int and 1 <= version < PROTOCOL_VERSION:
+        return version
+    return PROTOCOL_VERSION
 
 
 def salvage_id(payload: bytes) -> int:

@@ -147,6 +147,34 @@ def test_duplicates_and_near_copies_are_not_counted():
     assert watch.heard(IOC, 11, 33.0) is False  # and the usual interval goes on
 
 
+def test_a_starting_iocs_ramp_of_beacons_makes_it_new_once():
+    # caproto's and rsrv's first beacons come 20 ms apart, then twice as far each time, up to
+    # 15 s; the average lags the doubling, and each step would pass the 3.25x test.
+    watch = search.BeaconWatch(started=0.0)
+    at, gap, times = 100.0, 0.02, []
+    for _ in range(16):  # ten steps of the ramp, then six beacons 15 s apart
+        times.append(at)
+        at, gap = at + gap, min(gap * 2, 15.0)
+    assert _beacons(watch, times).count(True) == 1
+    # Long after, a restart is news again (its number 0 reads as a late copy; its 1 is news).
+    later = times[-1] + search.NEW_HOLDOFF_S + 15.0
+    assert [watch.heard(IOC, 0, later), watch.heard(IOC, 1, later + 0.02)] == [False, True]
+
+
+def test_a_restart_after_few_beacons_is_new_too():
+    watch = search.BeaconWatch(started=0.0)
+    assert _beacons(watch, [3.0, 18.0, 33.0], first=100) == [False] * 3
+    # Numbers start again at 0, within 256 of the last: 0 looks like a late copy, 1 is news.
+    assert _beacons(watch, [40.0, 40.02]) == [False, True]
+
+
+def test_a_server_that_numbers_no_beacons_is_still_told_new_by_their_rhythm():
+    # Before CA 4.10 every beacon says 0: numbers tell nothing, and must not hide a restart.
+    watch = search.BeaconWatch(started=0.0)
+    assert [watch.heard(IOC, 0, at, numbered=False) for at in (3.0, 18.0, 33.0)] == [False] * 3
+    assert watch.heard(IOC, 0, 35.0, numbered=False) is True
+
+
 def test_the_servers_remembered_have_a_bound(monkeypatch):
     monkeypatch.setattr(search, "MAX_BEACON_SERVERS", 3)
     watch = search.BeaconWatch(started=0.0)

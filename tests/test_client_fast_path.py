@@ -1,13 +1,14 @@
 """The client's path for readings, made lean: ``protocol.decode_reading`` and what follows it.
 
-Rule 1: ``decode_reading`` is judged against ``decode`` alone: for any bytes, both return equal
-messages or both refuse with the same ``ProtocolError``. Hypothesis generates the Updates
+Rule 1: ``decode_reading`` and ``decode_readings`` are judged against ``decode`` alone: for any
+bytes, both return equal messages or both refuse with the same ``ProtocolError`` (a frame of
+several messages: message by message). Hypothesis generates the Updates
 (arrays, text, None metadata, disconnected) and the ways to spoil them; no sockets.
 Rule 2: the system test runs a real daemon and the zoo IOC's fast counter through a
 subscribed ``EpicsSignalRO``: every reading arrives, in order, with no seq gap, and every
 callback runs on the hub's callback thread.
-Rule 3: what the daemon does not send (yet), a readings message of several updates among
-them, is sent by a scripted peer on real loopback sockets: a hello, pings and reads of one
+Rule 3: what the daemon seldom sends (a frame broken part way, a message of several frames,
+an ``Updates`` longer than the dispatcher's batch) is sent by a scripted peer on real loopback sockets: a hello, pings and reads of one
 PV answered, then frames exactly as the test writes them.
 """
 
@@ -355,6 +356,45 @@ def test_spoiled_updates_are_refused_by_both_decoders_alike(items: list, problem
     assert outcome(lambda d: list(p.decode_readings(d))[0], data) == refused
 
 
+_GOOD_ITEMS = [[1, 2.0, 1.0, 0, 0]]
+
+
+def _deep(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("body", [
+    {"v": p.PROTOCOL_VERSION - 1, "op": "updates", "pv": "X:a", "epoch": 1, "items": _GOOD_ITEMS},
+    {"v": p.PROTOCOL_VERSION, "op": "updates", "pv": "", "epoch": 1, "items": _GOOD_ITEMS},
+    {"v": p.PROTOCOL_VERSION, "op": "updates", "pv": "X:\0a", "epoch": 1, "items": _GOOD_ITEMS},
+    {"v": p.PROTOCOL_VERSION, "op": "updates", "pv": "X:a", "epoch": True, "items": _GOOD_ITEMS},
+    {"v": p.PROTOCOL_VERSION, "op": "updates", "pv": "X:a", "epoch": 1, "items": "nope"},
+    {"v": p.PROTOCOL_VERSION, "op": "updates", "pv": "X:a", "epoch": 1, "items": [[1, _deep(40), 1.0, 0, 0]]},
+    {"v": p.PROTOCOL_VERSION, "op": "updates", "pv": "X:a", "epoch": 1, "items": [[1, _deep(5), 1.0, 0, 0]]},
+    {"v": p.PROTOCOL_VERSION, "op": "updates", "pv": "X:a", "epoch": 1, "items": _GOOD_ITEMS, "more": 1},
+], ids=["old version", "empty pv", "pv with NUL", "bool epoch", "items not a list", "too deep", "deep enough",
+        "a field more"])
+def test_updates_on_the_fast_path_are_judged_as_decode_judges_them(body: dict) -> None:
+    data = _pack(body)
+    assert outcome(lambda d: list(p.decode_readings(d))[0], data) == outcome(p.decode, data)
+
+
+def test_a_frame_of_one_message_is_decoded_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A big array's frame holds it alone: msgpack's Unpacker would copy it once more.
+    update = p.Update(pv="X:big", epoch=1, seq=1, connected=True, reading=p.Reading(np.arange(300_000.0), 1.0))
+    frame = p.encode(update)
+
+    def several(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a frame of one message taken apart as one of several")
+
+    monkeypatch.setattr(p, "_each_reading", several)
+    (decoded,) = p.decode_readings(frame)
+    assert _shape(decoded) == _shape(update)
+
+
 def test_an_updates_item_stands_for_the_update_it_replaces() -> None:
     message = p.Updates(pv="X:a", epoch=3, items=[[7, 1.5, 10.0, 1, 2], [8, 2.5, 11.0, 0, 0]])
     assert list(message.each()) == [
@@ -388,6 +428,14 @@ def test_the_actor_gathers_runs_of_value_changes_and_sends_the_rest_as_they_are(
     assert len(frames) == 3 and [type(m).__name__ for m in p.decode_readings(frames[1])] == ["Updates"]
     assert list(p.decode_readings(frames[2]))[0].reading.value.shape == big.shape
     assert readings_frames("X:a", [change(1)])[1] == p.encode(change(1))
+    # Disconnected, without a reading, or of another epoch (a new actor): never in a run.
+    gone = p.Update(pv="X:a", epoch=1, seq=3, connected=False, reading=None)
+    newer = p.Update(pv="X:a", epoch=2, seq=4, connected=True, reading=p.Reading(4, 104.0))
+    updates = [change(1), change(2), gone, newer, p.Update(pv="X:a", epoch=2, seq=5, connected=True,
+                                                        reading=p.Reading(5, 105.0))]
+    sent = list(p.decode_readings(readings_frames("X:a", updates)[1]))
+    assert [type(m).__name__ for m in sent] == ["Updates", "Update", "Updates"]
+    assert [u for m in sent for u in (m.each() if isinstance(m, p.Updates) else [m])] == updates
 
 
 class _Listener:
@@ -403,6 +451,42 @@ def _events(channel: Channel) -> list[tuple[str, Any, int]]:
     channel.add_listener(listener.on_channel)
     channel.keep = listener  # type: ignore[attr-defined]  # held weakly by the channel
     return listener.seen
+
+
+class _CountingHub:
+    def __init__(self) -> None:
+        self.resyncs = 0
+
+    def resync(self, channel: Channel) -> None:
+        self.resyncs += 1
+
+
+def _prepared(how: str) -> Channel:
+    channel = Channel(_CountingHub(), "X:a")  # type: ignore[arg-type]
+    if how in ("attached", "gap", "new epoch"):
+        channel.apply(1, 0, True, p.Reading(4, 9.0), {"units": ""}, from_stream=False)
+    elif how == "lost":
+        channel.apply(1, 0, True, p.Reading(4, 9.0), {"units": ""}, from_stream=False)
+        channel.lose("the actor died")
+    return channel  # "new": nothing applied yet, not attached
+
+
+@pytest.mark.parametrize("how, epoch, first", [
+    ("attached", 1, 1), ("gap", 1, 3), ("new epoch", 2, 1), ("lost", 2, 1), ("new", 1, 5)])
+def test_an_updates_message_changes_any_channel_as_its_updates_one_by_one_would(how: str, epoch: int,
+                                                                                 first: int) -> None:
+    message = p.Updates(pv="X:a", epoch=epoch, items=[[first, 5, 10.0, 0, 0], [first + 1, 5, 10.0, 0, 0],
+                                                      [first + 2, 6, 11.0, 0, 0], [first + 3, 7, 12.0, 1, 0]])
+    (gathered, gathered_events), (single, single_events) = [
+        (channel, _events(channel)) for channel in (_prepared(how), _prepared(how))]
+    gathered.apply_updates(message.epoch, message.items)
+    for update in message.each():
+        single.apply(update.epoch, update.seq, update.connected, update.reading, update.metadata, from_stream=True)
+    assert gathered_events == single_events
+    for name in ("seq", "epoch", "reading", "connected", "attached", "version", "value_version", "previous",
+                 "missed", "gaps"):
+        assert getattr(gathered, name) == getattr(single, name), name
+    assert gathered.hub.resyncs == single.hub.resyncs
 
 
 def test_an_updates_message_changes_a_channel_as_its_updates_one_by_one_would() -> None:
@@ -562,11 +646,14 @@ def test_a_readings_message_of_several_updates_is_applied_in_full_and_in_order()
         daemon.outbox.put([topic, daemon.update(10, 10) + daemon.update(11, 11), daemon.update(12, 12)])
         # A frame broken part way: what comes before the break counts, the frame after it too.
         daemon.outbox.put([topic, daemon.update(13, 13) + b"\xc1 broken", daemon.update(14, 14)])
-        wait_until(lambda: len(seen) >= 15, 10, message=lambda: f"callbacks got {seen}")
-        assert [value for value, _ in seen] == list(range(15))
+        # Consecutive changes as one Updates, longer than the dispatcher's batch, then an Update.
+        run = [[seq, seq, 1.0 + seq, 0, 0] for seq in range(15, 15 + 300)]
+        daemon.outbox.put([topic, p.encode(p.Updates(pv="S:counter", epoch=1, items=run)) + daemon.update(315, 315)])
+        wait_until(lambda: len(seen) >= 316, 10, message=lambda: f"callbacks got {len(seen)}")
+        assert [value for value, _ in seen] == list(range(316))
         assert {name for _, name in seen} == {"pvhub-callbacks"}
         assert signal.missed_updates == 0
-        assert signal.get() == 14
+        assert signal.get() == 315
     finally:
         hub.close()
         daemon.close()

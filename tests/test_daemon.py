@@ -81,6 +81,21 @@ def test_bad_messages_get_errors_and_the_daemon_goes_on(raw, prefix):
     assert isinstance(reply, p.Snapshot) and reply.id == 10
 
 
+def test_a_client_of_an_older_protocol_is_told_why_in_its_own_version(raw):
+    # A version 1 client cannot read readings in ``Updates``: it is refused at its hello, in
+    # a reply it can decode (same fields, its version), not in one it would drop unread.
+    old = p.PROTOCOL_VERSION - 1
+    raw.send(msgpack.packb({"v": old, "op": "hello", "id": 3, "client": "old"}))
+    assert raw.sock.poll(5000), "no reply"
+    body = msgpack.unpackb(raw.sock.recv())
+    assert (body["v"], body["op"], body["id"], body["code"]) == (old, "error", 3, "unsupported_version")
+    assert f"protocol version {old} is not supported" in body["message"]
+    # A version from the future gets ours: we cannot know its shapes.
+    raw.send(msgpack.packb({"v": p.PROTOCOL_VERSION + 5, "op": "hello", "id": 4}))
+    reply = raw.receive()
+    assert (reply.code, reply.id) == ("unsupported_version", 4)
+
+
 def test_client_vanishing_mid_request_harms_nobody(hub, prefix):
     quitter = RawClient(hub.address)
     quitter.send(p.encode(p.SetRequest(id=1, pv=f"{prefix}slow", value=1.0)))

@@ -152,7 +152,7 @@ def test_a_quarantined_pv_released_and_asked_for_again_goes_to_a_process_of_its_
     from pvhub.config import Limits
     from pvhub.daemon import placement
 
-    router = pooled(1, limits=Limits(release_unconnected_s=30))
+    router = pooled(1, limits=Limits(release_unconnected_s=5))
     ready(router, "pool:0", now=0.0)
     send(router, p.ReadRequest(id=1, pv="BAD:pv"), now=0.0)
     send(router, p.ReadRequest(id=2, pv="ODD:pv"), now=0.0)
@@ -164,7 +164,7 @@ def test_a_quarantined_pv_released_and_asked_for_again_goes_to_a_process_of_its_
     assert odd_strikes == QUARANTINE_STRIKES
     for actor in list(router.actors):
         ready(router, actor, now=4.0)
-    router.tick(60.0)  # neither ever found an IOC: both released
+    router.tick(9.5)  # neither found an IOC: both released, before their trial was over
     assert "BAD:pv" not in router.pvs and "ODD:pv" not in router.pvs
     # Asked for again: not back into the pool it killed, and status still says so.
     effects = send(router, p.ReadRequest(id=3, pv="BAD:pv"), now=70.0)
@@ -182,19 +182,35 @@ def test_a_quarantined_pv_released_and_asked_for_again_goes_to_a_process_of_its_
     assert owner(router, "BAD:pv").startswith("pool:") and not router.pvs["BAD:pv"].quarantined
 
 
+def test_a_trusted_pvs_old_strikes_are_not_carried_into_its_next_life():
+    from pvhub.config import Limits
+
+    router = pooled(1, limits=Limits(release_unconnected_s=30))
+    ready(router, "pool:0", now=0.0)
+    send(router, p.ReadRequest(id=1, pv="X:pv"), now=0.0)
+    router.actor_exited("pool:0", 139, now=1.0)  # one strike: bad luck, perhaps
+    ready(router, "pool:0", now=1.5)
+    router.tick(1.5 + TRUST_S + 1)  # then it lived its trial out: trusted
+    assert router.pvs["X:pv"].trusted and router.pvs["X:pv"].strikes == 1
+    router.tick(40.0)  # released, never connected
+    assert "X:pv" not in router.pvs and router.placement.suspects_remembered == 0
+    send(router, p.ReadRequest(id=2, pv="X:pv"), now=50.0)
+    assert router.pvs["X:pv"].strikes == 0  # a new killer beside it would not push it out
+
+
 def test_the_strikes_of_released_pvs_are_remembered_for_a_bounded_number_of_names(monkeypatch):
     from pvhub.config import Limits
     from pvhub.daemon import placement
 
     monkeypatch.setattr(placement, "MAX_SUSPECTS", 5)
-    router = pooled(1, limits=Limits(release_unconnected_s=30))
+    router = pooled(1, limits=Limits(release_unconnected_s=5))
     ready(router, "pool:0", now=0.0)
     names = [f"S{i}:pv" for i in range(20)]
     for i, pv in enumerate(names):
         send(router, p.ReadRequest(id=i, pv=pv), now=0.0)
     router.actor_exited("pool:0", 139, now=1.0)  # one strike each
     ready(router, "pool:0", now=1.5)
-    router.tick(60.0)
+    router.tick(6.0)  # released before their trial was over
     assert not router.pvs
     assert router.placement.suspects_remembered == 5
 
