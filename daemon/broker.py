@@ -60,7 +60,7 @@ from pvhub.daemon.effects import (
 from pvhub.daemon.routing import TICK_S, Router
 from pvhub.daemon.supervisor import Supervisor
 from pvhub.waker import Waker
-from pvhub.errors import AccessDeniedError, ActorDiedError, InternalError, ProtocolError
+from pvhub.errors import AccessDeniedError, ActorDiedError, InternalError, ProtocolError, UnsupportedVersionError
 
 log = structlog.get_logger("pvhub.daemon")
 
@@ -345,8 +345,9 @@ class Broker:
         request_id = p.salvage_id(payload)
         self.log.warning("bad_message", client=client.hex(), error=str(exc))
         reply = error_reply(request_id, exc)
-        # An older client reads why in its own version (protocol.py, PROTOCOL_VERSION).
-        self._to_client(ctx, client, p.encode(reply, version=p.salvage_version(payload)), reply)
+        # An older client reads why it is refused in its own version (protocol.py, PROTOCOL_VERSION).
+        version = p.salvage_version(payload) if isinstance(exc, UnsupportedVersionError) else p.PROTOCOL_VERSION
+        self._to_client(ctx, client, p.encode(reply, version=version), reply)
 
     def _drain_actors(self, ctx: "_LoopContext") -> None:
         for _ in range(1000):
