@@ -132,30 +132,28 @@ class Channel:
         from_stream: bool,
     ) -> None:
         with self._lock:
-            events = self._apply(epoch, seq, connected, reading, metadata, from_stream)
-            if not events:
-                return
-            self.version += 1
-            for kind, old in events:
-                if kind == "value":
-                    self.value_version, self.previous = self.version, old
-            # Listeners only queue work for the callback thread, so they run under the lock:
-            # a user thread that sees the new state (say, ready) also finds its events
-            # queued ahead of anything it queues next (a new subscription's first call).
-            self._tell(events)
+            self._changed(self._apply(epoch, seq, connected, reading, metadata, from_stream))
 
     def apply_updates(self, epoch: int, items: list[list]) -> None:
         """The items of an ``Updates`` message, each as ``apply`` of the ``Update`` it stands
         for, under one hold of the lock."""
         with self._lock:
             for seq, value, timestamp, severity, status in items:
-                events = self._apply(epoch, seq, True, p.new_reading(value, timestamp, severity, status), None, True)
-                if events:
-                    self.version += 1
-                    for kind, old in events:
-                        if kind == "value":
-                            self.value_version, self.previous = self.version, old
-                    self._tell(events)
+                self._changed(self._apply(epoch, seq, True, p.new_reading(value, timestamp, severity, status), None,
+                                          True))
+
+    def _changed(self, events: list[tuple[str, p.Reading | None]]) -> None:
+        """With the lock held: what ``_apply`` changed gets the next version (Rule 4) and is
+        told. Listeners only queue work for the callback thread, so they run under the lock:
+        a user thread that sees the new state (say, ready) also finds its events queued ahead
+        of anything it queues next (a new subscription's first call)."""
+        if not events:
+            return
+        self.version += 1
+        for kind, old in events:
+            if kind == "value":
+                self.value_version, self.previous = self.version, old
+        self._tell(events)
 
     def apply_reply(self, message: p.Snapshot | p.SetDone) -> None:
         """A snapshot's state, or the reading a put's ``SetDone`` carries, applied on the I/O

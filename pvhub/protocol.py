@@ -17,7 +17,8 @@ never element by element; numpy scalars travel as plain numbers. Nothing is ever
 Rule 6: ``decode`` refuses any malformed input with ``ProtocolError`` and allocates nothing
 beyond what arrived.
 Rule 7: ``decode_reading`` is ``decode`` for the readings socket: what it returns or refuses is
-exactly what ``decode`` returns or refuses; it is only quicker for the usual ``Update``.
+exactly what ``decode`` returns or refuses; it is only quicker for the usual ``Update`` and
+``Updates``.
 Rule 8: a readings message is a topic frame and one or more frames, each holding one or more
 encoded messages back to back (msgpack delimits them): an actor puts the updates of a PV
 that it sends together in one frame, so a client reads one frame, not one per update.
@@ -600,8 +601,7 @@ def decode_reading(data: bytes) -> Message:
         body = msgpack.unpackb(data, raw=False, ext_hook=unpack_ext, strict_map_key=False)
     except Exception:  # malformed: let decode say why, in its words
         return decode(data)
-    update = _update_of(body, data)
-    return decode(data) if update is None else update
+    return _reading_of(body, data)
 
 
 def decode_readings(frame: bytes) -> Iterator[Message]:
@@ -616,10 +616,7 @@ def decode_readings(frame: bytes) -> Iterator[Message]:
     except Exception:  # malformed: let decode say why, in its words
         yield decode(frame)
         return
-    update = _update_of(body, frame)
-    if update is None:
-        update = _updates_of(body, frame)
-    yield decode(frame) if update is None else update
+    yield _reading_of(body, frame)
 
 
 def _each_reading(frame: bytes) -> Iterator[Message]:
@@ -635,12 +632,15 @@ def _each_reading(frame: bytes) -> Iterator[Message]:
             decode(frame[start:])
             raise ProtocolError("undecodable message") from None
         end = unpacker.tell()
-        data = frame[start:end]
-        update = _update_of(body, data)
-        if update is None:
-            update = _updates_of(body, data)
-        yield decode(data) if update is None else update
+        yield _reading_of(body, frame[start:end])
         start = end
+
+
+def _reading_of(body: Any, data: bytes) -> Message:
+    """The message ``body`` (unpacked from ``data``) is: an ``Update`` or ``Updates`` in the
+    exact shape ``encode`` writes, checked here; anything else as ``decode`` judges ``data``."""
+    message = _update_of(body, data) or _updates_of(body, data)
+    return decode(data) if message is None else message
 
 
 def _update_of(body: Any, data: bytes) -> Update | None:
@@ -708,9 +708,7 @@ def _updates_of(body: Any, data: bytes) -> Updates | None:
 def new_reading(value: Any, timestamp: float, severity: int, status: int) -> Reading:
     """``Reading(value, timestamp, severity, status)`` for fields already checked (an item of
     an ``Updates``), without the frozen dataclass's ``__setattr__`` per field."""
-    reading = object.__new__(Reading)
-    reading.__dict__.update(value=value, timestamp=timestamp, severity=severity, status=status)
-    return reading
+    return _built(Reading, {"value": value, "timestamp": timestamp, "severity": severity, "status": status})
 
 
 def new_update(pv: str, epoch: int, seq: int, connected: bool, reading: Reading | None,
@@ -760,28 +758,24 @@ def pv_from_topic(frame: bytes) -> str:
     return frame[:-1].decode()
 
 
-def salvage_version(payload: bytes) -> int:
-    """The version to answer a message that failed to decode in: its own, if it is an older
-    one this side can still write an ``ErrorReply`` in (1 and up), else ours."""
+def _salvaged(payload: bytes, name: str) -> Any:
+    """Field ``name`` of a message that failed to decode, when it can still be read; else None."""
     try:
         body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception:
-        return PROTOCOL_VERSION
-    version = body.get("v") if isinstance(body, dict) else None
-    if type(version) is int and 1 <= version < PROTOCOL_VERSION:
-        return version
-    return PROTOCOL_VERSION
+        return None
+    return body.get(name) if isinstance(body, dict) else None
+
+
+def salvage_version(payload: bytes) -> int:
+    """The version to answer a message that failed to decode in: its own, if it is an older
+    one this side can still write an ``ErrorReply`` in (1 and up), else ours."""
+    version = _salvaged(payload, "v")
+    return version if type(version) is int and 1 <= version < PROTOCOL_VERSION else PROTOCOL_VERSION
 
 
 def salvage_id(payload: bytes) -> int:
     """The request id of a message that failed to decode, when it can still be read (so the
     client's pending request fails at once instead of timing out)."""
-    try:
-        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except Exception:
-        return 0
-    if isinstance(body, dict):
-        request_id = body.get("id")
-        if isinstance(request_id, int) and not isinstance(request_id, bool):
-            return request_id
-    return 0
+    request_id = _salvaged(payload, "id")
+    return request_id if isinstance(request_id, int) and not isinstance(request_id, bool) else 0
