@@ -250,3 +250,69 @@ def test_starting_a_running_ioc_is_refused(prefix):
     with SimulatedIOC(prefix=prefix) as ioc:
         with pytest.raises(RuntimeError, match="already running"):
             ioc.start()
+
+
+# --- Rule 5: a picked port that another process takes first ----------------------------------
+
+
+def pick_first(monkeypatch: pytest.MonkeyPatch, port: int) -> list[int]:
+    """Make the harness's next port pick ``port`` (one another process holds), as if that
+    process had bound it between the pick and the IOC's bind; later picks are the real ones.
+    Returns the list of every port picked, in order."""
+    from pvhub.testing import ioc as harness
+
+    real, picked = harness._free_ca_server_port, []
+
+    def pick(host: str = LOOPBACK) -> int:
+        picked.append(port if not picked else real(host))
+        return picked[-1]
+
+    monkeypatch.setattr(harness, "_free_ca_server_port", pick)
+    return picked
+
+
+@pytest.mark.timeout(60)
+def test_rsrv_finding_its_udp_port_taken_is_started_on_another(prefix, monkeypatch):
+    # EPICS base's server cannot bind its UDP search socket beside one bound without
+    # SO_REUSEADDR: it prints "CAS: No TCP server started" and suspends, never exiting.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind((LOOPBACK, 0))
+        taken = held.getsockname()[1]
+        picked = pick_first(monkeypatch, taken)
+        ioc = SimulatedIOC("tests.iocs.rsrv", prefix=prefix, ready_pv="motor", cwd=REPO_ROOT)
+        with ioc:
+            assert picked[0] == taken and len(picked) == 2
+            assert ioc.port == picked[1] != taken
+            assert ioc.read("motor").data[0] == 0.0
+            assert "No TCP server started" not in ioc.log_text()
+        assert is_gone(ioc.pid)
+
+
+@pytest.mark.timeout(60)
+def test_caproto_finding_its_tcp_port_taken_is_started_on_another(prefix, monkeypatch):
+    # caproto serves on a random TCP port when its own is taken, and says so only in the
+    # port its search replies name.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind((LOOPBACK, 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        picked = pick_first(monkeypatch, taken)
+        with SimulatedIOC(prefix=prefix) as ioc:
+            assert picked[0] == taken and len(picked) == 2
+            assert ioc.port == picked[1] != taken
+            assert list(ioc.read("dt").data) == [3.0]
+
+
+@pytest.mark.timeout(60)
+def test_a_restart_on_a_taken_port_fails_rather_than_move(prefix):
+    # Clients know the first address (ca_env); an IOC that moved would be one they never find.
+    ioc = SimulatedIOC(prefix=prefix).start()
+    port = ioc.port
+    ioc.stop()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind((LOOPBACK, port))
+        held.listen()
+        with pytest.raises(RuntimeError, match="did another process take the port"):
+            ioc.start()
+    assert is_gone(ioc.pid)
+    assert ioc.port == port

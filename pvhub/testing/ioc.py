@@ -12,6 +12,11 @@ probe speaks Channel Access to an explicit address with caproto's sans-I/O core,
 caproto's sync client reads ``os.environ`` (shared by every thread of a test run) and, unless
 told ``repeater=False``, spawns a ``caproto-repeater`` that outlives us.
 Rule 4: ``stop()`` leaves no process behind, whatever state ``start()`` reached.
+Rule 5: a port picked here is only free when it is picked; another process may bind it before
+the IOC does. Found taken (the IOC serves elsewhere, or EPICS base's server, unable to bind its
+UDP search socket, prints ``CAS: No TCP server started`` and suspends), the IOC is started again
+on freshly picked ports, up to ``_PORT_ATTEMPTS`` times. Ports given, as in a restart on the
+address clients know, are never changed: a taken one is an error.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ _POLL_INTERVAL = 0.02
 _SEARCH_RETRY_INTERVAL = 0.1
 _STOP_TIMEOUT = 5.0
 _LOG_TAIL_CHARS = 4000
+_PORT_ATTEMPTS = 5
+# What EPICS base's server prints, then suspends, when it cannot bind its ports (Rule 5).
+_RSRV_NO_SERVER = "CAS: No TCP server started"
 
 __all__ = [
     "LOOPBACK",
@@ -231,13 +239,22 @@ class SimulatedIOC:
         """Start the IOC and return once it answers Channel Access; stops it on any failure."""
         if self._process is not None and self._process.poll() is None:
             raise RuntimeError(f"{self!r} is already running")
-        try:
-            self._launch()
-            self._wait_until_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        picked = self._port is None  # Rule 5: only ports picked here may be picked again
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            try:
+                self._launch()
+                self._wait_until_ready()
+            except _PortTaken as exc:
+                self.stop()
+                if not picked or attempt == _PORT_ATTEMPTS:
+                    raise RuntimeError(f"{exc} (attempt {attempt} of {_PORT_ATTEMPTS})") from None
+                self._port = self._repeater_port = None
+            except BaseException:
+                self.stop()
+                raise
+            else:
+                return self
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def stop(self) -> int | None:
         """Terminate the IOC (SIGTERM, then SIGKILL after 5 s); safe to call more than once.
@@ -375,6 +392,8 @@ class SimulatedIOC:
         last_error: Exception | None = None
         while True:
             returncode = self.process.poll()
+            if _RSRV_NO_SERVER in self.log_text():
+                raise _PortTaken(f"{self!r} could not bind its ports:\n{self._log_tail()}")
             if returncode is not None:
                 raise RuntimeError(
                     f"{self!r} exited with code {returncode} during startup:\n{self._log_tail()}"
@@ -402,7 +421,7 @@ class SimulatedIOC:
         server = _search(name, (LOOPBACK, self.port), time.monotonic() + 0.5)
         if server != (LOOPBACK, self.port):
             # caproto silently takes a random port when the one asked for is taken.
-            raise RuntimeError(
+            raise _PortTaken(
                 f"{self!r}: {name} is served from {server}, not from port {self.port}; "
                 f"did another process take the port?\n{self._log_tail()}"
             )
@@ -411,6 +430,10 @@ class SimulatedIOC:
     def _log_tail(self) -> str:
         text = self.log_text()
         return text[-_LOG_TAIL_CHARS:] if text else "(no log captured)"
+
+
+class _PortTaken(Exception):
+    """Another process took the IOC's port before the IOC bound it (Rule 5)."""
 
 
 def _started(value: Any) -> Any:
