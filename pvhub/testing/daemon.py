@@ -11,6 +11,9 @@ that starts it, so a developer's shell or a CI runner cannot point it at a site'
 another notify socket.
 Rule 4: ``stop()`` is bounded: SIGTERM to the daemon, which stops its actors; SIGKILL to its
 whole process group at the deadline.
+Rule 5: a port picked here is only free when it is picked. A daemon that exits because
+another process bound its picked address first is started again on a fresh port, up to
+``_PORT_ATTEMPTS`` times; an address given is never changed.
 """
 
 from __future__ import annotations
@@ -119,6 +122,15 @@ class NotifySocket:
             self._arrived.notify_all()
 
 
+_PORT_ATTEMPTS = 5
+# What ``pvhub serve`` prints (cli.py) when its address is taken (Rule 5).
+_ADDRESS_TAKEN = b"Address already in use"
+
+
+def _picked_address() -> str:
+    return f"tcp://{LOOPBACK}:{free_tcp_port()}"
+
+
 class DaemonProcess:
     """``python -m pvhub serve`` on loopback, in a process group of its own; a context manager.
 
@@ -137,7 +149,8 @@ class DaemonProcess:
         directory: str | os.PathLike[str] | None = None,
         startup_timeout: float = 20.0,
     ) -> None:
-        self.address = address or f"tcp://{LOOPBACK}:{free_tcp_port()}"
+        self._picked = address is None  # Rule 5
+        self.address = address or _picked_address()
         self._env = dict(env or {})
         self._args = tuple(args)
         self.directory = Path(directory or tempfile.mkdtemp(prefix="pvhub-daemon-"))
@@ -156,6 +169,21 @@ class DaemonProcess:
         """
         if self.running():
             raise RuntimeError(f"pvhub serve at {self.address} is already running")
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                self._start()
+            except RuntimeError:
+                this_start = self.log_path.read_bytes()[logged:] if self.log_path.exists() else b""
+                if not (self._picked and attempt < _PORT_ATTEMPTS and _ADDRESS_TAKEN in this_start):
+                    raise
+                self.address = _picked_address()
+            else:
+                self._picked = False  # clients know it now: a restart keeps it (Rule 5)
+                return self
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _start(self) -> None:
         self._notify = NotifySocket(self.directory)
         try:
             with self.log_path.open("ab") as log:
@@ -174,7 +202,6 @@ class DaemonProcess:
         except BaseException:
             self.stop()
             raise
-        return self
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, and the daemon's exit code (``None`` if it was never started).
