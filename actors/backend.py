@@ -299,7 +299,7 @@ class ChannelAccessBackend:
                 operation[1](command)
         elif isinstance(command, caproto.EventAddResponse):
             channel = circuit.by_subscription.get(command.subscriptionid)
-            if channel is not None and command.payload_size and command.status_code == ECA_NORMAL:
+            if channel is not None and command.payload_size and command.status == ECA_NORMAL:
                 self._emit(ReadingEvent(channel.name, reading_of(command, channel.ca.native_data_type)))
         elif isinstance(command, caproto.AccessRightsResponse):
             channel = circuit.by_cid.get(command.cid)

@@ -158,6 +158,24 @@ def test_waveform(hub, prefix):
         wave.set(np.zeros(17)).wait(5)
 
 
+def test_an_empty_waveform_is_a_value_like_any_other(hub, prefix):
+    # An IOC may post an array of no elements (a waveform whose NORD is 0). Such a monitor
+    # update once broke the actor's circuit: every PV of the IOC went disconnected.
+    wave = connected(EpicsSignal(f"{prefix}wave", name="wave"))
+    x = connected(EpicsSignalRO(f"{prefix}x", name="x"))
+    lost = []
+    x.subscribe(lambda **kw: lost.append(kw) if not kw["connected"] else None, event_type="meta", run=False)
+    seen = []
+    wave.subscribe(lambda value, **kw: seen.append(value), run=False)
+    wave.set(np.array([], dtype=float)).wait(5)
+    assert wave.get().shape == (0,)
+    wait_until(lambda: any(len(v) == 0 for v in seen), 5)
+    wave.set(np.arange(3.0)).wait(5)  # the circuit still carries puts and monitors
+    wait_until(lambda: len(seen[-1]) == 3, 5)
+    np.testing.assert_array_equal(wave.get(), np.arange(3.0))
+    assert x.connected and wave.connected and not lost
+
+
 def test_string_pv(hub, prefix):
     text = connected(EpicsSignal(f"{prefix}text", name="text"))
     assert text.get() == "hello"

@@ -246,3 +246,19 @@ def test_the_ioc_dies_with_its_parent(prefix):
         if ioc is not None and not _gone(ioc):
             os.kill(ioc, signal.SIGKILL)  # the test failed: leave nothing behind
         beacons.close()
+
+
+def test_an_empty_waveform_on_rsrv(rsrv_hub, rsrv_ioc, prefix):
+    # A waveform whose NORD is 0: what rsrv sends for it must not cost the circuit (test_client
+    # has the caproto IOC's side).
+    wave = connected(EpicsSignal(f"{prefix}wave", name="wave"))
+    motor = connected(EpicsSignalRO(f"{prefix}motor", name="motor"))
+    seen = []
+    wave.subscribe(lambda value, **kw: seen.append(value), run=False)
+    wave.set(np.array([], dtype=float)).wait(TIMEOUT)
+    assert wave.get().shape == (0,)
+    wait_until(lambda: any(len(v) == 0 for v in seen), TIMEOUT)
+    wave.set(np.arange(3.0)).wait(TIMEOUT)
+    np.testing.assert_array_equal(wave.get(), np.arange(3.0))
+    wait_until(lambda: len(seen[-1]) == 3, TIMEOUT)
+    assert wave.connected and motor.connected
