@@ -12,6 +12,16 @@ token still to come; a token whose work already ran costs one look at an empty q
 Rule 4: closing is a marker in the queue: what was queued before it (a Status finishing, a
 last disconnection callback) still runs. After the thread has ended, work runs at once on
 the caller's thread, so nothing handed over later is lost.
+Rule 5: the queue is bounded as a Channel Access server bounds a slow client's events. While
+``MAX_BACKLOG`` callbacks (or ``MAX_BACKLOG_BYTES`` of arrays) wait, the user's callbacks are
+behind the updates: a new reading for a listener whose last queued change is a reading still
+waiting takes that reading's place (the callback runs once, with the newest), as rsrv
+replaces a subscription's last queued event when its queue is full. Nothing else is merged
+(a Status finishing, a connection change), and a reading is never merged across another
+change of its listener, so each listener still sees its changes in order. The queue then
+holds at most ``MAX_BACKLOG`` items, one more reading per listener, and the work users
+started. The first merge logs ``callbacks_behind``; the catching up, ``callbacks_caught_up``
+with how many readings were merged.
 """
 
 from __future__ import annotations
@@ -21,12 +31,38 @@ import queue
 import threading
 from typing import Any, Callable
 
+import numpy as np
+
 from pvhub.logs import library_logger
 
 log = library_logger("pvhub.client")
 
 # Readings the I/O thread applies before it wakes the dispatcher even mid-drain (Rule 2).
 DISPATCH_BATCH = 128
+# Waiting callbacks, or bytes of arrays in waiting readings, past which readings merge (Rule 5).
+MAX_BACKLOG = 10_000
+MAX_BACKLOG_BYTES = 64 * 2**20
+
+
+_NO_KWARGS: dict[str, Any] = {}
+
+
+def array_bytes(value: Any) -> int:
+    """What a reading's value weighs against ``MAX_BACKLOG_BYTES``: an array's bytes (Rule 5)."""
+    return value.nbytes if type(value) is np.ndarray else 0
+
+
+class _Change:
+    """A listener's change waiting in the queue (Rule 5): its ``args`` are replaced when a
+    newer reading merges into it."""
+
+    __slots__ = ("args", "func", "listener", "size")
+
+    def __init__(self, func: Callable[..., Any], args: tuple, listener: object, size: int) -> None:
+        self.func = func
+        self.args = args
+        self.listener = listener
+        self.size = size
 
 
 class Dispatcher:
@@ -42,6 +78,14 @@ class Dispatcher:
         self._batcher: int | None = None  # the thread that wakes us per batch (Rule 2)
         self._batched = False  # that thread queued work it has not woken us for
         self._ended = False
+        # Rule 5: each listener's last queued change while it is a reading that may take a
+        # newer one's place, and the bytes of arrays waiting; both under ``_lock``.
+        self.max_backlog, self.max_backlog_bytes = MAX_BACKLOG, MAX_BACKLOG_BYTES
+        self.merged = 0  # readings that took a waiting one's place
+        self._lock = threading.Lock()
+        self._mergeable: dict[object, _Change] = {}
+        self._bytes = 0
+        self._merged_since: int | None = None  # ``merged`` when the callbacks fell behind
         self.thread = threading.Thread(target=self._run, name="pvhub-callbacks", daemon=True)
         self.thread.start()
 
@@ -57,6 +101,38 @@ class Dispatcher:
             return
         self.dispatches += 1
         self._work.append((func, args, kwargs))
+        if threading.get_ident() == self._batcher:
+            self._batched = True
+        else:
+            self._wake.put(None)
+
+    def dispatch_change(self, listener: object, reading: bool, size: int,
+                        func: Callable[..., Any], *args: Any) -> None:
+        """Like ``dispatch``, for a change that ``listener`` was told of: a new value
+        (``reading``, with ``size`` bytes of array) or another change. Past the bounds, a
+        reading takes the place of the listener's reading still waiting (Rule 5)."""
+        if self._ended:
+            func(*args)
+            return
+        with self._lock:
+            waiting = self._mergeable.get(listener) if reading else None
+            if waiting is not None and (len(self._work) >= self.max_backlog
+                                        or self._bytes >= self.max_backlog_bytes):
+                self._bytes += size - waiting.size
+                waiting.args, waiting.size = args, size
+                self.merged += 1
+                if self._merged_since is None:
+                    self._merged_since = self.merged - 1
+                    log.warning("callbacks_behind", waiting=len(self._work), bytes=self._bytes)
+                return
+            change = _Change(func, args, listener, size)
+            self._bytes += size
+            if reading:
+                self._mergeable[listener] = change
+            else:
+                self._mergeable.pop(listener, None)
+            self.dispatches += 1
+            self._work.append(change)
         if threading.get_ident() == self._batcher:
             self._batched = True
         else:
@@ -83,6 +159,12 @@ class Dispatcher:
                 self._ended = True
                 self._run_queued()  # queued between the last look and the flag
                 return
+            if self._merged_since is not None and not self._work:
+                with self._lock:
+                    since, self._merged_since = self._merged_since, None
+                    merged = self.merged - (since or 0)
+                if since is not None:
+                    log.info("callbacks_caught_up", merged=merged)
 
     def _run_queued(self) -> bool:
         """Run what is queued, in order; whether the close was among it."""
@@ -92,7 +174,14 @@ class Dispatcher:
             if item is None:
                 closing = True  # statuses must still finish: go on
                 continue
-            func, args, kwargs = item
+            if type(item) is _Change:
+                with self._lock:
+                    if self._mergeable.get(item.listener) is item:
+                        del self._mergeable[item.listener]
+                    self._bytes -= item.size
+                    func, args, kwargs = item.func, item.args, _NO_KWARGS
+            else:
+                func, args, kwargs = item
             try:
                 func(*args, **kwargs)
             except Exception:

@@ -135,6 +135,7 @@ class Hub:
         # ``dispatch``: the dispatcher's own method, bound here, not a method of ours that
         # calls it: a Signal's subscription calls it per reading.
         self.dispatch = self._dispatcher.dispatch
+        self.dispatch_change = self._dispatcher.dispatch_change  # a listener's (Rule 5 there)
         self._io = threading.Thread(target=self._run, name=f"pvhub-io {self.address}", daemon=True)
         self._io.start()
 
@@ -273,6 +274,12 @@ class Hub:
     def dispatches(self) -> int:
         """Callbacks queued for the callback thread so far (benchmarks: work per reading)."""
         return self._dispatcher.dispatches
+
+    @property
+    def merged(self) -> int:
+        """Readings that took the place of one still waiting for a slow callback (the
+        dispatcher's Rule 5)."""
+        return self._dispatcher.merged
 
     def close(self) -> None:
         if self._closed.is_set():

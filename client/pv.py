@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from pvhub import protocol as p
 from pvhub.client.channel import Channel
+from pvhub.client.dispatcher import array_bytes
 from pvhub.client.hub import Hub
 from pvhub.client.registry import get_hub
 from pvhub.client.pv_fields import (
@@ -120,7 +121,7 @@ class PV(PVFields):
             # the listener (the listener runs under the same lock).
             self._channel.add_listener(self._on_channel)
             if self._channel.ready:
-                self._hub.dispatch(self._on_event, "meta", _Captured(self._channel, None))
+                self._hub.dispatch_change(self, False, 0, self._on_event, "meta", _Captured(self._channel, None))
 
     # --- where callbacks run (Rule 2) ------------------------------------------------------
 
@@ -364,7 +365,7 @@ class PV(PVFields):
         PV). On the callback thread, after every event queued before: a connection callback
         hears that the PV is connected once, if it is, then every change, never twice."""
         if connection_callback is not None:
-            self._hub.dispatch(self._join_connection, self._deliver("metadata", connection_callback))
+            self._hub.dispatch_change(self, False, 0, self._join_connection, self._deliver("metadata", connection_callback))
         if access_callback is not None:
             self.access_callbacks.append(self._deliver("metadata", access_callback))
 
@@ -382,7 +383,9 @@ class PV(PVFields):
     # --- events: the I/O thread captures, the callback thread acts (Rule 2) ---------------
 
     def _on_channel(self, kind: str, channel: Channel, old: p.Reading | None) -> None:
-        self._hub.dispatch(self._on_event, kind, _Captured(channel, old))
+        captured = _Captured(channel, old)
+        size = array_bytes(captured.reading.value) if kind == "value" and captured.reading is not None else 0
+        self._hub.dispatch_change(self, kind == "value", size, self._on_event, kind, captured)
 
     def _on_event(self, kind: str, state: _Captured) -> None:
         if self._released:

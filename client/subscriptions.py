@@ -23,6 +23,7 @@ import threading
 from typing import Any, Callable
 
 from pvhub import protocol as p
+from pvhub.client.dispatcher import array_bytes
 from pvhub.client.hub import Channel, Hub, log
 from pvhub.client.values import PLAIN, convert
 
@@ -88,7 +89,7 @@ class Subscriptions:
             if not self._listening:
                 self._listening = True
                 channel.add_listener(self._on_channel)
-        self._hub.dispatch(self._prime, cid)
+        self._hub.dispatch_change(self, False, 0, self._prime, cid)
         return cid
 
     def unsubscribe(self, cid: int) -> None:
@@ -181,9 +182,10 @@ class Subscriptions:
         if kind == self.SUB_VALUE:
             reading = channel.reading
             if reading is not None:
-                self._hub.dispatch(self._run_value_subs, channel.version, reading, old, channel.metadata)
+                self._hub.dispatch_change(self, True, array_bytes(reading.value), self._run_value_subs,
+                                          channel.version, reading, old, channel.metadata)  # fmt: skip
         elif kind == self.SUB_META:
-            self._hub.dispatch(self._run_meta_subs, channel.version)
+            self._hub.dispatch_change(self, False, 0, self._run_meta_subs, channel.version)
 
     # Run on the callback thread: deliver the change ``version`` to every primed subscription
     # that has not seen it, with what a callback gets built only if one will.

@@ -10,7 +10,7 @@ import pytest
 from bluesky.protocols import Configurable, Movable, Readable, Subscribable, check_supports
 from helpers import callbacks_done, wait_for_put_in_flight, wait_until
 
-from pvhub.client import EpicsSignal, EpicsSignalRO, Status, wait
+from pvhub.client import EpicsSignal, EpicsSignalRO, Status, get_hub, wait
 from pvhub.errors import (
     BadValueError,
     ConnectionTimeoutError,
@@ -174,6 +174,31 @@ def test_an_empty_waveform_is_a_value_like_any_other(hub, prefix):
     wait_until(lambda: len(seen[-1]) == 3, 5)
     np.testing.assert_array_equal(wave.get(), np.arange(3.0))
     assert x.connected and wave.connected and not lost
+
+
+def test_a_slow_callback_gets_the_newest_value_not_an_endless_queue(zoo_ioc, hub, prefix):
+    # The callback queue is bounded (dispatcher.py Rule 5): past the bound, a reading takes
+    # the place of its Signal's reading still waiting, so a callback slower than its PV
+    # falls behind by at most the bound and still ends on the newest value.
+    rate = connected(EpicsSignal(f"{prefix}fast_rate", name="rate"))
+    fast = connected(EpicsSignalRO(f"{prefix}fast", name="fast"))
+    get_hub()._dispatcher.max_backlog = 20  # small, so that a few seconds reach it
+    seen: list[int] = []
+
+    def slow(value, **kwargs):
+        seen.append(value)
+        time.sleep(0.01)  # 100 a second, against the IOC's 500
+
+    rate.set(500.0).wait(5)
+    fast.subscribe(slow)
+    wait_until(lambda: get_hub().merged > 100, 20)
+    rate.set(0.0).wait(5)
+    # Once the IOC has stopped counting, its value is the newest there will be.
+    wait_until(lambda: seen[-1] == zoo_ioc.read("fast").data[0], 10)
+    callbacks_done()
+    assert seen[-1] == fast.get() == zoo_ioc.read("fast").data[0]
+    assert all(a < b for a, b in zip(seen, seen[1:]))  # fewer values, still in order
+    assert len(seen) < seen[-1] - seen[0]  # some were merged away
 
 
 def test_string_pv(hub, prefix):
