@@ -40,7 +40,6 @@ from pvhub.actors.circuit import POLLIN as _POLLIN
 from pvhub.actors.circuit import POLLOUT as _POLLOUT
 from pvhub.actors.circuit import RECEIVE_BYTES, Circuit, conn_timeout
 from pvhub.actors.codec import (
-    ECA_NORMAL,
     AccessEvent,
     ConnectionEvent,
     Event,
@@ -51,6 +50,7 @@ from pvhub.actors.codec import (
     ReadingEvent,
     metadata_of,
     put_error,
+    read_problem,
     reading_of,
     text,
 )
@@ -83,6 +83,7 @@ class Channel:
     ca: Any = None  # caproto's ClientChannel, once its circuit is up
     connected: bool = False
     subscription: int | None = None
+    described: bool = False  # its control structure (the metadata) has been read on this circuit
 
 
 class ChannelAccessBackend:
@@ -200,9 +201,10 @@ class ChannelAccessBackend:
         native = channel.ca.native_data_type
 
         def on_read(response: Any) -> None:
-            reading = None
-            if response is not None and not isinstance(response, caproto.ErrorResponse):
-                reading = reading_of(response, native)
+            problem = read_problem(response)
+            if problem is not None:
+                log.warning("read_failed", pv=name, error=problem)
+            reading = reading_of(response, native) if problem is None else None
             self._emit(ReadDoneEvent(name, read_id, reading))
 
         self._read(channel, "time", on_read)
@@ -299,14 +301,19 @@ class ChannelAccessBackend:
                 operation[1](command)
         elif isinstance(command, caproto.EventAddResponse):
             channel = circuit.by_subscription.get(command.subscriptionid)
-            if channel is not None and command.payload_size and command.status == ECA_NORMAL:
+            # Off the fast path (circuit.py): an empty array, or an update that is no value
+            # (read access gone: the IOC says so in its status, with zeros for a payload).
+            if channel is not None and command.payload_size and read_problem(command) is None:
                 self._emit(ReadingEvent(channel.name, reading_of(command, channel.ca.native_data_type)))
         elif isinstance(command, caproto.AccessRightsResponse):
             channel = circuit.by_cid.get(command.cid)
             if channel is not None:
                 rights = command.access_rights
-                self._emit(AccessEvent(channel.name, read_access=bool(rights & caproto.AccessRights.READ),
+                readable = bool(rights & caproto.AccessRights.READ)
+                self._emit(AccessEvent(channel.name, read_access=readable,
                                        write_access=bool(rights & caproto.AccessRights.WRITE)))  # fmt: skip
+                if readable and channel.connected and not channel.described:
+                    self._describe(circuit, channel)  # refused while it could not be read
         elif isinstance(command, caproto.CreateChanResponse):
             self._created(circuit, command.cid)
         elif isinstance(command, caproto.ErrorResponse):
@@ -341,23 +348,26 @@ class ChannelAccessBackend:
         channel.subscription = subscribe.subscriptionid
         circuit.by_subscription[subscribe.subscriptionid] = channel
         self._emit(ConnectionEvent(channel.name, True))
+        circuit.send(subscribe)
+        self._describe(circuit, channel)
+
+    def _describe(self, circuit: Circuit, channel: Channel) -> None:
+        """Read the control structure: units, limits, precision, enum labels (the metadata).
+        Refused (no read access yet), it is read again when read access comes."""
         native = channel.ca.native_data_type
         count = channel.ca.native_data_count
         name, host = channel.name, circuit.host
 
         def on_control(response: Any) -> None:
-            if response is None:
-                log.warning("metadata_read_not_sent", pv=name)
+            problem = read_problem(response)
+            if problem is not None:
+                log.warning("metadata_read_failed", pv=name, error=problem)
                 return
-            if isinstance(response, caproto.ErrorResponse):
-                log.warning("metadata_read_refused", pv=name, error=text(bytes(response.error_message)))
-                return
+            if channel.connected and channel.circuit is circuit:
+                channel.described = True
             self._emit(MetadataEvent(name, metadata_of(response, native, count, host)))
 
-        control = channel.ca.read(data_type="control", ioid=circuit.core.new_ioid())
-        circuit.operations[control.ioid] = (channel, on_control)
-        if not circuit.send(subscribe, control):
-            circuit.not_sent(control.ioid)
+        self._read(channel, "control", on_control)
 
     def _refused(self, circuit: Circuit, response: Any) -> None:
         request = response.original_request
@@ -383,11 +393,10 @@ class ChannelAccessBackend:
 
     def _put_read_back(self, name: str, put_id: int, native: ChannelType, response: Any) -> None:
         readback = None
-        if response is None:
-            log.warning("readback_not_sent", pv=name)
-        elif isinstance(response, caproto.ErrorResponse):
+        problem = read_problem(response)
+        if problem is not None:
             # The put itself completed; only its read-back is lost (the monitor follows).
-            log.warning("readback_refused", pv=name, error=text(bytes(response.error_message)))
+            log.warning("readback_failed", pv=name, error=problem)
         else:
             readback = reading_of(response, native)
         self._emit(PutDoneEvent(name, put_id, None, readback))
@@ -420,6 +429,7 @@ class ChannelAccessBackend:
 
     def _restart(self, channel: Channel, delay: float, reset: bool = True) -> None:
         channel.connected = False
+        channel.described = False
         channel.circuit = None
         channel.ca = None
         channel.subscription = None

@@ -151,6 +151,20 @@ def metadata_of(response: Any, native: ChannelType, count: int, host: str) -> p.
     return out
 
 
+def read_problem(response: Any) -> str | None:
+    """Why a read's (or a monitor update's) answer holds no reading, or None when it holds one.
+    An IOC that cannot read a PV (no read access, a failed get, a channel going away) still
+    answers, with an ECA status that says so and a payload of zeros: not a value."""
+    if response is None:
+        return "not sent: refused by the Channel Access state machine"
+    if isinstance(response, caproto.ErrorResponse):
+        return f"the IOC refused it: {text(bytes(response.error_message))}"
+    if response.header.parameter1 != ECA_NORMAL:  # the raw status: ``.status`` is caproto's tuple
+        status = response.status
+        return f"the IOC answered {getattr(status, 'name', status)}: {getattr(status, 'description', '')}"
+    return None
+
+
 def put_error(response: Any) -> str | None:
     """Why a put's completion says it failed, or None."""
     if response is None:

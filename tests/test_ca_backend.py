@@ -312,3 +312,20 @@ def test_an_ioc_that_comes_back_is_found_by_its_beacons_not_the_next_search(pref
         ioc.stop()
         repeater.kill()
         repeater.wait(5)
+
+
+# --- answers that hold no reading ----------------------------------------------------------------
+
+
+def test_read_problem_tells_a_value_from_a_refusal():
+    good = caproto.ReadNotifyResponse(data=[1.5], data_type=ChannelType.TIME_DOUBLE, data_count=1,
+                                      status=1, ioid=3)  # fmt: skip
+    assert codec.read_problem(good) is None
+    # rsrv, without read access: ECA_NORDACCESS (368 with its severity bits) and zeros.
+    denied = caproto.ReadNotifyResponse(data=[0.0], data_type=ChannelType.TIME_DOUBLE, data_count=1,
+                                        status=368, ioid=3)  # fmt: skip
+    assert "ECA_NORDACCESS" in codec.read_problem(denied)
+    event = EventAddResponse(data=[0.0], data_type=ChannelType.TIME_DOUBLE, data_count=1,
+                             status=368, subscriptionid=1)  # fmt: skip
+    assert "Read access denied" in codec.read_problem(event)
+    assert "not sent" in codec.read_problem(None)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from helpers import wait_until
+from helpers import log_events, wait_until
 
 from pvhub.client import EpicsSignal, EpicsSignalRO, ReadOnlyError, close_hubs
 from pvhub.testing import DaemonProcess
@@ -262,3 +262,50 @@ def test_an_empty_waveform_on_rsrv(rsrv_hub, rsrv_ioc, prefix):
     np.testing.assert_array_equal(wave.get(), np.arange(3.0))
     wait_until(lambda: len(seen[-1]) == 3, TIMEOUT)
     assert wave.connected and motor.connected
+
+
+def test_a_waveform_that_holds_nothing_connects(rsrv_hub, rsrv_ioc, prefix):
+    # NORD 0 until written: its monitor updates hold no element, which the actor reads off
+    # its fast path. Dropped there, the PV would never have a value, so never connect.
+    empty = connected(EpicsSignal(f"{prefix}empty", name="empty"))
+    assert empty.get().shape == (0,)
+    seen = []
+    empty.subscribe(lambda value, **kw: seen.append(value))
+    wait_until(lambda: seen and len(seen[-1]) == 0, TIMEOUT)
+    empty.set(np.array([1.0, 2.0])).wait(TIMEOUT)
+    wait_until(lambda: len(seen[-1]) == 2, TIMEOUT)
+    np.testing.assert_array_equal(empty.get(), [1.0, 2.0])
+
+
+def test_a_read_refused_for_lost_read_access_is_an_error_not_a_value(rsrv_hub, rsrv_ioc, prefix):
+    # rsrv answers a read it may not serve with ECA_NORDACCESS and a payload of zeros; taken
+    # as a reading, that would replace the PV's value for every client with an empty array.
+    gate = connected(EpicsSignal(f"{prefix}gate", name="gate"))
+    guarded = connected(EpicsSignal(f"{prefix}guarded", name="guarded"))
+    fresh = connected(EpicsSignalRO(f"{prefix}guarded", name="fresh", auto_monitor=False))
+    assert fresh.get() == guarded.get() == 3.5
+    gate.set(0).wait(TIMEOUT)
+    wait_until(lambda: not guarded.read_access and not guarded.write_access, TIMEOUT)
+    with pytest.raises(Exception, match="could not be read"):
+        fresh.get()
+    assert guarded.get() == 3.5  # the last value read, not the zeros of a refusal
+    gate.set(1).wait(TIMEOUT)
+    wait_until(lambda: guarded.read_access and guarded.write_access, TIMEOUT)
+    guarded.set(4.5).wait(TIMEOUT)
+    assert fresh.get() == guarded.get() == 4.5
+
+
+def test_a_pv_without_read_access_at_first_connects_once_it_has_it(rsrv_hub, rsrv_ioc, prefix):
+    # Its control structure (units, precision) cannot be read at first: it is read again
+    # when the access comes, and only then is the PV connected (actors/state.py Rule 3).
+    gate = connected(EpicsSignal(f"{prefix}gate", name="gate"))
+    gate.set(0).wait(TIMEOUT)
+    guarded = EpicsSignalRO(f"{prefix}guarded", name="guarded")
+    refused = lambda: [e for e in log_events(rsrv_hub, "metadata_read_failed") if e.get("pv") == guarded.pvname]  # noqa: E731
+    wait_until(refused, TIMEOUT)
+    assert "ECA_NORDACCESS" in refused()[0]["error"]
+    assert not guarded.connected
+    gate.set(1).wait(TIMEOUT)
+    connected(guarded)
+    assert guarded.get() == 3.5
+    assert guarded.units == "V" and guarded.precision == 1

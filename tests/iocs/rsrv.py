@@ -22,6 +22,9 @@ PVs, after the prefix:
 - ``big``: float64 ``waveform`` of 131,072 elements (1 MiB) published at ``big_rate`` Hz;
   every element holds the number of the update.
 - ``big_rate``: ``ao``, Hz; 0 (the default) pauses ``big``.
+- ``empty``: float64 ``waveform`` of up to 16 elements that holds none (NORD 0) until written.
+- ``gate``: ``bo``, 1 ("open"); ``guarded``: ``ao``, 3.5, in the access security group GATED,
+  readable and writable only while ``gate`` is 1.
 - ``scale:c00000`` .. : ``--count`` ``calc`` records counting up once a second (``SCAN "1
   second"``: EPICS base's scan thread processes them, no Python on their path).
 - ``scale:s00000`` .. : ``--count`` ``ai`` records that never change.
@@ -68,6 +71,11 @@ ASG(DEFAULT) {
 }
 ASG(READONLY) {
     RULE(1, READ)
+}
+ASG(GATED) {
+    INPA("{prefix}gate")
+    RULE(1, READ) { CALC("A=1") }
+    RULE(1, WRITE) { CALC("A=1") }
 }
 """
 
@@ -131,6 +139,9 @@ def build(prefix: str, count: int):
     builder.WaveformOut("chars", np.frombuffer(b"abc", dtype=np.uint8), length=40)
     builder.longIn("count", initial_value=7)
     builder.longIn("locked", initial_value=42, ASG="READONLY")
+    builder.records.waveform("empty", NELM=16, FTVL="DOUBLE")
+    builder.records.bo("gate", VAL=1, PINI="YES", ZNAM="closed", ONAM="open")
+    builder.records.ao("guarded", VAL=3.5, PINI="YES", PREC=1, EGU="V", ASG="GATED")
     rates = {
         "fast": builder.aOut("fast_rate", initial_value=0.0, EGU="Hz", DRVL=0.0, DRVH=20000.0),
         "big": builder.aOut("big_rate", initial_value=0.0, EGU="Hz", DRVL=0.0, DRVH=100.0),
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rates, fast, big = build(args.prefix, args.count)
     with tempfile.NamedTemporaryFile("w", prefix="rsrv-", suffix=".acf", delete=False) as acf:
-        acf.write(_ACF)
+        acf.write(_ACF.replace("{prefix}", args.prefix))
     try:
         imports.dbCore.asSetFilename(acf.name.encode())
         builder.LoadDatabase()
