@@ -161,6 +161,8 @@ def test_waveform(hub, prefix):
 def test_an_empty_waveform_is_a_value_like_any_other(hub, prefix):
     # An IOC may post an array of no elements (a waveform whose NORD is 0). Such a monitor
     # update once broke the actor's circuit: every PV of the IOC went disconnected.
+    empty = connected(EpicsSignalRO(f"{prefix}empty", name="empty"))  # none from the start
+    assert empty.get().shape == (0,)
     wave = connected(EpicsSignal(f"{prefix}wave", name="wave"))
     x = connected(EpicsSignalRO(f"{prefix}x", name="x"))
     lost = []

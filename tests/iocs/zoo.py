@@ -11,6 +11,7 @@ PVs, after the prefix:
   refuses a put outside the control limits).
 - ``count``: int, 0.
 - ``wave``: float64 waveform of 16 elements, 0..15.
+- ``empty``: float64 waveform of up to 16 elements, holding none.
 - ``text``: DBR_STRING, "hello".
 - ``mode``: enum Off / On / Auto, "Off".
 - ``slow``: float whose put completes only after ``slow_delay`` (2.0) seconds.
@@ -90,6 +91,7 @@ class ZooIOC(PVGroup):
     wave = pvproperty(
         value=[float(i) for i in range(16)], max_length=16, doc="A float64 waveform"
     )
+    empty = pvproperty(value=[], dtype=float, max_length=16, doc="A float64 waveform holding no element")
     big_rate = pvproperty(value=0.0, doc="Updates per second of big; 0 (the default) pauses it")
     big = pvproperty(
         value=[0.0] * BIG_LENGTH, max_length=BIG_LENGTH,
