@@ -78,6 +78,7 @@ class Channel:
 
     name: str
     search_id: int | None = None
+    search_due: float = 0.0  # when its search goes next: the one heap entry that counts
     interval: float = MIN_RETRY
     circuit: Circuit | None = None
     ca: Any = None  # caproto's ClientChannel, once its circuit is up

@@ -7,7 +7,10 @@ Rule 1: searching. A name is searched at once, then again after ``MIN_RETRY`` se
 doubling up to ``MAX_RETRY`` (caproto's client settings, from the same environment
 variables), until a server answers; a name whose circuit or channel drops starts again from
 the shortest interval. Searches wait in a heap by due time, so a tick costs what is due, not
-what is searched. The first server to answer a name gets it.
+what is searched; a name's one entry that counts is the one at its ``search_due`` (a search
+that could not be sent, the socket full, is due again in 10 ms, and its older entry is then
+stale), so the heap holds at most a name's entries since it was last due. The first server to
+answer a name gets it.
 Rule 2: beacons. The search socket registers with the host's CA repeater (caRepeater or
 caproto-repeater, on ``EPICS_CA_REPEATER_PORT``; again every ``REGISTER_RETRY`` seconds until
 it confirms) and so hears the IOCs' beacons. A server that is new on the network sends every
@@ -53,6 +56,7 @@ BEACON_SEARCH_GAP = 0.5
 MAX_BEACON_SERVERS = 10_000
 # Rule 2: a server new on the network is not new again for this long (its beacons' ramp).
 NEW_HOLDOFF_S = 30.0
+SOCKET_FULL_RETRY = 0.01  # seconds before searches the full socket refused go again
 # Rule 2: beacons carry a count from CA protocol 4.10 on; older servers send 0 each time.
 NUMBERED_BEACONS = 10
 
@@ -108,7 +112,11 @@ class NameSearch:
         search_id = next(self._search_ids) & 0xFFFFFFFF
         channel.search_id = search_id
         self._searching[search_id] = channel
-        heapq.heappush(self._due, (time.monotonic() + delay, search_id))
+        self._due_at(channel, time.monotonic() + delay)
+
+    def _due_at(self, channel: Channel, when: float) -> None:
+        channel.search_due = when
+        heapq.heappush(self._due, (when, channel.search_id))
 
     def stop(self, channel: Channel) -> None:
         """Search ``channel``'s name no more (it was removed)."""
@@ -132,30 +140,47 @@ class NameSearch:
 
     def _send_searches(self, now: float) -> None:
         batch: list[bytes] = []
-        batch_ids: list[int] = []
+        batched: list[Channel] = []
         size = 0
         version = bytes(caproto.VersionRequest(priority=0, version=caproto.DEFAULT_PROTOCOL_VERSION))
         while self._due and self._due[0][0] <= now:
-            _, search_id = heapq.heappop(self._due)
+            when, search_id = heapq.heappop(self._due)
             channel = self._searching.get(search_id)
-            if channel is None or channel.search_id != search_id:
-                continue  # answered or forgotten since
+            if channel is None or channel.search_id != search_id or channel.search_due != when:
+                continue  # answered or forgotten since, or a stale entry (Rule 1)
             request = bytes(caproto.SearchRequest(channel.name, search_id, caproto.DEFAULT_PROTOCOL_VERSION))
             if size + len(request) > SEARCH_DATAGRAM_BYTES - len(version) and batch:
-                if not self._send_datagram(version + b"".join(batch)):
-                    # The socket is full: this batch and the rest go again in 10 ms.
-                    for unsent in (*batch_ids, search_id):
-                        heapq.heappush(self._due, (now + 0.01, unsent))
+                if not self._send_batch(now, version, batch, batched):
+                    self._due_at(channel, now + SOCKET_FULL_RETRY)
+                    self._defer_due(now)
                     return
-                batch, batch_ids, size = [], [], 0
+                batch, batched, size = [], [], 0
             batch.append(request)
-            batch_ids.append(search_id)
+            batched.append(channel)
             size += len(request)
-            heapq.heappush(self._due, (now + channel.interval, search_id))
-            channel.interval = min(MAX_RETRY, channel.interval * 2)
-        if batch and not self._send_datagram(version + b"".join(batch)):
-            for unsent in batch_ids:
-                heapq.heappush(self._due, (now + 0.01, unsent))
+        if batch:
+            self._send_batch(now, version, batch, batched)
+
+    def _defer_due(self, now: float) -> None:
+        """The socket is full: every search due now waits ``SOCKET_FULL_RETRY`` with the rest,
+        rather than the loop spinning until the socket drains."""
+        while self._due and self._due[0][0] <= now:
+            when, search_id = heapq.heappop(self._due)
+            channel = self._searching.get(search_id)
+            if channel is not None and channel.search_id == search_id and channel.search_due == when:
+                self._due_at(channel, now + SOCKET_FULL_RETRY)
+
+    def _send_batch(self, now: float, version: bytes, batch: list[bytes], channels: list[Channel]) -> bool:
+        """Send one datagram of searches; each name is due again at its interval, which
+        doubles, or (the socket full) in ``SOCKET_FULL_RETRY``, its interval unchanged."""
+        sent = self._send_datagram(version + b"".join(batch))
+        for channel in channels:
+            if sent:
+                self._due_at(channel, now + channel.interval)
+                channel.interval = min(MAX_RETRY, channel.interval * 2)
+            else:
+                self._due_at(channel, now + SOCKET_FULL_RETRY)
+        return sent
 
     def _send_datagram(self, datagram: bytes) -> bool:
         for address in self._servers:

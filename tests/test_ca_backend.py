@@ -8,7 +8,9 @@ path is compared with the slow one on the same message.
 
 from __future__ import annotations
 
+import collections
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -329,3 +331,50 @@ def test_read_problem_tells_a_value_from_a_refusal():
                              status=368, subscriptionid=1)  # fmt: skip
     assert "Read access denied" in codec.read_problem(event)
     assert "not sent" in codec.read_problem(None)
+
+
+def test_a_full_socket_leaves_each_name_one_search(monkeypatch):
+    # Searches the socket refused (full) go again in 10 ms; the entries they had for later
+    # are stale then. Kept live as well, each full socket would add a search per name for
+    # good, and the traffic, growing, would fill the socket more often.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as nobody:
+        nobody.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("EPICS_CA_AUTO_ADDR_LIST", "NO")
+        monkeypatch.setenv("EPICS_CA_ADDR_LIST", "127.0.0.1:%d" % nobody.getsockname()[1])
+        monkeypatch.setenv("EPICS_CA_REPEATER_PORT", str(nobody.getsockname()[1]))
+        names = search.NameSearch(lambda channel, address: None, lambda fd, flags: None)
+    sent: list[bytes] = []
+    full = False
+
+    def send(datagram: bytes) -> bool:
+        if not full:
+            sent.append(datagram)
+        return not full
+
+    monkeypatch.setattr(names, "_send_datagram", send)
+    channels = [ca.Channel(f"no:such:pv{i}") for i in range(2000)]
+    for channel in channels:
+        names.start(channel, 0.0)
+    now = time.monotonic()
+    for episode in range(20):  # the socket full for 0.2 s, then free for 1 s, twenty times
+        full = True
+        for step in range(20):
+            now += 0.01
+            names.tick(now)
+        full = False
+        for step in range(100):
+            now += 0.01
+            names.tick(now)
+    assert len(names._due) <= len(channels)  # one entry per name: none stale, none twice
+    sent.clear()
+    for step in range(1000):  # 10 s with the socket free: intervals grow, nothing doubles
+        now += 0.01
+        names.tick(now)
+    per_name = collections.Counter(
+        command.cid for datagram in sent
+        for command in caproto._commands.read_datagram(datagram, ("127.0.0.1", 0), caproto.CLIENT)
+        if isinstance(command, caproto.SearchRequest)
+    )  # fmt: skip
+    assert set(per_name) == {channel.search_id for channel in channels}
+    assert max(per_name.values()) <= 4, per_name.most_common(3)  # 10 s at up to 5 s apart
+    names.close()
