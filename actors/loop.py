@@ -28,7 +28,11 @@ client reads one frame per message and a few list items per reading). When one o
 array is copied into a joined frame. A PV's message goes at the end of the loop's pass,
 unless the PV's previous message with a new value left less than ``BATCH_WINDOW_S`` ago: then
 its updates wait, and go together when the window is over (a snapshot, such as the one a new
-client asks for, starts no window, so a new PV's first value never waits). A quiet PV's
+client asks for, starts no window, so a new PV's first value never waits). A snapshot is
+published for clients proving their subscription (client hub.py Rule 4): at most one per PV
+every ``SNAPSHOT_SPACING_S``, and one waiting takes no second of the same state, so a
+hundred clients that reconnect at once cost a PV a few snapshots, each to all of them, not a
+hundred each to all (a client not proved by one asks again after its ``PROOF_INTERVAL``). A quiet PV's
 update goes alone, at once; one that changes faster than the window (500 Hz) waits at most
 the window, and its updates cost the actor, the daemon's forwarder and every client one
 message per window instead of one per update (each ZeroMQ message wakes a thread in each of
@@ -64,6 +68,8 @@ POLL_MS = 250
 DRAIN_LIMIT = 2000
 # A PV's readings messages leave at most this often; updates in between go together (Rule 6).
 BATCH_WINDOW_S = 0.005
+# A PV's published snapshots leave at most this often (Rule 6): half a client's PROOF_INTERVAL.
+SNAPSHOT_SPACING_S = 0.05
 # An update this big goes in a frame of its own rather than be copied into a joined one (Rule 6).
 JOIN_LIMIT = 65_536
 
@@ -82,6 +88,7 @@ class Actor:
         self._last_stats = 0.0
         self._outgoing: dict[str, list[p.Update]] = {}  # readings messages not sent yet (Rule 6)
         self._sent_at: dict[str, float] = {}  # when each PV's last readings message left
+        self._snapshot_at: dict[str, float] = {}  # when each PV's last snapshot-only message left
         self._next_send: float | None = None  # when the first waiting message may leave
         self._fresh = False  # a PV's first update since its last message is among them
         self._valued: set[str] = set()  # PVs whose waiting messages carry a change, not only snapshots
@@ -145,6 +152,7 @@ class Actor:
             self._changed.discard(pv)
             self._urgent.discard(pv)
             self._sent_at.pop(pv, None)
+            self._snapshot_at.pop(pv, None)
             self._backend.remove(pv)
         if gone:
             self.log.info("pvs_released", count=len(gone), pvs=gone[:5])
@@ -320,8 +328,11 @@ class Actor:
     def _carry_out(self, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, Publish):
-                pv = effect.update.pv
+                update = effect.update
+                pv = update.pv
                 updates = self._outgoing.get(pv)
+                if update.snapshot and updates and _same_state(updates[-1], update):
+                    continue  # that state waits to go already: once is enough (Rule 6)
                 if updates is None:
                     self._outgoing[pv] = [effect.update]
                     self._fresh = True
@@ -349,8 +360,12 @@ class Actor:
         waiting: dict[str, list[p.Update]] = {}
         next_send = None
         sent_at = self._sent_at
+        snapshot_at = self._snapshot_at
+        valued = self._valued
         for pv, updates in self._outgoing.items():
             free_at = sent_at.get(pv, 0.0) + BATCH_WINDOW_S
+            if pv not in valued:  # snapshots only: spaced (Rule 6)
+                free_at = max(free_at, snapshot_at.get(pv, 0.0) + SNAPSHOT_SPACING_S)
             if not everything and now < free_at:
                 waiting[pv] = updates
                 next_send = free_at if next_send is None else min(next_send, free_at)
@@ -361,9 +376,11 @@ class Actor:
                 self.log.error("readings_not_encoded", pv=pv, updates=len(updates), error=str(exc))
             else:
                 self._pub.send_multipart(frames)
-            if pv in self._valued:
+            if pv in valued:
                 sent_at[pv] = now
-        self._valued.intersection_update(waiting)
+            else:
+                snapshot_at[pv] = now
+        valued.intersection_update(waiting)
         self._outgoing = waiting
         self._next_send = next_send
 
@@ -373,6 +390,12 @@ class Actor:
         elif isinstance(message, p.SetDone):
             self.log.debug("put_done", pv=message.pv)  # the daemon logs put_finished for each put
         self._dealer.send_multipart([client, p.encode(message)])
+
+
+def _same_state(waiting: p.Update, snapshot: p.Update) -> bool:
+    """Whether ``waiting`` is a snapshot of the state ``snapshot`` holds (Rule 6): a PV's
+    state changes only with its seq (or with a new epoch)."""
+    return waiting.snapshot and waiting.seq == snapshot.seq and waiting.epoch == snapshot.epoch
 
 
 def readings_frames(pv: str, updates: list[p.Update]) -> list[bytes]:

@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from pvhub import protocol as p
+from pvhub.actors.loop import SNAPSHOT_SPACING_S
 from helpers import readings_in, wait_until
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
@@ -102,3 +103,24 @@ def test_a_quiet_pvs_change_is_sent_alone_and_at_once(peer, prefix):
         # Put, completed and monitored within a round trip or two: far inside a second, and
         # never held for another PV's window.
         assert at - sent < 0.5
+
+
+def test_a_burst_of_snapshot_requests_publishes_a_few_snapshots(peer, prefix):
+    # Clients proving their subscriptions (client hub.py Rule 4) each ask for a published
+    # snapshot; a hundred at once, as after a daemon restart, must not cost a hundred
+    # snapshots each sent to every subscriber.
+    pv = f"{prefix}count"
+    peer.follow(pv)
+    peer.messages(0.2)  # the snapshot the follow asked for
+    started = time.monotonic()
+    for _ in range(100):
+        peer.dealer.send(p.encode(p.ReadRequest(id=next(peer.ids), pv=pv, publish=True)))
+    replies = []
+    while len(replies) < 100:
+        assert peer.dealer.poll(10_000), f"{len(replies)} of 100 answered"
+        replies.append(p.decode(peer.dealer.recv()))
+    took = time.monotonic() - started
+    assert all(isinstance(reply, p.Snapshot) and reply.connected for reply in replies)  # each answered
+    published = [u for _, updates in peer.messages(0.5) for u in updates if u.snapshot]
+    assert 1 <= len(published) <= took / SNAPSHOT_SPACING_S + 2, (len(published), took)
+    assert len({(u.epoch, u.seq) for u in published}) == 1  # the one state, nothing new
