@@ -62,6 +62,7 @@ class Channel:
         self.missed = 0
         self.error: BaseException | None = None  # the daemon refused this PV
         self.last_refusal = ""  # the last passing refusal (a limit), asked again since
+        self.limited = 0  # the daemon's limit refusals in a row (ProofSchedule.answered)
         self.version = 0  # Rule 4: the last change listeners were told of
         self.value_version = 0  # the last change that was a new value (0: none yet)
         self.previous: p.Reading | None = None  # the reading that new value replaced
@@ -251,6 +252,10 @@ class Channel:
             log.warning("pv_lost", pv=self.pv, reason=reason)
 
 
+# The longest a channel refused for a limit waits before it asks again (ProofSchedule).
+MAX_LIMITED_INTERVAL = 5.0
+
+
 class ProofSchedule:
     """Which channels the hub must ask for a snapshot, and when (hub.py, Rule 4).
 
@@ -286,13 +291,18 @@ class ProofSchedule:
         channel.proof_request = None
         self._at(channel, now + self.interval)
 
-    def answered(self, channel: Channel, request_id: int) -> bool:
+    def answered(self, channel: Channel, request_id: int, limited: bool = False) -> bool:
         """The answer to ``request_id`` came; False if it no longer counts (given up, or the
-        PV was lost since), and then it must be ignored."""
+        PV was lost since), and then it must be ignored. A refusal for a limit of the daemon's
+        (``limited``: too many PVs, too many requests) is asked again after an interval that
+        doubles with each refusal in a row, up to ``MAX_LIMITED_INTERVAL``: asking ten times a
+        second would only spend the budget the process's other requests need."""
         if channel.proof_request != request_id:
             return False
         channel.proof_request = None
-        self._at(channel, channel.proof_asked + self.interval)
+        channel.limited = channel.limited + 1 if limited else 0
+        wait = min(MAX_LIMITED_INTERVAL, self.interval * 2**channel.limited)
+        self._at(channel, channel.proof_asked + wait)
         return True
 
     def lost(self, channel: Channel, now: float) -> None:

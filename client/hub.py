@@ -619,7 +619,8 @@ class Hub:
         request_id = next(self._ids)
 
         def on_snapshot(message: p.Message) -> bool:
-            if not self._proofs.answered(channel, request_id):
+            limited = isinstance(message, p.ErrorReply) and message.code == LimitError.code
+            if not self._proofs.answered(channel, request_id, limited):
                 return True  # given up (Rule 4), or the PV was lost since: a newer one counts
             if isinstance(message, p.Snapshot):
                 channel.apply_reply(message)

@@ -468,6 +468,24 @@ def test_an_answered_channel_that_is_not_live_is_asked_again_after_the_interval(
     assert len(proofs) == 0  # until the hub sends again
 
 
+def test_a_channel_refused_for_a_limit_asks_again_ever_later():
+    # Ten times a second, a thousand such channels would spend the connection's whole
+    # request budget, and the process's puts and reads would be refused for it.
+    proofs = schedule()
+    _, channel = make_channel()
+    now = 0.0
+    for request_id, wait in enumerate([0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0], start=1):
+        proofs.sent(channel, request_id, now)
+        assert proofs.answered(channel, request_id, limited=True)
+        assert proofs.due(now + wait - 1e-6) == ([], []), wait
+        assert proofs.due(now + wait) == ([channel], []), wait
+        now += wait
+    proofs.sent(channel, 10, now)
+    assert proofs.answered(channel, 10)  # anything but a limit: the interval again
+    assert channel.limited == 0
+    assert proofs.due(now + 0.1) == ([channel], [])
+
+
 def test_a_live_and_attached_channel_is_no_longer_looked_at():
     proofs = schedule()
     _, channel = make_channel()
