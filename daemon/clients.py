@@ -8,7 +8,10 @@ Rule 2 (access and limits): a client's identity must have the right to read (rea
 subscribe) or write (set) the PV, else ``access_denied`` at once. Each connection has a
 request rate (a token bucket), a bound on its requests in flight and on the PVs it has asked
 for; past one, that request alone gets a ``limit`` error. A status walks every PV and every
-client's list of followed PVs, so a client pays for a status by what it walks.
+client's list of followed PVs, so a client pays for a status by what it walks, from a budget
+of its identity's, not its connection's: ``pvhub status`` run in a loop is a new connection
+each time. Identities are the daemon's configured keys and ``anonymous``, so their budgets
+are few.
 Rule 3 (Paranoid Pirate): a client silent for ``LIVENESS`` of its heartbeats (plus a margin)
 is forgotten. Silence is counted from the later of its last word and the last time the
 daemon itself was not running (``listening_since``, routing.py Rule 4).
@@ -65,7 +68,6 @@ class ClientRecord:
     requests: int = 0
     pvs: tuple[str, ...] | None = None  # None until a ping says which PVs the client follows
     bucket: TokenBucket | None = None
-    status_bucket: TokenBucket | None = None
     inflight: int = 0  # requests sent to (or queued for) actors, not finally answered
     # PVs this connection asked for (bounded by max_pvs_per_client); names the daemon has
     # released since are dropped when the bound is reached (``pruned_at``: ``Placement.releases``
@@ -87,6 +89,7 @@ class Clients(Mapping[bytes, ClientRecord]):
 
     def __init__(self) -> None:
         self._records: dict[bytes, ClientRecord] = {}
+        self._status_buckets: dict[str, TokenBucket] = {}  # by identity (Rule 2)
         self.followed = 0  # the lengths of all clients' lists of followed PVs, summed
 
     def __getitem__(self, client: bytes) -> ClientRecord:
@@ -123,12 +126,13 @@ class Clients(Mapping[bytes, ClientRecord]):
     def status_refusal(self, record: ClientRecord, held: int, now: float) -> PvhubError | None:
         """Why a status must not be built for ``record``'s client now (Rule 2), or None.
         ``held`` is how many PVs the daemon holds."""
-        if record.status_bucket is None:
-            record.status_bucket = TokenBucket(STATUS_PER_S, now)
+        bucket = self._status_buckets.get(record.identity)
+        if bucket is None:
+            bucket = self._status_buckets[record.identity] = TokenBucket(STATUS_PER_S, now)
         # A status walks every PV and every client's list of followed PVs: it costs both.
-        if not record.status_bucket.take(now, max(held + self.followed, 1) / STATUS_PVS_PER_TOKEN):
+        if not bucket.take(now, max(held + self.followed, 1) / STATUS_PVS_PER_TOKEN):
             return LimitError(
-                f"too many status requests from this client (each walks all {held} PVs and "
+                f"too many status requests from {record.identity!r} (each walks all {held} PVs and "
                 f"{self.followed} followed by clients); ask less often")
         return None
 

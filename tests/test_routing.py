@@ -11,7 +11,8 @@ import pytest
 from pvhub import __version__
 from pvhub import protocol as p
 from pvhub.config import Config, Limits
-from pvhub.daemon.clients import CLIENT_TIMEOUT
+from pvhub.daemon.clients import CLIENT_TIMEOUT, Clients
+from pvhub.errors import LimitError
 from pvhub.daemon.effects import Adopt, Announce, ClientForgotten, KillActor, SpawnActor, Stalled, ToActor, ToClient
 from pvhub.daemon.placement import identity_of
 from pvhub.daemon.routing import (
@@ -158,6 +159,22 @@ def test_status_describes_actors_and_clients():
         {"client": ALICE.hex(), "name": "me", "identity": "anonymous", "requests": 2, "inflight": 0,
          "idle": 0.0, "pvs": 0}
     ]
+
+
+def test_a_status_budget_is_its_identitys_not_its_connections():
+    # `pvhub status` in a loop is a new connection each time: with a budget per connection,
+    # each would walk every PV on the broker's thread at once, whatever it had cost before.
+    clients = Clients()
+    held = 100_000  # 500 tokens a status, at 50 a second: one every 10 s
+    first = clients.heard(ALICE, "anonymous", 10.0)
+    assert clients.status_refusal(first, held, now=10.0) is None  # the first, on credit
+    again = clients.heard(BOB, "anonymous", 10.1)
+    refused = clients.status_refusal(again, held, now=10.1)
+    assert isinstance(refused, LimitError) and "'anonymous'" in str(refused)
+    keyed = clients.heard(b"\x00carol", "carol", 10.1)
+    assert clients.status_refusal(keyed, held, now=10.1) is None  # an identity of its own
+    assert isinstance(clients.status_refusal(again, held, now=19.0), LimitError)
+    assert clients.status_refusal(again, held, now=20.1) is None  # the credit paid back
 
 
 def test_status_shows_a_ready_actors_pid():
