@@ -25,8 +25,12 @@ Rule 5: a client's unsubscription is not applied here; its subscription stays un
 disconnects, and its own SUB socket drops what it no longer follows. A client proves a
 subscription by unsubscribing and subscribing again (client hub.py Rule 4), and applied, the
 pair left a moment in which the stream to it was cut: readings published then were lost to
-it (a gap in ``seq``). What it may keep is what it was allowed (Rule 3): no more than the
-topics the forwarder holds.
+it (a gap in ``seq``). What one connection keeps is every topic it was allowed (Rule 3) over
+its life: the names of PVs the daemon held when it subscribed. That is not bounded by the
+topics the forwarder holds now (those turn over as PVs are released), but by the names the
+client used, as the client's own channels are (client hub.py), and a disconnection frees
+them. A subscription message names no connection (an XPUB gives only its identity), so no
+count per connection can be kept here; libzmq keeps each as a node of a trie, tens of bytes.
 """
 
 from __future__ import annotations
