@@ -92,6 +92,15 @@ _NATIVE_KIND = {
     ChannelType.CHAR: "char",
 }
 
+# The width of each numeric native type: what a put's value must fit (coercion.py Rule 3).
+_NATIVE_BITS = {
+    ChannelType.INT: 16,
+    ChannelType.LONG: 32,
+    ChannelType.FLOAT: 32,
+    ChannelType.DOUBLE: 64,
+    ChannelType.CHAR: 8,
+}
+
 _LIMIT_FIELDS = (
     "lower_ctrl_limit",
     "upper_ctrl_limit",
@@ -138,6 +147,8 @@ def metadata_of(response: Any, native: ChannelType, count: int, host: str) -> p.
     md = response.metadata
     kind = _NATIVE_KIND.get(native, "float")
     out: p.PVMetadata = {"native_type": kind, "count": count, "host": host}
+    if native in _NATIVE_BITS:
+        out["native_bits"] = _NATIVE_BITS[native]
     # Fields the PV's control structure lacks (strings and enums have no units or limits)
     # are None, as ophyd reports them.
     out["units"] = text(md.units) if hasattr(md, "units") else None  # type: ignore[typeddict-item]
@@ -149,6 +160,13 @@ def metadata_of(response: Any, native: ChannelType, count: int, host: str) -> p.
         [text(s) for s in md.enum_strings] if kind == "enum" and hasattr(md, "enum_strings") else None
     )
     return out
+
+
+def put_count(value: Any) -> int:
+    """How many elements a put of ``value`` (as coerced) carries: what its header must say.
+    Left to caproto, a server older than CA 4.13 is told the PV's whole length, and reads
+    past the payload into what follows it."""
+    return value.size if isinstance(value, np.ndarray) else 1
 
 
 def read_problem(response: Any) -> str | None:

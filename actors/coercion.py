@@ -1,8 +1,9 @@
 """What a put's value becomes before it is sent: the PV's native type, or a ``BadValueError``
 saying why it cannot be.
 
-Rule 1: no I/O; the metadata (``native_type``, ``count``, ``enum_strs``) is what the PV's
-control read said.
+Rule 1: no I/O; the metadata (``native_type``, ``native_bits``, ``count``, ``enum_strs``) is
+what the PV's control read said. A number must fit the native width: a SHORT takes
+-32768..32767, a FLOAT no finite value beyond float32's largest (infinities are values).
 Rule 2: sizes are checked before anything is converted, so a ten-million-element list for a
 scalar or a short waveform is refused at the cost of its length, not of its elements.
 Rule 3: nothing is rounded, wrapped or cut to fit: a number outside the native type's range,
@@ -42,9 +43,11 @@ def coerce_value(value: Any, metadata: p.PVMetadata) -> Any:
             raise BadValueError(f"{len(data)} bytes do not fit in {count} characters")
         return np.frombuffer(data, dtype=np.uint8).copy()
     integer = native in ("int", "char")
-    bounds = (0, 255) if native == "char" else (-(2**31), 2**31 - 1)
+    bits = int(metadata.get("native_bits") or (32 if integer else 64))
+    bounds = (0, 255) if native == "char" else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    largest = _FLOAT32_MAX if not integer and bits == 32 else math.inf
     if count == 1:
-        return _coerce_number(_single(value), integer, bounds)
+        return _fits(_coerce_number(_single(value), integer, bounds), largest)
     if not isinstance(value, (list, tuple, np.ndarray)):
         value = [value]  # a scalar is a one-element array
     if isinstance(value, np.ndarray) and value.size > count:
@@ -52,13 +55,27 @@ def coerce_value(value: Any, metadata: p.PVMetadata) -> Any:
     if isinstance(value, (list, tuple)) and _elements_up_to(value, count) > count:
         raise BadValueError(f"more than {count} elements do not fit in {count}")
     if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-        return _coerce_numbers(value.reshape(-1), integer, bounds)
+        return _fits(_coerce_numbers(value.reshape(-1), integer, bounds), largest)
     try:
         elements = np.asarray(value, dtype=object).reshape(-1)
     except (ValueError, TypeError):  # nested sequences numpy cannot even hold as objects
         raise BadValueError("nested sequences of different lengths are not an array") from None
     items = [_coerce_number(v, integer, bounds) for v in elements]
-    return np.asarray(items, dtype=np.int64 if integer else np.float64)
+    return _fits(np.asarray(items, dtype=np.int64 if integer else np.float64), largest)
+
+
+def _fits(value: Any, largest: float) -> Any:
+    """``value`` (a float or an array of them) if no finite number in it is beyond
+    ``largest`` (a FLOAT PV's: float32 would make it infinite), else ``BadValueError``."""
+    if largest == math.inf:
+        return value
+    if isinstance(value, np.ndarray):
+        finite = value[np.isfinite(value)]
+        if finite.size and np.abs(finite).max() > largest:
+            raise BadValueError(f"the array holds values beyond a float32's {largest:g}")
+    elif math.isfinite(value) and abs(value) > largest:
+        raise BadValueError(f"{_short(value)} is beyond a float32's {largest:g}")
+    return value
 
 
 def _single(value: Any) -> Any:
@@ -140,6 +157,8 @@ def _coerce_number(value: Any, integer: bool, bounds: tuple[int, int] = (-(2**31
         raise BadValueError(f"{_short(value)} is too large for a float") from None
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 # Longer than any number written out ("-1.2345678901234567e-308" is 24): refused unread.
 _MAX_NUMBER_TEXT = 100
 
@@ -168,7 +187,9 @@ def _coerce_enum(value: Any, enum_strs: list[str]) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadValueError(f"an enum takes a label or an index, not a {type(value).__name__}")
-    if not 0 <= value < max(len(enum_strs), 1):
+    # Every enum record has two states at least: a ``bo`` whose ONAM is empty reports one
+    # label (EPICS counts labels up to the last one set), and its state 1 is still a state.
+    if not 0 <= value < max(len(enum_strs), 2):
         raise BadValueError(f"index {value} is out of range for {enum_strs}")
     return value
 

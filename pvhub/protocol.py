@@ -52,6 +52,7 @@ class PVMetadata(TypedDict, total=False):
     """What an actor knows about its PV beyond the value (CA's control structure)."""
 
     native_type: str  # "float", "int", "enum", "string", "char"
+    native_bits: int  # of a number: 16 (CA's SHORT), 32 (LONG, FLOAT), 64 (DOUBLE), 8 (CHAR)
     count: int
     units: str
     precision: int | None

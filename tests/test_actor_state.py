@@ -462,6 +462,44 @@ def test_numbers_the_pv_cannot_take_are_refused(value, metadata):
         coerce_value(value, metadata)
 
 
+SHORT = md("int", native_bits=16)
+FLOAT32 = md("float", native_bits=32)
+
+
+@pytest.mark.parametrize(
+    "value, metadata",
+    [
+        (32768, SHORT),  # CA's SHORT would wrap it to -32768
+        (-32769, SHORT),
+        (70000, md("int", 3, native_bits=16)),
+        (np.array([1, 2, 40000]), md("int", 3, native_bits=16)),
+        ([1, -40000], md("int", 3, native_bits=16)),
+        (1e39, FLOAT32),  # float32 would make it infinite
+        (-3.5e38, FLOAT32),
+        (np.array([0.0, 1e39]), md("float", 2, native_bits=32)),
+        ([1.0, "1e39"], md("float", 2, native_bits=32)),
+    ],
+)
+def test_numbers_beyond_the_native_width_are_refused(value, metadata):
+    with pytest.raises(BadValueError):
+        coerce_value(value, metadata)
+
+
+@pytest.mark.parametrize(
+    "value, metadata, expected",
+    [
+        (32767, SHORT, 32767),
+        (-32768, SHORT, -32768),
+        (3.4e38, FLOAT32, 3.4e38),
+        (float("inf"), FLOAT32, float("inf")),  # an infinity is a value a float32 holds
+        (1e39, md("float", native_bits=64), 1e39),
+        (2**31 - 1, md("int", native_bits=32), 2**31 - 1),
+    ],
+)
+def test_numbers_within_the_native_width_are_taken(value, metadata, expected):
+    assert coerce_value(value, metadata) == expected
+
+
 def test_an_int_too_large_for_a_float_is_a_bad_value():
     with pytest.raises(BadValueError):
         coerce_value(10**400, md("float"))
@@ -492,6 +530,14 @@ def test_enums_take_a_label_or_an_index(value, expected):
 def test_enum_values_that_name_no_state_are_refused(value):
     with pytest.raises(BadValueError):
         coerce_value(value, ENUM)
+
+
+def test_an_enum_of_one_label_has_two_states():
+    # A bo whose ONAM is empty: EPICS reports ["Off"], and state 1 is still the record's.
+    one = md("enum", enum_strs=["Off"])
+    assert coerce_value(1, one) == 1 and coerce_value("Off", one) == 0
+    with pytest.raises(BadValueError):
+        coerce_value(2, one)
 
 
 @pytest.mark.parametrize(

@@ -378,3 +378,18 @@ def test_a_full_socket_leaves_each_name_one_search(monkeypatch):
     assert set(per_name) == {channel.search_id for channel in channels}
     assert max(per_name.values()) <= 4, per_name.most_common(3)  # 10 s at up to 5 s apart
     names.close()
+
+
+@pytest.mark.parametrize("protocol", [11, 13])
+def test_a_short_array_put_says_its_own_length_to_old_and_new_servers(protocol):
+    # Told the PV's 16 elements with 3 sent, an IOC before CA 4.13 (EPICS base before
+    # 3.14.12) stores 3 values and 13 of whatever follows in its buffer.
+    circuit = caproto.VirtualCircuit(caproto.CLIENT, ("127.0.0.1", 5064), 0)
+    circuit.protocol_version = protocol
+    channel = caproto.ClientChannel("X:wave", circuit)
+    channel.native_data_type, channel.native_data_count, channel.sid = ChannelType.DOUBLE, 16, 1
+    value = np.arange(3.0)
+    write = channel.write(value, data_count=codec.put_count(value), notify=True, ioid=1)
+    assert write.header.data_count == 3 and write.header.payload_size == 24
+    scalar = channel.write(2.5, data_count=codec.put_count(2.5), notify=True, ioid=2)
+    assert scalar.header.data_count == 1

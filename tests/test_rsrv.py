@@ -21,6 +21,7 @@ from conftest import REPO_ROOT
 from helpers import log_events, wait_until
 
 from pvhub.client import EpicsSignal, EpicsSignalRO, ReadOnlyError, close_hubs
+from pvhub.errors import BadValueError
 from pvhub.testing import DaemonProcess
 from pvhub.testing import SimulatedIOC, free_tcp_port
 
@@ -309,3 +310,29 @@ def test_a_pv_without_read_access_at_first_connects_once_it_has_it(rsrv_hub, rsr
     connected(guarded)
     assert guarded.get() == 3.5
     assert guarded.units == "V" and guarded.precision == 1
+
+
+def test_a_number_beyond_the_native_width_is_refused_not_wrapped(rsrv_hub, rsrv_ioc, prefix):
+    # CA's SHORT holds 16 bits and FLOAT is a float32: put there, 70000 would arrive as 4464
+    # and 1e39 as infinity, each reported done (actors/coercion.py Rule 3).
+    shorts = connected(EpicsSignal(f"{prefix}shorts", name="shorts"))
+    floats = connected(EpicsSignal(f"{prefix}floats", name="floats"))
+    shorts.set(np.array([1, -2, 32767, -32768])).wait(TIMEOUT)
+    with pytest.raises(BadValueError, match="outside -32768..32767"):
+        shorts.set(np.array([1, 70000])).wait(TIMEOUT)
+    np.testing.assert_array_equal(rsrv_ioc.read("shorts").data, [1, -2, 32767, -32768])
+    floats.set(np.array([1.5, 3e38])).wait(TIMEOUT)
+    with pytest.raises(BadValueError, match="float32"):
+        floats.set(np.array([1e39])).wait(TIMEOUT)
+    assert list(rsrv_ioc.read("floats").data[:2]) == [1.5, np.float32(3e38)]
+
+
+def test_a_two_state_record_with_one_label_takes_both_states(rsrv_hub, rsrv_ioc, prefix):
+    half = connected(EpicsSignal(f"{prefix}half", name="half"))
+    assert half.enum_strs == ("Off",)  # EPICS counts labels up to the last one set
+    half.set(1).wait(TIMEOUT)
+    assert rsrv_ioc.read("half").data[0] == 1
+    half.set("Off").wait(TIMEOUT)
+    assert rsrv_ioc.read("half").data[0] == 0
+    with pytest.raises(BadValueError):
+        half.set(2).wait(TIMEOUT)
