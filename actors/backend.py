@@ -86,6 +86,7 @@ class Channel:
     connected: bool = False
     subscription: int | None = None
     described: bool = False  # its control structure (the metadata) has been read on this circuit
+    describing: bool = False  # a read of its control structure is in flight
 
 
 class ChannelAccessBackend:
@@ -192,6 +193,13 @@ class ChannelAccessBackend:
             return
         native = channel.ca.native_data_type
         self._read(channel, "time", lambda r: self._put_read_back(name, put_id, native, r))
+
+    def describe(self, name: str) -> None:
+        """Read the control structure again (a property changed: state.py Rule 7); a
+        ``MetadataEvent`` follows. One such read in flight per channel at most."""
+        channel = self._channels.get(name)
+        if channel is not None and channel.connected and channel.circuit is not None and not channel.describing:
+            self._describe(channel.circuit, channel)
 
     def read(self, name: str, read_id: int) -> None:
         """A Channel Access read (DBR_TIME); a ``ReadDoneEvent`` follows."""
@@ -361,6 +369,7 @@ class ChannelAccessBackend:
         name, host = channel.name, circuit.host
 
         def on_control(response: Any) -> None:
+            channel.describing = False
             problem = read_problem(response)
             if problem is not None:
                 log.warning("metadata_read_failed", pv=name, error=problem)
@@ -369,6 +378,7 @@ class ChannelAccessBackend:
                 channel.described = True
             self._emit(MetadataEvent(name, metadata_of(response, native, count, host)))
 
+        channel.describing = True
         self._read(channel, "control", on_control)
 
     def _refused(self, circuit: Circuit, response: Any) -> None:
@@ -431,7 +441,7 @@ class ChannelAccessBackend:
 
     def _restart(self, channel: Channel, delay: float, reset: bool = True) -> None:
         channel.connected = False
-        channel.described = False
+        channel.described = channel.describing = False
         channel.circuit = None
         channel.ca = None
         channel.subscription = None

@@ -56,7 +56,16 @@ import zmq
 from pvhub import protocol as p
 from pvhub.actors import backend as ca
 from pvhub.config import DEFAULT_READINGS_HWM, valid_pv_name
-from pvhub.actors.state import Effect, Publish, PvState, Reply, StartPut, StartRead, StartReadBack
+from pvhub.actors.state import (
+    Effect,
+    Publish,
+    PvState,
+    Reply,
+    StartDescribe,
+    StartPut,
+    StartRead,
+    StartReadBack,
+)
 from pvhub.errors import ActorDiedError, DisconnectedError, InternalError, ProtocolError
 from pvhub.logs import loggable
 from pvhub.waker import Waker
@@ -346,6 +355,8 @@ class Actor:
                 self._backend.read(effect.pv, effect.read_id)
             elif isinstance(effect, StartReadBack):
                 self._backend.read_back(effect.pv, effect.put_id)
+            elif isinstance(effect, StartDescribe):
+                self._backend.describe(effect.pv)
             elif isinstance(effect, StartPut):
                 self._backend.put(effect.pv, effect.put_id, effect.value)
                 # Logged once the put is on its way: the record costs no time on the put's path.

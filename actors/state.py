@@ -25,6 +25,11 @@ before it ran the put, leaves the answer to a read after the completion). A
 value the IOC changed (clipped to a drive limit, rounded to a float32) or an array waits for
 the read-back, as does a put whose value no update carried (an unchanged value posts none).
 That second read is asked for only for a put not yet shown at its completion.
+Rule 7: the monitor asks for property changes too (DBE_PROPERTY: a new enum label, units,
+precision, limits). Such an event carries the DBR_TIME reading, unchanged, so a monitor
+update that repeats the reading held from the monitor means the control structure changed:
+it is read again (``StartDescribe``) and the new metadata published. A repeat of a reading
+held from a read (a put's read-back, then the monitor's copy of it) means nothing.
 """
 
 from __future__ import annotations
@@ -90,7 +95,14 @@ class StartReadBack:
     put_id: int
 
 
-Effect = Reply | Publish | StartPut | StartRead | StartReadBack
+@dataclass(frozen=True)
+class StartDescribe:
+    """Read the PV's control structure again (Rule 7); it comes back as ``metadata_received``."""
+
+    pv: str
+
+
+Effect = Reply | Publish | StartPut | StartRead | StartReadBack | StartDescribe
 
 
 @dataclass
@@ -187,6 +199,8 @@ class PvState:
     def reading_received(self, reading: p.Reading, *, read: bool = False) -> list[Effect]:
         """A new reading: from the monitor, or (``read``) from a read the actor asked for."""
         if same_reading(reading, self.reading):
+            if not read and not self._held_from_read and self.control is not None:
+                return [StartDescribe(self.pv)]  # a property event (Rule 7)
             return []
         if not read and self._held_from_read and self.reading is not None and reading.timestamp < self.reading.timestamp:
             # Older than the read we hold (Rule 5): a monitor update that arrives after the

@@ -11,7 +11,7 @@ import pytest
 
 from pvhub import protocol as p
 from pvhub.actors.coercion import MAX_STRING_BYTES, coerce_value
-from pvhub.actors.state import Publish, PvState, Reply, StartPut, StartRead, StartReadBack
+from pvhub.actors.state import Publish, PvState, Reply, StartDescribe, StartPut, StartRead, StartReadBack
 from pvhub.errors import ActorDiedError, BadValueError
 
 PV = "TEST:pv"
@@ -186,7 +186,9 @@ def test_access_rights_and_a_reading_do_not_make_a_new_pv_connected():
 def test_a_duplicate_reading_publishes_nothing(value):
     state = connected_state(value=value)
     duplicate = value.copy() if isinstance(value, np.ndarray) else value
-    assert state.reading_received(reading(duplicate)) == []
+    # From the monitor, a repeat is a property event: the metadata is read again (Rule 7).
+    assert state.reading_received(reading(duplicate)) == [StartDescribe(PV)]
+    assert state.reading_received(reading(duplicate), read=True) == []
     assert state.seq == 1
 
 
@@ -807,3 +809,23 @@ def test_a_read_back_is_asked_for_only_when_the_value_was_not_seen_by_the_comple
     effects = state.put_answered(put_id, read_back_pending=False)
     assert [d.id for d in done_replies(effects)] == [8]
     assert not [e for e in effects if isinstance(e, StartReadBack)]
+
+
+# --- Rule 7: property events ---------------------------------------------------------------------
+
+
+def test_a_monitor_update_repeating_the_reading_asks_for_the_metadata_again():
+    state = connected_state()
+    assert state.reading_received(reading(1.0)) == [StartDescribe(PV)]
+    assert state.seq == 1  # nothing published until the new metadata comes
+    effects = state.metadata_received({**FLOAT_METADATA, "units": "um"})
+    (update,) = updates(effects)
+    assert update.metadata["units"] == "um" and state.seq == 2
+
+
+def test_a_monitor_copy_of_a_read_reading_asks_nothing():
+    # A put's read-back is held first; the monitor's update of the same value follows.
+    state = connected_state()
+    state.reading_received(reading(2.0, timestamp=101.0), read=True)
+    assert state.reading_received(reading(2.0, timestamp=101.0)) == []
+    assert state.reading_received(reading(2.0, timestamp=101.0), read=True) == []

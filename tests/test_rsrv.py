@@ -336,3 +336,19 @@ def test_a_two_state_record_with_one_label_takes_both_states(rsrv_hub, rsrv_ioc,
     assert rsrv_ioc.read("half").data[0] == 0
     with pytest.raises(BadValueError):
         half.set(2).wait(TIMEOUT)
+
+
+def test_a_label_or_unit_changed_at_run_time_reaches_clients(rsrv_hub, rsrv_ioc, prefix):
+    # rsrv posts a property event (DBE_PROPERTY) with the reading unchanged; the actor reads
+    # the control structure again (actors/state.py Rule 7). Missed, a put of the label "Bee"
+    # would be refused, and a put of "On" would write the state now called "Bee".
+    mode = connected(EpicsSignal(f"{prefix}mode", name="mode", string=True))
+    motor = connected(EpicsSignalRO(f"{prefix}motor", name="motor"))
+    assert mode.enum_strs == ("Off", "On", "Auto") and motor.units == "mm"
+    connected(EpicsSignal(f"{prefix}mode.ONST", name="onst", string=True)).set("Bee").wait(TIMEOUT)
+    connected(EpicsSignal(f"{prefix}motor.EGU", name="egu", string=True)).set("um").wait(TIMEOUT)
+    wait_until(lambda: mode.enum_strs == ("Off", "Bee", "Auto"), TIMEOUT)
+    wait_until(lambda: motor.units == "um", TIMEOUT)
+    mode.set("Bee").wait(TIMEOUT)
+    assert rsrv_ioc.read("mode").data[0] == 1
+    assert mode.get() == "Bee"
