@@ -162,6 +162,8 @@ class Actor:
             self._urgent.discard(pv)
             self._sent_at.pop(pv, None)
             self._snapshot_at.pop(pv, None)
+            self._outgoing.pop(pv, None)  # sent later, it would note the PV's time again
+            self._valued.discard(pv)
             self._backend.remove(pv)
         if gone:
             self.log.info("pvs_released", count=len(gone), pvs=gone[:5])

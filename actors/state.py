@@ -199,9 +199,12 @@ class PvState:
     def reading_received(self, reading: p.Reading, *, read: bool = False) -> list[Effect]:
         """A new reading: from the monitor, or (``read``) from a read the actor asked for."""
         if same_reading(reading, self.reading):
-            if not read and not self._held_from_read and self.control is not None:
-                return [StartDescribe(self.pv)]  # a property event (Rule 7)
-            return []
+            if read:
+                return []
+            if self._held_from_read:
+                self._held_from_read = False  # the monitor's copy of it: the monitor caught up
+                return []
+            return [StartDescribe(self.pv)] if self.control is not None else []  # Rule 7
         if not read and self._held_from_read and self.reading is not None and reading.timestamp < self.reading.timestamp:
             # Older than the read we hold (Rule 5): a monitor update that arrives after the
             # read-back of a later put. Published, it would send clients back in time.

@@ -300,7 +300,7 @@ class ProofSchedule:
         if channel.proof_request != request_id:
             return False
         channel.proof_request = None
-        channel.limited = channel.limited + 1 if limited else 0
+        channel.limited = min(channel.limited + 1, 32) if limited else 0  # 2**32 intervals: past any cap
         wait = min(MAX_LIMITED_INTERVAL, self.interval * 2**channel.limited)
         self._at(channel, channel.proof_asked + wait)
         return True

@@ -20,8 +20,10 @@ replaces a subscription's last queued event when its queue is full. Nothing else
 (a Status finishing, a connection change), and a reading is never merged across another
 change of its listener, so each listener still sees its changes in order. The queue then
 holds at most ``MAX_BACKLOG`` items, one more reading per listener, and the work users
-started. The first merge logs ``callbacks_behind``; the catching up, ``callbacks_caught_up``
-with how many readings were merged.
+started. Listeners are told apart by identity (``id``), whatever their ``__eq__`` says; the
+waiting change holds its listener, so the id is not reused meanwhile. Falling behind logs
+``callbacks_behind``, and catching up ``callbacks_caught_up`` with how many readings were
+merged since the last such line; each at most once per ``BEHIND_LOG_S``, however bursty.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -42,6 +45,7 @@ DISPATCH_BATCH = 128
 # Waiting callbacks, or bytes of arrays in waiting readings, past which readings merge (Rule 5).
 MAX_BACKLOG = 10_000
 MAX_BACKLOG_BYTES = 64 * 2**20
+BEHIND_LOG_S = 10.0  # Rule 5: the least time between two callbacks_behind lines
 
 
 _NO_KWARGS: dict[str, Any] = {}
@@ -83,9 +87,12 @@ class Dispatcher:
         self.max_backlog, self.max_backlog_bytes = MAX_BACKLOG, MAX_BACKLOG_BYTES
         self.merged = 0  # readings that took a waiting one's place
         self._lock = threading.Lock()
-        self._mergeable: dict[object, _Change] = {}
+        self._mergeable: dict[int, _Change] = {}  # by id(listener)
         self._bytes = 0
-        self._merged_since: int | None = None  # ``merged`` when the callbacks fell behind
+        self._behind = False  # merging since the queue was last empty
+        self._behind_logged_at: float | None = None  # when callbacks_behind was last logged
+        self._announced = False  # callbacks_behind was logged; callbacks_caught_up is owed
+        self._merged_logged = 0  # ``merged`` at the last callbacks_caught_up line
         self.thread = threading.Thread(target=self._run, name="pvhub-callbacks", daemon=True)
         self.thread.start()
 
@@ -115,22 +122,26 @@ class Dispatcher:
             func(*args)
             return
         with self._lock:
-            waiting = self._mergeable.get(listener) if reading else None
+            key = id(listener)
+            waiting = self._mergeable.get(key) if reading else None
             if waiting is not None and (len(self._work) >= self.max_backlog
                                         or self._bytes >= self.max_backlog_bytes):
                 self._bytes += size - waiting.size
                 waiting.args, waiting.size = args, size
                 self.merged += 1
-                if self._merged_since is None:
-                    self._merged_since = self.merged - 1
-                    log.warning("callbacks_behind", waiting=len(self._work), bytes=self._bytes)
+                if not self._behind:
+                    self._behind = True
+                    now = time.monotonic()
+                    if self._behind_logged_at is None or now - self._behind_logged_at >= BEHIND_LOG_S:
+                        self._behind_logged_at, self._announced = now, True
+                        log.warning("callbacks_behind", waiting=len(self._work), bytes=self._bytes)
                 return
             change = _Change(func, args, listener, size)
             self._bytes += size
             if reading:
-                self._mergeable[listener] = change
+                self._mergeable[key] = change
             else:
-                self._mergeable.pop(listener, None)
+                self._mergeable.pop(key, None)
             self.dispatches += 1
             self._work.append(change)
         if threading.get_ident() == self._batcher:
@@ -159,12 +170,19 @@ class Dispatcher:
                 self._ended = True
                 self._run_queued()  # queued between the last look and the flag
                 return
-            if self._merged_since is not None and not self._work:
-                with self._lock:
-                    since, self._merged_since = self._merged_since, None
-                    merged = self.merged - (since or 0)
-                if since is not None:
-                    log.info("callbacks_caught_up", merged=merged)
+            if self._behind and not self._work:
+                self._caught_up()
+
+    def _caught_up(self) -> None:
+        """The queue ran empty after merging (Rule 5): a callbacks_behind line gets its
+        callbacks_caught_up, with every merge since the last one."""
+        with self._lock:
+            self._behind = False
+            if not self._announced:
+                return
+            self._announced = False
+            merged, self._merged_logged = self.merged - self._merged_logged, self.merged
+        log.info("callbacks_caught_up", merged=merged)
 
     def _run_queued(self) -> bool:
         """Run what is queued, in order; whether the close was among it."""
@@ -176,8 +194,9 @@ class Dispatcher:
                 continue
             if type(item) is _Change:
                 with self._lock:
-                    if self._mergeable.get(item.listener) is item:
-                        del self._mergeable[item.listener]
+                    key = id(item.listener)
+                    if self._mergeable.get(key) is item:
+                        del self._mergeable[key]
                     self._bytes -= item.size
                     func, args, kwargs = item.func, item.args, _NO_KWARGS
             else:

@@ -333,7 +333,7 @@ def test_a_failed_handshake_is_named():
     assert handshake_error(0x7) == "protocol error 0x7"
 
 
-def test_status_which_walks_every_pv_is_rate_limited_per_client():
+def test_status_which_walks_every_pv_is_rate_limited_per_identity():
     from pvhub.daemon.clients import STATUS_PER_S, STATUS_PVS_PER_TOKEN
 
     router = make_router()
@@ -343,7 +343,10 @@ def test_status_which_walks_every_pv_is_rate_limited_per_client():
     answers = [send(router, p.StatusRequest(id=i), now=10.0)[0].message for i in range(int(STATUS_PER_S) + 1)]
     assert all(isinstance(a, p.StatusReply) for a in answers[:-1])
     assert isinstance(answers[-1], p.ErrorReply) and answers[-1].code == "limit"
-    assert isinstance(send(router, p.StatusRequest(id=99), client=BOB, now=10.0)[0].message, p.StatusReply)
+    # Another connection of the same identity pays from the same budget; another identity not.
+    assert isinstance(send(router, p.StatusRequest(id=98), client=BOB, now=10.0)[0].message, p.ErrorReply)
+    assert isinstance(send(router, p.StatusRequest(id=99), client=BOB, now=10.0, identity="bob")[0].message,
+                      p.StatusReply)  # fmt: skip
     assert isinstance(send(router, p.StatusRequest(id=100), now=11.0)[0].message, p.StatusReply)
 
 

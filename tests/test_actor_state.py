@@ -829,3 +829,5 @@ def test_a_monitor_copy_of_a_read_reading_asks_nothing():
     state.reading_received(reading(2.0, timestamp=101.0), read=True)
     assert state.reading_received(reading(2.0, timestamp=101.0)) == []
     assert state.reading_received(reading(2.0, timestamp=101.0), read=True) == []
+    # From then on the monitor has caught up: its next repeat is a property event again.
+    assert state.reading_received(reading(2.0, timestamp=101.0)) == [StartDescribe(PV)]

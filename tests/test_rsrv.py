@@ -345,6 +345,7 @@ def test_a_label_or_unit_changed_at_run_time_reaches_clients(rsrv_hub, rsrv_ioc,
     mode = connected(EpicsSignal(f"{prefix}mode", name="mode", string=True))
     motor = connected(EpicsSignalRO(f"{prefix}motor", name="motor"))
     assert mode.enum_strs == ("Off", "On", "Auto") and motor.units == "mm"
+    mode.set("Auto").wait(TIMEOUT)  # a put's read-back held first, as a beamline's mode has
     connected(EpicsSignal(f"{prefix}mode.ONST", name="onst", string=True)).set("Bee").wait(TIMEOUT)
     connected(EpicsSignal(f"{prefix}motor.EGU", name="egu", string=True)).set("um").wait(TIMEOUT)
     wait_until(lambda: mode.enum_strs == ("Off", "Bee", "Auto"), TIMEOUT)
