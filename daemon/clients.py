@@ -31,28 +31,30 @@ from pvhub.errors import AccessDeniedError, LimitError, PvhubError
 CLIENT_TIMEOUT = p.LIVENESS * p.CLIENT_HEARTBEAT_S + 2.0
 # A client's name (its hello says it) is kept and shown this long at most.
 MAX_CLIENT_NAME = 200
-# Rule 2: a status walks every PV: it costs a client PVs / STATUS_PVS_PER_TOKEN tokens of a
-# bucket of STATUS_PER_S a second, so that no client makes the daemon walk more than 10,000
-# PVs a second for it (one status a second at 10,000 PVs; as many as it likes of a small
-# daemon).
+# Rule 2: a status walks every PV: it costs an identity PVs / STATUS_PVS_PER_TOKEN tokens of
+# a bucket of STATUS_PER_S a second, so that no identity makes the daemon walk more than
+# 10,000 PVs a second for it (one status a second at 10,000 PVs; as many as it likes of a
+# small daemon), with a burst of STATUS_BURST_S seconds' worth (an operator's few statuses
+# in a row at 10,000 PVs, or one at 50,000).
 STATUS_PER_S = 50.0
 STATUS_PVS_PER_TOKEN = 200
+STATUS_BURST_S = 5.0
 
 
 class TokenBucket:
-    """Requests per second with a burst of one second's worth."""
+    """Requests per second with a burst of ``burst_s`` seconds' worth."""
 
-    __slots__ = ("rate", "tokens", "last")
+    __slots__ = ("rate", "capacity", "tokens", "last")
 
-    def __init__(self, rate: float, now: float) -> None:
+    def __init__(self, rate: float, now: float, burst_s: float = 1.0) -> None:
         self.rate = rate
-        self.tokens = rate
+        self.capacity = self.tokens = rate * burst_s
         self.last = now
 
     def take(self, now: float, cost: float = 1.0) -> bool:
-        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
         self.last = now
-        if self.tokens >= min(cost, self.rate):
+        if self.tokens >= min(cost, self.capacity):
             self.tokens -= cost  # a cost above the burst is taken on credit
             return True
         return False
@@ -128,7 +130,7 @@ class Clients(Mapping[bytes, ClientRecord]):
         ``held`` is how many PVs the daemon holds."""
         bucket = self._status_buckets.get(record.identity)
         if bucket is None:
-            bucket = self._status_buckets[record.identity] = TokenBucket(STATUS_PER_S, now)
+            bucket = self._status_buckets[record.identity] = TokenBucket(STATUS_PER_S, now, STATUS_BURST_S)
         # A status walks every PV and every client's list of followed PVs: it costs both.
         if not bucket.take(now, max(held + self.followed, 1) / STATUS_PVS_PER_TOKEN):
             return LimitError(

@@ -334,13 +334,14 @@ def test_a_failed_handshake_is_named():
 
 
 def test_status_which_walks_every_pv_is_rate_limited_per_identity():
-    from pvhub.daemon.clients import STATUS_PER_S, STATUS_PVS_PER_TOKEN
+    from pvhub.daemon.clients import STATUS_BURST_S, STATUS_PER_S, STATUS_PVS_PER_TOKEN
 
     router = make_router()
     for i in range(STATUS_PVS_PER_TOKEN):  # one token a status
         router.pvs[f"P:{i}"] = None  # type: ignore[assignment]  (only counted; never walked here)
     router.status = lambda now, viewer=None: {}  # type: ignore[method-assign]
-    answers = [send(router, p.StatusRequest(id=i), now=10.0)[0].message for i in range(int(STATUS_PER_S) + 1)]
+    burst = int(STATUS_PER_S * STATUS_BURST_S)  # a few seconds' worth at once
+    answers = [send(router, p.StatusRequest(id=i), now=10.0)[0].message for i in range(burst + 1)]
     assert all(isinstance(a, p.StatusReply) for a in answers[:-1])
     assert isinstance(answers[-1], p.ErrorReply) and answers[-1].code == "limit"
     # Another connection of the same identity pays from the same budget; another identity not.
@@ -400,7 +401,7 @@ def test_names_the_daemon_released_no_longer_count_against_a_client():
 
 
 def test_a_status_costs_the_clients_lists_of_followed_pvs_too():
-    from pvhub.daemon.clients import STATUS_PVS_PER_TOKEN
+    from pvhub.daemon.clients import STATUS_BURST_S, STATUS_PER_S, STATUS_PVS_PER_TOKEN
 
     router = make_router()
     many = [f"F:{i}" for i in range(5_000)]
@@ -413,7 +414,9 @@ def test_a_status_costs_the_clients_lists_of_followed_pvs_too():
     for i in range(200):
         reply = send(router, p.StatusRequest(id=100 + i), now=10.0)[0].message
         costs.append(isinstance(reply, p.ErrorReply))
-    # Every status costs 5,000 / STATUS_PVS_PER_TOKEN tokens: refused long before 200 in a row.
-    assert any(costs) and costs.index(True) <= max(2, 200 * STATUS_PVS_PER_TOKEN // 5_000)
+    # Every status costs 5,000 / STATUS_PVS_PER_TOKEN tokens: refused once the burst is
+    # spent, long before 200 in a row (without the followed lists, each would cost 1).
+    burst = STATUS_PER_S * STATUS_BURST_S
+    assert any(costs) and costs.index(True) == int(burst // (5_000 / STATUS_PVS_PER_TOKEN))
     router.client_gone(BOB)
     assert router.clients.followed == 0
