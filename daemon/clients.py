@@ -34,11 +34,11 @@ MAX_CLIENT_NAME = 200
 # Rule 2: a status walks every PV: it costs an identity PVs / STATUS_PVS_PER_TOKEN tokens of
 # a bucket of STATUS_PER_S a second, so that no identity makes the daemon walk more than
 # 10,000 PVs a second for it (one status a second at 10,000 PVs; as many as it likes of a
-# small daemon), with a burst of STATUS_BURST_S seconds' worth (an operator's few statuses
-# in a row at 10,000 PVs, or one at 50,000).
+# small daemon), with a burst of STATUS_BURST_S seconds' worth (an operator's or a monitoring
+# script's dozen statuses in a row at 20,000 PVs, or two at 100,000).
 STATUS_PER_S = 50.0
 STATUS_PVS_PER_TOKEN = 200
-STATUS_BURST_S = 5.0
+STATUS_BURST_S = 30.0
 
 
 class TokenBucket:

@@ -165,7 +165,7 @@ def test_a_status_budget_is_its_identitys_not_its_connections():
     # `pvhub status` in a loop is a new connection each time: with a budget per connection,
     # each would walk every PV on the broker's thread at once, whatever it had cost before.
     clients = Clients()
-    held = 100_000  # 500 tokens a status, at 50 a second: one every 10 s
+    held = 1_000_000  # 5,000 tokens a status, past the burst, at 50 a second: one every 100 s
     first = clients.heard(ALICE, "anonymous", 10.0)
     assert clients.status_refusal(first, held, now=10.0) is None  # the first, on credit
     again = clients.heard(BOB, "anonymous", 10.1)
@@ -173,8 +173,8 @@ def test_a_status_budget_is_its_identitys_not_its_connections():
     assert isinstance(refused, LimitError) and "'anonymous'" in str(refused)
     keyed = clients.heard(b"\x00carol", "carol", 10.1)
     assert clients.status_refusal(keyed, held, now=10.1) is None  # an identity of its own
-    assert isinstance(clients.status_refusal(again, held, now=19.0), LimitError)
-    assert clients.status_refusal(again, held, now=20.1) is None  # the credit paid back
+    assert isinstance(clients.status_refusal(again, held, now=109.0), LimitError)
+    assert clients.status_refusal(again, held, now=110.1) is None  # the credit paid back
 
 
 def test_status_shows_a_ready_actors_pid():
