@@ -121,6 +121,23 @@ class Dispatcher:
         if self._ended:
             func(*args)
             return
+        if reading and not size and not self._mergeable and len(self._work) * 2 < self.max_backlog:
+            # Far from the bound, nothing to merge into: queued as plain work, with no lock.
+            # Readings come from the I/O thread alone, the only thread that adds to
+            # ``_mergeable``, so it cannot fill between the look and the append; a reading
+            # queued so is never merged into, and later ones merge only into later items.
+            self.dispatches += 1
+            self._work.append((func, args, _NO_KWARGS))
+        else:
+            self._dispatch_tracked(listener, reading, size, func, args)
+        if threading.get_ident() == self._batcher:
+            self._batched = True
+        else:
+            self._wake.put(None)
+
+    def _dispatch_tracked(self, listener: object, reading: bool, size: int,
+                          func: Callable[..., Any], args: tuple) -> None:
+        """Queue a change that may be merged into, or merge it (Rule 5)."""
         with self._lock:
             key = id(listener)
             waiting = self._mergeable.get(key) if reading else None
@@ -144,10 +161,6 @@ class Dispatcher:
                 self._mergeable.pop(key, None)
             self.dispatches += 1
             self._work.append(change)
-        if threading.get_ident() == self._batcher:
-            self._batched = True
-        else:
-            self._wake.put(None)
 
     def flush(self) -> None:
         """On the batching thread: its batch is complete, the callbacks may run (Rule 2)."""
