@@ -19,6 +19,10 @@ order, so a read answered after the put's completion was read after it and is th
 the put costs one round trip. A read answered first (EPICS base's server, an asynchronous
 record) read the value from before the completion; another read follows the completion when
 the state machine asks for it (``read_back``; state.py Rule 6).
+Rule 5: a circuit holds at most ``MAX_IN_FLIGHT`` requests waiting for an answer (reads and
+puts, a put counting two): one more is failed at once, not sent. A record whose puts never
+complete would otherwise hold an id each for good, and caproto's ids are 16 bits: with all
+of them taken, its search for a free one never ends.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ from pvhub.actors.search import MIN_RETRY, NameSearch
 log = structlog.get_logger("pvhub.actor")
 
 LIVENESS_PERIOD = 0.5
+MAX_IN_FLIGHT = 20_000  # Rule 5: well below caproto's 65,536 ids per circuit
+_FULL = "as many requests as an actor sends one IOC wait for its answers already (backend.py Rule 5)"
 _CREATE_FAILED_RETRY = 1.0
 
 
@@ -152,6 +158,9 @@ class ChannelAccessBackend:
             self._emit(PutDoneEvent(name, put_id, "put could not be sent: the channel is not connected", None))
             return
         circuit = channel.circuit
+        if len(circuit.operations) + 2 > MAX_IN_FLIGHT:
+            self._emit(PutDoneEvent(name, put_id, f"put could not be sent: {_FULL}", None))
+            return
         native = channel.ca.native_data_type
         race = _PutRace()
 
@@ -398,6 +407,10 @@ class ChannelAccessBackend:
     def _read(self, channel: Channel, data_type: str, on_answer: Callable[[Any], None]) -> None:
         circuit = channel.circuit
         assert circuit is not None
+        if len(circuit.operations) >= MAX_IN_FLIGHT:
+            log.warning("read_not_sent", pv=channel.name, error=_FULL)
+            on_answer(None)  # as a request caproto refused: not sent (Rule 5)
+            return
         request = channel.ca.read(data_type=data_type, ioid=circuit.core.new_ioid())
         circuit.operations[request.ioid] = (channel, on_answer)
         if not circuit.send(request):

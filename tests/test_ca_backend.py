@@ -393,3 +393,26 @@ def test_a_short_array_put_says_its_own_length_to_old_and_new_servers(protocol):
     assert write.header.data_count == 3 and write.header.payload_size == 24
     scalar = channel.write(2.5, data_count=codec.put_count(2.5), notify=True, ioid=2)
     assert scalar.header.data_count == 1
+
+
+def test_a_circuit_full_of_unanswered_requests_fails_the_next_at_once(driver, prefix, monkeypatch):
+    # A record whose puts never complete must not take every id of the circuit (caproto's
+    # are 16 bits, and it searches for a free one without end): backend.py Rule 5.
+    monkeypatch.setattr(ca, "MAX_IN_FLIGHT", 2)
+    pv, slow = f"{prefix}motor", f"{prefix}slow"
+    for name in (pv, slow):
+        driver.backend.add(name)
+    for name in (pv, slow):
+        driver.wait_for(lambda e, name=name: isinstance(e, ca.MetadataEvent) and e.pv == name, 15)
+    driver.backend.put(slow, 1, 1.0)  # completes after the zoo's slow_delay (2 s): 2 in flight
+    driver.backend.put(pv, 2, 3.0)
+    refused = driver.wait_for(lambda e: isinstance(e, ca.PutDoneEvent) and e.put_id == 2, 5)
+    assert refused.error is not None and "wait for its answers" in refused.error
+    driver.backend.read(pv, 3)
+    read = driver.wait_for(lambda e: isinstance(e, ca.ReadDoneEvent) and e.read_id == 3, 5)
+    assert read.reading is None
+    done = driver.wait_for(lambda e: isinstance(e, ca.PutDoneEvent) and e.put_id == 1, 10)
+    assert done.error is None
+    driver.backend.read(pv, 4)  # room again
+    read = driver.wait_for(lambda e: isinstance(e, ca.ReadDoneEvent) and e.read_id == 4, 5)
+    assert read.reading is not None
