@@ -81,14 +81,17 @@ class Reading:
 
 
 def same_reading(a: Reading | None, b: Reading | None) -> bool:
-    """Whether two readings are the same (arrays compared by value)."""
+    """Whether two readings are the same (arrays compared by value; a NaN is the same as a
+    NaN, as a reading repeated is the same reading)."""
     if a is None or b is None:
         return a is b
     if (a.timestamp, a.severity, a.status) != (b.timestamp, b.severity, b.status):
         return False
-    if isinstance(a.value, np.ndarray) or isinstance(b.value, np.ndarray):
-        return bool(np.array_equal(a.value, b.value))
-    return bool(a.value == b.value)
+    x, y = a.value, b.value
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        floats = isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.dtype.kind == y.dtype.kind == "f"
+        return bool(np.array_equal(x, y, equal_nan=floats))
+    return bool(x == y) or (x != x and y != y)
 
 
 # --- messages --------------------------------------------------------------------------------

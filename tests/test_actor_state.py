@@ -831,3 +831,11 @@ def test_a_monitor_copy_of_a_read_reading_asks_nothing():
     assert state.reading_received(reading(2.0, timestamp=101.0), read=True) == []
     # From then on the monitor has caught up: its next repeat is a property event again.
     assert state.reading_received(reading(2.0, timestamp=101.0)) == [StartDescribe(PV)]
+
+
+def test_a_nan_reading_repeated_is_a_property_event_not_a_new_value():
+    state = connected_state(value=float("nan"))
+    assert state.reading_received(reading(float("nan"))) == [StartDescribe(PV)]
+    state = connected_state(value=np.array([1.0, np.nan]))
+    assert state.reading_received(reading(np.array([1.0, np.nan]))) == [StartDescribe(PV)]
+    assert state.seq == 1
