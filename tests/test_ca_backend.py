@@ -27,6 +27,7 @@ import caproto
 
 from pvhub.actors import backend as ca
 from pvhub.actors import codec, search
+from pvhub.actors.driver import Driver
 from pvhub.testing import SimulatedIOC, free_udp_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -186,11 +187,11 @@ def test_the_servers_remembered_have_a_bound(monkeypatch):
 
 
 @pytest.fixture
-def driver(zoo_ioc, monkeypatch) -> Iterator[ca.Driver]:
+def driver(zoo_ioc, monkeypatch) -> Iterator[Driver]:
     """A backend on its own (``Driver``) that reaches the zoo IOC and nothing else."""
     for key, value in zoo_ioc.ca_env().items():
         monkeypatch.setenv(key, value)
-    made = ca.Driver()
+    made = Driver()
     yield made
     made.close()
 
@@ -284,7 +285,7 @@ def test_an_ioc_that_comes_back_is_found_by_its_beacons_not_the_next_search(pref
         for key, value in {**ioc.ca_env(), **beacons}.items():
             monkeypatch.setenv(key, value)
         pv = f"{prefix}motor"
-        driver = ca.Driver()
+        driver = Driver()
         driver.backend.add(pv)
         driver.wait_for(lambda e: isinstance(e, ca.ConnectionEvent) and e.connected, 15)
         assert driver.backend._search.registered, "the repeater did not confirm the registration"
