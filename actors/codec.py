@@ -130,7 +130,7 @@ def value_of(response: Any, native: ChannelType) -> Any:
         # ndarray.item(0) gives the Python scalar in one call (indexing first makes a numpy
         # scalar, then converts it): this runs for every monitor update and read-back.
         return data.item(0) if hasattr(data, "item") else data[0]
-    return data.copy()
+    return native_order(data) if isinstance(data, np.ndarray) else data.copy()
 
 
 def reading_of(response: Any, native: ChannelType) -> p.Reading:
@@ -155,6 +155,8 @@ def metadata_of(response: Any, native: ChannelType, count: int, host: str) -> p.
     out["precision"] = int(md.precision) if hasattr(md, "precision") else None
     for name in _LIMIT_FIELDS:
         value = getattr(md, name, None)
+        if isinstance(value, bytes):  # a CHAR PV's limits: one unsigned byte each (ctypes c_char)
+            value = value[0] if value else 0
         out[name] = value.item() if hasattr(value, "item") else value  # type: ignore[literal-required]
     out["enum_strs"] = (
         [text(s) for s in md.enum_strings] if kind == "enum" and hasattr(md, "enum_strings") else None
@@ -231,9 +233,16 @@ _STRING_BYTES = 40
 # Python; an int in C (a microsecond per update).
 _TIME_DECODE: dict[int, tuple[int, int, struct.Struct | None, Any]] = {
     int(data_type): (offset, _STRING_BYTES, None, None) if native == ChannelType.STRING
-    else (offset, _SCALAR[native].size, _SCALAR[native], _CAPROTO_DTYPES[native])
+    else (offset, _SCALAR[native].size, _SCALAR[native], np.dtype(_CAPROTO_DTYPES[native]))
     for data_type, (offset, native) in TIME_LAYOUT.items()
 }
+
+
+def native_order(array: np.ndarray) -> np.ndarray:
+    """A copy of ``array`` (big-endian, as Channel Access carries it) in this host's byte
+    order, as a direct client's arrays are: ``dtype == np.float64`` holds, and libraries that
+    need native order take it."""
+    return array.astype(array.dtype.newbyteorder("="))
 
 
 def time_reading(buf: bytearray, start: int, size: int, data_type: int, count: int) -> p.Reading | None:
@@ -253,7 +262,7 @@ def time_reading(buf: bytearray, start: int, size: int, data_type: int, count: i
     elif count == 1:
         value = scalar.unpack_from(buf, at)[0]
     else:
-        value = np.frombuffer(buf, dtype=dtype, count=count, offset=at).copy()
+        value = native_order(np.frombuffer(buf, dtype=dtype, count=count, offset=at))
     # As caproto's TimeStamp.timestamp: cut to the microsecond.
     timestamp = _EPICS_EPOCH + seconds + 1.0e-6 * int(1.0e-3 * nanoseconds)
     return p.new_reading(value, timestamp, severity, status)

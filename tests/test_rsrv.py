@@ -6,6 +6,7 @@ every test has a daemon of its own in front of it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -353,3 +354,24 @@ def test_a_label_or_unit_changed_at_run_time_reaches_clients(rsrv_hub, rsrv_ioc,
     mode.set("Bee").wait(TIMEOUT)
     assert rsrv_ioc.read("mode").data[0] == 1
     assert mode.get() == "Bee"
+
+
+def test_arrays_in_native_byte_order_and_char_limits_as_numbers(rsrv_hub, rsrv_ioc, prefix):
+    # Channel Access carries big-endian numbers; a direct client's arrays are in the host's
+    # order (dtype == np.float64), and a CHAR PV's limits are numbers: as bytes, describe()
+    # and the RunEngine's documents could not be written as JSON.
+    wave = connected(EpicsSignal(f"{prefix}wave", name="wave"))
+    shorts = connected(EpicsSignal(f"{prefix}shorts", name="shorts"))
+    seen = []
+    wave.subscribe(lambda value, **kw: seen.append(value))
+    wait_until(lambda: seen, TIMEOUT)
+    for value in (wave.get(), shorts.get(), seen[-1]):
+        assert value.dtype.isnative, value.dtype
+    assert wave.get().dtype == np.float64 and shorts.get().dtype == np.int16
+    wave.set(np.arange(4.0)).wait(TIMEOUT)
+    assert wave.get().dtype == np.float64  # the read-back too
+    chars = connected(EpicsSignal(f"{prefix}chars", name="chars", string=True))
+    description = chars.describe()
+    assert isinstance(description["chars"].get("lower_ctrl_limit", 0), int)
+    json.dumps(description)
+    json.dumps(chars.read(), default=float)
