@@ -168,7 +168,7 @@ def put_count(value: Any) -> int:
     """How many elements a put of ``value`` (as coerced) carries: what its header must say.
     Left to caproto, a server older than CA 4.13 is told the PV's whole length, and reads
     past the payload into what follows it."""
-    return value.size if isinstance(value, np.ndarray) else 1
+    return value.size if isinstance(value, np.ndarray) else len(value) if isinstance(value, list) else 1
 
 
 def read_problem(response: Any) -> str | None:

@@ -375,3 +375,14 @@ def test_arrays_in_native_byte_order_and_char_limits_as_numbers(rsrv_hub, rsrv_i
     assert isinstance(description["chars"].get("lower_ctrl_limit", 0), int)
     json.dumps(description)
     json.dumps(chars.read(), default=float)
+
+
+def test_a_waveform_of_strings_takes_a_list(rsrv_hub, rsrv_ioc, prefix):
+    texts = connected(EpicsSignal(f"{prefix}texts", name="texts"))
+    texts.set(["alpha", "beta", "gamma"]).wait(TIMEOUT)
+    assert list(texts.get()) == ["alpha", "beta", "gamma"]
+    assert [bytes(b).rstrip(b"\0") for b in rsrv_ioc.read("texts").data] == [b"alpha", b"beta", b"gamma"]
+    with pytest.raises(BadValueError):
+        texts.set(["a", "b", "c", "d", "e"]).wait(TIMEOUT)  # five do not fit in four
+    with pytest.raises(BadValueError):
+        texts.set(["x" * 40]).wait(TIMEOUT)
