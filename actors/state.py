@@ -29,7 +29,12 @@ Rule 7: the monitor asks for property changes too (DBE_PROPERTY: a new enum labe
 precision, limits). Such an event carries the DBR_TIME reading, unchanged, so a monitor
 update that repeats the reading held from the monitor means the control structure changed:
 it is read again (``StartDescribe``) and the new metadata published. A repeat of a reading
-held from a read (a put's read-back, then the monitor's copy of it) means nothing.
+held from a read (a put's read-back, then the monitor's copy of it) means nothing. A record
+processed since its last posted value (scanned, its value unchanged: it posts none) sends a
+property event with a newer timestamp: a scalar update that repeats the value and alarm
+held, newer, may be one, and has the metadata read again at the 1st, 2nd, 4th, 8th... such
+update since the metadata last changed, so that a record posting its unchanged value at every
+scan costs a few reads in all, not one per scan.
 """
 
 from __future__ import annotations
@@ -129,6 +134,7 @@ class PvState:
         self._pending_puts: dict[int, _PendingPut] = {}
         self._pending_reads: dict[int, tuple[bytes, int]] = {}  # read id -> (client, request id)
         self._held_from_read = False  # Rule 5
+        self._restamped = 0  # Rule 7: updates repeating value and alarm, newer, since a metadata change
         self._next_put_id = 1
         self.updates_published = 0
         self.last_timestamp: float | None = None  # of the last reading, kept while disconnected
@@ -188,6 +194,8 @@ class PvState:
         merged: p.PVMetadata = {**(self.control or {}), **metadata}
         changed = merged != self.control
         self.control = merged
+        if changed:
+            self._restamped = 0  # Rule 7: such updates are property events again
         return self._publish_if_changed(metadata_changed=changed)
 
     def access_changed(self, read_access: bool, write_access: bool) -> list[Effect]:
@@ -209,13 +217,27 @@ class PvState:
             # Older than the read we hold (Rule 5): a monitor update that arrives after the
             # read-back of a later put. Published, it would send clients back in time.
             return []
+        describe = not read and self._restamp(reading)
         self._held_from_read = read
         self.reading = reading
         self.last_timestamp = reading.timestamp
         effects = self._publish_if_changed(metadata_changed=False, reading_changed=True)
+        if describe:
+            effects.append(StartDescribe(self.pv))
         if self._pending_puts and not read:
             effects += self._seen(reading.value)
         return effects
+
+    def _restamp(self, reading: p.Reading) -> bool:
+        """Whether a monitor ``reading`` that repeats the held scalar value and alarm with a
+        newer timestamp should have the metadata read again (Rule 7)."""
+        held = self.reading
+        if (held is None or self.control is None or self._held_from_read
+                or reading.severity != held.severity or reading.status != held.status
+                or isinstance(reading.value, np.ndarray) or not _same_value(reading.value, held.value)):
+            return False
+        self._restamped += 1
+        return self._restamped & (self._restamped - 1) == 0  # 1, 2, 4, 8, ...
 
     def _seen(self, value: Any) -> list[Effect]:
         """Rule 6: a monitor update carried ``value``; the puts that put it and were completed
@@ -343,6 +365,11 @@ class PvState:
             StartPut(self.pv, put_id, value),
             Reply(client, p.SetAccepted(id=request.id, pv=self.pv)),
         ]
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Two scalar values are the same (a NaN as a NaN)."""
+    return bool(a == b) or (a != a and b != b)
 
 
 def _same_scalar(put: Any, seen: Any) -> bool:

@@ -839,3 +839,17 @@ def test_a_nan_reading_repeated_is_a_property_event_not_a_new_value():
     state = connected_state(value=np.array([1.0, np.nan]))
     assert state.reading_received(reading(np.array([1.0, np.nan]))) == [StartDescribe(PV)]
     assert state.seq == 1
+
+
+def test_a_newer_update_repeating_value_and_alarm_asks_for_metadata_ever_less_often():
+    # A scanned record whose value stays posts nothing but property events, each with the
+    # time of its last processing; one that posts its unchanged value at every scan must not
+    # cost a metadata read per scan.
+    state = connected_state(value=1.0)
+    asked = [StartDescribe(PV) in state.reading_received(reading(1.0, timestamp=100.0 + n))
+             for n in range(1, 10)]  # fmt: skip
+    assert asked == [True, True, False, True, False, False, False, True, False]
+    state.metadata_received({**FLOAT_METADATA, "units": "um"})  # what the reads were for
+    assert StartDescribe(PV) in state.reading_received(reading(1.0, timestamp=200.0))
+    assert StartDescribe(PV) not in state.reading_received(reading(2.0, timestamp=201.0))  # a new value
+    assert StartDescribe(PV) not in state.reading_received(reading(2.0, timestamp=202.0, severity=1))

@@ -386,3 +386,14 @@ def test_a_waveform_of_strings_takes_a_list(rsrv_hub, rsrv_ioc, prefix):
         texts.set(["a", "b", "c", "d", "e"]).wait(TIMEOUT)  # five do not fit in four
     with pytest.raises(BadValueError):
         texts.set(["x" * 40]).wait(TIMEOUT)
+
+
+def test_units_changed_on_a_scanned_record_reach_clients(rsrv_hub, rsrv_ioc, prefix):
+    # Processed since its last posted value, the record's property event carries a newer
+    # timestamp than the reading held (actors/state.py Rule 7).
+    scanned = connected(EpicsSignalRO(f"{prefix}scanned", name="scanned"))
+    egu = connected(EpicsSignal(f"{prefix}scanned.EGU", name="egu", string=True))
+    assert scanned.units == "x"
+    for units in ("u1", "u2", "u3", "u4", "u5"):
+        egu.set(units).wait(TIMEOUT)
+        wait_until(lambda units=units: scanned.units == units, TIMEOUT)

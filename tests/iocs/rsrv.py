@@ -24,6 +24,7 @@ PVs, after the prefix:
 - ``big_rate``: ``ao``, Hz; 0 (the default) pauses ``big``.
 - ``shorts``: ``waveform`` of 4 SHORTs (CA's 16-bit integer), 0; ``floats``: of 4 FLOATs.
 - ``texts``: ``waveform`` of up to 4 STRINGs.
+- ``scanned``: ``calc`` processed ten times a second, always 7 (so it posts no value).
 - ``half``: ``bo`` whose only label is ZNAM "Off" (ONAM empty: EPICS reports one label).
 - ``empty``: float64 ``waveform`` of up to 16 elements that holds none (NORD 0) until written.
 - ``gate``: ``bo``, 1 ("open"); ``guarded``: ``ao``, 3.5, in the access security group GATED,
@@ -146,6 +147,7 @@ def build(prefix: str, count: int):
     builder.records.waveform("shorts", NELM=4, FTVL="SHORT")
     builder.records.bo("half", ZNAM="Off")
     builder.records.waveform("texts", NELM=4, FTVL="STRING")
+    builder.records.calc("scanned", CALC="7", SCAN=".1 second", EGU="x", PREC=1)
     builder.records.waveform("floats", NELM=4, FTVL="FLOAT")
     builder.records.bo("gate", VAL=1, PINI="YES", ZNAM="closed", ONAM="open")
     builder.records.ao("guarded", VAL=3.5, PINI="YES", PREC=1, EGU="V", ASG="GATED")
