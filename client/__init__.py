@@ -3,6 +3,7 @@
     from pvhub.client import EpicsSignal, EpicsSignalRO, wait
 """
 
+from pvhub.client.alarms import AlarmSeverity, AlarmStatus
 from pvhub.client.hub import Hub
 from pvhub.client.registry import close_hubs, get_hub
 from pvhub.client.ophyd_types import Kind
@@ -18,6 +19,8 @@ from pvhub.errors import (
 )
 
 __all__ = [
+    "AlarmSeverity",
+    "AlarmStatus",
     "AndStatus",
     "ConnectionTimeoutError",
     "DisconnectedError",

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pvhub import protocol as p
+from pvhub.client.alarms import AlarmSeverity, AlarmStatus, severity_of, status_of
 from pvhub.client.completion import ReadbackWatch, send_set
 from pvhub.client.hub import Channel, Hub
 from pvhub.client.registry import get_hub
@@ -301,14 +302,16 @@ class EpicsSignalBase(Subscriptions):
         return reading.timestamp if reading else None
 
     @property
-    def alarm_status(self) -> int | None:
+    def alarm_status(self) -> AlarmStatus | int | None:
+        """ophyd's ``AlarmStatus`` (an ``IntEnum``) of the latest reading."""
         reading = self._read_channel.reading
-        return reading.status if reading else None
+        return status_of(reading.status) if reading else None
 
     @property
-    def alarm_severity(self) -> int | None:
+    def alarm_severity(self) -> AlarmSeverity | int | None:
+        """ophyd's ``AlarmSeverity`` (an ``IntEnum``) of the latest reading."""
         reading = self._read_channel.reading
-        return reading.severity if reading else None
+        return severity_of(reading.severity) if reading else None
 
     @property
     def units(self) -> str | None:

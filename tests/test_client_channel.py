@@ -556,3 +556,14 @@ def test_a_refused_pv_is_not_looked_at():
     channel.error = PermissionError("not allowed")
     proofs.lost(channel, now=0.0)
     assert len(proofs) == 0 and proofs.due(1.0) == ([], [])
+
+
+def test_alarm_enums_are_ophyds_and_any_number_is_kept():
+    from ophyd.utils.epics_pvs import AlarmSeverity, AlarmStatus
+
+    from pvhub.client import alarms
+
+    assert [(m.name, m.value) for m in alarms.AlarmSeverity] == [(m.name, m.value) for m in AlarmSeverity]
+    assert [(m.name, m.value) for m in alarms.AlarmStatus] == [(m.name, m.value) for m in AlarmStatus]
+    assert alarms.status_of(4) is alarms.AlarmStatus.HIGH and alarms.severity_of(2).name == "MAJOR"
+    assert alarms.status_of(99) == 99 and alarms.severity_of(7) == 7  # an IOC's own numbers

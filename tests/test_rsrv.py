@@ -397,3 +397,17 @@ def test_units_changed_on_a_scanned_record_reach_clients(rsrv_hub, rsrv_ioc, pre
     for units in ("u1", "u2", "u3", "u4", "u5"):
         egu.set(units).wait(TIMEOUT)
         wait_until(lambda units=units: scanned.units == units, TIMEOUT)
+
+
+def test_alarms_are_ophyds_enums(rsrv_hub, rsrv_ioc, prefix):
+    from ophyd.utils.epics_pvs import AlarmSeverity, AlarmStatus
+
+    motor = connected(EpicsSignal(f"{prefix}motor", name="motor"))
+    connected(EpicsSignal(f"{prefix}motor.HIGH", name="high")).set(5.0).wait(TIMEOUT)
+    connected(EpicsSignal(f"{prefix}motor.HSV", name="hsv", string=True)).set("MINOR").wait(TIMEOUT)
+    assert motor.alarm_severity is not None and motor.alarm_severity.name == "NO_ALARM"
+    motor.set(6.0).wait(TIMEOUT)
+    wait_until(lambda: motor.alarm_severity == AlarmSeverity.MINOR, TIMEOUT)
+    assert motor.alarm_severity.name == "MINOR" and motor.alarm_status.name == "HIGH"
+    assert motor.alarm_status == AlarmStatus.HIGH == 4
+    motor.set(0.0).wait(TIMEOUT)
