@@ -19,6 +19,7 @@ import numpy as np
 
 from pvhub import protocol as p
 from pvhub.client.channel import Channel
+from pvhub.client.values import float_text
 
 AUTOMONITOR_MAXLENGTH = 65536  # pyepics' threshold for char waveforms read as text
 
@@ -127,13 +128,7 @@ def char_value(value: Any, metadata: dict[str, Any], count: int) -> str:
         index = int(value) if isinstance(value, (int, np.integer)) else -1
         return strs[index] if 0 <= index < len(strs) else str(value)
     if native == "float" and isinstance(value, (float, int, np.floating)):
-        precision = metadata.get("precision")
-        try:
-            number = float(value)
-            fmt = "%%.%dg" if 4 < abs(int(math.log10(abs(number + 1.0e-9)))) else "%%.%df"
-            return (fmt % int(precision)) % number
-        except (TypeError, ValueError, ArithmeticError):
-            return str(value)
+        return float_text(value, metadata.get("precision"))
     return repr(value) if not isinstance(value, str) else value
 
 

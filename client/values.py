@@ -3,7 +3,8 @@
 Rule 1: a value handed out is never the channel's own array: a reading is shared by every
 Signal and callback of its PV and never changes once made, so an array is copied first.
 Rule 2: ``as_string`` gives ophyd's text: an enum's label, a char waveform's text up to its
-first NUL, ``str()`` of another scalar; other arrays stay arrays.
+first NUL, a float at the PV's precision (``float_text``, pyepics' formatting), ``str()`` of
+another scalar; other arrays stay arrays.
 Rule 3: ``PLAIN`` are the types ``convert`` returns as they are without ``as_string``: a path
 run per reading may skip the call for them.
 Rule 4: ``data_key`` is what ophyd's ``EpicsSignalBase.describe`` gives for one Signal, with
@@ -12,6 +13,7 @@ its event-model dtype and shape (``data_type``, ``data_shape``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,7 +38,20 @@ def convert(value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
         return value.astype(np.uint8).tobytes().split(b"\0", 1)[0].decode(errors="replace")
     if isinstance(value, (list, np.ndarray)):
         return value
+    if kind == "float" and isinstance(value, (float, int)):
+        return float_text(value, metadata.get("precision"))
     return value if isinstance(value, str) else str(value)
+
+
+def float_text(value: Any, precision: Any) -> str:
+    """A float as pyepics writes it at the PV's precision: ``%.Nf``, or ``%.Ng`` past 10^4
+    either way; ``str()`` when the precision is unknown."""
+    try:
+        number = float(value)
+        fmt = "%%.%dg" if 4 < abs(int(math.log10(abs(number + 1.0e-9)))) else "%%.%df"
+        return (fmt % int(precision)) % number
+    except (TypeError, ValueError, ArithmeticError):
+        return str(value)
 
 
 def data_type(value: Any) -> str:

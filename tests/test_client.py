@@ -431,3 +431,11 @@ def test_a_set_waited_for_inside_a_subscription_callback_finishes(hub, prefix):
     count.subscribe(on_value)
     assert done.wait(15), "the callback never finished"
     assert outcome == [3.5]
+
+
+def test_a_float_as_string_is_written_at_the_pvs_precision(hub, prefix):
+    # As ophyd (through pyepics) writes it: motor has PREC 3.
+    motor = connected(EpicsSignal(f"{prefix}motor", name="motor"))
+    motor.set(1.5).wait(5)
+    assert motor.get(as_string=True) == "1.500"
+    assert connected(EpicsSignal(f"{prefix}motor", name="m2", string=True)).get() == "1.500"
