@@ -315,7 +315,9 @@ class Actor:
                     self._changed.add(event.pv)
                 self._carry_out(effects)
             except Exception:
-                self.log.exception("event_failed", pv=event.pv, event=type(event).__name__)
+                # ``kind``, not ``event``: structlog's own first argument is ``event``, and the
+                # clash raised here, in the one place meant to keep the loop alive.
+                self.log.exception("event_failed", pv=event.pv, kind=type(event).__name__)
 
     def _apply(self, state: PvState, event: ca.Event) -> list[Effect]:
         if isinstance(event, ca.ReadingEvent):

@@ -234,7 +234,8 @@ class PvState:
         held = self.reading
         if (held is None or self.control is None or self._held_from_read
                 or reading.severity != held.severity or reading.status != held.status
-                or isinstance(reading.value, np.ndarray) or not _same_value(reading.value, held.value)):
+                or isinstance(reading.value, np.ndarray) or isinstance(held.value, np.ndarray)
+                or not _same_value(reading.value, held.value)):
             return False
         self._restamped += 1
         return self._restamped & (self._restamped - 1) == 0  # 1, 2, 4, 8, ...
@@ -368,8 +369,8 @@ class PvState:
 
 
 def _same_value(a: Any, b: Any) -> bool:
-    """Two scalar values are the same (a NaN as a NaN)."""
-    return bool(a == b) or (a != a and b != b)
+    """Two values, neither an array, are the same (a NaN as a NaN; a list of strings as one)."""
+    return type(a) is type(b) and (a == b or (a != a and b != b))
 
 
 def _same_scalar(put: Any, seen: Any) -> bool:

@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
     get = client_command("get", "print PVs' values (caget through the hub)")
     get.add_argument("pvs", nargs="+", metavar="PV")
-    get.add_argument("-S", "--string", action="store_true", help="enum labels and char arrays as text")
+    get.add_argument("-S", "--string", action="store_true",
+                     help="enum labels and char arrays as text, numbers at the PV's precision")
     get.add_argument("--describe", action="store_true", help="print the data keys too")
     get.set_defaults(func=_get)
 

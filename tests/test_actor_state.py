@@ -853,3 +853,16 @@ def test_a_newer_update_repeating_value_and_alarm_asks_for_metadata_ever_less_of
     assert StartDescribe(PV) in state.reading_received(reading(1.0, timestamp=200.0))
     assert StartDescribe(PV) not in state.reading_received(reading(2.0, timestamp=201.0))  # a new value
     assert StartDescribe(PV) not in state.reading_received(reading(2.0, timestamp=202.0, severity=1))
+
+
+@pytest.mark.parametrize(
+    "held, new",
+    [(np.arange(3.0), 0.0), (0.0, np.arange(3.0)), (["a", "b"], "a"), (1, 1.0), (np.arange(2.0), np.arange(2.0))],
+    ids=["array-then-scalar", "scalar-then-array", "list-then-str", "int-then-float", "arrays"],
+)
+def test_a_newer_update_of_another_shape_is_a_new_value_not_a_failure(held, new):
+    # A waveform holding one element reads as a scalar (NORD 1), so a PV's value may change
+    # between an array and a scalar; comparing them must not raise (it ended the actor).
+    state = connected_state(value=held)
+    effects = state.reading_received(reading(new, timestamp=101.0))
+    assert len(updates(effects)) == 1 and StartDescribe(PV) not in effects
