@@ -90,3 +90,14 @@ def readings_in(payloads) -> list:
         for message in p.decode_readings(payload):
             messages.extend(message.each() if isinstance(message, p.Updates) else (message,))
     return messages
+
+
+def is_gone(pid: int) -> bool:
+    """Whether no process ``pid`` exists any more."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False

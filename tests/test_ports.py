@@ -5,11 +5,11 @@ port the test holds."""
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
 import pytest
+from helpers import is_gone
 
 from pvhub.testing import LOOPBACK, DaemonProcess, SimulatedIOC
 from pvhub.testing import daemon as daemon_harness
@@ -18,14 +18,6 @@ from pvhub.testing import ioc as ioc_harness
 pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def is_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def held_tcp() -> socket.socket:

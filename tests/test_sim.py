@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import is_gone, wait_until
 
 from pvhub.testing import LOOPBACK, SimulatedIOC, merge_ca_env
 
@@ -111,14 +111,6 @@ def repeater_pids() -> set[int]:
         if b"caproto-repeater" in command or b"caproto.commandline.repeater" in command:
             pids.add(int(entry.name))
     return pids
-
-
-def is_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def accepts_tcp(port: int) -> bool:
