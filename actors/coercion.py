@@ -35,9 +35,10 @@ def coerce_value(value: Any, metadata: p.PVMetadata) -> Any:
         return _coerce_enum(value, metadata.get("enum_strs") or [])
     if native == "string":
         if count > 1 and isinstance(value, (list, tuple, np.ndarray)):  # a waveform of strings
-            if np.size(value) > count if isinstance(value, np.ndarray) else len(value) > count:
+            items = value.reshape(-1) if isinstance(value, np.ndarray) else value
+            if len(items) > count:
                 raise BadValueError(f"more than {count} strings do not fit in {count}")
-            return [_coerce_string(item) for item in (value.reshape(-1) if isinstance(value, np.ndarray) else value)]
+            return [_coerce_string(item) for item in items]
         return _coerce_string(_single(value) if isinstance(value, (list, tuple, np.ndarray)) else value)
     if native == "char" and isinstance(value, (str, bytes)):
         if len(value) > count:  # a character is at least a byte: no need to encode to know
