@@ -144,11 +144,10 @@ class NameSearch:
         size = 0
         version = bytes(caproto.VersionRequest(priority=0, version=caproto.DEFAULT_PROTOCOL_VERSION))
         while self._due and self._due[0][0] <= now:
-            when, search_id = heapq.heappop(self._due)
-            channel = self._searching.get(search_id)
-            if channel is None or channel.search_id != search_id or channel.search_due != when:
-                continue  # answered or forgotten since, or a stale entry (Rule 1)
-            request = bytes(caproto.SearchRequest(channel.name, search_id, caproto.DEFAULT_PROTOCOL_VERSION))
+            channel = self._live(*heapq.heappop(self._due))
+            if channel is None:
+                continue
+            request = bytes(caproto.SearchRequest(channel.name, channel.search_id, caproto.DEFAULT_PROTOCOL_VERSION))
             if size + len(request) > SEARCH_DATAGRAM_BYTES - len(version) and batch:
                 if not self._send_batch(now, version, batch, batched):
                     self._due_at(channel, now + SOCKET_FULL_RETRY)
@@ -165,10 +164,17 @@ class NameSearch:
         """The socket is full: every search due now waits ``SOCKET_FULL_RETRY`` with the rest,
         rather than the loop spinning until the socket drains."""
         while self._due and self._due[0][0] <= now:
-            when, search_id = heapq.heappop(self._due)
-            channel = self._searching.get(search_id)
-            if channel is not None and channel.search_id == search_id and channel.search_due == when:
+            channel = self._live(*heapq.heappop(self._due))
+            if channel is not None:
                 self._due_at(channel, now + SOCKET_FULL_RETRY)
+
+    def _live(self, when: float, search_id: int) -> Channel | None:
+        """The channel a heap entry stands for, or None: answered or forgotten since, or a
+        stale entry (Rule 1)."""
+        channel = self._searching.get(search_id)
+        if channel is None or channel.search_id != search_id or channel.search_due != when:
+            return None
+        return channel
 
     def _send_batch(self, now: float, version: bytes, batch: list[bytes], channels: list[Channel]) -> bool:
         """Send one datagram of searches; each name is due again at its interval, which
