@@ -80,6 +80,14 @@ def ctrl_fields(metadata: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def element_count(value: Any) -> int:
+    """Elements in a reading's value, as CA counts them in an update (a waveform's NORD):
+    one for a scalar or a single string."""
+    if isinstance(value, np.ndarray):
+        return int(value.size)
+    return len(value) if isinstance(value, list) else 1
+
+
 def shaped(value: Any, metadata: dict[str, Any], count: int | None, as_numpy: bool) -> Any:
     """The value as pyepics gives it: scalars for one element, arrays (or lists) for more,
     cut to ``count``."""
@@ -173,14 +181,14 @@ class PVFields:
         fields.update(
             pvname=self.pvname,
             value=value,
-            char_value=char_value(value, metadata, int(metadata.get("count") or 1)),
+            char_value=char_value(value, metadata, element_count(value)),
             status=reading.status,
             severity=reading.severity,
             ftype=dbr_type(metadata.get("native_type"), self.form),
-            type=dbr_name(dbr_type(metadata.get("native_type"), "native")),
+            type=dbr_name(dbr_type(metadata.get("native_type"), self.form)),
             typefull=dbr_name(dbr_type(metadata.get("native_type"), self.form)),
             host=metadata.get("host"),
-            count=int(metadata.get("count") or 1),
+            count=element_count(value),
             nelm=int(metadata.get("count") or 1),
             read_access=read_access,
             write_access=write_access,
@@ -265,8 +273,9 @@ class PVFields:
 
     @property
     def type(self) -> str:
-        """The native type's name: ``"double"``, ``"long"``, ``"enum"``, ``"string"``, ``"char"``."""
-        return dbr_name(dbr_type(self._metadata().get("native_type"), "native"))
+        """The type the PV is read as, as pyepics names it: ``"time_double"`` in the default
+        'time' form, ``"double"`` in 'native', ``"ctrl_enum"``... (the same as ``typefull``)."""
+        return dbr_name(self.ftype)
 
     @property
     def typefull(self) -> str:
@@ -279,9 +288,11 @@ class PVFields:
 
     @property
     def count(self) -> int:
-        """Elements in the value (the caller's ``count`` if smaller)."""
-        native = self.nelm
-        return min(native, self._user_count) if self._user_count else native
+        """Elements in the latest value, a waveform's NORD (the caller's ``count`` if
+        smaller); ``nelm`` until a value has come."""
+        reading = self._reading()
+        count = element_count(reading.value) if reading is not None else self.nelm
+        return min(count, self._user_count) if self._user_count else count
 
     @property
     def nelm(self) -> int:

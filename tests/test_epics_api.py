@@ -52,6 +52,22 @@ def test_caput_of_labels_and_text(prefix):
 
 
 @pytest.mark.timeout(60)
+def test_a_pv_counts_the_elements_of_its_latest_value(prefix):
+    """pyepics' ``count`` is the element count of the latest update (a waveform's NORD);
+    ``nelm`` is the most the PV holds."""
+    wave = epics.PV(prefix + "wave")
+    assert wave.wait_for_connection(15)
+    wait_until(lambda: wave.count == 16, 10, message=lambda: f"count {wave.count}")
+    assert wave.nelm == 16 and wave.type == "time_double"
+    counts = []
+    wave.add_callback(lambda count, **kw: counts.append(count))
+    assert wave.put([1.0, 2.0, 3.0], wait=True) == 1
+    wait_until(lambda: 3 in counts, 10, message=lambda: f"counts {counts}")
+    assert (wave.count, wave.nelm) == (3, 16)
+    assert epics.PV(prefix + "wave", count=2).count <= 2
+
+
+@pytest.mark.timeout(60)
 def test_caput_without_wait_returns_before_completion(prefix):
     epics.caput(prefix + "slow_delay", 1.0, wait=True)
     pv = epics.PV(prefix + "slow")
@@ -146,7 +162,7 @@ def test_pv_object(prefix):
     assert pv.wait_for_connection(15)
     wait_until(lambda: conns == [True] and access == [(True, True)], 5,
                message=lambda: f"{conns} {access}")
-    assert pv.typefull == "ctrl_double" and pv.type == "double"
+    assert pv.typefull == "ctrl_double" and pv.type == "ctrl_double"  # pyepics names both so
     assert pv.units == "mm" and pv.precision == 3
     assert (pv.lower_ctrl_limit, pv.upper_ctrl_limit) == (-10.0, 10.0)
     md = pv.get_with_metadata()

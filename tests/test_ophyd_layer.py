@@ -177,7 +177,7 @@ def test_pv_fields_as_pyepics(layer, prefix):
     assert (ctrl["lower_ctrl_limit"], ctrl["upper_ctrl_limit"]) == (-10.0, 10.0)
     timed = pv.get_with_metadata(form="time", use_monitor=False)
     assert {"value", "timestamp", "status", "severity"} <= timed.keys()
-    assert pv.type == "double" and pv.typefull == "time_double" and pv.ftype == 20
+    assert pv.type == "time_double" and pv.typefull == "time_double" and pv.ftype == 20
     assert (pv.count, pv.nelm) == (1, 1)
     assert pv.read_access and pv.write_access
     assert pv.host.startswith("127.0.0.1:")
