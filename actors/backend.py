@@ -58,6 +58,7 @@ from pvhub.actors.codec import (
     text,
 )
 from pvhub.actors.search import MIN_RETRY, NameSearch
+from pvhub.text import encoded
 
 log = structlog.get_logger("pvhub.actor")
 
@@ -181,7 +182,7 @@ class ChannelAccessBackend:
             self._put_read_back(name, put_id, native, response)
 
         try:
-            write = channel.ca.write(value, data_count=put_count(value), notify=True, ioid=circuit.core.new_ioid())
+            write = channel.ca.write(encoded(value), data_count=put_count(value), notify=True, ioid=circuit.core.new_ioid())
             read = channel.ca.read(data_type="time", ioid=circuit.core.new_ioid())
         except Exception as exc:  # a value caproto cannot put on the wire
             self._emit(PutDoneEvent(name, put_id, f"put could not be sent: {exc}", None))

@@ -5,8 +5,8 @@ Rule 1: pure functions and frozen dataclasses; no sockets, no state. ``actors/ba
 ``actors/circuit.py`` speak the protocol and call these; their tests compare them with caproto's
 own parse.
 Rule 2: a value is what ophyd gives: a Python scalar for one element, a numpy array (or a
-list of str) for more; strings are decoded as latin-1 up to their first NUL (CA strings are
-bytes; latin-1 takes every byte).
+list of str) for more; strings are decoded up to their first NUL as ``pvhub.text`` says
+(UTF-8 where the bytes are UTF-8, latin-1 otherwise).
 Rule 3: a monitor update in the DBR_TIME form the backend subscribes with is read straight
 from the received bytes (``time_reading``, ``TIME_LAYOUT``): its value, timestamp, status and
 severity are exactly what caproto would give (same types, big-endian arrays, timestamps cut
@@ -25,6 +25,7 @@ from caproto import ChannelType
 from caproto._numpy_backend import type_map as _CAPROTO_DTYPES
 
 from pvhub import protocol as p
+from pvhub.text import decoded
 
 # --- events ---------------------------------------------------------------------------------
 
@@ -114,9 +115,7 @@ _LIMIT_FIELDS = (
 
 
 def text(raw: Any) -> str:
-    if isinstance(raw, bytes):
-        return raw.split(b"\0", 1)[0].decode("latin-1")
-    return str(raw)
+    return decoded(raw) if isinstance(raw, bytes) else str(raw)
 
 
 def value_of(response: Any, native: ChannelType) -> Any:

@@ -19,6 +19,7 @@ import numpy as np
 
 from pvhub import protocol as p
 from pvhub.errors import BadValueError
+from pvhub.text import decoded
 
 # Channel Access's DBR_STRING holds 40 bytes including the terminating NUL.
 MAX_STRING_BYTES = 39
@@ -46,6 +47,8 @@ def coerce_value(value: Any, metadata: p.PVMetadata) -> Any:
         data = value.encode() if isinstance(value, str) else value
         if len(data) > count:
             raise BadValueError(f"{len(data)} bytes do not fit in {count} characters")
+        if len(data) < count:
+            data += b"\0"  # ended as pyepics and caput -S end it, where it fits
         return np.frombuffer(data, dtype=np.uint8).copy()
     integer = native in ("int", "char")
     bits = int(metadata.get("native_bits") or (32 if integer else 64))
@@ -130,7 +133,7 @@ def _coerce_number(value: Any, integer: bool, bounds: tuple[int, int] = (-(2**31
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, bytes):
-        value = value.decode(errors="replace")
+        value = decoded(value)
     if isinstance(value, str):
         text = value.strip()
         if len(text) > _MAX_NUMBER_TEXT:
@@ -178,7 +181,7 @@ def _coerce_enum(value: Any, enum_strs: list[str]) -> int:
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, bytes):
-        value = value.decode(errors="replace")
+        value = decoded(value)
     if isinstance(value, str):
         if value in enum_strs:
             return enum_strs.index(value)
@@ -205,7 +208,7 @@ def _coerce_string(value: Any) -> str:
     if isinstance(value, (str, bytes)) and len(value) > MAX_STRING_BYTES:  # unread: too long
         raise BadValueError(f"strings hold at most {MAX_STRING_BYTES} bytes")
     if isinstance(value, bytes):
-        value = value.decode(errors="replace")
+        value = decoded(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, int) and abs(value) >= 10**MAX_STRING_BYTES:  # too long written out
             raise BadValueError(f"strings hold at most {MAX_STRING_BYTES} bytes")

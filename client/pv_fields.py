@@ -20,6 +20,7 @@ import numpy as np
 from pvhub import protocol as p
 from pvhub.client.channel import Channel
 from pvhub.client.values import float_text
+from pvhub.text import decoded
 
 AUTOMONITOR_MAXLENGTH = 65536  # pyepics' threshold for char waveforms read as text
 
@@ -128,7 +129,7 @@ def char_value(value: Any, metadata: dict[str, Any], count: int) -> str:
         return value if isinstance(value, str) else str(value)
     if native == "char" and count < AUTOMONITOR_MAXLENGTH:
         data = np.atleast_1d(np.asarray(value)).astype(np.uint8).tobytes()
-        return data.split(b"\0", 1)[0].decode("latin-1").rstrip()
+        return decoded(data).rstrip()
     if isinstance(value, (np.ndarray, list)) and (count > 1 or np.size(value) > 1):
         return f"<array size={np.size(value)}, type={dbr_name(dbr_type(native, 'time'))}>"
     if native == "enum":

@@ -3,7 +3,7 @@
 Rule 1: a value handed out is never the channel's own array: a reading is shared by every
 Signal and callback of its PV and never changes once made, so an array is copied first.
 Rule 2: ``as_string`` gives ophyd's text: an enum's label, a char waveform's text up to its
-first NUL, a float at the PV's precision (``float_text``, pyepics' formatting), ``str()`` of
+first NUL (``pvhub.text``), a float at the PV's precision (``float_text``, pyepics' formatting), ``str()`` of
 another scalar; other arrays stay arrays.
 Rule 3: ``PLAIN`` are the types ``convert`` returns as they are without ``as_string``: a path
 run per reading may skip the call for them.
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pvhub import protocol as p
+from pvhub.text import decoded
 
 PLAIN = frozenset((int, float, bool, type(None)))  # Rule 3
 
@@ -35,7 +36,7 @@ def convert(value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
         strs = metadata.get("enum_strs") or []
         return strs[value] if isinstance(value, int) and 0 <= value < len(strs) else str(value)
     if kind == "char" and isinstance(value, np.ndarray):
-        return value.astype(np.uint8).tobytes().split(b"\0", 1)[0].decode(errors="replace")
+        return decoded(value.astype(np.uint8).tobytes())
     if isinstance(value, (list, np.ndarray)):
         return value
     if kind == "float" and isinstance(value, (float, int)):

@@ -569,11 +569,12 @@ def test_strings_too_long_or_not_text_are_refused(value):
         coerce_value(value, md("string"))
 
 
-def test_a_char_array_takes_text_as_bytes():
+def test_a_char_array_takes_text_as_bytes_ended_by_a_nul_where_it_fits():
     result = coerce_value("hello", md("char", count=10))
     assert result.dtype == np.uint8
-    assert bytes(result) == b"hello"
+    assert bytes(result) == b"hello\0"  # as pyepics and caput -S write it
     assert bytes(coerce_value(b"hi", md("char", count=2))) == b"hi"
+    assert bytes(coerce_value("µm", md("char", count=10))) == "µm".encode() + b"\0"
 
 
 def test_a_char_array_refuses_text_longer_than_its_count():

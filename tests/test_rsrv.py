@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO_ROOT
 from helpers import log_events, wait_until
 
-from pvhub.client import EpicsSignal, EpicsSignalRO, ReadOnlyError, close_hubs
+from pvhub.client import EpicsSignal, EpicsSignalRO, ReadOnlyError, close_hubs, epics
 from pvhub.errors import BadValueError
 from pvhub.testing import DaemonProcess
 from pvhub.testing import SimulatedIOC, free_tcp_port
@@ -112,6 +112,30 @@ def test_puts_complete_on_every_kind_of_record(rsrv_hub, rsrv_ioc, prefix):
     chars.set("beamline").wait(TIMEOUT)
     assert chars.get() == "beamline"
     assert bytes(rsrv_ioc.read("chars").data).rstrip(b"\0") == b"beamline"
+
+
+def test_text_comes_back_as_written_whatever_its_characters(rsrv_hub, rsrv_ioc, prefix, monkeypatch):
+    """pvhub/text.py: text is written as UTF-8 and read back unchanged, on a string record and
+    a char waveform alike; bytes that are not UTF-8 (a latin-1 client's) read as latin-1."""
+    words = "20 °C, µm, 中文"
+    text = connected(EpicsSignal(f"{prefix}text", name="text"))
+    text.set(words).wait(TIMEOUT)
+    assert text.get() == words
+    assert rsrv_ioc.read("text").data[0] == words.encode()
+
+    chars = connected(EpicsSignal(f"{prefix}chars", name="chars", string=True))
+    chars.set(words).wait(TIMEOUT)
+    assert chars.get() == words
+    assert bytes(rsrv_ioc.read("chars").data) == words.encode() + b"\0"  # ended as caput -S ends it
+    assert epics.caget(f"{prefix}chars", as_string=True) == words
+
+    from caproto.sync.client import write  # another client, which writes latin-1
+
+    for name, value in rsrv_ioc.ca_env().items():
+        monkeypatch.setenv(name, value)
+    write(f"{prefix}text", "café", notify=True, timeout=TIMEOUT, repeater=False)
+    assert rsrv_ioc.read("text").data[0] == b"caf\xe9"
+    wait_until(lambda: text.get() == "café", TIMEOUT, message=lambda: repr(text.get()))
 
 
 def test_a_set_reads_back_what_the_record_holds(rsrv_hub, rsrv_ioc, prefix):

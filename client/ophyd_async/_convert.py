@@ -26,6 +26,8 @@ from ophyd_async.core import Array1D, SignalDatatypeT, SignalMetadata, get_enum_
 from ophyd_async.epics.core._util import format_datatype, get_supported_values
 
 from pvhub import protocol as p
+from pvhub.text import decoded
+
 
 class PvhubConverter(Generic[SignalDatatypeT]):
     """Turns a PV's values as pvhub delivers them into a Signal's datatype, and back."""
@@ -119,7 +121,7 @@ class _LongStringConverter(PvhubConverter[str]):
 
     def value(self, raw: Any) -> str:
         data = np.atleast_1d(np.asarray(raw)).astype(np.uint8).tobytes()
-        return data.split(b"\0", 1)[0].decode(errors="replace")
+        return decoded(data)
 
     def write_value(self, value: Any) -> Any:
         return value + "\0"  # what the command line caput writes, as the CA backend does
