@@ -20,7 +20,9 @@ replaces a subscription's last queued event when its queue is full. Nothing else
 (a Status finishing, a connection change), and a reading is never merged across another
 change of its listener, so each listener still sees its changes in order. The queue then
 holds at most ``MAX_BACKLOG`` items, one more reading per listener, and the work users
-started. Listeners are told apart by identity (``id``), whatever their ``__eq__`` says; the
+started. A merged change keeps what its listener last saw where it says so (``kept``: the
+``old_value`` of a Signal's callback is the value before the first reading merged, not one
+the callback never saw). Listeners are told apart by identity (``id``), whatever their ``__eq__`` says; the
 waiting change holds its listener, so the id is not reused meanwhile. Falling behind logs
 ``callbacks_behind``, and catching up ``callbacks_caught_up`` with how many readings were
 merged since the last such line; each at most once per ``BEHIND_LOG_S``, however bursty.
@@ -114,10 +116,11 @@ class Dispatcher:
             self._wake.put(None)
 
     def dispatch_change(self, listener: object, reading: bool, size: int,
-                        func: Callable[..., Any], *args: Any) -> None:
+                        func: Callable[..., Any], *args: Any, kept: int | None = None) -> None:
         """Like ``dispatch``, for a change that ``listener`` was told of: a new value
         (``reading``, with ``size`` bytes of array) or another change. Past the bounds, a
-        reading takes the place of the listener's reading still waiting (Rule 5)."""
+        reading takes the place of the listener's reading still waiting, keeping that one's
+        ``args[kept]`` (Rule 5)."""
         if self._ended:
             func(*args)
             return
@@ -129,14 +132,14 @@ class Dispatcher:
             self.dispatches += 1
             self._work.append((func, args, _NO_KWARGS))
         else:
-            self._dispatch_tracked(listener, reading, size, func, args)
+            self._dispatch_tracked(listener, reading, size, func, args, kept)
         if threading.get_ident() == self._batcher:
             self._batched = True
         else:
             self._wake.put(None)
 
     def _dispatch_tracked(self, listener: object, reading: bool, size: int,
-                          func: Callable[..., Any], args: tuple) -> None:
+                          func: Callable[..., Any], args: tuple, kept: int | None) -> None:
         """Queue a change that may be merged into, or merge it (Rule 5)."""
         with self._lock:
             key = id(listener)
@@ -144,6 +147,8 @@ class Dispatcher:
             if waiting is not None and (len(self._work) >= self.max_backlog
                                         or self._bytes >= self.max_backlog_bytes):
                 self._bytes += size - waiting.size
+                if kept is not None:
+                    args = (*args[:kept], waiting.args[kept], *args[kept + 1:])
                 waiting.args, waiting.size = args, size
                 self.merged += 1
                 if not self._behind:

@@ -183,7 +183,8 @@ class Subscriptions:
             reading = channel.reading
             if reading is not None:
                 self._hub.dispatch_change(self, True, array_bytes(reading.value), self._run_value_subs,
-                                          channel.version, reading, old, channel.metadata)  # fmt: skip
+                                          channel.version, reading, old, channel.metadata,
+                                          kept=2)  # ``old``, merged (dispatcher Rule 5)  # fmt: skip
         elif kind == self.SUB_META:
             self._hub.dispatch_change(self, False, 0, self._run_meta_subs, channel.version)
 

@@ -81,6 +81,18 @@ def test_each_listener_merges_into_its_own_last_reading():
     assert held.release() == [("a", 1), ("b", -1), ("a", 50), ("b", -50)]
 
 
+def test_a_merged_reading_keeps_the_old_value_its_listener_last_saw():
+    # A Signal's callback gets (value, old_value): after a merge, old_value is the value the
+    # callback was given last, not one it never saw.
+    held = Held(max_backlog=3)
+    seen = []
+    for n in range(1, 8):
+        held.dispatcher.dispatch_change("a", True, 0, lambda new, old: seen.append((old, new)), n, n - 1, kept=1)
+    held.release()
+    assert seen == [(0, 1), (1, 2), (2, 7)]
+    assert held.dispatcher.merged == 4
+
+
 def test_a_reading_never_merges_across_another_change_of_its_listener():
     # A connection change between two readings stays between them: the listener sees its
     # changes in order, only fewer readings.
