@@ -37,6 +37,7 @@ from pvhub.client.pv_fields import (
     as_native,
     char_value,
     ctrl_fields,
+    ctrl_vars,
     shaped,
     time_fields,
 )
@@ -207,7 +208,10 @@ class PV(PVFields):
         info = time_fields(reading) if form == "time" else {}
         if form == "time":
             info.update(status=reading.status, severity=reading.severity)
-        if form == "ctrl" or with_ctrlvars:
+        if form == "ctrl":
+            info.update(ctrl_vars(metadata))
+            info.update(status=reading.status, severity=reading.severity)
+        elif with_ctrlvars:
             info.update(ctrl_fields(metadata))
             info.update(status=reading.status, severity=reading.severity)
         value = shaped(reading.value, metadata, count, as_numpy)
@@ -219,9 +223,11 @@ class PV(PVFields):
         if not self.wait_for_connection(timeout):
             return None
         reading, metadata = self._state()
-        info = ctrl_fields(metadata)
+        info = ctrl_vars(metadata)
         if reading is not None:
             info.update(status=reading.status, severity=reading.severity)
+            if metadata.get("native_type") == "string":
+                info.update(time_fields(reading))  # libca answers DBR_CTRL_STRING with its time
         return info
 
     def get_timevars(self, timeout: float = 5, warn: bool = True) -> dict[str, Any] | None:

@@ -75,10 +75,25 @@ def time_fields(reading: p.Reading) -> dict[str, Any]:
 
 
 def ctrl_fields(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Every control field, None where the PV's type has none (a callback's keywords)."""
     fields = {key: metadata.get(key) for key in _CTRL_KEYS}
     strs = metadata.get("enum_strs")
     fields["enum_strs"] = tuple(strs) if strs is not None else None
     return fields
+
+
+def ctrl_vars(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The control fields a DBR_CTRL read of the PV's type holds, as pyepics' ``get_ctrlvars``
+    gives them: limits and units for numbers, precision for floats, labels for an enum (if
+    it has any), none for a string."""
+    native = metadata.get("native_type")
+    if native == "enum":
+        strs = metadata.get("enum_strs")
+        return {"enum_strs": tuple(strs)} if strs else {}
+    if native not in ("float", "int", "char"):
+        return {}
+    keys = _CTRL_KEYS if native == "float" else _CTRL_KEYS[1:]
+    return {key: metadata.get(key) for key in keys}
 
 
 def element_count(value: Any) -> int:

@@ -52,6 +52,28 @@ def test_caput_of_labels_and_text(prefix):
 
 
 @pytest.mark.timeout(60)
+def test_control_fields_are_those_of_the_pvs_type(prefix):
+    """pyepics' get_ctrlvars holds what a DBR_CTRL read of the type holds, no more."""
+    limits = {"upper_disp_limit", "lower_disp_limit", "upper_alarm_limit", "lower_alarm_limit",
+              "upper_warning_limit", "lower_warning_limit", "upper_ctrl_limit", "lower_ctrl_limit"}
+    alarm = {"status", "severity"}
+    expected = {
+        "motor": limits | alarm | {"units", "precision"},
+        "count": limits | alarm | {"units"},
+        "mode": alarm | {"enum_strs"},
+        "text": alarm,
+    }
+    for name, keys in expected.items():
+        pv = epics.PV(prefix + name)
+        assert pv.wait_for_connection(15)
+        assert set(pv.get_with_metadata(form="ctrl")) == keys | {"value"}, name
+        if name == "text":  # pyepics gives a string's time fields here
+            keys = keys | {"timestamp", "posixseconds", "nanoseconds"}
+        assert set(pv.get_ctrlvars()) == keys, name
+    assert epics.PV(prefix + "mode").get_ctrlvars()["enum_strs"] == ("Off", "On", "Auto")
+
+
+@pytest.mark.timeout(60)
 def test_a_pv_counts_the_elements_of_its_latest_value(prefix):
     """pyepics' ``count`` is the element count of the latest update (a waveform's NORD);
     ``nelm`` is the most the PV holds."""
