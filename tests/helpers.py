@@ -6,6 +6,8 @@ because it has no ``__init__.py``.
 
 from __future__ import annotations
 
+import inspect
+import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -101,3 +103,34 @@ def is_gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def plain_search_socket(socket_module=socket):
+    """caproto's ``bcast_socket`` without ``SO_REUSEADDR``/``SO_REUSEPORT``.
+
+    caproto's clients make their search socket with both and bind it to ``("", 0)``, and
+    Linux may then give it a port another such socket holds: the search port of a caproto
+    IOC, this test's or a parallel test's. That IOC's socket, bound to 127.0.0.1, is the
+    better match and takes every search answer meant for the client, whose PVs never connect
+    (about one run in 10^4). A socket without those options is never given a port in use.
+    Install it with ``caproto.bcast_socket = plain_search_socket`` (or ``CAPROTO_CLIENT_PREAMBLE``
+    in a script) before a client is made.
+    """
+    sock = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_DGRAM)
+    sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_BROADCAST, 1)
+    return sock
+
+
+# The same, for a script run in a fresh Python (``python -c``), which cannot import this module.
+CAPROTO_CLIENT_PREAMBLE = f'''
+import socket, caproto as _caproto
+
+{inspect.getsource(plain_search_socket)}
+_caproto.bcast_socket = plain_search_socket
+'''
+
+# caproto 1.3's threading client doubles its search retry interval before comparing with it,
+# so its first resend of an unanswered search comes about 7.6 s after the first: within a
+# 5 s timeout it searches once, and one lost datagram fails the test. Capped at 0.5 s, it
+# searches again from about 1 s on.
+CAPROTO_CLIENT_ENV = {"CAPROTO_CLIENT_MAX_RETRY_SEARCHES_INTERVAL_SEC": "0.5"}

@@ -93,8 +93,11 @@ def run_plans(EpicsSignal, EpicsSignalRO, prefix):
 
 def main() -> int:
     prefix = os.environ["PREFIX"]
+    import caproto
     import ophyd
+    from helpers import plain_search_socket  # this script's directory is on sys.path
 
+    caproto.bcast_socket = plain_search_socket
     ophyd.set_cl("caproto")
     from ophyd.signal import EpicsSignal as OphydSignal
     from ophyd.signal import EpicsSignalRO as OphydSignalRO

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import CAPROTO_CLIENT_ENV
 
 pytestmark = pytest.mark.system
 
@@ -31,7 +32,7 @@ def distinct_values(run):
 
 @pytest.mark.timeout(180)
 def test_documents_match_ophyd(hub, zoo_ioc, prefix):
-    env = {**os.environ, **zoo_ioc.ca_env(), "PVHUB_ADDRESS": hub.address, "PREFIX": prefix}
+    env = {**os.environ, **zoo_ioc.ca_env(), **CAPROTO_CLIENT_ENV, "PVHUB_ADDRESS": hub.address, "PREFIX": prefix}
     result = subprocess.run(
         [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=150
     )

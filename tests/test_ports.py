@@ -73,6 +73,19 @@ def test_caproto_finding_its_tcp_port_taken_is_started_on_another(prefix, monkey
             assert list(ioc.read("dt").data) == [3.0]
 
 
+def test_caproto_finding_its_udp_port_taken_is_started_on_another(prefix, monkeypatch):
+    # A socket bound without SO_REUSEADDR (as the tests' own caproto clients bind theirs,
+    # helpers.plain_search_socket) makes caproto's IOC exit: "Address already in use".
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("", 0))
+        taken = held.getsockname()[1]
+        picked = pick_first(monkeypatch, ioc_harness, "_free_ca_server_port", taken)
+        with SimulatedIOC(prefix=prefix) as ioc:
+            assert picked[0] == taken and len(picked) == 2
+            assert ioc.port == picked[1] != taken
+            assert list(ioc.read("dt").data) == [3.0]
+
+
 def test_a_restart_on_a_taken_port_fails_rather_than_move(prefix):
     # Clients know the first address (ca_env); an IOC that moved would be one they never find.
     ioc = SimulatedIOC(prefix=prefix).start()

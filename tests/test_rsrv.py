@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from helpers import log_events, wait_until
+from helpers import log_events, plain_search_socket, wait_until
 
 from pvhub.client import EpicsSignal, EpicsSignalRO, ReadOnlyError, close_hubs, epics
 from pvhub.errors import BadValueError
@@ -129,8 +129,10 @@ def test_text_comes_back_as_written_whatever_its_characters(rsrv_hub, rsrv_ioc, 
     assert bytes(rsrv_ioc.read("chars").data) == words.encode() + b"\0"  # ended as caput -S ends it
     assert epics.caget(f"{prefix}chars", as_string=True) == words
 
+    import caproto
     from caproto.sync.client import write  # another client, which writes latin-1
 
+    monkeypatch.setattr(caproto, "bcast_socket", plain_search_socket)
     for name, value in rsrv_ioc.ca_env().items():
         monkeypatch.setenv(name, value)
     write(f"{prefix}text", "café", notify=True, timeout=TIMEOUT, repeater=False)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import is_gone, wait_until
+from helpers import CAPROTO_CLIENT_ENV, CAPROTO_CLIENT_PREAMBLE, is_gone, wait_until
 
 from pvhub.testing import LOOPBACK, SimulatedIOC, merge_ca_env
 
@@ -87,9 +87,10 @@ print(json.dumps([two, one]))
 def run_ca_client(script: str, ca_env: dict[str, str], *args: str) -> object:
     """Run ``script`` in a fresh Python that sees only ``ca_env`` of EPICS's variables, and
     return the JSON it prints last."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")} | ca_env
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")} | ca_env | CAPROTO_CLIENT_ENV
     done = subprocess.run(
-        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=40
+        [sys.executable, "-c", CAPROTO_CLIENT_PREAMBLE + script, *args],
+        env=env, capture_output=True, text=True, timeout=40,
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])

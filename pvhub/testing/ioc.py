@@ -13,7 +13,8 @@ caproto's sync client reads ``os.environ`` (shared by every thread of a test run
 told ``repeater=False``, spawns a ``caproto-repeater`` that outlives us.
 Rule 4: ``stop()`` leaves no process behind, whatever state ``start()`` reached.
 Rule 5: a port picked here is only free when it is picked; another process may bind it before
-the IOC does. Found taken (the IOC serves elsewhere, or EPICS base's server, unable to bind its
+the IOC does. Found taken (the IOC serves elsewhere; a caproto IOC exits with "Address already
+in use" beside a UDP socket bound without SO_REUSEADDR; EPICS base's server, unable to bind its
 UDP search socket, prints ``CAS: No TCP server started`` and suspends), the IOC is started again
 on freshly picked ports, up to ``_PORT_ATTEMPTS`` times. Ports given, as in a restart on the
 address clients know, are never changed: a taken one is an error.
@@ -44,6 +45,8 @@ _LOG_TAIL_CHARS = 4000
 _PORT_ATTEMPTS = 5
 # What EPICS base's server prints, then suspends, when it cannot bind its ports (Rule 5).
 _RSRV_NO_SERVER = "CAS: No TCP server started"
+# What a caproto IOC dies of when a socket without SO_REUSEADDR holds its UDP port.
+_ADDRESS_IN_USE = "Address already in use"
 
 __all__ = [
     "LOOPBACK",
@@ -393,6 +396,8 @@ class SimulatedIOC:
         while True:
             returncode = self.process.poll()
             if _RSRV_NO_SERVER in self.log_text():
+                raise _PortTaken(f"{self!r} could not bind its ports:\n{self._log_tail()}")
+            if returncode is not None and _ADDRESS_IN_USE in self.log_text():
                 raise _PortTaken(f"{self!r} could not bind its ports:\n{self._log_tail()}")
             if returncode is not None:
                 raise RuntimeError(
