@@ -20,10 +20,19 @@ import time
 from typing import Any, Callable
 
 from pvhub.client.registry import get_hub
+from pvhub.errors import PutFailedError
 from pvhub.client.pv import PV
 from pvhub.client.pv_fields import format_time
 
-__all__ = ["PV", "caget", "cainfo", "camonitor", "camonitor_clear", "caput", "clear_pv_cache", "get_pv"]
+__all__ = ["INVALID_ALARM", "MAJOR_ALARM", "MINOR_ALARM", "NO_ALARM", "PV", "caget", "caget_many", "cainfo",
+           "camonitor", "camonitor_clear", "caput", "caput_many", "clear_pv_cache", "get_pv", "poll"]
+
+# Alarm severities, as pyepics names them.
+NO_ALARM = 0
+MINOR_ALARM = 1
+MAJOR_ALARM = 2
+INVALID_ALARM = 3
+ECA_NORMAL = 1  # what pyepics' poll returns when nothing failed
 
 _MONITOR_INDEX = -999  # pyepics' own index for camonitor's callback
 _monitors: dict[str, PV] = {}
@@ -90,6 +99,61 @@ def caget(pvname: str, as_string: bool = False, count: int | None = None, as_num
         return None
     return pv.get(count=count, as_string=as_string, as_numpy=as_numpy,
                   timeout=max(0.0, timeout - (time.monotonic() - start)), use_monitor=use_monitor)
+
+
+def caget_many(pvlist: list[str], as_string: bool = False, as_numpy: bool = True,
+               count: int | None = None, timeout: float = 1.0, connection_timeout: float = 5.0,
+               conn_timeout: float | None = None, *, address: str | None = None) -> list[Any]:
+    """The values of ``pvlist``, in order, ``None`` for a PV that did not connect within
+    ``connection_timeout`` (for all of them together) or whose read took over ``timeout``."""
+    if conn_timeout is not None:
+        connection_timeout = conn_timeout
+    pvs = [get_pv(name, connect=False, address=address) for name in pvlist]
+    deadline = time.monotonic() + connection_timeout
+    connected = [pv.wait_for_connection(max(0.0, deadline - time.monotonic())) for pv in pvs]
+    return [pv.get(count=count, as_string=as_string, as_numpy=as_numpy, timeout=timeout) if up else None
+            for pv, up in zip(pvs, connected)]
+
+
+def caput_many(pvlist: list[str], values: list[Any], wait: bool | str = False,
+               connection_timeout: float = 5.0, put_timeout: float = 60.0,
+               *, address: str | None = None) -> list[int]:
+    """Write ``values`` to ``pvlist``, in order: 1 for each put that went (or completed),
+    -1 for one that did not. ``wait="each"`` waits for each put to complete before the next;
+    ``wait="all"`` sends them all, then waits for all (``put_timeout`` in all), as pyepics."""
+    if len(pvlist) != len(values):
+        raise ValueError("List of PV names must be equal to list of values.")
+    pvs = [get_pv(name, connect=False, address=address) for name in pvlist]
+    deadline = time.monotonic() + connection_timeout
+    for pv in pvs:
+        pv.wait_for_connection(max(0.0, deadline - time.monotonic()))
+    if wait != "all":
+        return [_put_one(pv, value, wait == "each", put_timeout) for pv, value in zip(pvs, values)]
+    answered = [threading.Event() for _ in pvs]  # the IOC answered the put, however it did
+    sent = [pv.put(value, use_complete=True, callback=lambda event=event, **kw: event.set())
+            for pv, value, event in zip(pvs, values, answered)]
+    done_by = time.monotonic() + put_timeout
+    for result, event in zip(sent, answered):
+        if result == 1:
+            event.wait(max(0.0, done_by - time.monotonic()))
+    return [1 if result == 1 and pv.put_complete else -1 for pv, result in zip(pvs, sent)]
+
+
+def _put_one(pv: PV, value: Any, wait: bool, timeout: float) -> int:
+    """1 for a put sent (and, with ``wait``, completed); -1 for one that did not connect, ran
+    out of time or that the IOC failed. A value the PV refuses still raises."""
+    try:
+        return 1 if pv.put(value, wait=wait, timeout=timeout) == 1 else -1
+    except PutFailedError:
+        return -1
+
+
+def poll(evt: float = 1.0e-5, iot: float = 1.0) -> int:
+    """pyepics' event pump: here callbacks arrive on their own thread, so this only waits
+    ``evt`` seconds (as pyepics' ``pend_event`` does), which keeps a polling loop from
+    spinning a core."""
+    time.sleep(evt)
+    return ECA_NORMAL
 
 
 def cainfo(pvname: str, print_out: bool = True, timeout: float = 5.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -49,6 +50,33 @@ def test_caput_of_labels_and_text(prefix):
     assert epics.caget(prefix + "mode") == 2
     assert epics.caput(prefix + "chars", "xyz", wait=True) == 1
     assert epics.caget(prefix + "chars", as_string=True) == "xyz"
+
+
+@pytest.mark.timeout(60)
+def test_many_pvs_at_once(prefix):
+    names = [prefix + "motor", prefix + "count", prefix + "reject"]
+    assert epics.caput_many(names, [1.5, 7, 2.0], wait="all") == [1, 1, 1]
+    assert epics.caget_many(names) == [1.5, 7, 2.0]
+    # A put the IOC fails is -1 when waited for; the others still go, in order.
+    assert epics.caput_many(names, [2.5, 8, -1.0], wait="all", put_timeout=10) == [1, 1, -1]
+    assert epics.caput_many(names, [3.5, 9, -2.0], wait="each", put_timeout=10) == [1, 1, -1]
+    assert epics.caget_many(names)[:2] == [3.5, 9]
+    assert epics.caput_many(names[:2], [4.5, 10]) == [1, 1]  # sent, not waited for
+    wait_until(lambda: epics.caget_many(names[:2]) == [4.5, 10], 10)
+    # One that never connects is None, and costs the connection timeout once, not per PV.
+    started = time.monotonic()
+    missing = [prefix + "nothing_here", prefix + "nor_here"]
+    assert epics.caget_many([*missing, prefix + "text"], connection_timeout=1.0) == [None, None, "hello"]
+    assert time.monotonic() - started < 2.5
+    with pytest.raises(ValueError):
+        epics.caput_many(names, [1.0])
+
+
+def test_pyepics_constants_and_poll():
+    assert (epics.NO_ALARM, epics.MINOR_ALARM, epics.MAJOR_ALARM, epics.INVALID_ALARM) == (0, 1, 2, 3)
+    started = time.monotonic()
+    assert epics.poll(evt=0.05) == 1
+    assert time.monotonic() - started >= 0.05  # a polling loop waits, as pend_event does
 
 
 @pytest.mark.timeout(60)
