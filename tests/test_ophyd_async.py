@@ -29,6 +29,7 @@ from ophyd_async.core import (
     observe_value,
 )
 from ophyd_async.epics.core import EpicsDevice, PvSuffix
+from helpers import wait_until
 
 from pvhub import protocol as p
 from pvhub.client import close_hubs
@@ -42,7 +43,7 @@ from pvhub.client.ophyd_async import (
     signal_metadata,
 )
 from pvhub.errors import DisconnectedError, PVNotAllowedError
-from pvhub.testing import free_tcp_port
+from pvhub.testing import SimulatedIOC, free_tcp_port
 
 SCRIPT = Path(__file__).with_name("side_by_side_async.py")
 
@@ -563,3 +564,57 @@ def test_install_serves_the_signals_ophyd_async_makes_itself(hub, prefix):
     assert events[0]["wave"].tolist() == list(range(16))
     # uninstall() gave ophyd-async its own backend back (nothing here speaks Channel Access).
     assert after.source == f"ca://{prefix}motor"
+
+
+@pytest.fixture
+def motor_ioc(prefix: str):
+    """caproto's fake motor records: ``mtr3`` moves at 3 units/s within 0..30."""
+    ioc = SimulatedIOC("caproto.ioc_examples.fake_motor_record", prefix=prefix, ready_pv="mtr3")
+    with ioc:
+        yield ioc
+
+
+@pytest.mark.timeout(90)
+def test_ophyd_async_motor_moves_reads_and_stops_through_the_daemon(motor_ioc, hub_factory, prefix, monkeypatch):
+    """ophyd-async's own ``Motor`` (its Signals made inside the library) against a motor
+    record, unchanged, through ``install()``. caproto's fake motor record completes a put at
+    once and then moves (ophyd-async's own backend sees the same), so the moves are waited
+    for by their readback."""
+    from bluesky import RunEngine
+    from bluesky.plan_stubs import mv
+    from bluesky.run_engine import call_in_bluesky_event_loop
+    from ophyd_async.epics.motor import Motor
+
+    from pvhub.client import ophyd_async as pvhub_ophyd_async
+
+    monkeypatch.setenv("PVHUB_ADDRESS", hub_factory(motor_ioc).address)
+    pvhub_ophyd_async.install()
+    try:
+        motor = Motor(prefix + "mtr3", name="motor")
+    finally:
+        pvhub_ophyd_async.uninstall()
+    RE = RunEngine({})
+    call_in_bluesky_event_loop(motor.connect(timeout=15))
+    assert isinstance(motor.user_readback._connector.backend, PvhubSignalBackend)
+
+    def position() -> float:
+        return call_in_bluesky_event_loop(motor.user_readback.get_value())
+
+    RE(mv(motor, 1.5))
+    wait_until(lambda: position() == pytest.approx(1.5), 10, message=lambda: f"at {position()}")
+    assert motor_ioc.read("mtr3.RBV").data[0] == pytest.approx(1.5)
+    located = call_in_bluesky_event_loop(motor.locate())
+    assert located == {"setpoint": 1.5, "readback": pytest.approx(1.5)}
+    reading = call_in_bluesky_event_loop(motor.read())
+    assert reading["motor"]["value"] == pytest.approx(1.5)
+    described = call_in_bluesky_event_loop(motor.describe())["motor"]
+    assert described["source"] == f"pvhub://{prefix}mtr3.RBV" and described["precision"] == 2
+
+    RE(mv(motor, 30.0))  # 9.5 s at 3 units/s: stopped on the way
+    wait_until(lambda: position() > 3.0, 10, message=lambda: f"at {position()}")
+    call_in_bluesky_event_loop(motor.stop(success=False))
+    wait_until(lambda: motor_ioc.read("mtr3.DMOV").data[0] == 1, 10, message="never done moving")
+    stopped_at = position()
+    assert 3.0 < stopped_at < 30.0
+    assert motor_ioc.read("mtr3.RBV").data[0] == pytest.approx(stopped_at)
+    close_hubs()
