@@ -19,13 +19,15 @@ import threading
 import time
 from typing import Any, Callable
 
+from pvhub.client.devices import Device, Motor, MotorException, MotorLimitException
 from pvhub.client.registry import get_hub
 from pvhub.errors import PutFailedError
 from pvhub.client.pv import PV
 from pvhub.client.pv_fields import format_time
 
-__all__ = ["INVALID_ALARM", "MAJOR_ALARM", "MINOR_ALARM", "NO_ALARM", "PV", "caget", "caget_many", "cainfo",
-           "camonitor", "camonitor_clear", "caput", "caput_many", "clear_pv_cache", "get_pv", "poll"]
+__all__ = ["INVALID_ALARM", "MAJOR_ALARM", "MINOR_ALARM", "NO_ALARM", "PV", "Device", "Motor", "MotorException",
+           "MotorLimitException", "caget", "caget_many", "cainfo", "camonitor", "camonitor_clear", "caput",
+           "caput_many", "clear_pv_cache", "get_pv", "poll"]
 
 # Alarm severities, as pyepics names them.
 NO_ALARM = 0
