@@ -2,9 +2,10 @@
 
 Rule 1: a value handed out is never the channel's own array: a reading is shared by every
 Signal and callback of its PV and never changes once made, so an array is copied first.
-Rule 2: ``as_string`` gives ophyd's text: an enum's label, a char waveform's text up to its
-first NUL (``pvhub.text``), a float at the PV's precision (``float_text``, pyepics' formatting), ``str()`` of
-another scalar; other arrays stay arrays.
+Rule 2: ``as_string`` gives ophyd's text, as it has it through pyepics: an enum's label, a
+char waveform's text up to its first NUL (``pvhub.text``), a float at the PV's precision
+(``float_text``), ``str()`` of another scalar, ``<array size=N, type=time_double>`` for another
+array; a waveform of strings stays a list of them.
 Rule 3: ``PLAIN`` are the types ``convert`` returns as they are without ``as_string``: a path
 run per reading may skip the call for them.
 Rule 4: ``data_key`` is what ophyd's ``EpicsSignalBase.describe`` gives for one Signal, with
@@ -23,6 +24,7 @@ from pvhub import protocol as p
 from pvhub.text import decoded
 
 PLAIN = frozenset((int, float, bool, type(None)))  # Rule 3
+_DBR_NAME = {"float": "double", "int": "long", "enum": "enum", "char": "char", "string": "string"}
 
 
 def convert(value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
@@ -37,7 +39,9 @@ def convert(value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
         return strs[value] if isinstance(value, int) and 0 <= value < len(strs) else str(value)
     if kind == "char" and isinstance(value, np.ndarray):
         return decoded(value.astype(np.uint8).tobytes())
-    if isinstance(value, (list, np.ndarray)):
+    if isinstance(value, np.ndarray):
+        return f"<array size={value.size}, type=time_{_DBR_NAME.get(kind, 'double')}>"
+    if isinstance(value, list):
         return value
     if kind == "float" and isinstance(value, (float, int)):
         return float_text(value, metadata.get("precision"))

@@ -439,3 +439,10 @@ def test_a_float_as_string_is_written_at_the_pvs_precision(hub, prefix):
     motor.set(1.5).wait(5)
     assert motor.get(as_string=True) == "1.500"
     assert connected(EpicsSignal(f"{prefix}motor", name="m2", string=True)).get() == "1.500"
+
+
+def test_an_array_as_string_is_what_ophyd_gives_through_pyepics(hub, prefix):
+    wave = connected(EpicsSignal(f"{prefix}wave", name="wave"))
+    assert wave.get(as_string=True) == "<array size=16, type=time_double>"
+    assert isinstance(wave.get(), np.ndarray)
+    assert connected(EpicsSignal(f"{prefix}chars", name="chars")).get(as_string=True) == "abc"
