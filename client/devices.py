@@ -34,6 +34,10 @@ class Device:
     names to attributes, ``nonpvs`` are plain attributes of a subclass, and a device that is
     not ``mutable`` has only the PVs it was given."""
 
+    # Until __init__ has run (a subclass may set attributes first), attributes are plain.
+    _init = False
+    _nonpvs: list[str] = list(_OWN)
+
     def __init__(self, prefix: str = "", attrs: tuple[str, ...] | list[str] | None = None,
                  nonpvs: tuple[str, ...] | list[str] | None = None, delim: str = "",
                  timeout: float | None = None, mutable: bool = True,

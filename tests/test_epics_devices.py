@@ -88,3 +88,14 @@ def test_a_motor_moves_stops_and_keeps_to_its_limits(daemon, motor_ioc, prefix):
 def test_a_record_that_is_not_a_motor_is_refused(daemon, prefix):
     with pytest.raises(epics.MotorException, match="not an Epics Motor"):
         epics.Motor(prefix + "motor")
+
+
+def test_a_subclass_may_set_its_own_attributes_before_the_device_is_made(daemon, prefix):
+    class Stage(epics.Device):
+        def __init__(self, prefix: str) -> None:
+            self.label = "stage"  # before Device.__init__, as pyepics allows
+            super().__init__(prefix, attrs=("motor",), nonpvs=("label",))
+
+    stage = Stage(prefix)
+    assert stage.label == "stage"
+    assert stage.PV("motor").wait_for_connection(TIMEOUT) and stage.motor == 0.0
