@@ -22,10 +22,11 @@ change of its listener, so each listener still sees its changes in order. The qu
 holds at most ``MAX_BACKLOG`` items, one more reading per listener, and the work users
 started. A merged change keeps what its listener last saw where it says so (``kept``: the
 ``old_value`` of a Signal's callback is the value before the first reading merged, not one
-the callback never saw). Listeners are told apart by identity (``id``), whatever their ``__eq__`` says; the
-waiting change holds its listener, so the id is not reused meanwhile. Falling behind logs
-``callbacks_behind``, and catching up ``callbacks_caught_up`` with how many readings were
-merged since the last such line; each at most once per ``BEHIND_LOG_S``, however bursty.
+the callback never saw). Listeners are told apart by identity (``id``), whatever their
+``__eq__`` says; the waiting change holds its listener, so the id is not reused meanwhile.
+Falling behind logs ``callbacks_behind``, and catching up ``callbacks_caught_up`` with how
+many readings were merged since the last such line; each at most once per ``BEHIND_LOG_S``,
+however bursty.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ import time
 from typing import Any, Callable
 
 from pvhub.client.devices import Device, Motor, MotorException, MotorLimitException
-from pvhub.client.registry import get_hub
-from pvhub.errors import PutFailedError
 from pvhub.client.pv import PV
 from pvhub.client.pv_fields import format_time
+from pvhub.client.registry import get_hub
+from pvhub.errors import PutFailedError
 
 __all__ = ["INVALID_ALARM", "MAJOR_ALARM", "MINOR_ALARM", "NO_ALARM", "PV", "Device", "Motor", "MotorException",
            "MotorLimitException", "caget", "caget_many", "cainfo", "camonitor", "camonitor_clear", "caput",
