@@ -231,12 +231,14 @@ class PV(PVFields):
         return info
 
     def get_timevars(self, timeout: float = 5, warn: bool = True) -> dict[str, Any] | None:
-        """The time fields (alarm status and severity, timestamp)."""
+        """The time fields (alarm status and severity, timestamp) of a fresh read of the IOC, as
+        pyepics reads them (a monitor may hold back changes within the record's deadband)."""
         if not self.wait_for_connection(timeout):
             return None
-        reading, _ = self._state()
-        if reading is None:
+        fetched = self._fetch(timeout)
+        if fetched is None or fetched[0] is None:
             return None
+        reading = fetched[0]
         return {"status": reading.status, "severity": reading.severity, **time_fields(reading)}
 
     def put(self, value: Any, wait: bool = False, timeout: float = DEFAULT_PUT_TIMEOUT,

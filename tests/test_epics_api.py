@@ -72,6 +72,15 @@ def test_many_pvs_at_once(prefix):
         epics.caput_many(names, [1.0])
 
 
+def test_time_fields_come_from_a_fresh_read(prefix):
+    pv = epics.PV(prefix + "motor")
+    assert pv.wait_for_connection(15)
+    assert epics.caput(prefix + "motor", 3.25, wait=True) == 1
+    timevars = pv.get_timevars()
+    assert set(timevars) == {"status", "severity", "timestamp", "posixseconds", "nanoseconds"}
+    assert abs(timevars["timestamp"] - time.time()) < 60 and timevars["severity"] == 0
+
+
 def test_pyepics_constants_and_poll():
     assert (epics.NO_ALARM, epics.MINOR_ALARM, epics.MAJOR_ALARM, epics.INVALID_ALARM) == (0, 1, 2, 3)
     started = time.monotonic()
