@@ -2,7 +2,10 @@
 
 Rule 1 (the Clone pattern): a channel keeps the highest ``seq`` it has applied and drops
 anything not newer; a jump in ``seq`` is a gap: counted, logged, and answered with a fresh
-snapshot. A new ``epoch`` means a new actor: its sequence starts over, and the channel asks
+snapshot. A jump at the first message of a subscription (``live`` still false) is no loss: what
+came between the snapshot and it was published before the subscription reached the actor,
+as a Channel Access monitor starts from the value current when it is made. It is answered with
+a snapshot too, but not counted. A new ``epoch`` means a new actor: its sequence starts over, and the channel asks
 for a snapshot, since what the actor published before the subscription reached it is lost.
 Rule 2: only a snapshot (an answer to the channel's own request) makes a channel attached;
 ``ready`` needs that, a connection and a reading, so a Signal that is ready can read and
@@ -205,9 +208,10 @@ class Channel:
                 # (metadata, the connection) comes with a fresh snapshot.
                 self.hub.resync(self)
             elif seq > self.seq + 1:
-                self.gaps += 1
-                self.missed += seq - self.seq - 1
-                log.warning("readings_missed", pv=self.pv, missed=seq - self.seq - 1, gaps=self.gaps)
+                if self.live:  # Rule 1: not at a subscription's first message
+                    self.gaps += 1
+                    self.missed += seq - self.seq - 1
+                    log.warning("readings_missed", pv=self.pv, missed=seq - self.seq - 1, gaps=self.gaps)
                 self.hub.resync(self)
         was_connected = self.connected
         self.epoch, self.seq = epoch, seq

@@ -574,8 +574,8 @@ class Hub:
                         for at in range(0, len(items), DISPATCH_BATCH):  # Rule 2's batch, held
                             chunk = items[at:at + DISPATCH_BATCH] if len(items) > DISPATCH_BATCH else items
                             if channel is not None:
-                                channel.live = True
                                 channel.apply_updates(update.epoch, chunk)
+                                channel.live = True  # after: the channel's Rule 1 asks if it was
                             count += len(chunk)
                             if count >= DISPATCH_BATCH:
                                 count = 0
@@ -584,9 +584,9 @@ class Hub:
                     if kind is p.Update:
                         channel = channels.get(update.pv)
                         if channel is not None:
-                            channel.live = True
                             channel.apply(update.epoch, update.seq, update.connected, update.reading,
                                           update.metadata, from_stream=True)
+                            channel.live = True
                     else:
                         self._other_reading(update)
                     count += 1

@@ -55,8 +55,10 @@ def snapshot(channel: Channel, seq: int, value: float | None = 1.0, *, epoch: in
 
 def update(channel: Channel, seq: int, value: float | None, *, epoch: int = EPOCH,
            connected: bool = True, metadata: p.PVMetadata | None = None) -> None:
+    """A message from the subscription, as the hub applies it: the channel is live after."""
     channel.apply(epoch, seq, connected, None if value is None else reading(value), metadata,
                   from_stream=True)
+    channel.live = True
 
 
 def attached(seq: int = 5, value: float = 1.0) -> tuple[StubHub, Channel, Listener]:
@@ -114,6 +116,7 @@ def test_the_next_update_from_the_stream_is_applied_without_a_gap():
 
 def test_a_gap_in_the_stream_is_counted_and_asks_for_a_snapshot(caplog):
     hub, channel, listener = attached(seq=5, value=1.0)
+    channel.live = True  # something arrived on the subscription before (the hub sets it)
     with caplog.at_level(logging.WARNING, logger="pvhub.client"):
         update(channel, 9, 2.0)
     assert (channel.gaps, channel.missed) == (1, 3)
@@ -123,6 +126,21 @@ def test_a_gap_in_the_stream_is_counted_and_asks_for_a_snapshot(caplog):
     assert "readings_missed" in caplog.text and "missed=3" in caplog.text
     update(channel, 11, 3.0)
     assert (channel.gaps, channel.missed, len(hub.resyncs)) == (2, 4, 2)
+
+
+def test_a_jump_at_a_subscriptions_first_message_is_no_loss_but_asks_for_a_snapshot(caplog):
+    # The snapshot (seq 5) was taken before the subscription reached the actor: seq 6 was
+    # published to nobody, and seq 7 is the subscription's first message.
+    hub, channel, listener = attached(seq=5, value=1.0)
+    assert not channel.live
+    with caplog.at_level(logging.WARNING, logger="pvhub.client"):
+        update(channel, 7, 2.0)
+    assert (channel.gaps, channel.missed, hub.resyncs) == (0, 0, [channel])
+    assert (channel.seq, channel.reading) == (7, reading(2.0))
+    assert listener.calls == [("value", 2.0, 1.0)]
+    assert "readings_missed" not in caplog.text
+    update(channel, 9, 3.0)  # a jump once the subscription is live: counted
+    assert (channel.gaps, channel.missed) == (1, 1)
 
 
 def test_a_snapshot_that_jumps_ahead_is_no_gap():
