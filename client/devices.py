@@ -32,7 +32,8 @@ class Device:
 
     ``attrs`` are made at once (without waiting for them to connect), ``aliases`` maps other
     names to attributes, ``nonpvs`` are plain attributes of a subclass, and a device that is
-    not ``mutable`` has only the PVs it was given."""
+    not ``mutable`` has only the PVs it was given. ``with_poll`` is pyepics' and changes
+    nothing: values arrive by themselves."""
 
     # Until __init__ has run (a subclass may set attributes first), attributes are plain.
     _init = False
@@ -58,21 +59,17 @@ class Device:
 
     def PV(self, attr: str, connect: bool = True, **kw: Any) -> PV:  # noqa: N802 (pyepics' name)
         """The PV of attribute ``attr``, made on first use."""
-        from pvhub.client.epics import get_pv
-
         attr = self._aliases.get(attr, attr)
         pv = self._pvs.get(attr)
         if pv is None:
-            pv = self._pvs[attr] = get_pv(f"{self._prefix}{attr}", address=self._address, **kw)
+            pv = self._pvs[attr] = _get_pv(f"{self._prefix}{attr}", address=self._address, **kw)
         if connect and not pv.connected:
             pv.wait_for_connection()
         return pv
 
     def add_pv(self, pvname: str, attr: str | None = None, **kw: Any) -> PV:
         """Add the PV ``pvname`` (any name) as attribute ``attr`` (its name by default)."""
-        from pvhub.client.epics import get_pv
-
-        pv = self._pvs[pvname if attr is None else attr] = get_pv(pvname, address=self._address, **kw)
+        pv = self._pvs[pvname if attr is None else attr] = _get_pv(pvname, address=self._address, **kw)
         return pv
 
     def put(self, attr: str, value: Any, wait: bool = False, use_complete: bool = False,
@@ -167,6 +164,14 @@ class Device:
                         lambda self, value: self.put(attr, value, wait=wait, timeout=timeout))
 
 
+def _get_pv(pvname: str, **kw: Any) -> PV:
+    """``pvhub.client.epics.get_pv`` (Rule 2), imported when first used: that module imports
+    this one."""
+    from pvhub.client.epics import get_pv
+
+    return get_pv(pvname, **kw)
+
+
 def _is_text(pv: PV) -> bool:
     return pv.type.endswith("char") and pv.nelm > 1
 
@@ -236,9 +241,9 @@ class Motor(Device):
         if name is None:
             raise MotorException("must supply motor name")
         name = name.removesuffix(".VAL").removesuffix(".")
-        super().__init__(name, attrs=_MOTOR_FIRST, delim=".", timeout=timeout,
-                         aliases=None, address=address)
+        super().__init__(name, attrs=_MOTOR_FIRST, delim=".", timeout=timeout, address=address)
         object.__setattr__(self, "_callbacks", {})
+        # The field names after the PVs are made: given to Device, each would be made at once.
         object.__setattr__(self, "_aliases", dict(_MOTOR_FIELDS))
         record_type = self.PV("RTYP", connect=False)
         if not record_type.wait_for_connection(timeout) or record_type.get() != "motor":

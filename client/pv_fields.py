@@ -19,7 +19,7 @@ import numpy as np
 
 from pvhub import protocol as p
 from pvhub.client.channel import Channel
-from pvhub.client.values import float_text
+from pvhub.client.values import array_text, float_text
 from pvhub.text import decoded
 
 AUTOMONITOR_MAXLENGTH = 65536  # pyepics' threshold for char waveforms read as text
@@ -146,7 +146,7 @@ def char_value(value: Any, metadata: dict[str, Any], count: int) -> str:
         data = np.atleast_1d(np.asarray(value)).astype(np.uint8).tobytes()
         return decoded(data).rstrip()
     if isinstance(value, (np.ndarray, list)) and (count > 1 or np.size(value) > 1):
-        return f"<array size={np.size(value)}, type={dbr_name(dbr_type(native, 'time'))}>"
+        return array_text(int(np.size(value)), native)
     if native == "enum":
         strs = metadata.get("enum_strs") or []
         index = int(value) if isinstance(value, (int, np.integer)) else -1

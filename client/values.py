@@ -24,6 +24,7 @@ from pvhub import protocol as p
 from pvhub.text import decoded
 
 PLAIN = frozenset((int, float, bool, type(None)))  # Rule 3
+# pvhub's native types by their DBR names (pvhub keeps integers as LONG, floats as DOUBLE).
 _DBR_NAME = {"float": "double", "int": "long", "enum": "enum", "char": "char", "string": "string"}
 
 
@@ -40,12 +41,17 @@ def convert(value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
     if kind == "char" and isinstance(value, np.ndarray):
         return decoded(value.astype(np.uint8).tobytes())
     if isinstance(value, np.ndarray):
-        return f"<array size={value.size}, type=time_{_DBR_NAME.get(kind, 'double')}>"
+        return array_text(value.size, kind)
     if isinstance(value, list):
         return value
     if kind == "float" and isinstance(value, (float, int)):
         return float_text(value, metadata.get("precision"))
     return value if isinstance(value, str) else str(value)
+
+
+def array_text(size: int, native: str | None) -> str:
+    """pyepics' text for an array it does not write out: ``<array size=16, type=time_double>``."""
+    return f"<array size={size}, type=time_{_DBR_NAME.get(native or '', 'unknown')}>"
 
 
 def float_text(value: Any, precision: Any) -> str:
