@@ -4,9 +4,12 @@ The base of ``EpicsSignalBase`` (``pvhub.client.signal``), which gives it ``_rea
 ``_hub``, ``name``, ``as_string``, ``metadata`` and ``enum_strs``.
 
 Rule 1: user callbacks run on the hub's callback thread, in the order the updates arrived.
-A new subscription is primed on that same thread with the channel's state and its
-``version`` (channel.py, Rule 4); it then takes only changes of a later version, so its first
-call is the latest value and no update is seen twice or skipped after it.
+A new subscription takes the channel's state and its ``version`` (channel.py, Rule 4) in
+``subscribe``, as ophyd's subscribe runs the callback with the current value before it
+returns; its first call, queued while the channel's ``cond`` is held, runs on the callback
+thread before any change applied later. It then takes only changes of a later version, so
+every change after ``subscribe`` reaches it once, in order (a counter's next values are not
+skipped while the callback thread is busy).
 Rule 2: a Signal nobody subscribed to costs nothing per update: it listens to its channel
 only while it has subscriptions, and dispatches only events some subscription takes (the
 subscriptions are also kept by event type in a map replaced whole on every change, so the
@@ -34,12 +37,11 @@ _subscribed: set[Subscriptions] = set()
 
 
 class _Subscription:
-    __slots__ = ("callback", "event_type", "primed", "run", "version")
+    __slots__ = ("callback", "event_type", "primed", "version")
 
-    def __init__(self, callback: Callable[..., Any], event_type: str, run: bool) -> None:
+    def __init__(self, callback: Callable[..., Any], event_type: str) -> None:
         self.callback = callback
         self.event_type = event_type
-        self.run = run
         self.primed = False
         self.version = 0  # of the channel's last change this subscription delivered (Rule 1)
 
@@ -80,16 +82,24 @@ class Subscriptions:
         if event_type not in (self.SUB_VALUE, self.SUB_META):
             raise KeyError(f"unknown event type {event_type!r}; use 'value' or 'meta'")
         cid = next(_cids)
-        subscription = _Subscription(callback, event_type, run)
+        subscription = _Subscription(callback, event_type)
         channel = self._read_channel
-        with channel.cond, self._subs_lock:
-            self._subs[cid] = subscription
-            self._subs_by_kind = _by_kind(self._subs)
-            _subscribed.add(self)
-            if not self._listening:
-                self._listening = True
-                channel.add_listener(self._on_channel)
-        self._hub.dispatch_change(self, False, 0, self._prime, cid)
+        with channel.cond:  # the state, its version and the first call's place together (Rule 1)
+            with self._subs_lock:
+                self._subs[cid] = subscription
+                self._subs_by_kind = _by_kind(self._subs)
+                _subscribed.add(self)
+                if not self._listening:
+                    self._listening = True
+                    channel.add_listener(self._on_channel)
+            subscription.version = channel.version
+            if not run:
+                kwargs = None
+            elif event_type == self.SUB_META:
+                kwargs = self._meta_kwargs()
+            else:
+                kwargs = self._current_value_event()
+            self._hub.dispatch_change(self, False, 0, self._prime, cid, kwargs)
         return cid
 
     def unsubscribe(self, cid: int) -> None:
@@ -122,21 +132,12 @@ class Subscriptions:
     def destroy(self) -> None:
         self.unsubscribe_all()
 
-    # Runs on the callback thread.
-    def _prime(self, cid: int) -> None:
+    # Runs on the callback thread: the first call, with the state ``subscribe`` took (Rule 1).
+    def _prime(self, cid: int, kwargs: dict[str, Any] | None) -> None:
         with self._subs_lock:
             sub = self._subs.get(cid)
         if sub is None or sub.primed:
             return
-        channel = self._read_channel
-        with channel.cond:  # the state and its version together
-            sub.version = channel.version
-            if not sub.run:
-                kwargs = None
-            elif sub.event_type == self.SUB_META:
-                kwargs = self._meta_kwargs()
-            else:
-                kwargs = self._current_value_event()
         sub.primed = True
         if kwargs is not None:
             self._call(sub.callback, sub.event_type, kwargs)

@@ -649,11 +649,52 @@ def test_a_readings_message_of_several_updates_is_applied_in_full_and_in_order()
         # Consecutive changes as one Updates, longer than the dispatcher's batch, then an Update.
         run = [[seq, seq, 1.0 + seq, 0, 0] for seq in range(15, 15 + 300)]
         daemon.outbox.put([topic, p.encode(p.Updates(pv="S:counter", epoch=1, items=run)) + daemon.update(315, 315)])
-        wait_until(lambda: len(seen) >= 316, 10, message=lambda: f"callbacks got {len(seen)}")
+        wait_until(lambda: len(seen) >= 316, 10, message=lambda: f"callbacks got {len(seen)}, from {seen[:1]}")
         assert [value for value, _ in seen] == list(range(316))
         assert {name for _, name in seen} == {"pvhub-callbacks"}
         assert signal.missed_updates == 0
         assert signal.get() == 315
     finally:
+        hub.close()
+        daemon.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_subscription_gets_every_change_after_subscribe_while_the_callback_thread_is_busy() -> None:
+    """ophyd's subscribe runs the callback with the current value before it returns, and every
+    change after it reaches the callback: the state is taken in ``subscribe``, not when the
+    callback thread comes to the first call (subscriptions.py, Rule 1)."""
+    from pvhub.client import EpicsSignalRO
+    from pvhub.client.hub import Hub
+
+    daemon = ScriptedDaemon("S:counter")
+    hub = Hub(daemon.address, name="subscribe-test")
+    release = threading.Event()
+    try:
+        signal = EpicsSignalRO("S:counter", name="counter", hub=hub)
+        signal.wait_for_connection(timeout=10)
+        channel = hub.channel("S:counter")
+        wait_until(lambda: channel.live, 10, message="the subscription was never proven")
+        blocking = threading.Event()
+
+        def block(**kwargs: object) -> None:
+            blocking.set()
+            release.wait(20)
+
+        signal.subscribe(block)  # its first call holds the callback thread
+        assert blocking.wait(10)
+        seen: list[int] = []
+        signal.subscribe(lambda value, **kwargs: seen.append(value))
+        topic = p.topic("S:counter")
+        for seq in (1, 2, 3):
+            daemon.outbox.put([topic, daemon.update(seq, seq)])
+        wait_until(lambda: channel.reading is not None and channel.reading.value == 3, 10,
+                   message="the I/O thread never applied the changes")
+        assert seen == []  # the callback thread is still held
+        release.set()
+        wait_until(lambda: len(seen) >= 4, 10, message=lambda: f"callbacks got {seen}")
+        assert seen == [0, 1, 2, 3]
+    finally:
+        release.set()
         hub.close()
         daemon.close()
