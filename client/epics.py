@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent import futures
 from typing import Any, Callable
 
 from pvhub.client.devices import Device, Motor, MotorException, MotorLimitException
@@ -131,14 +132,15 @@ def caput_many(pvlist: list[str], values: list[Any], wait: bool | str = False,
         pv.wait_for_connection(max(0.0, deadline - time.monotonic()))
     if wait != "all":
         return [_put_one(pv, value, wait == "each", put_timeout) for pv, value in zip(pvs, values)]
-    answered = [threading.Event() for _ in pvs]  # the IOC answered the put, however it did
-    sent = [pv.put(value, use_complete=True, callback=lambda event=event, **kw: event.set())
-            for pv, value, event in zip(pvs, values, answered)]
-    done_by = time.monotonic() + put_timeout
-    for result, event in zip(sent, answered):
-        if result == 1:
-            event.wait(max(0.0, done_by - time.monotonic()))
-    return [1 if result == 1 and pv.put_complete else -1 for pv, result in zip(pvs, sent)]
+    sent = []
+    for pv, value in zip(pvs, values):
+        result = pv.put(value, use_complete=True)
+        # Each put's end, however it ends: completed, failed by the IOC, or with its outcome
+        # unknown (the daemon lost), which pyepics' put callback is never told of.
+        sent.append(pv._last_put if result == 1 else None)
+    futures.wait([outcome for outcome in sent if outcome is not None], timeout=put_timeout)
+    return [1 if outcome is not None and outcome.done() and outcome.result() is None else -1
+            for outcome in sent]
 
 
 def _put_one(pv: PV, value: Any, wait: bool, timeout: float) -> int:

@@ -111,6 +111,7 @@ class PV(PVFields):
             if callable(function):
                 self.callbacks[index] = (self._deliver("monitor", function), {})
         self._put_complete: bool | None = None
+        self._last_put: Future | None = None  # the last put's outcome: None, or its error
         self._seen_connected = False  # as the callback thread last told it
         self._seen_access: tuple[bool, bool] | None = None
         self._newest_stamp: float | None = None  # of the newest value delivered
@@ -253,6 +254,7 @@ class PV(PVFields):
             timeout = math.inf
         accepted: Future = Future()
         completed: Future = Future()
+        self._last_put = completed  # its outcome, however it ends (``caput_many``)
         channel, hub, pvname = self._channel, self._hub, self.pvname
         notify = self._deliver("get_put", callback) if callback is not None else None
         if use_complete:

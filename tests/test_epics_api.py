@@ -72,6 +72,27 @@ def test_many_pvs_at_once(prefix):
         epics.caput_many(names, [1.0])
 
 
+@pytest.mark.timeout(60)
+def test_caput_many_waiting_for_all_ends_a_put_whose_outcome_became_unknown(prefix, hub):
+    """A daemon lost mid-put ends the wait for that put (-1) at once, not after
+    ``put_timeout``: pyepics' put callback is never called then, so that is not what
+    ``caput_many`` waits on."""
+    names = [prefix + "slow", prefix + "motor"]
+    assert epics.caput(prefix + "slow_delay", 30.0, wait=True) == 1
+    results: list[list[int]] = []
+    putting = threading.Thread(
+        target=lambda: results.append(epics.caput_many(names, [1.0, 2.5], wait="all", put_timeout=40)))
+    putting.start()
+    # Both puts went (the motor's completes at once, the slow one is under way).
+    wait_until(lambda: epics.caget(prefix + "motor", use_monitor=False) == 2.5, 10)
+    started = time.monotonic()
+    hub.process.kill()  # no goodbye: the client finds out by itself
+    putting.join(20)
+    assert not putting.is_alive(), "caput_many still waits for a put whose outcome is unknown"
+    assert results == [[-1, 1]]
+    assert time.monotonic() - started < 20
+
+
 def test_time_fields_come_from_a_fresh_read(prefix):
     pv = epics.PV(prefix + "motor")
     assert pv.wait_for_connection(15)
