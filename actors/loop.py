@@ -25,7 +25,8 @@ Rule 6: a readings message is a PV's topic frame and a frame holding its updates
 in seq order, runs of consecutive value changes as one ``Updates`` each (protocol Rule 8: a
 client reads one frame per message and a few list items per reading). When one of them is
 ``JOIN_LIMIT`` bytes or more (an array), each goes as a frame of its own instead, so that no
-array is copied into a joined frame. A PV's message goes at the end of the loop's pass,
+array is copied into a joined frame, and the message goes on the PV's large topic (protocol
+Rule 4). A PV's message goes at the end of the loop's pass,
 unless the PV's previous message with a new value left less than ``BATCH_WINDOW_S`` ago: then
 its updates wait, and go together when the window is over (a snapshot, such as the one a new
 client asks for, starts no window, so a new PV's first value never waits). A snapshot is
@@ -80,7 +81,7 @@ BATCH_WINDOW_S = 0.005
 # A PV's published snapshots leave at most this often (Rule 6): half a client's PROOF_INTERVAL.
 SNAPSHOT_SPACING_S = 0.05
 # An update this big goes in a frame of its own rather than be copied into a joined one (Rule 6).
-JOIN_LIMIT = 65_536
+JOIN_LIMIT = p.LARGE_BYTES
 
 
 class Actor:
@@ -430,10 +431,13 @@ def readings_frames(pv: str, updates: list[p.Update]) -> list[bytes]:
             pieces.append(p.encode(p.Updates(pv=pv, epoch=run[0].epoch, items=items)))
         run.clear()
 
+    large = False
     for update in updates:
         reading = update.reading
+        big = reading is not None and isinstance(reading.value, np.ndarray) and reading.value.nbytes >= JOIN_LIMIT
+        large = large or big
         plain = (update.connected and reading is not None and update.metadata is None and not update.snapshot
-                 and not (isinstance(reading.value, np.ndarray) and reading.value.nbytes >= JOIN_LIMIT))
+                 and not big)
         if plain and run and (update.epoch != run[-1].epoch or update.seq != run[-1].seq + 1):
             end_run()
         if plain:
@@ -442,7 +446,7 @@ def readings_frames(pv: str, updates: list[p.Update]) -> list[bytes]:
         end_run()
         pieces.append(p.encode(update))
     end_run()
-    topic = p.topic(pv)
+    topic = p.large_topic(pv) if large else p.topic(pv)  # protocol Rule 4
     if len(pieces) == 1 or all(len(piece) < JOIN_LIMIT for piece in pieces):
         return [topic, b"".join(pieces)]
     return [topic, *pieces]

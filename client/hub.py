@@ -106,7 +106,8 @@ class Hub:
         # Read here, on the caller's thread, so that a bad key file fails the constructor.
         self.key_paths = key_paths(client_key, server_key)
         self._curve = _curve_keys(*self.key_paths)
-        self.readings_endpoint: str | None = None
+        # Where the SUB socket is connected: readings, and large readings (protocol Rule 4).
+        self.readings_endpoints: tuple[str, ...] = ()
         self.server_version: str | None = None
         self.identity: bytes = b""
         # What the daemon said in its hello: the largest request it takes (0: not said), and
@@ -499,18 +500,20 @@ class Hub:
             if not self._liveness.is_current_hello(message.id):  # type: ignore[attr-defined]
                 return True  # an answer to an earlier attempt
             if isinstance(message, p.HelloReply):
-                endpoint = _reachable(message.readings, self.address)
-                if endpoint != self.readings_endpoint:
-                    if self.readings_endpoint is not None:
-                        self._sub.disconnect(self.readings_endpoint)
-                    self._sub.connect(endpoint)
-                    self.readings_endpoint = endpoint
+                endpoints = tuple(_reachable(endpoint, self.address)
+                                  for endpoint in (message.readings, message.large_readings) if endpoint)
+                if endpoints != self.readings_endpoints:
+                    for endpoint in self.readings_endpoints:
+                        self._sub.disconnect(endpoint)
+                    for endpoint in endpoints:
+                        self._sub.connect(endpoint)
+                    self.readings_endpoints = endpoints
                 self.server_version = message.server_version
                 self.identity = message.client
                 self.max_message_bytes = message.max_message_bytes
                 self.known_as = message.identity
                 self._liveness.connected_at(time.monotonic())
-                log.info("hub_connected", address=self.address, readings=endpoint)
+                log.info("hub_connected", address=self.address, readings=endpoints)
                 # Attaching waited for the readings endpoint; after a loss, everything resyncs.
                 for channel in self._all_channels():
                     if not channel.attached:

@@ -39,7 +39,8 @@ from pvhub import protocol as p
 from pvhub.access import ANONYMOUS
 from pvhub.logs import loggable
 from pvhub import config as config_module
-from pvhub.config import DEFAULT_READINGS_HWM, Config, ConfigError, exposure_problem
+from pvhub.config import (DEFAULT_READINGS_HWM, Config, ConfigError, default_large_readings_address,
+                          exposure_problem)
 from pvhub.daemon.notify import Notifier, watchdog_interval
 from pvhub.daemon.security import ReadingsForwarder, Security, identity_of
 from pvhub.daemon.effects import (
@@ -93,6 +94,7 @@ class Broker:
         notifier: Notifier | None = None,
         readings_hwm: int = DEFAULT_READINGS_HWM,
         config_path: str | None = None,
+        large_readings: str | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -100,6 +102,8 @@ class Broker:
         self._put_logs: list[tuple[str, dict]] = []  # put records of the batch being handled
         self.address = address
         self.readings_address = readings or default_readings_address(address)
+        self.large_readings_address = (large_readings or config.large_readings
+                                       or default_large_readings_address(self.readings_address))
         self.notifier = notifier or Notifier()
         self.readings_hwm = readings_hwm
         self._stopping = False
@@ -126,11 +130,12 @@ class Broker:
     def run(self) -> int:
         """Serve until stopped. Raises ``ConfigError`` (or ``KeyFileError``) before binding
         anything when the configuration is unsafe or its keys unusable."""
-        problem = exposure_problem(self.config, self.address, self.readings_address)
+        problem = exposure_problem(self.config, self.address, self.readings_address, self.large_readings_address)
         if problem is not None:
             raise ConfigError(problem)
         if self.config.insecure and self.config.security is None:
             log.warning("insecure", address=self.address, readings=self.readings_address,
+                        large_readings=self.large_readings_address,
                         detail="no CURVE: anyone who reaches these addresses may read and write every allowed PV")
         security = Security(self._ctx, self.config) if self.config.security is not None else None
         if security is not None:
@@ -167,20 +172,23 @@ class Broker:
         forwarder = ReadingsForwarder(self._ctx, readings_in_endpoint, self.readings_address, self.readings_hwm,
                                       access=lambda: self.config.access, allows=self.config.allows,
                                       security=security, max_topics=lambda: self.config.limits.max_pvs + 1,
-                                      held=lambda pv: pv in self._router_pvs)
-        readings_endpoint = forwarder.start()
+                                      held=lambda pv: pv in self._router_pvs,
+                                      large_outward=self.large_readings_address,
+                                      large_hwm=self.config.large_readings_hwm)
+        readings_endpoint, large_readings_endpoint = forwarder.start()
         # The daemon's own announcements (a PV's actor died, the daemon stops) join the
         # readings stream, so they reach clients in order with the PVs' updates.
         announcer = self._ctx.socket(zmq.PUB)
         announcer.setsockopt(zmq.LINGER, 500)
         announcer.connect(readings_in_endpoint)
 
-        router = Router(self.config, readings_endpoint)
+        router = Router(self.config, readings_endpoint, large_readings_endpoint)
         self._router_pvs = router.pvs  # the forwarder's ``held`` (read from its thread)
         self._security = security
         self._forwarder = forwarder
         supervisor = Supervisor(actor_endpoint, readings_in_endpoint, self.log_format, self.log_level)
-        self.log = log.bind(address=clients.getsockopt_string(zmq.LAST_ENDPOINT), readings=readings_endpoint)
+        self.log = log.bind(address=clients.getsockopt_string(zmq.LAST_ENDPOINT), readings=readings_endpoint,
+                            large_readings=large_readings_endpoint)
         ctx = _LoopContext(clients, actors, router, supervisor, announcer)
         self._carry_out(ctx, router.initial_actors(time.monotonic()))
         self._wait_for_initial_actors(ctx)

@@ -80,9 +80,10 @@ def restart_delay(streak: int) -> float:
 class Router:
     """The broker's state: actors, PV owners, clients, requests in flight."""
 
-    def __init__(self, config: Config, readings_endpoint: str) -> None:
+    def __init__(self, config: Config, readings_endpoint: str, large_readings_endpoint: str = "") -> None:
         self.config = config
         self.readings_endpoint = readings_endpoint
+        self.large_readings_endpoint = large_readings_endpoint
         self.placement = Placement()
         self.clients = Clients()
         self.started = 0.0
@@ -124,6 +125,7 @@ class Router:
                         client=client,
                         max_message_bytes=self.config.limits.max_message_bytes,
                         identity=record.identity,
+                        large_readings=self.large_readings_endpoint,
                     ),
                 )
             ]
@@ -377,7 +379,7 @@ class Router:
         """The daemon's state (``daemon/status.py``). A ``viewer`` whose identity may not read
         every PV sees only the PVs it may read, and no other client."""
         return build_status(self.placement, self.clients, self.config.access, self.readings_endpoint,
-                            now - self.started, now, viewer)
+                            now - self.started, now, viewer, large_readings=self.large_readings_endpoint)
 
 
 def _not_sent(outcome: str) -> Callable[[str], PvhubError]:

@@ -31,6 +31,17 @@ topics the forwarder holds now (those turn over as PVs are released), but by the
 client used, as the client's own channels are (client hub.py), and a disconnection frees
 them. A subscription message names no connection (an XPUB gives only its identity), so no
 count per connection can be kept here; libzmq keeps each as a node of a trie, tens of bytes.
+Rule 6: ZeroMQ bounds what waits for a client in messages, not bytes: ten thousand readings
+of a counter are a megabyte, ten thousand of a detector's images are tens of gigabytes. So
+large readings (an array of ``protocol.LARGE_BYTES`` or more; the actor marks them, protocol
+Rule 4) leave through a second XPUB, vetted alike, whose queue per client holds
+``large_readings_hwm`` messages: a client that stops reading (stopped with Ctrl-Z, say)
+costs the daemon at most that many of its largest readings, and loses the rest, as an EPICS
+server drops a slow client's events. From a PV's first large message on, all its messages
+take that socket, so that none overtakes another (the topics are kept in ``large_topics``,
+bounded as the upstream topics are); what came before on the other socket may still be
+overtaken once, at the switch, which a client sees as a gap in ``seq`` and mends with a
+snapshot.
 """
 
 from __future__ import annotations
@@ -47,7 +58,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from pvhub import protocol as p
 from pvhub.access import ANONYMOUS, AccessRules
-from pvhub.config import Config, DEFAULT_READINGS_HWM, valid_pv_name
+from pvhub.config import (DEFAULT_LARGE_READINGS_HWM, DEFAULT_READINGS_HWM, Config,
+                          default_large_readings_address, valid_pv_name)
 from pvhub.keys import ClientKeys, load_client_keys, load_secret
 
 log = structlog.get_logger("pvhub.daemon")
@@ -250,16 +262,19 @@ def identity_of(frame: zmq.Frame) -> str:
 
 class ReadingsForwarder:
     """XSUB (actors publish here) -> XPUB (clients subscribe here), every subscription vetted
-    (Rules 3 and 4)."""
+    (Rules 3 and 4), large readings through an XPUB of their own (Rule 6)."""
 
     def __init__(self, ctx: zmq.Context, inward: str, outward: str, hwm: int, access: Callable[[], AccessRules],
                  allows: Callable[[str], bool], security: Security | None = None,
                  max_topics: Callable[[], int] = lambda: 100_000,
-                 held: Callable[[str], bool] = lambda pv: True) -> None:
+                 held: Callable[[str], bool] = lambda pv: True,
+                 large_outward: str | None = None, large_hwm: int = DEFAULT_LARGE_READINGS_HWM) -> None:
         self._ctx = ctx
-        self._hwm = hwm
         self._inward = inward
-        self._outward = outward
+        # Rule 6: the readings socket, and the one for large readings, with their queues.
+        self._outward = [outward, large_outward or default_large_readings_address(outward)]
+        self._hwms = [hwm, large_hwm]
+        self.large_topics: set[bytes] = set()  # topics whose messages go through the second
         self._access = access
         self._allows = allows
         self._security = security
@@ -279,16 +294,17 @@ class ReadingsForwarder:
         self._unheld: set[bytes] = set()  # topics of PVs not held at the last look (Rule 3)
         self.refused = RefusalLog(event="subscription_refused")
         self._ready = threading.Event()
-        self._endpoint = ""
+        self._endpoints = ["", ""]
         self._error: BaseException | None = None
 
-    def start(self) -> str:
+    def start(self) -> tuple[str, str]:
+        """Bind, and the endpoints bound: readings, and large readings (Rule 6)."""
         self._thread = threading.Thread(target=self._run, name="readings-forwarder", daemon=True)
         self._thread.start()
         self._ready.wait(10)
         if self._error is not None:
             raise self._error
-        return self._endpoint
+        return self._endpoints[0], self._endpoints[1]
 
     def revet(self, reason: str) -> None:
         """Vet every subscription again (the rules or the keys changed): the readings socket
@@ -324,12 +340,19 @@ class ReadingsForwarder:
             # be dropped, and a client would wait for a topic that never comes.
             xsub.setsockopt(zmq.SNDHWM, p.SUBSCRIPTION_QUEUE_HWM)
             xsub.bind(self._inward)
-            xpub = self._outward_socket(self._outward)
+            outs: list[zmq.Socket | None] = []
+            try:
+                for endpoint, hwm in zip(self._outward, self._hwms):
+                    outs.append(self._outward_socket(endpoint, hwm))
+            except BaseException:
+                for xpub in outs:
+                    xpub.close(linger=0)  # type: ignore[union-attr]
+                raise
             wake = self._ctx.socket(zmq.PAIR)
             wake.bind(self._wake_endpoint)
             self._wake = self._ctx.socket(zmq.PAIR)
             self._wake.connect(self._wake_endpoint)
-            self._endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._endpoints = [xpub.getsockopt_string(zmq.LAST_ENDPOINT) for xpub in outs]  # type: ignore[union-attr]
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -337,42 +360,47 @@ class ReadingsForwarder:
         self._ready.set()
         poller = zmq.Poller()
         poller.register(xsub, zmq.POLLIN)
-        poller.register(xpub, zmq.POLLIN)
+        for xpub in outs:
+            poller.register(xpub, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
-        unbound_since: float | None = None  # the readings socket is being bound anew
+        unbound_since: float | None = None  # the readings sockets are being bound anew
         try:
             while not self._stop.is_set():
                 # Unbound: try again soon, then (past REBIND_WARNING_S, logging) once a second.
-                quick = xpub is None and time.monotonic() - (unbound_since or 0.0) < REBIND_WARNING_S
+                quick = None in outs and time.monotonic() - (unbound_since or 0.0) < REBIND_WARNING_S
                 ready = dict(poller.poll(50 if quick else 1000))
                 if wake in ready:
                     while wake.poll(0):
                         wake.recv()
                 if xsub in ready:
-                    self._forward(xsub, xpub)
-                if xpub is not None and xpub in ready:
-                    self._vet(xpub, xsub)
-                if self._revet.is_set() and xpub is not None:
+                    self._forward(xsub, outs[0], outs[1])
+                for xpub in outs:
+                    if xpub is not None and xpub in ready:
+                        self._vet(xpub, xsub)
+                if self._revet.is_set() and None not in outs:
                     self._revet.clear()
-                    poller.unregister(xpub)
-                    xpub.close(linger=0)
-                    xpub, unbound_since = None, time.monotonic()
-                if xpub is None and not self._stop.is_set():
-                    xpub = self._rebind(unbound_since)
-                    if xpub is not None:
-                        poller.register(xpub, zmq.POLLIN)
+                    for xpub in outs:
+                        poller.unregister(xpub)
+                        xpub.close(linger=0)  # type: ignore[union-attr]
+                    outs, unbound_since = [None, None], time.monotonic()
+                for at, xpub in enumerate(outs):
+                    if xpub is None and not self._stop.is_set():
+                        xpub = outs[at] = self._rebind(at, unbound_since)
+                        if xpub is not None:
+                            poller.register(xpub, zmq.POLLIN)
         except zmq.ContextTerminated:
             pass
         finally:
             xsub.close()
-            if xpub is not None:
-                xpub.close()
+            for xpub in outs:
+                if xpub is not None:
+                    xpub.close()
             wake.close()
 
-    def _outward_socket(self, endpoint: str) -> zmq.Socket:
+    def _outward_socket(self, endpoint: str, hwm: int) -> zmq.Socket:
         xpub = self._ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.LINGER, 0)
-        xpub.setsockopt(zmq.SNDHWM, self._hwm)
+        xpub.setsockopt(zmq.SNDHWM, hwm)
         xpub.setsockopt(zmq.RCVHWM, p.SUBSCRIPTION_QUEUE_HWM)
         xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         # A subscription is a topic: a PV name and a NUL. Anything longer is not one.
@@ -386,30 +414,43 @@ class ReadingsForwarder:
             raise
         return xpub
 
-    def _rebind(self, since: float | None) -> zmq.Socket | None:
-        """The same endpoint again, or None (tried again on the loop's next pass: the port may
-        be a moment in releasing). Readings meanwhile reach nobody, and clients see the gap."""
+    def _rebind(self, at: int, since: float | None) -> zmq.Socket | None:
+        """Readings socket ``at`` on the same endpoint again, or None (tried again on the
+        loop's next pass: the port may be a moment in releasing). Readings meanwhile reach
+        nobody, and clients see the gap."""
+        endpoint = self._endpoints[at]
         try:
-            xpub = self._outward_socket(self._endpoint)
+            xpub = self._outward_socket(endpoint, self._hwms[at])
         except zmq.ZMQError as exc:
             waited = time.monotonic() - (since or 0.0)
             if exc.errno != zmq.EADDRINUSE or waited > REBIND_WARNING_S:
-                log.error("readings_not_rebound", endpoint=self._endpoint, error=str(exc), waited=round(waited, 1))
+                log.error("readings_not_rebound", endpoint=endpoint, error=str(exc), waited=round(waited, 1))
             return None
-        log.info("readings_rebound", endpoint=self._endpoint, reason=self._revet_reason)
+        log.info("readings_rebound", endpoint=endpoint, reason=self._revet_reason)
         return xpub
 
-    @staticmethod
-    def _forward(xsub: zmq.Socket, xpub: zmq.Socket | None) -> None:
+    def _forward(self, xsub: zmq.Socket, xpub: zmq.Socket | None, large: zmq.Socket | None) -> None:
+        large_topics = self.large_topics
         for _ in range(2000):  # bounded, so subscriptions get their turn
             try:
                 frames = xsub.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if xpub is None:
+            # Rule 6: a PV's messages go through the large readings socket from its first
+            # large one on, so that none of its messages overtakes another.
+            topic = frames[0].bytes
+            if topic[-1:] == p.LARGE_MARK and topic[-2:-1] == b"\0":
+                out = large
+                if topic[:-1] not in large_topics:
+                    if len(large_topics) >= self._max_topics():
+                        large_topics.clear()  # names of long ago; a PV's next large one adds it
+                    large_topics.add(topic[:-1])
+            else:
+                out = large if topic in large_topics else xpub
+            if out is None:
                 continue  # being bound anew: nobody could take it
             try:
-                xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                out.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 pass  # no subscriber takes it (an XPUB never blocks): as a C proxy would
 
@@ -450,6 +491,7 @@ class ReadingsForwarder:
         self._unheld = unheld - gone
         for topic in gone:
             self.upstream.discard(topic)
+            self.large_topics.discard(topic)
             xsub.send(b"\0" + topic)
         if gone:
             log.info("subscriptions_pruned", count=len(gone), kept=len(self.upstream))

@@ -60,7 +60,7 @@ def rate(pv_record: PvRecord, now: float) -> float:
 
 
 def build_status(placement: Placement, clients: Clients, access: AccessRules, readings: str, uptime: float,
-                 now: float, viewer: ClientRecord | None = None) -> dict:
+                 now: float, viewer: ClientRecord | None = None, large_readings: str = "") -> dict:
     """The daemon's state, as ``viewer`` may see it (Rule 3)."""
     everything = viewer is None or access.reads_everything(viewer.identity)
     subscribers = clients.subscribers()
@@ -88,6 +88,7 @@ def build_status(placement: Placement, clients: Clients, access: AccessRules, re
         "version": __version__,
         "uptime": uptime,
         "readings": readings,
+        "large_readings": large_readings,
         "pvs": pvs,
         "actors": [
             {

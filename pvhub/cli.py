@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument("--address", help=f"where clients connect (default {DEFAULT_ADDRESS}, or the config's)")
     serve.add_argument("--readings", help="where readings are published (default: the address's port + 1)")
+    serve.add_argument("--large-readings",
+                       help="where arrays of 64 KiB or more are published (default: the readings' port + 1)")
     serve.add_argument("--config", help="a TOML configuration file")
     serve.add_argument("--readings-hwm", type=int, default=None, metavar="N",
                        help="readings queued per client before a slow client loses some (default 10000)")
@@ -110,10 +112,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     address = args.address or config.address
     readings = args.readings or config.readings
+    large_readings = args.large_readings or config.large_readings
     log_format = "json" if args.log_format == "auto" and not sys.stderr.isatty() else args.log_format
     hwm = args.readings_hwm or config.readings_hwm
     broker = Broker(config, address, readings, log_format=log_format, log_level=args.log_level,
-                    readings_hwm=hwm, config_path=args.config)
+                    readings_hwm=hwm, config_path=args.config, large_readings=large_readings)
     broker.install_signal_handlers()
     try:
         return broker.run()
@@ -281,7 +284,8 @@ def format_status(status: dict, address: str) -> str:
     """``pvhub status`` as tables: the daemon, its PVs, its clients."""
     now = time.time()
     lines = [f"pvhub {status['version']} at {address}, up {_duration(status['uptime'])}, "
-             f"readings on {status['readings']}", ""]
+             f"readings on {status['readings']}"
+             + (f" (large on {status['large_readings']})" if status.get("large_readings") else ""), ""]
     rows = [("PV", "CONNECTED", "RATE/S", "SUBSCRIBERS", "LAST UPDATE", "ACTOR", "ACTOR PID", "RESTARTS")]
     for pv in status["pvs"]:
         last = pv["last_update"]

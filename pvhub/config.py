@@ -5,6 +5,8 @@
 address = "tcp://127.0.0.1:5570"    # where clients connect (requests; hello names readings)
 readings = "tcp://127.0.0.1:5571"   # where readings are published (default: port + 1)
 readings_hwm = 10000                # readings queued per client before a slow one loses some
+large_readings = "tcp://127.0.0.1:5572"  # where arrays of 64 KiB or more are (readings' port + 1)
+large_readings_hwm = 16             # large readings queued per client before a slow one loses some
 
 [actors]
 pool_size = 4                       # pooled actor processes started with the daemon
@@ -53,6 +55,11 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5570"
 # Readings the daemon queues for one client that does not read them; past this many that
 # client loses updates (and learns it from a seq gap); memory per slow client stays bounded.
 DEFAULT_READINGS_HWM = 10_000
+# The same for large readings (arrays of protocol.LARGE_BYTES or more, an image each): what a
+# client that stops reading costs the daemon is this many times the largest such reading,
+# not ``DEFAULT_READINGS_HWM`` times (a client stopped with Ctrl-Z while it follows a
+# detector's images would otherwise make the daemon hold ten thousand of them).
+DEFAULT_LARGE_READINGS_HWM = 16
 # A pooled actor process owns at most this many PVs: a process that dies takes its PVs down
 # for a moment, and one Python process serves a few thousand updating PVs comfortably.
 DEFAULT_MAX_PVS_PER_ACTOR = 2_500
@@ -117,6 +124,8 @@ class Config:
     address: str = DEFAULT_ADDRESS
     readings: str | None = None
     readings_hwm: int = DEFAULT_READINGS_HWM
+    large_readings: str | None = None
+    large_readings_hwm: int = DEFAULT_LARGE_READINGS_HWM
     allow: tuple[str, ...] = ("*",)
     start: tuple[str, ...] = ()
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -153,8 +162,8 @@ def reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:
     """``old`` with what a reload may change taken from ``new`` (Rule 2), and the names of the
     other settings that differ (ignored until a restart)."""
     ignored = [
-        name for name in ("address", "readings", "readings_hwm", "allow", "start", "groups", "pool_size",
-                          "max_pvs_per_actor", "isolate", "insecure")
+        name for name in ("address", "readings", "readings_hwm", "large_readings", "large_readings_hwm", "allow",
+                          "start", "groups", "pool_size", "max_pvs_per_actor", "isolate", "insecure")
         if getattr(old, name) != getattr(new, name)
     ]
     if (old.security is None) != (new.security is None) or (
@@ -193,6 +202,18 @@ def exposure_problem(config: Config, *addresses: str | None) -> str | None:
     return (f"{', '.join(exposed)} is reachable from other hosts, and without CURVE anyone there could read "
             f"and write every allowed PV: give [security] server_key and clients (see docs/security.md), "
             f"listen on loopback, or say [daemon] insecure = true")
+
+
+def default_large_readings_address(readings: str) -> str:
+    """Large readings next to readings: TCP port + 1 (any port for ``*``), or
+    ``<path>.large`` for IPC."""
+    scheme, _, rest = readings.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if scheme == "tcp" and colon and port == "*":
+        return readings
+    if scheme == "tcp" and colon and port.isdigit():
+        return f"tcp://{host}:{int(port) + 1}"
+    return readings + ".large"
 
 
 def valid_pv_name(pv: str) -> bool:
@@ -239,7 +260,11 @@ def parse(data: dict, source: str = "<config>") -> Config:
     readings = daemon.get("readings")
     if readings is not None:
         readings = _string(readings, "daemon.readings", source)
-    unknown_keys = set(daemon) - {"address", "readings", "readings_hwm", "insecure"}
+    large_readings = daemon.get("large_readings")
+    if large_readings is not None:
+        large_readings = _string(large_readings, "daemon.large_readings", source)
+    unknown_keys = set(daemon) - {"address", "readings", "readings_hwm", "large_readings", "large_readings_hwm",
+                                  "insecure"}
     if unknown_keys:
         raise ConfigError(f"{source}: unknown key(s) in [daemon]: {sorted(unknown_keys)}")
     insecure = daemon.get("insecure", False)
@@ -248,6 +273,9 @@ def parse(data: dict, source: str = "<config>") -> Config:
     hwm = daemon.get("readings_hwm", DEFAULT_READINGS_HWM)
     if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 1:
         raise ConfigError(f"{source}: daemon.readings_hwm must be a positive integer")
+    large_hwm = daemon.get("large_readings_hwm", DEFAULT_LARGE_READINGS_HWM)
+    if not isinstance(large_hwm, int) or isinstance(large_hwm, bool) or large_hwm < 1:
+        raise ConfigError(f"{source}: daemon.large_readings_hwm must be a positive integer")
     allow = tuple(_strings(pvs.get("allow", ["*"]), "pvs.allow", source))
     start = tuple(_strings(pvs.get("start", []), "pvs.start", source))
     groups: dict[str, tuple[str, ...]] = {}
@@ -270,7 +298,8 @@ def parse(data: dict, source: str = "<config>") -> Config:
         access = parse_access(data.get("access"), source)
     except AccessConfigError as exc:
         raise ConfigError(str(exc)) from exc
-    return Config(address=address, readings=readings, readings_hwm=hwm, allow=allow, start=start, groups=groups,
+    return Config(address=address, readings=readings, readings_hwm=hwm, large_readings=large_readings,
+                  large_readings_hwm=large_hwm, allow=allow, start=start, groups=groups,
                   pool_size=pool_size, max_pvs_per_actor=max_pvs, isolate=isolate, insecure=insecure,
                   security=_security(data.get("security"), source), access=access,
                   limits=_limits(data.get("limits", {}), source))

@@ -11,7 +11,11 @@ Rule 4: readings are published on topic ``pv.encode() + b"\\0"`` (the NUL makes 
 match exact). A readings message is that topic frame followed by one or more frames of
 messages of that PV, in order (Rule 8; an actor batches a fast PV's updates). ``seq`` counts per PV per actor
 incarnation; ``epoch`` names the incarnation, so a subscriber detects both gaps and restarts
-(the ZeroMQ guide's Clone pattern).
+(the ZeroMQ guide's Clone pattern). A message that carries an array of ``LARGE_BYTES`` or
+more goes on ``large_topic(pv)``, the topic with ``LARGE_MARK`` after its NUL: a
+subscription to the PV's topic takes it too (a prefix), and the daemon sends the PV's
+messages from then on through its socket for large readings, whose queue per client is
+short (daemon security.py Rule 6).
 Rule 5: arrays travel as raw bytes with dtype and shape (a msgpack ext type, ``pvhub.arrays``),
 never element by element; numpy scalars travel as plain numbers. Nothing is ever pickled.
 Rule 6: ``decode`` refuses any malformed input with ``ProtocolError`` and allocates nothing
@@ -42,7 +46,9 @@ from pvhub.errors import ProtocolError, UnknownOperationError, UnsupportedVersio
 # 2: readings may carry ``Updates`` (Rule 8), which a version 1 client cannot read: it is
 # refused at its hello instead of losing a fast PV's readings unseen, with an error written
 # in its own version (``encode(..., version=)``) so that it can read why.
-PROTOCOL_VERSION = 2
+# 3: large readings come from a second readings socket (Rule 4, ``HelloReply.large_readings``);
+# a version 2 client would not connect to it and would never see an image.
+PROTOCOL_VERSION = 3
 
 
 # --- shared shapes -------------------------------------------------------------------------
@@ -186,6 +192,8 @@ class HelloReply(Message):
     max_message_bytes: int = 0
     # The identity the daemon knows this client by (its CURVE key's name, or "anonymous").
     identity: str = ""
+    # Where large readings are published (Rule 4): a client subscribes there too.
+    large_readings: str = ""
 
 
 @dataclass(frozen=True)
@@ -756,6 +764,16 @@ LIVENESS = 3
 def topic(pv: str) -> bytes:
     """The readings topic of ``pv`` (Rule 4)."""
     return pv.encode() + b"\0"
+
+
+# Rule 4: an array of this many bytes or more makes its message a large reading.
+LARGE_BYTES = 65_536
+LARGE_MARK = b"L"
+
+
+def large_topic(pv: str) -> bytes:
+    """The topic of ``pv``'s messages that carry a large array (Rule 4)."""
+    return pv.encode() + b"\0" + LARGE_MARK
 
 
 def pv_from_topic(frame: bytes) -> str:

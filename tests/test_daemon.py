@@ -57,6 +57,7 @@ def test_hello_names_the_readings_endpoint(raw):
     assert isinstance(reply, p.HelloReply)
     assert reply.id == 1 and reply.protocol == p.PROTOCOL_VERSION
     assert reply.readings.startswith("tcp://127.0.0.1:")
+    assert reply.large_readings.startswith("tcp://127.0.0.1:") and reply.large_readings != reply.readings
     assert reply.server_version
 
 

@@ -194,6 +194,8 @@ CONFIG_KEYS = {
     ("daemon", "address"): "address",
     ("daemon", "readings"): "readings",
     ("daemon", "readings_hwm"): "readings_hwm",
+    ("daemon", "large_readings"): "large_readings",
+    ("daemon", "large_readings_hwm"): "large_readings_hwm",
     ("pvs", "allow"): "allow",
     ("pvs", "start"): "start",
     ("groups", "*", "pvs"): "groups",

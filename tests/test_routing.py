@@ -27,6 +27,7 @@ from pvhub.daemon.routing import (
 )
 
 READINGS = "tcp://127.0.0.1:5571"
+LARGE_READINGS = "tcp://127.0.0.1:5572"
 ALICE = b"\x00alice"
 BOB = b"\x00bob"
 
@@ -35,7 +36,7 @@ def make_router(**config) -> Router:
     """A router; unless told otherwise, with no pool (each PV in a process of its own), the
     rules most tests here are about. Pooled placement has tests of its own below."""
     config.setdefault("pool_size", 0)
-    return Router(Config(**config), READINGS)
+    return Router(Config(**config), READINGS, LARGE_READINGS)
 
 
 def spawn(actor: str, pvs: tuple[str, ...] = (), incarnation: int = 0) -> SpawnActor:
@@ -126,7 +127,8 @@ def test_hello_replies_the_readings_endpoint_version_and_client_identity():
         ToClient(
             ALICE,
             p.HelloReply(id=1, readings=READINGS, server_version=__version__, client=ALICE,
-                         max_message_bytes=16 * 1024 * 1024, identity="anonymous"),
+                         max_message_bytes=16 * 1024 * 1024, identity="anonymous",
+                         large_readings=LARGE_READINGS),
         )
     ]
     (client,) = router.status(10.0)["clients"]
@@ -149,7 +151,7 @@ def test_status_describes_actors_and_clients():
     assert isinstance(effect.message, p.StatusReply) and effect.message.id == 2
     status = effect.message.status
     assert status["version"] == __version__
-    assert status["readings"] == READINGS
+    assert status["readings"] == READINGS and status["large_readings"] == LARGE_READINGS
     assert status["uptime"] == pytest.approx(5.0)
     assert status["actors"] == [
         {"actor": "pv:X:a", "kind": "own", "pvs": ["X:a"], "pid": None, "ready": False, "inflight": 0,

@@ -254,6 +254,20 @@ def test_rules_decide_reads_writes_and_which_readings_reach_whom(zoo_ioc, hub_fa
     assert mallory.updates(0.3) == []
 
 
+def test_large_readings_are_vetted_and_encrypted_as_readings_are(zoo_ioc, hub_factory, tmp_path, keyring, peers):
+    daemon, _ = serve_secure(hub_factory, zoo_ioc, tmp_path, keyring, RULES.format(prefix=zoo_ioc.prefix))
+    alice, bob, mallory = (peers(daemon.address, keyring[n], keyring["server.pub"]) for n in ("alice", "bob", "mallory"))
+    hello = alice.hello()
+    assert hello.large_readings and hello.large_readings != hello.readings
+    alice.connect(zoo_ioc.pv("big_rate"))
+    assert isinstance(alice.ask(lambda i: p.SetRequest(id=i, pv=zoo_ioc.pv("big_rate"), value=10.0)), p.SetDone)
+    big = zoo_ioc.pv("big")
+    mallory.subscribe(hello.large_readings, b"", p.topic(big), zoo_ioc.prefix.encode())
+    bob.follow(hello.large_readings, big)  # over CURVE, as bob
+    assert all(getattr(m, "pv", big) == big for m in bob.updates(0.5))
+    assert mallory.updates(1.0) == []
+
+
 def test_a_reload_changes_the_rules_without_dropping_anyone(zoo_ioc, hub_factory, tmp_path, keyring, peers):
     rules = RULES.format(prefix=zoo_ioc.prefix)
     daemon, config = serve_secure(hub_factory, zoo_ioc, tmp_path, keyring, rules)
