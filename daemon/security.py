@@ -19,8 +19,9 @@ drops, in C, what nobody takes. When the topics reach ``max_topics``, those of P
 did not hold at two looks at least a second apart are unsubscribed upstream and forgotten, so
 names subscribed once over a long life never fill the forwarder. (Two looks: a PV released a
 moment ago still has its ``PvLost`` on the way, on its topic.)
-Rule 4: the forwarder's work per reading is a receive and a send of its frames, untouched;
-per subscription, one access decision (cached, ``AccessRules``).
+Rule 4: the forwarder's work per reading is a receive and a send of its frames, untouched,
+and a look at its topic (Rule 6); per subscription, one access decision (cached,
+``AccessRules``).
 Rule 5: a client's unsubscription is not applied here; its subscription stays until it
 disconnects, and its own SUB socket drops what it no longer follows. A client proves a
 subscription by unsubscribing and subscribing again (client hub.py Rule 4), and applied, the
@@ -307,8 +308,8 @@ class ReadingsForwarder:
         return self._endpoints[0], self._endpoints[1]
 
     def revet(self, reason: str) -> None:
-        """Vet every subscription again (the rules or the keys changed): the readings socket
-        is bound anew, and each client's SUB socket reconnects (through ZAP) and subscribes
+        """Vet every subscription again (the rules or the keys changed): both readings sockets
+        are bound anew, and each client's SUB socket reconnects (through ZAP) and subscribes
         again by itself."""
         self._revet_reason = reason
         self._revet.set()
