@@ -6,8 +6,10 @@ what the PV's control read said. A number must fit the native width: a SHORT tak
 -32768..32767, a FLOAT no finite value beyond float32's largest (infinities are values).
 Rule 2: sizes are checked before anything is converted, so a ten-million-element list for a
 scalar or a short waveform is refused at the cost of its length, not of its elements.
-Rule 3: nothing is rounded, wrapped or cut to fit: a number outside the native type's range,
-a string longer than a DBR_STRING holds, an enum value that names no state is refused.
+Rule 3: nothing is wrapped or cut to fit: a number outside the native type's range, a string
+longer than a DBR_STRING holds, an enum value that names no state is refused. A finite float
+for an integer PV is truncated toward zero, as Channel Access converts a double for a LONG
+field and as ophyd and pyepics send it (``longout.set(3.7)`` writes 3).
 """
 
 from __future__ import annotations
@@ -121,8 +123,9 @@ def _coerce_numbers(array: np.ndarray, integer: bool, bounds: tuple[int, int]) -
         return array.astype(np.float64)
     if array.size:
         if array.dtype.kind == "f":
-            if not np.isfinite(array).all() or not (array == np.floor(array)).all():
-                raise BadValueError("the array holds values that are not integers")
+            if not np.isfinite(array).all():
+                raise BadValueError("the array holds values that are not finite")
+            array = np.trunc(array)  # Rule 3
         low, high = array.min(), array.max()
         if low < bounds[0] or high > bounds[1]:
             raise BadValueError(f"the array holds values outside {bounds[0]}..{bounds[1]}")
@@ -153,9 +156,9 @@ def _coerce_number(value: Any, integer: bool, bounds: tuple[int, int] = (-(2**31
         raise BadValueError(f"a {type(value).__name__} is not a number")
     if integer:
         if isinstance(value, float):
-            if not math.isfinite(value) or not value.is_integer():
-                raise BadValueError(f"{value!r} is not an integer")
-            value = int(value)
+            if not math.isfinite(value):
+                raise BadValueError(f"{value!r} is not a number an integer PV can take")
+            value = int(value)  # toward zero (Rule 3)
         if not bounds[0] <= value <= bounds[1]:
             raise BadValueError(f"{_short(value)} is outside {bounds[0]}..{bounds[1]}")
         return value

@@ -42,15 +42,14 @@ class AlarmStatus(IntEnum):
     WRITE_ACCESS = 21
 
 
+# By number: a callback's kwargs carry them, and a tuple index is cheaper than the enum's call.
+_SEVERITIES = tuple(AlarmSeverity)
+_STATUSES = tuple(AlarmStatus)
+
+
 def severity_of(number: int) -> AlarmSeverity | int:
-    try:
-        return AlarmSeverity(number)
-    except ValueError:  # Rule 1
-        return number
+    return _SEVERITIES[number] if type(number) is int and 0 <= number < len(_SEVERITIES) else number  # Rule 1
 
 
 def status_of(number: int) -> AlarmStatus | int:
-    try:
-        return AlarmStatus(number)
-    except ValueError:  # Rule 1
-        return number
+    return _STATUSES[number] if type(number) is int and 0 <= number < len(_STATUSES) else number  # Rule 1

@@ -193,7 +193,9 @@ class PV(PVFields):
                           with_ctrlvars: bool = False, form: str | None = None,
                           use_monitor: bool = True, as_namespace: bool = False) -> Any:
         """``{"value", ...}`` with the fields of ``form`` ('time': alarm and timestamp;
-        'ctrl': units, limits, precision, enum strings), or ``None`` as pyepics."""
+        'ctrl': units, limits, precision, enum strings), or ``None`` as pyepics. From the
+        monitor in the PV's own form, every field the PV holds, as pyepics' copy of its
+        cache (``units``, ``host``, ``count``, ``char_value``...)."""
         form = self.form if form is None else form.lower()
         if not self.wait_for_connection(timeout):
             return None
@@ -206,15 +208,19 @@ class PV(PVFields):
             reading, metadata = fetched
         if reading is None:
             return None
-        info = time_fields(reading) if form == "time" else {}
-        if form == "time":
-            info.update(status=reading.status, severity=reading.severity)
-        if form == "ctrl":
-            info.update(ctrl_vars(metadata))
-            info.update(status=reading.status, severity=reading.severity)
-        elif with_ctrlvars:
-            info.update(ctrl_fields(metadata))
-            info.update(status=reading.status, severity=reading.severity)
+        if use_monitor and form == self.form:
+            # pyepics answers from its monitor with a copy of every field it holds.
+            info = self._callback_fields(reading, metadata)
+        else:
+            info = time_fields(reading) if form == "time" else {}
+            if form == "time":
+                info.update(status=reading.status, severity=reading.severity)
+            if form == "ctrl":
+                info.update(ctrl_vars(metadata))
+                info.update(status=reading.status, severity=reading.severity)
+            elif with_ctrlvars:
+                info.update(ctrl_fields(metadata))
+                info.update(status=reading.status, severity=reading.severity)
         value = shaped(reading.value, metadata, count, as_numpy)
         info["value"] = char_value(value, metadata, self.count) if as_string else value
         return types.SimpleNamespace(**info) if as_namespace else info

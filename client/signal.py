@@ -278,9 +278,11 @@ class EpicsSignalBase(Subscriptions):
             read_access=bool(md.get("read_access", False)) and connected,
             write_access=bool(md.get("write_access", False)) and connected and self._writable,
             timestamp=reading.timestamp if reading else None,
-            status=reading.status if reading else None,
-            severity=reading.severity if reading else None,
+            status=status_of(reading.status) if reading else None,
+            severity=severity_of(reading.severity) if reading else None,
         )
+        if md.get("enum_strs") is not None:
+            md["enum_strs"] = tuple(md["enum_strs"])  # as ophyd's
         return md
 
     _writable = False

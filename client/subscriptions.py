@@ -17,6 +17,9 @@ I/O thread and the callback thread look without a lock). What a callback gets is
 the callback thread from what the I/O thread captured (the reading, the one before, the
 metadata: none of them ever changes once made). Lock order: the channel's ``cond``, then
 the Signal's ``_subs_lock`` (the I/O thread holds ``cond`` when it calls listeners).
+Rule 3: a value callback gets what ophyd's EpicsSignal gives it: ``value``, ``old_value``,
+``timestamp``, ``status`` and ``severity`` (``AlarmStatus``/``AlarmSeverity``), and the PV's
+``precision``, ``units``, control limits and ``enum_strs`` (a tuple) where it has them.
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ import threading
 from typing import Any, Callable
 
 from pvhub import protocol as p
+from pvhub.client.alarms import severity_of, status_of
 from pvhub.client.dispatcher import array_bytes
 from pvhub.client.hub import Channel, Hub, log
 from pvhub.client.values import PLAIN, convert
 
 _cids = itertools.count(1)
+# Rule 3: the metadata a value callback gets besides the reading, as ophyd's EpicsSignal.
+_CALLBACK_METADATA = ("precision", "lower_ctrl_limit", "upper_ctrl_limit", "units", "enum_strs")
 # Signals with subscriptions stay alive while they have them (as ophyd's do through their PV
 # callbacks), even if the user keeps no reference: the callbacks are what they wanted.
 _subscribed: set[Subscriptions] = set()
@@ -159,13 +165,18 @@ class Subscriptions:
         old_value = None if old is None else old.value
         if old is not None and (self.as_string or type(old_value) not in PLAIN):
             old_value = convert(old_value, metadata, self.as_string)
-        return {
+        kwargs = {
             "old_value": old_value,
             "value": value,
             "timestamp": reading.timestamp,
-            "status": reading.status,
-            "severity": reading.severity,
+            "status": status_of(reading.status),
+            "severity": severity_of(reading.severity),
         }
+        for key in _CALLBACK_METADATA:  # Rule 3
+            item = metadata.get(key)
+            if item is not None:
+                kwargs[key] = tuple(item) if key == "enum_strs" else item
+        return kwargs
 
     def _meta_kwargs(self) -> dict[str, Any]:
         md = self.metadata

@@ -283,8 +283,10 @@ def test_wrong_type_is_a_clear_error_and_changes_nothing(hub, prefix):
     count = connected(EpicsSignal(f"{prefix}count", name="count"))
     with pytest.raises(BadValueError, match="not a number"):
         motor.set("fast").wait(5)
-    with pytest.raises(BadValueError, match="not an integer"):
-        count.set(2.5).wait(5)
+    with pytest.raises(BadValueError, match="not a number"):
+        count.set("two").wait(5)
+    count.set(2.7).wait(5)  # truncated, as Channel Access and ophyd convert it
+    assert count.get() == 2
     status = motor.set(object())
     with pytest.raises(Exception) as info:
         status.wait(5)
@@ -446,3 +448,31 @@ def test_an_array_as_string_is_what_ophyd_gives_through_pyepics(hub, prefix):
     assert wave.get(as_string=True) == "<array size=16, type=time_double>"
     assert isinstance(wave.get(), np.ndarray)
     assert connected(EpicsSignal(f"{prefix}chars", name="chars")).get(as_string=True) == "abc"
+
+
+@pytest.mark.timeout(60)
+def test_a_value_callback_gets_what_ophyds_epics_signal_gives_it(hub, prefix):
+    """ophyd's EpicsSignal passes its value callbacks the PV's metadata besides the reading,
+    and alarm status and severity as ``AlarmStatus``/``AlarmSeverity`` (subscriptions.py,
+    Rule 3): a callback that names ``units`` or reads ``severity.name`` runs unchanged."""
+    from pvhub.client.alarms import AlarmSeverity, AlarmStatus
+
+    motor = connected(EpicsSignal(f"{prefix}motor", name="m"))
+    mode = connected(EpicsSignal(f"{prefix}mode", name="mode"))
+    seen: list[dict] = []
+    motor.subscribe(lambda **kwargs: seen.append(kwargs))
+    mode.subscribe(lambda **kwargs: seen.append(kwargs))
+    motor.set(1.25).wait(10)
+    mode.set("Auto").wait(10)
+    wait_until(lambda: any(k.get("value") == 1.25 for k in seen) and any(k.get("value") == 2 for k in seen), 10)
+    moved = next(k for k in seen if k.get("value") == 1.25)
+    assert (moved["units"], moved["precision"]) == ("mm", 3)
+    assert (moved["lower_ctrl_limit"], moved["upper_ctrl_limit"]) == (-10.0, 10.0)
+    assert type(moved["status"]) is AlarmStatus and type(moved["severity"]) is AlarmSeverity
+    assert moved["severity"].name == "NO_ALARM"
+    assert "enum_strs" not in moved
+    switched = next(k for k in seen if k.get("value") == 2)
+    assert switched["enum_strs"] == ("Off", "On", "Auto")
+    metadata = mode.metadata
+    assert type(metadata["status"]) is AlarmStatus and type(metadata["severity"]) is AlarmSeverity
+    assert metadata["enum_strs"] == ("Off", "On", "Auto")

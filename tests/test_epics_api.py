@@ -93,6 +93,24 @@ def test_caput_many_waiting_for_all_ends_a_put_whose_outcome_became_unknown(pref
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.timeout(60)
+def test_get_with_metadata_from_the_monitor_holds_every_field_as_pyepics(prefix):
+    """pyepics answers from its monitor with a copy of all it holds: code that reads
+    ``get_with_metadata()["units"]`` runs unchanged."""
+    pv = epics.PV(prefix + "motor")
+    assert pv.wait_for_connection(15)
+    md = pv.get_with_metadata()
+    assert md["value"] == pv.get() and md["units"] == "mm" and md["precision"] == 3
+    assert (md["lower_ctrl_limit"], md["upper_ctrl_limit"]) == (-10.0, 10.0)
+    assert md["type"] == "time_double" and md["count"] == 1 and md["host"].startswith("127.0.0.1:")
+    assert {"timestamp", "posixseconds", "nanoseconds", "status", "severity", "char_value",
+            "read_access", "write_access"} <= md.keys()
+    assert pv.get_with_metadata(as_string=True)["value"] == md["char_value"]
+    # A fresh read, or another form, gives that read's fields, as pyepics' does.
+    fresh = pv.get_with_metadata(use_monitor=False)
+    assert "units" not in fresh and {"value", "timestamp", "status", "severity"} <= fresh.keys()
+
+
 def test_time_fields_come_from_a_fresh_read(prefix):
     pv = epics.PV(prefix + "motor")
     assert pv.wait_for_connection(15)
