@@ -95,7 +95,8 @@ class PV(PVFields):
         if self.form not in FORM_OFFSET:
             raise ValueError(f"form must be 'native', 'time' or 'ctrl', not {form!r}")
         self.verbose = verbose
-        self.auto_monitor = auto_monitor  # readings are always monitored; kept for callers
+        # Readings are always monitored: what pyepics decides at connection for all but huge arrays.
+        self.auto_monitor = True if auto_monitor is None else auto_monitor
         self.monitor_delta = monitor_delta
         self.connection_timeout = DEFAULT_CONNECTION_TIMEOUT if connection_timeout is None else connection_timeout
         self.chid = None  # no CA channel here; pyepics callers only test it against None

@@ -25,8 +25,10 @@ from pvhub.text import decoded
 AUTOMONITOR_MAXLENGTH = 65536  # pyepics' threshold for char waveforms read as text
 
 # EPICS DBR type numbers by pvhub's native type: the plain type; +14 is its TIME_ form and
-# +28 its CTRL_ form (db_access.h). pvhub keeps "int" and "float" only, as LONG and DOUBLE.
+# +28 its CTRL_ form (db_access.h). Values of "int" and "float" travel as LONG and DOUBLE;
+# a PV served as SHORT or FLOAT (``native_bits``) is still named so.
 _DBR_NATIVE = {"string": 0, "int": 5, "float": 6, "enum": 3, "char": 4}
+_DBR_NARROW = {("int", 16): 1, ("float", 32): 2}  # SHORT, FLOAT
 _DBR_NAMES = {0: "string", 1: "short", 2: "float", 3: "enum", 4: "char", 5: "long", 6: "double"}
 FORM_OFFSET = {"native": 0, "time": 14, "ctrl": 28}
 
@@ -46,9 +48,10 @@ _ACCESS_TEXT = {(False, False): "no access", (True, False): "read-only",
                 (False, True): "write-only", (True, True): "read/write"}
 
 
-def dbr_type(native: str | None, form: str) -> int | None:
-    """The DBR type number of a ``native`` pvhub type read in ``form``."""
-    base = _DBR_NATIVE.get(native or "")
+def dbr_type(native: str | None, form: str, bits: int | None = None) -> int | None:
+    """The DBR type number of a ``native`` pvhub type of ``bits`` read in ``form``: CA's SHORT
+    and FLOAT are named as the IOC serves them, though their values travel as LONG and DOUBLE."""
+    base = _DBR_NARROW.get((native, bits)) or _DBR_NATIVE.get(native or "")
     return None if base is None else base + FORM_OFFSET.get(form, 0)
 
 
@@ -146,7 +149,7 @@ def char_value(value: Any, metadata: dict[str, Any], count: int) -> str:
         data = np.atleast_1d(np.asarray(value)).astype(np.uint8).tobytes()
         return decoded(data).rstrip()
     if isinstance(value, (np.ndarray, list)) and (count > 1 or np.size(value) > 1):
-        return array_text(int(np.size(value)), native)
+        return array_text(int(np.size(value)), native, metadata.get("native_bits"))
     if native == "enum":
         strs = metadata.get("enum_strs") or []
         index = int(value) if isinstance(value, (int, np.integer)) else -1
@@ -194,15 +197,16 @@ class PVFields:
         fields.update(ctrl_fields(metadata))
         fields.update(time_fields(reading))
         read_access, write_access = access_rights(metadata)
+        ftype = dbr_type(metadata.get("native_type"), self.form, metadata.get("native_bits"))
         fields.update(
             pvname=self.pvname,
             value=value,
             char_value=char_value(value, metadata, element_count(value)),
             status=reading.status,
             severity=reading.severity,
-            ftype=dbr_type(metadata.get("native_type"), self.form),
-            type=dbr_name(dbr_type(metadata.get("native_type"), self.form)),
-            typefull=dbr_name(dbr_type(metadata.get("native_type"), self.form)),
+            ftype=ftype,
+            type=dbr_name(ftype),
+            typefull=dbr_name(ftype),
             host=metadata.get("host"),
             count=element_count(value),
             nelm=int(metadata.get("count") or 1),
@@ -285,7 +289,8 @@ class PVFields:
     @property
     def ftype(self) -> int | None:
         """The DBR type this PV is read as (its native type in ``form``)."""
-        return dbr_type(self._metadata().get("native_type"), self.form)
+        metadata = self._metadata()
+        return dbr_type(metadata.get("native_type"), self.form, metadata.get("native_bits"))
 
     @property
     def type(self) -> str:

@@ -26,6 +26,7 @@ from pvhub.text import decoded
 PLAIN = frozenset((int, float, bool, type(None)))  # Rule 3
 # pvhub's native types by their DBR names (pvhub keeps integers as LONG, floats as DOUBLE).
 _DBR_NAME = {"float": "double", "int": "long", "enum": "enum", "char": "char", "string": "string"}
+_NARROW_NAME = {("int", 16): "short", ("float", 32): "float"}  # CA's SHORT and FLOAT
 
 
 def convert(value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
@@ -41,7 +42,7 @@ def convert(value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
     if kind == "char" and isinstance(value, np.ndarray):
         return decoded(value.astype(np.uint8).tobytes())
     if isinstance(value, np.ndarray):
-        return array_text(value.size, kind)
+        return array_text(value.size, kind, metadata.get("native_bits"))
     if isinstance(value, list):
         return value
     if kind == "float" and isinstance(value, (float, int)):
@@ -49,9 +50,11 @@ def convert(value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
     return value if isinstance(value, str) else str(value)
 
 
-def array_text(size: int, native: str | None) -> str:
-    """pyepics' text for an array it does not write out: ``<array size=16, type=time_double>``."""
-    return f"<array size={size}, type=time_{_DBR_NAME.get(native or '', 'unknown')}>"
+def array_text(size: int, native: str | None, bits: int | None = None) -> str:
+    """pyepics' text for an array it does not write out: ``<array size=16, type=time_double>``
+    (``time_short`` or ``time_float`` for a PV of 16-bit integers or 32-bit floats)."""
+    name = _NARROW_NAME.get((native, bits)) or _DBR_NAME.get(native or "", "unknown")
+    return f"<array size={size}, type=time_{name}>"
 
 
 def float_text(value: Any, precision: Any) -> str:

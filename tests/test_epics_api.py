@@ -99,6 +99,7 @@ def test_get_with_metadata_from_the_monitor_holds_every_field_as_pyepics(prefix)
     ``get_with_metadata()["units"]`` runs unchanged."""
     pv = epics.PV(prefix + "motor")
     assert pv.wait_for_connection(15)
+    assert pv.auto_monitor is True  # as pyepics decides at connection
     md = pv.get_with_metadata()
     assert md["value"] == pv.get() and md["units"] == "mm" and md["precision"] == 3
     assert (md["lower_ctrl_limit"], md["upper_ctrl_limit"]) == (-10.0, 10.0)

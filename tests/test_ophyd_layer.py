@@ -220,6 +220,11 @@ def test_dbr_types_as_pyepics_names_them():
     assert [dbr_name(dbr_type(kind, "time")) for kind in ("int", "enum", "string", "char")] == [
         "time_long", "time_enum", "time_string", "time_char"]
     assert dbr_name(None) == "unknown" and dbr_type("nonsense", "time") is None
+    # A PV the IOC serves as SHORT or FLOAT is named so (its values travel as LONG and DOUBLE).
+    assert (dbr_name(dbr_type("int", "time", 16)), dbr_name(dbr_type("float", "ctrl", 32))) == (
+        "time_short", "ctrl_float")
+    assert dbr_type("int", "time", 16) == 15 and dbr_type("float", "time", 32) == 16
+    assert dbr_type("int", "time", 32) == 19 and dbr_type("float", "time", 64) == 20
 
 
 def test_char_value_as_pyepics_writes_it():
