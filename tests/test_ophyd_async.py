@@ -579,9 +579,12 @@ def test_ophyd_async_motor_moves_reads_and_stops_through_the_daemon(motor_ioc, h
     """ophyd-async's own ``Motor`` (its Signals made inside the library) against a motor
     record, unchanged, through ``install()``. caproto's fake motor record completes a put at
     once and then moves (ophyd-async's own backend sees the same), so the moves are waited
-    for by their readback."""
+    for by their readback, and are made with ``Motor.set``, not a plan: at a plan's end the
+    RunEngine stops every motor it moved, and the fake record then either stops at once or
+    ignores the stop, by the tick of its 10 Hz loop the stop falls in (a real motor record
+    completes the put when the move is done, before that stop)."""
     from bluesky import RunEngine
-    from bluesky.plan_stubs import mv
+    from bluesky.plans import count
     from bluesky.run_engine import call_in_bluesky_event_loop
     from ophyd_async.epics.motor import Motor
 
@@ -600,7 +603,10 @@ def test_ophyd_async_motor_moves_reads_and_stops_through_the_daemon(motor_ioc, h
     def position() -> float:
         return call_in_bluesky_event_loop(motor.user_readback.get_value())
 
-    RE(mv(motor, 1.5))
+    async def move(target: float) -> None:
+        await motor.set(target)
+
+    call_in_bluesky_event_loop(move(1.5))
     wait_until(lambda: position() == pytest.approx(1.5), 10, message=lambda: f"at {position()}")
     assert motor_ioc.read("mtr3.RBV").data[0] == pytest.approx(1.5)
     located = call_in_bluesky_event_loop(motor.locate())
@@ -609,8 +615,12 @@ def test_ophyd_async_motor_moves_reads_and_stops_through_the_daemon(motor_ioc, h
     assert reading["motor"]["value"] == pytest.approx(1.5)
     described = call_in_bluesky_event_loop(motor.describe())["motor"]
     assert described["source"] == f"pvhub://{prefix}mtr3.RBV" and described["precision"] == 2
+    documents: list[tuple[str, dict]] = []
+    RE(count([motor]), lambda name, doc: documents.append((name, doc)))
+    (event,) = [doc for name, doc in documents if name == "event"]
+    assert event["data"]["motor"] == pytest.approx(1.5)
 
-    RE(mv(motor, 30.0))  # 9.5 s at 3 units/s: stopped on the way
+    call_in_bluesky_event_loop(move(30.0))  # 9.5 s at 3 units/s: stopped on the way
     wait_until(lambda: position() > 3.0, 10, message=lambda: f"at {position()}")
     call_in_bluesky_event_loop(motor.stop(success=False))
     wait_until(lambda: motor_ioc.read("mtr3.DMOV").data[0] == 1, 10, message="never done moving")
