@@ -52,6 +52,16 @@ class _Subscription:
         self.version = 0  # of the channel's last change this subscription delivered (Rule 1)
 
 
+def _callback_metadata(metadata: p.PVMetadata) -> dict[str, Any]:
+    """Rule 3: the metadata keywords of a value callback, those the PV has."""
+    extra: dict[str, Any] = {}
+    for key in _CALLBACK_METADATA:
+        item = metadata.get(key)
+        if item is not None:
+            extra[key] = tuple(item) if key == "enum_strs" else item
+    return extra
+
+
 def _by_kind(subs: dict[int, _Subscription]) -> dict[str, tuple[_Subscription, ...]]:
     """``subs`` by event type, in the order they were made."""
     by_kind: dict[str, tuple[_Subscription, ...]] = {}
@@ -78,6 +88,8 @@ class Subscriptions:
         self._subs_lock = threading.Lock()
         self._subs_by_kind: dict[str, tuple[_Subscription, ...]] = {}  # Rule 2; no empty entries
         self._listening = False  # Rule 2: on the read channel, while there are subscriptions
+        # Rule 3: the metadata a value callback gets, built once per metadata (set whole).
+        self._callback_metadata: tuple[object, dict[str, Any]] = (None, {})
 
     def subscribe(self, callback: Callable[..., Any], event_type: str | None = None, run: bool = True) -> int:
         """Call ``callback(**kwargs)`` on every update of ``event_type`` ("value" or "meta");
@@ -172,10 +184,10 @@ class Subscriptions:
             "status": status_of(reading.status),
             "severity": severity_of(reading.severity),
         }
-        for key in _CALLBACK_METADATA:  # Rule 3
-            item = metadata.get(key)
-            if item is not None:
-                kwargs[key] = tuple(item) if key == "enum_strs" else item
+        cached = self._callback_metadata
+        if cached[0] is not metadata:  # a PV's metadata is replaced whole when it changes
+            cached = self._callback_metadata = (metadata, _callback_metadata(metadata))
+        kwargs.update(cached[1])
         return kwargs
 
     def _meta_kwargs(self) -> dict[str, Any]:
