@@ -31,7 +31,6 @@ from pvhub.client.dispatcher import array_bytes
 from pvhub.client.hub import Hub
 from pvhub.client.registry import get_hub
 from pvhub.client.pv_fields import (
-    FORM_OFFSET,
     PVFields,
     access_rights,
     as_native,
@@ -41,6 +40,7 @@ from pvhub.client.pv_fields import (
     shaped,
     time_fields,
 )
+from pvhub.client.values import FORM_OFFSET
 from pvhub.errors import PutFailedError, PvhubError, error_from_code
 from pvhub.logs import library_logger
 

@@ -19,18 +19,11 @@ import numpy as np
 
 from pvhub import protocol as p
 from pvhub.client.channel import Channel
-from pvhub.client.values import array_text, float_text
+from pvhub.client.values import array_text, dbr_name, dbr_type, float_text
 from pvhub.text import decoded
 
 AUTOMONITOR_MAXLENGTH = 65536  # pyepics' threshold for char waveforms read as text
 
-# EPICS DBR type numbers by pvhub's native type: the plain type; +14 is its TIME_ form and
-# +28 its CTRL_ form (db_access.h). Values of "int" and "float" travel as LONG and DOUBLE;
-# a PV served as SHORT or FLOAT (``native_bits``) is still named so.
-_DBR_NATIVE = {"string": 0, "int": 5, "float": 6, "enum": 3, "char": 4}
-_DBR_NARROW = {("int", 16): 1, ("float", 32): 2}  # SHORT, FLOAT
-_DBR_NAMES = {0: "string", 1: "short", 2: "float", 3: "enum", 4: "char", 5: "long", 6: "double"}
-FORM_OFFSET = {"native": 0, "time": 14, "ctrl": 28}
 
 _CTRL_KEYS = (
     "precision",
@@ -46,22 +39,6 @@ _CTRL_KEYS = (
 )
 _ACCESS_TEXT = {(False, False): "no access", (True, False): "read-only",
                 (False, True): "write-only", (True, True): "read/write"}
-
-
-def dbr_type(native: str | None, form: str, bits: int | None = None) -> int | None:
-    """The DBR type number of a ``native`` pvhub type of ``bits`` read in ``form``: CA's SHORT
-    and FLOAT are named as the IOC serves them, though their values travel as LONG and DOUBLE."""
-    base = _DBR_NARROW.get((native, bits)) or _DBR_NATIVE.get(native or "")
-    return None if base is None else base + FORM_OFFSET.get(form, 0)
-
-
-def dbr_name(ftype: int | None) -> str:
-    """pyepics' name for a DBR type number: ``"double"``, ``"time_enum"``, ``"ctrl_long"``..."""
-    if ftype is None:
-        return "unknown"
-    form, base = divmod(ftype, 14)
-    prefix = {0: "", 1: "time_", 2: "ctrl_"}.get(form, "")
-    return prefix + _DBR_NAMES.get(base, "unknown")
 
 
 def access_rights(metadata: dict[str, Any]) -> tuple[bool, bool]:

@@ -43,12 +43,11 @@ _subscribed: set[Subscriptions] = set()
 
 
 class _Subscription:
-    __slots__ = ("callback", "event_type", "primed", "version")
+    __slots__ = ("callback", "event_type", "version")
 
     def __init__(self, callback: Callable[..., Any], event_type: str) -> None:
         self.callback = callback
         self.event_type = event_type
-        self.primed = False
         self.version = 0  # of the channel's last change this subscription delivered (Rule 1)
 
 
@@ -151,13 +150,12 @@ class Subscriptions:
         self.unsubscribe_all()
 
     # Runs on the callback thread: the first call, with the state ``subscribe`` took (Rule 1).
+    # Every later change of the channel was queued after it (and a reading is never merged
+    # across it: dispatcher Rule 5), so no change reaches a subscription before this.
     def _prime(self, cid: int, kwargs: dict[str, Any] | None) -> None:
         with self._subs_lock:
             sub = self._subs.get(cid)
-        if sub is None or sub.primed:
-            return
-        sub.primed = True
-        if kwargs is not None:
+        if sub is not None and kwargs is not None:
             self._call(sub.callback, sub.event_type, kwargs)
 
     def _current_value_event(self) -> dict[str, Any] | None:
@@ -212,13 +210,14 @@ class Subscriptions:
         elif kind == self.SUB_META:
             self._hub.dispatch_change(self, False, 0, self._run_meta_subs, channel.version)
 
-    # Run on the callback thread: deliver the change ``version`` to every primed subscription
-    # that has not seen it, with what a callback gets built only if one will.
+    # Run on the callback thread: deliver the change ``version`` to every subscription that
+    # has not seen it (one made after it took its version), with what a callback gets built
+    # only if one will.
     def _run_value_subs(self, version: int, reading: p.Reading, old: p.Reading | None,
                         metadata: p.PVMetadata) -> None:
         kwargs = None
         for sub in self._subs_by_kind.get(self.SUB_VALUE, ()):
-            if sub.primed and sub.version < version:
+            if sub.version < version:
                 if kwargs is None:
                     kwargs = self._value_kwargs(reading, old, metadata)
                 sub.version = version
@@ -227,7 +226,7 @@ class Subscriptions:
     def _run_meta_subs(self, version: int) -> None:
         kwargs = None
         for sub in self._subs_by_kind.get(self.SUB_META, ()):
-            if sub.primed and sub.version < version:
+            if sub.version < version:
                 if kwargs is None:
                     kwargs = self._meta_kwargs()
                 sub.version = version

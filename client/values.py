@@ -24,9 +24,13 @@ from pvhub import protocol as p
 from pvhub.text import decoded
 
 PLAIN = frozenset((int, float, bool, type(None)))  # Rule 3
-# pvhub's native types by their DBR names (pvhub keeps integers as LONG, floats as DOUBLE).
-_DBR_NAME = {"float": "double", "int": "long", "enum": "enum", "char": "char", "string": "string"}
-_NARROW_NAME = {("int", 16): "short", ("float", 32): "float"}  # CA's SHORT and FLOAT
+# EPICS DBR type numbers by pvhub's native type: the plain type; +14 is its TIME_ form and
+# +28 its CTRL_ form (db_access.h). Values of "int" and "float" travel as LONG and DOUBLE;
+# a PV served as SHORT or FLOAT (``native_bits``) is still named so.
+_DBR_NATIVE = {"string": 0, "int": 5, "float": 6, "enum": 3, "char": 4}
+_DBR_NARROW = {("int", 16): 1, ("float", 32): 2}  # SHORT, FLOAT
+_DBR_NAMES = {0: "string", 1: "short", 2: "float", 3: "enum", 4: "char", 5: "long", 6: "double"}
+FORM_OFFSET = {"native": 0, "time": 14, "ctrl": 28}
 
 
 def convert(value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
@@ -50,11 +54,27 @@ def convert(value: Any, metadata: p.PVMetadata, as_string: bool) -> Any:
     return value if isinstance(value, str) else str(value)
 
 
+def dbr_type(native: str | None, form: str, bits: int | None = None) -> int | None:
+    """The DBR type number of a ``native`` pvhub type of ``bits`` read in ``form``: CA's SHORT
+    and FLOAT are named as the IOC serves them, though their values travel as LONG and DOUBLE."""
+    base = _DBR_NARROW.get((native, bits)) or _DBR_NATIVE.get(native or "")
+    return None if base is None else base + FORM_OFFSET.get(form, 0)
+
+
+def dbr_name(ftype: int | None) -> str:
+    """pyepics' name for a DBR type number: ``"double"``, ``"time_enum"``, ``"ctrl_long"``..."""
+    if ftype is None:
+        return "unknown"
+    form, base = divmod(ftype, 14)
+    prefix = {0: "", 1: "time_", 2: "ctrl_"}.get(form, "")
+    return prefix + _DBR_NAMES.get(base, "unknown")
+
+
 def array_text(size: int, native: str | None, bits: int | None = None) -> str:
     """pyepics' text for an array it does not write out: ``<array size=16, type=time_double>``
     (``time_short`` or ``time_float`` for a PV of 16-bit integers or 32-bit floats)."""
-    name = _NARROW_NAME.get((native, bits)) or _DBR_NAME.get(native or "", "unknown")
-    return f"<array size={size}, type=time_{name}>"
+    ftype = dbr_type(native, "time", bits)
+    return f"<array size={size}, type={'time_unknown' if ftype is None else dbr_name(ftype)}>"
 
 
 def float_text(value: Any, precision: Any) -> str:

@@ -82,6 +82,23 @@ def callbacks_done(timeout: float = 5.0) -> None:
     assert done.wait(timeout), f"the callback thread did not catch up within {timeout} s"
 
 
+def ask_by_hand(dealer, request_id: int, build, timeout: float = 5.0):
+    """Send ``build(request_id)`` on ``dealer`` (a DEALER connected to a daemon, speaking the
+    wire protocol by hand) and return its final reply, or None if none came within
+    ``timeout``; other messages (earlier requests' answers, a ``SetAccepted``) are passed by."""
+    from pvhub import protocol as p
+
+    dealer.send(p.encode(build(request_id)))
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not dealer.poll(int(left * 1000)):
+            return None
+        message = p.decode(dealer.recv())
+        if getattr(message, "id", None) == request_id and isinstance(message, p.FINAL_REPLIES):
+            return message
+    return None
+
+
 def readings_in(payloads) -> list:
     """The messages of a readings message's payload frames, an ``Updates`` as the ``Update``
     messages it stands for (protocol Rule 8)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from helpers import readings_in, wait_until
+from helpers import ask_by_hand, readings_in, wait_until
 
 from pvhub import protocol as p
 from pvhub.actors.loop import readings_frames
@@ -84,16 +84,7 @@ class RawClient:
         self.readings, self.large_readings = hello.readings, hello.large_readings
 
     def ask(self, build, timeout: float = 5.0) -> p.Message | None:
-        request_id = next(self._ids)
-        self.dealer.send(p.encode(build(request_id)))
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not self.dealer.poll(int(left * 1000)):
-                return None
-            message = p.decode(self.dealer.recv())
-            if getattr(message, "id", None) == request_id and isinstance(message, p.FINAL_REPLIES):
-                return message
-        return None
+        return ask_by_hand(self.dealer, next(self._ids), build, timeout)
 
     def sub(self, endpoint: str, *pvs: str, rcvhwm: int = 1000, rcvbuf: int = -1) -> zmq.Socket:
         sock = self.ctx.socket(zmq.SUB)

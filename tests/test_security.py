@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from helpers import log_events, readings_in, wait_until
+from helpers import ask_by_hand, log_events, readings_in, wait_until
 
 from pvhub import protocol as p
 from pvhub.keys import generate, load_public, load_secret
@@ -46,16 +46,7 @@ class Peer:
 
     def ask(self, build, timeout: float = 5.0) -> p.Message | None:
         """The final reply to ``build(id)``, or None if none came within ``timeout``."""
-        request_id = next(self._ids)
-        self.dealer.send(p.encode(build(request_id)))
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not self.dealer.poll(int(left * 1000)):
-                return None
-            message = p.decode(self.dealer.recv())
-            if getattr(message, "id", None) == request_id and isinstance(message, p.FINAL_REPLIES):
-                return message
-        return None
+        return ask_by_hand(self.dealer, next(self._ids), build, timeout)
 
     def connect(self, pv: str, timeout: float = 10.0) -> None:
         """Wait until the daemon has ``pv`` connected to its IOC (a set needs that)."""
