@@ -155,7 +155,7 @@ def test_a_pvs_messages_leave_through_the_large_socket_from_its_first_large_one_
     assert any(m.connected for topic, ms in on_large for m in ms if topic == p.large_topic(big))
     disconnections = [m for topic, ms in on_large for m in ms if not getattr(m, "connected", True)]
     assert {m.pv for m in disconnections} == {big}, on_large
-    assert [t for t, _ in on_large if t == p.topic(big)], "the disconnection came on the plain topic"
+    assert [t for t, _ in on_large if t == p.topic(big)], "no message of big on its plain topic came this way"
     # Seqs through the large socket are in order: nothing overtook anything.
     seqs = [m.seq for _, ms in on_large for m in ms if m.pv == big]
     assert seqs == sorted(seqs)
