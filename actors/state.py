@@ -362,6 +362,8 @@ class PvState:
         self._next_put_id += 1
         self._pending_puts[put_id] = _PendingPut(client, request.id, value)
         self.puts_started += 1
+        if not request.accepted:  # the client waits for the end anyway (protocol Rule 3)
+            return [StartPut(self.pv, put_id, value)]
         return [
             StartPut(self.pv, put_id, value),
             Reply(client, p.SetAccepted(id=request.id, pv=self.pv)),

@@ -98,8 +98,6 @@ def send_set(hub: Hub, value: Any, write_channel: Channel, status: Status,
             watch.arm()
 
     def on_reply(message: p.Message) -> bool:
-        if isinstance(message, p.SetAccepted):
-            return False
         if isinstance(message, p.SetDone):
             write_channel.apply_reply(message)  # read-your-writes, before anyone hears "done"
             if watch is None:
@@ -113,4 +111,5 @@ def send_set(hub: Hub, value: Any, write_channel: Channel, status: Status,
         return True
 
     pv = write_channel.pv
-    hub.request(lambda rid: p.SetRequest(id=rid, pv=pv, value=value), on_reply)
+    # The Status waits for the end, so the acceptance is not asked for (protocol Rule 3).
+    hub.request(lambda rid: p.SetRequest(id=rid, pv=pv, value=value, accepted=False), on_reply)

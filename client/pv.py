@@ -12,9 +12,10 @@ Rule 3: pyepics' answers keep pyepics' shapes: ``get`` returns ``None`` when it 
 connect or times out; callbacks get ``pvname``, ``value``, ``char_value``, ``timestamp``,
 ``status``, ``severity``, the control fields and ``cb_info``; connection callbacks get
 ``pvname``, ``conn``, ``pv``; access callbacks get ``read_access, write_access, pv=``.
-Rule 4: every put asks for completion (the protocol's only put). ``put`` waits for the
-daemon to accept or refuse it, so a value the PV cannot take raises at once, as pyepics'
-does; ``wait=True`` (or ``use_complete``) then waits for, or watches, the completion.
+Rule 4: every put asks for completion (the protocol's only put). ``put`` without ``wait``
+waits for the daemon to accept or refuse it, so a value the PV cannot take raises at once,
+as pyepics' does; ``use_complete`` then watches the completion. ``wait=True`` waits for the
+completion alone, and a refusal ends it as soon.
 A PV's fields, and the conversion of a value put to it, are pv_fields.py's.
 """
 
@@ -295,7 +296,22 @@ class PV(PVFields):
             return True
 
         value = as_native(value, self._metadata())
-        hub.request(lambda rid: p.SetRequest(id=rid, pv=pvname, value=value), on_reply)
+        # With ``wait`` the end is what counts (a refusal is one too): the acceptance is not
+        # asked for, a message less each way (protocol Rule 3).
+        hub.request(lambda rid: p.SetRequest(id=rid, pv=pvname, value=value, accepted=not wait), on_reply)
+        if not wait:
+            return self._accepted(accepted, pvname)
+        try:
+            error = completed.result(None if math.isinf(timeout) else timeout)
+        except TimeoutError:
+            return -1
+        if error is not None:
+            raise error
+        return 1
+
+    @staticmethod
+    def _accepted(accepted: Future, pvname: str) -> int:
+        """Wait for a put without ``wait`` to be accepted (1) or refused (raises)."""
         try:
             answer = accepted.result(ACCEPT_TIMEOUT)
         except TimeoutError:
@@ -303,14 +319,6 @@ class PV(PVFields):
                                   f"within {ACCEPT_TIMEOUT} s; its outcome is unknown") from None
         if isinstance(answer, PvhubError):
             raise answer
-        if not wait:
-            return 1
-        try:
-            error = completed.result(None if math.isinf(timeout) else timeout)
-        except TimeoutError:
-            return -1
-        if error is not None:
-            raise error
         return 1
 
     @property

@@ -6,7 +6,9 @@ rejects a message whose major version differs, and ignores fields it does not kn
 later minor version can add some).
 Rule 3: requests carry a client-chosen ``id``; every reply and error carries the same ``id``.
 A ``set`` gets two replies: ``SetAccepted`` (or an ``ErrorReply`` at once), then ``SetDone`` or an
-``ErrorReply`` when the IOC's put-completion arrives.
+``ErrorReply`` when the IOC's put-completion arrives. A client that waits for the completion
+anyway asks for no ``SetAccepted`` (``accepted=False``): one message less each way, on the
+path every plan step waits on.
 Rule 4: readings are published on topic ``pv.encode() + b"\\0"`` (the NUL makes ZeroMQ's prefix
 match exact). A readings message is that topic frame followed by one or more frames of
 messages of that PV, in order (Rule 8; an actor batches a fast PV's updates). ``seq`` counts per PV per actor
@@ -154,6 +156,10 @@ class SetRequest(Message):
     id: int
     pv: str
     value: Any
+    # Rule 3: whether the put's acceptance is answered (``SetAccepted``) before its end. A
+    # daemon that predates the field answers it whatever this says; clients take it as they
+    # take any reply that is not the last.
+    accepted: bool = True
 
 
 @dataclass(frozen=True)

@@ -337,6 +337,18 @@ def test_an_accepted_set_starts_a_put_then_replies_accepted():
     assert state.seq == 1  # accepting a put is not a change of the PV
 
 
+def test_a_set_that_asks_for_no_acceptance_starts_its_put_and_is_answered_only_at_its_end():
+    state = connected_state()
+    effects = state.handle(CLIENT, p.SetRequest(id=7, pv=PV, value=2.5, accepted=False))
+    assert effects == [StartPut(PV, 1, 2.5)]
+    state.reading_received(reading(2.5, timestamp=150.0))
+    assert state.put_completed(1) == [
+        Reply(CLIENT, p.SetDone(id=7, pv=PV, epoch=EPOCH, seq=2, reading=reading(2.5, timestamp=150.0)))
+    ]
+    # A refusal is the end as well: it is answered whatever was asked.
+    assert_refused(state.handle(CLIENT, p.SetRequest(id=8, pv=PV, value="x", accepted=False)), "bad_value", request_id=8)
+
+
 def test_each_put_gets_its_own_id():
     state = connected_state()
     ids = [start_put(state, request_id=n) for n in range(3)]

@@ -24,7 +24,9 @@ from ophyd_shipped.runner import (  # noqa: E402
     load_expected,
 )
 
-pytestmark = pytest.mark.system
+# One worker runs the whole module: its fixture runs every file, and would run twice if the
+# tests were spread over two workers.
+pytestmark = [pytest.mark.system, pytest.mark.xdist_group("ophyd_shipped")]
 
 
 @pytest.fixture(scope="module")

@@ -192,8 +192,9 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
                 channel.apply_reply(message)
             return isinstance(message, (p.SetDone, p.ErrorReply))
 
+        # With wait, only the end is waited for: the acceptance is not asked for.
         future = self.hub.request(
-            lambda rid: p.SetRequest(id=rid, pv=self.write_pv, value=write_value), last_reply
+            lambda rid: p.SetRequest(id=rid, pv=self.write_pv, value=write_value, accepted=not wait), last_reply
         )
         try:
             await asyncio.wrap_future(future)
