@@ -55,6 +55,7 @@ from pvhub.actors.codec import (
     put_error,
     read_problem,
     reading_of,
+    scalar_write,
     text,
 )
 from pvhub.actors.search import MIN_RETRY, NameSearch
@@ -181,16 +182,30 @@ class ChannelAccessBackend:
             race.finished = True
             self._put_read_back(name, put_id, native, response)
 
-        try:
-            write = channel.ca.write(encoded(value), data_count=put_count(value), notify=True, ioid=circuit.core.new_ioid())
-            read = channel.ca.read(data_type="time", ioid=circuit.core.new_ioid())
-        except Exception as exc:  # a value caproto cannot put on the wire
-            self._emit(PutDoneEvent(name, put_id, f"put could not be sent: {exc}", None))
-            return
-        circuit.operations[write.ioid] = (channel, on_write)
-        circuit.operations[read.ioid] = (channel, on_read)
-        if not circuit.send(write, read):
-            circuit.not_sent(write.ioid, read.ioid)
+        ca_channel = channel.ca
+        write_ioid = circuit.core.new_ioid()
+        # One number, the usual put, goes on the wire without caproto's objects (circuit.py
+        # Rule 1); caproto builds the rest.
+        data = scalar_write(native, value, ca_channel.sid, write_ioid)
+        if data is None:
+            try:
+                write = ca_channel.write(encoded(value), data_count=put_count(value), notify=True, ioid=write_ioid)
+            except Exception as exc:  # a value caproto cannot put on the wire
+                self._emit(PutDoneEvent(name, put_id, f"put could not be sent: {exc}", None))
+                return
+        read_ioid = circuit.core.new_ioid()
+        circuit.operations[write_ioid] = (channel, on_write, True)
+        circuit.operations[read_ioid] = (channel, on_read, True)
+        # Both in one segment: the write queued, the read behind it sends them (Rule 4).
+        if data is not None:
+            sent = circuit.send_bytes(ca_channel, data, write_ioid, push=False)
+        else:
+            sent = circuit.send(write, push=False)
+        if not sent:
+            circuit.not_sent(write_ioid, read_ioid)
+        elif not circuit.send_read(ca_channel, read_ioid):
+            circuit.push()  # the put goes alone; its completion asks for a read-back
+            circuit.not_sent(read_ioid)
 
     def read_back(self, name: str, put_id: int) -> None:
         """Read a completed put's value back; a ``PutDoneEvent`` follows (without a read-back
@@ -410,10 +425,14 @@ class ChannelAccessBackend:
             log.warning("read_not_sent", pv=channel.name, error=_FULL)
             on_answer(None)  # as a request caproto refused: not sent (Rule 5)
             return
-        request = channel.ca.read(data_type=data_type, ioid=circuit.core.new_ioid())
-        circuit.operations[request.ioid] = (channel, on_answer)
-        if not circuit.send(request):
-            circuit.not_sent(request.ioid)
+        ioid = circuit.core.new_ioid()
+        circuit.operations[ioid] = (channel, on_answer, data_type == "time")
+        if data_type == "time":
+            sent = circuit.send_read(channel.ca, ioid)  # the bytes, without caproto's objects
+        else:
+            sent = circuit.send(channel.ca.read(data_type=data_type, ioid=ioid))
+        if not sent:
+            circuit.not_sent(ioid)
 
     def _put_read_back(self, name: str, put_id: int, native: ChannelType, response: Any) -> None:
         readback = None

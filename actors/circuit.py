@@ -6,9 +6,13 @@ update back to the backend (``handle``). When its connection fails it asks to be
 (``drop``): the backend decides what becomes of its channels.
 
 Rule 1: caproto keeps the protocol's state (each circuit's and channel's state machine, ids)
-and parses every response but one: a monitor update in the DBR_TIME form we subscribed with
-is read straight from the received bytes (``actors/codec.py``, its Rule 3), since it is
-nearly all a busy actor receives.
+and parses every response but two: a monitor update in the DBR_TIME form we subscribed with,
+since it is nearly all a busy actor receives, and a read's or a put's answer that reports
+success, since a plan step waits on it; both are read straight from the received bytes
+(``actors/codec.py``, its Rule 3). A DBR_TIME read is put on the wire the same way
+(``send_read``). caproto's command objects and state machine cost more than the IOC's whole
+round trip on this path; caproto still records every ioid, as its own ``send`` and ``recv``
+would.
 Rule 2: we acknowledge every TCP segment from an IOC at once (``TCP_QUICKACK`` after each
 receive). caproto's own IOC server leaves Nagle's algorithm on (EPICS base's rsrv turns it
 off), so it holds a small reply until its previous one is acknowledged, and Linux delays an
@@ -43,6 +47,9 @@ from pvhub.actors.codec import (
     EVENT_ADD,
     EXTENDED,
     HEADER,
+    PUT_ANSWER,
+    READ_NOTIFY,
+    Answer,
     Event,
     ReadingEvent,
     time_reading,
@@ -52,6 +59,8 @@ if TYPE_CHECKING:
     from pvhub.actors.backend import Channel
 
 log = structlog.get_logger("pvhub.actor")
+
+_SLOW = (None, None, False)  # an ioid not waited for, or one whose answer caproto parses
 
 # A message's payload may not claim more (Rule 4): twice the largest array the daemon carries.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -104,8 +113,9 @@ class Circuit:
         self.waiting: list[Channel] = []  # to create once ready
         self.by_cid: dict[int, Channel] = {}
         self.by_subscription: dict[int, Channel] = {}
-        # ioid -> (the channel, what to do with the answer)
-        self.operations: dict[int, tuple[Channel, Callable[[Any], None]]] = {}
+        # ioid -> (the channel, what to do with the answer, whether its answer may be read
+        # from the bytes: a put's, or a DBR_TIME read's; Rule 1)
+        self.operations: dict[int, tuple[Channel, Callable[[Any], None], bool]] = {}
         self.inbox = bytearray()
         self.outbox = bytearray()
         self.last_heard = 0.0
@@ -169,21 +179,50 @@ class Circuit:
 
     # --- sending --------------------------------------------------------------------------------
 
-    def send(self, *commands: Any) -> bool:
-        """Queue ``commands`` and send what the kernel takes; False if caproto's state machine
-        refused them (nothing was queued)."""
+    def send(self, *commands: Any, push: bool = True) -> bool:
+        """Queue ``commands`` and (``push``) send what the kernel takes; False if caproto's
+        state machine refused them (nothing was queued)."""
         try:
             buffers = self.core.send(*commands)
         except caproto.CaprotoError as exc:
             log.error("request_not_sent", host=self.host, error=str(exc))
             return False
-        was_empty = not self.outbox
         for buffer in buffers:
             # A header (ctypes) or data (a numpy array, of any dtype): its raw bytes.
             self.outbox += buffer.tobytes() if hasattr(buffer, "tobytes") else bytes(buffer)
-        if was_empty:
-            self.flush()
+        if push:
+            self.push()
         return True
+
+    def send_read(self, channel: caproto.ClientChannel, ioid: int) -> bool:
+        """Queue and send a READ_NOTIFY of ``channel`` in its DBR_TIME form, the bytes caproto's
+        ``read`` and ``send`` would queue (Rule 1); False, with nothing queued, where caproto's
+        state machine would refuse it (the channel is not connected)."""
+        # Count 0: "as many as the PV holds now" (a waveform's NORD), from protocol 4.13 on.
+        count = 0 if channel.protocol_version >= 13 else channel.native_data_count
+        if count >= 0xFFFF:  # an old server's long array: a header caproto knows how to extend
+            return self.send(channel.read(data_type="time", ioid=ioid))
+        data_type = caproto.field_types["time"][channel.native_data_type]
+        return self.send_bytes(channel, HEADER.pack(READ_NOTIFY, 0, data_type, count, channel.sid, ioid), ioid)
+
+    def send_bytes(self, channel: caproto.ClientChannel, data: bytes, ioid: int, push: bool = True) -> bool:
+        """Queue the request ``data`` of ``channel``, made by hand (``send_read``, a put of one
+        number: Rule 1), and (``push``) send what the kernel takes; False, with nothing queued,
+        where caproto's state machine would refuse it (the channel is not connected)."""
+        if channel.states[caproto.CLIENT] is not caproto.CONNECTED:
+            log.error("request_not_sent", host=self.host, error=f"{channel.name} is not connected")
+            return False
+        self.outbox += data
+        self.core._ioids[ioid] = channel  # as caproto's send records it
+        if push:
+            self.push()
+        return True
+
+    def push(self) -> None:
+        """Send what is queued, unless the kernel's buffer is full: then the poller says when
+        it takes more (``flush``)."""
+        if not self._writing:
+            self.flush()
 
     def flush(self) -> None:
         """Send what the kernel takes of the outbox; the poller says when it takes more."""
@@ -214,7 +253,7 @@ class Circuit:
         channel went: cleared by us, or dropped by the IOC)."""
         # O(the circuit's requests in flight): only when a channel goes. caproto's own record
         # of each goes too: its ids are 16 bits, and an id never freed is never reused.
-        for ioid in [ioid for ioid, (owner, _) in self.operations.items() if owner is channel]:
+        for ioid in [ioid for ioid, operation in self.operations.items() if operation[0] is channel]:
             del self.operations[ioid]
             self.core._ioids.pop(ioid, None)
         # caproto's circuit keeps every subscription until it hears it cancelled: a channel the
@@ -264,6 +303,7 @@ class Circuit:
         end = len(buf)
         at = 0
         subscriptions = self.by_subscription
+        operations = self.operations
         while end - at >= 16:
             command, size, data_type, count, parameter1, parameter2 = HEADER.unpack_from(buf, at)
             header = 16
@@ -285,6 +325,19 @@ class Circuit:
                         self._emit(ReadingEvent(channel.name, reading))
                         at += whole
                         continue
+            elif command in ANSWERS and parameter1 == ECA_NORMAL and operations.get(parameter2, _SLOW)[2]:
+                if command == READ_NOTIFY:
+                    reading = time_reading(buf, at + header, size, data_type, count)
+                    answer = None if reading is None else Answer(reading)
+                else:
+                    answer = PUT_ANSWER
+                if answer is not None:
+                    self.core._ioids.pop(parameter2, None)  # as caproto's recv of it would
+                    operations.pop(parameter2)[1](answer)
+                    at += whole
+                    if self.sock.fileno() == -1:
+                        return  # dropped by what the answer led to
+                    continue
             if (command == EVENT_ADD and parameter2 not in self.core.event_add_commands) or (
                     command in ANSWERS and parameter2 not in self.core._ioids):
                 at += whole  # a late word for a channel cleared (``forget``)

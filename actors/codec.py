@@ -10,7 +10,9 @@ list of str) for more; strings are decoded up to their first NUL as ``pvhub.text
 Rule 3: a monitor update in the DBR_TIME form the backend subscribes with is read straight
 from the received bytes (``time_reading``, ``TIME_LAYOUT``): its value, timestamp, status and
 severity are exactly what caproto would give (same types, big-endian arrays, timestamps cut
-to the microsecond as caproto does). Anything else goes through caproto's parser.
+to the microsecond as caproto does). So is the answer to a read in that form, or to a put,
+that reports success (``Answer``): a put and its read-back, and a fresh read, are on the path
+a plan step waits on. Anything else goes through caproto's parser.
 """
 
 from __future__ import annotations
@@ -132,7 +134,22 @@ def value_of(response: Any, native: ChannelType) -> Any:
     return native_order(data) if isinstance(data, np.ndarray) else data.copy()
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A READ_NOTIFY or WRITE_NOTIFY answer with status ``ECA_NORMAL``, read from the bytes
+    (Rule 3): a read's reading, or None for a put's completion. ``reading_of``,
+    ``read_problem`` and ``put_error`` take it as they take caproto's responses."""
+
+    reading: p.Reading | None = None
+
+
+PUT_ANSWER = Answer()
+
+
 def reading_of(response: Any, native: ChannelType) -> p.Reading:
+    if type(response) is Answer:
+        assert response.reading is not None, "a put's answer holds no reading"
+        return response.reading
     md = response.metadata
     return p.Reading(
         value=value_of(response, native),
@@ -176,6 +193,8 @@ def read_problem(response: Any) -> str | None:
     answers, with an ECA status that says so and a payload of zeros: not a value."""
     if response is None:
         return "not sent: refused by the Channel Access state machine"
+    if type(response) is Answer:  # read from the bytes only when the IOC said ECA_NORMAL
+        return None
     if isinstance(response, caproto.ErrorResponse):
         return f"the IOC refused it: {text(bytes(response.error_message))}"
     if response.header.parameter1 != ECA_NORMAL:  # the raw status: ``.status`` is caproto's tuple
@@ -188,6 +207,8 @@ def put_error(response: Any) -> str | None:
     """Why a put's completion says it failed, or None."""
     if response is None:
         return "put could not be sent: refused by the Channel Access state machine"
+    if type(response) is Answer:
+        return None
     if isinstance(response, caproto.ErrorResponse):
         return f"IOC refused the put: {text(bytes(response.error_message))}"
     status = getattr(response, "status", None)
@@ -203,8 +224,10 @@ HEADER = struct.Struct(">HHHHII")  # command, payload size, data type, data coun
 EXTENDED = struct.Struct(">II")  # payload size, data count: after a header saying 0xFFFF, 0
 _TIME_HEAD = struct.Struct(">hhII")  # status, severity, seconds and nanoseconds past 1990
 EVENT_ADD = 1
+READ_NOTIFY = caproto.ReadNotifyResponse.ID
+WRITE_NOTIFY = caproto.WriteNotifyResponse.ID
 # READ_NOTIFY and WRITE_NOTIFY: their answers name the request (the ioid) in parameter 2.
-ANSWERS = (caproto.ReadNotifyResponse.ID, caproto.WriteNotifyResponse.ID)
+ANSWERS = (READ_NOTIFY, WRITE_NOTIFY)
 ECA_NORMAL = 1
 _EPICS_EPOCH = 631152000.0  # 1990-01-01 in Unix seconds
 _SCALAR = {
@@ -235,6 +258,32 @@ _TIME_DECODE: dict[int, tuple[int, int, struct.Struct | None, Any]] = {
     else (offset, _SCALAR[native].size, _SCALAR[native], np.dtype(_CAPROTO_DTYPES[native]))
     for data_type, (offset, native) in TIME_LAYOUT.items()
 }
+
+
+# A put of one number to a PV of each numeric native type: its value, padded to 8 bytes as
+# every Channel Access payload is (Rule 3).
+_WRITE_SCALAR: dict[int, struct.Struct] = {
+    int(ChannelType.DOUBLE): struct.Struct(">d"),
+    int(ChannelType.FLOAT): struct.Struct(">f4x"),
+    int(ChannelType.LONG): struct.Struct(">i4x"),
+    int(ChannelType.INT): struct.Struct(">h6x"),
+    int(ChannelType.ENUM): struct.Struct(">H6x"),
+    int(ChannelType.CHAR): struct.Struct(">B7x"),
+}
+
+
+def scalar_write(native: int, value: Any, sid: int, ioid: int) -> bytes | None:
+    """The WRITE_NOTIFY of the one number ``value`` (as coerced) to a channel of native type
+    ``native``: the bytes caproto's ``ClientChannel.write`` and ``send`` would queue (Rule 3).
+    None for any other put (text, arrays, a value out of the type's range): caproto builds it."""
+    layout = _WRITE_SCALAR.get(native)
+    if layout is None or type(value) not in (int, float):
+        return None
+    try:
+        payload = layout.pack(value)
+    except struct.error:
+        return None
+    return HEADER.pack(WRITE_NOTIFY, layout.size, native, 1, sid, ioid) + payload
 
 
 def native_order(array: np.ndarray) -> np.ndarray:

@@ -108,6 +108,119 @@ def test_other_types_and_short_payloads_are_left_to_caproto():
     assert _fast(bytes(message)) is None
 
 
+# --- a read and a put on the wire by hand (circuit.py Rule 1), over a socket pair ----------------
+
+
+def _connected_circuit(protocol: int = 13, native: ChannelType = ChannelType.DOUBLE, count: int = 1):
+    """A ``Circuit`` whose caproto core holds one connected channel ``X:pv``, on one end of a
+    socket pair (the other end plays the IOC): (circuit, caproto's channel, the IOC's end,
+    the answers the backend was handed)."""
+    from pvhub.actors.circuit import Circuit
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    handled: list = []
+    circuit = Circuit(("127.0.0.1", 5064), ours, emit=handled.append, handle=lambda c, m: handled.append(m),
+                      drop=lambda c, why: handled.append(why), watch=lambda fd, flags: None,
+                      received=bytearray(1 << 16))
+    core = circuit.core
+    core.send(caproto.VersionRequest(priority=0, version=13), caproto.HostNameRequest("h"),
+              caproto.ClientNameRequest("u"))
+    for command in core.recv(bytes(caproto.VersionResponse(version=protocol)))[0]:
+        core.process_command(command)
+    channel = caproto.ClientChannel("X:pv", core)
+    core.send(channel.create())
+    answers = [caproto.AccessRightsResponse(cid=channel.cid, access_rights=3),
+               caproto.CreateChanResponse(data_type=native, data_count=count, cid=channel.cid, sid=9)]
+    for command in core.recv(b"".join(bytes(a) for a in answers))[0]:
+        core.process_command(command)
+    assert channel.states[caproto.CLIENT] is caproto.CONNECTED
+    return circuit, channel, theirs, handled
+
+
+@pytest.mark.parametrize("protocol, count", [(13, 1), (13, 5000), (11, 1), (11, 5000), (11, 100_000)])
+def test_a_read_put_on_the_wire_by_hand_is_the_bytes_caproto_sends(protocol, count):
+    circuit, channel, ioc, _ = _connected_circuit(protocol, count=count)
+    assert circuit.send_read(channel, 77)
+    expected = channel.read(data_type="time", ioid=77)
+    assert ioc.recv(1 << 16) == bytes(expected.header) + b"".join(bytes(b) for b in expected.buffers)
+    assert circuit.core._ioids[77] is channel  # caproto knows the ioid, as after its own send
+
+
+WRITES = [
+    (ChannelType.DOUBLE, 2.5), (ChannelType.DOUBLE, -1e300), (ChannelType.DOUBLE, 7),
+    (ChannelType.FLOAT, 0.1), (ChannelType.FLOAT, -3),
+    (ChannelType.LONG, -123456), (ChannelType.LONG, 2**31 - 1),
+    (ChannelType.INT, -300), (ChannelType.ENUM, 3), (ChannelType.CHAR, 200),
+]
+
+
+@pytest.mark.parametrize("native, value", WRITES, ids=[f"{t.name}-{v}" for t, v in WRITES])
+def test_a_put_of_one_number_made_by_hand_is_the_bytes_caproto_sends(native, value):
+    circuit, channel, ioc, _ = _connected_circuit(native=native)
+    data = codec.scalar_write(native, value, channel.sid, 31)
+    assert data is not None
+    assert circuit.send_bytes(channel, data, 31)
+    # caproto takes a CHAR's one number only in a list (given the int, its write raises).
+    expected = channel.write([value] if native == ChannelType.CHAR else value, data_count=1, notify=True, ioid=31)
+    assert ioc.recv(1 << 16) == bytes(expected.header) + b"".join(bytes(b) for b in expected.buffers)
+    assert circuit.core._ioids[31] is channel
+
+
+@pytest.mark.parametrize("native, value", [
+    (ChannelType.STRING, b"text"), (ChannelType.DOUBLE, np.arange(3.0)), (ChannelType.LONG, [1, 2]),
+    (ChannelType.LONG, True), (ChannelType.INT, 40_000), (ChannelType.CHAR, -1), (ChannelType.LONG, 2.5),
+])
+def test_other_puts_are_left_to_caproto(native, value):
+    assert codec.scalar_write(native, value, 1, 2) is None
+
+
+def _answer(command) -> bytes:
+    return bytes(command.header) + b"".join(bytes(b) for b in command.buffers)
+
+
+@pytest.mark.parametrize("data_type, values", CASES, ids=[f"{t.name}x{len(v)}" for t, v in CASES])
+def test_a_reads_answer_read_from_the_bytes_is_what_caproto_parses(data_type, values):
+    circuit, channel, ioc, handled = _connected_circuit(native=caproto.native_type(data_type), count=len(values))
+    answers: list = []
+    circuit.operations[5] = (None, answers.append, True)
+    circuit.core._ioids[5] = channel
+    metadata = DBR_TYPES[data_type]()
+    metadata.status, metadata.severity = 3, 1
+    metadata.stamp = TimeStamp(secondsSinceEpoch=1_000_000_000, nanoSeconds=123_456_789)
+    message = _answer(caproto.ReadNotifyResponse(values, data_type, len(values), 1, 5, metadata=metadata))
+    ioc.sendall(message)
+    circuit.receive()
+    (answer,) = answers
+    assert type(answer) is codec.Answer and not handled  # caproto's parser was not asked
+    slow = _slow(message, data_type)
+    fast = codec.reading_of(answer, caproto.native_type(data_type))
+    assert (fast.timestamp, fast.severity, fast.status) == (slow.timestamp, slow.severity, slow.status)
+    assert np.asarray(fast.value).tolist() == np.asarray(slow.value).tolist()
+    assert codec.read_problem(answer) is None
+    assert not circuit.operations and 5 not in circuit.core._ioids
+
+
+def test_a_puts_answer_is_read_from_the_bytes_and_a_failure_or_another_read_is_left_to_caproto():
+    circuit, channel, ioc, handled = _connected_circuit()
+    answers: list = []
+    for ioid, from_bytes in ((1, True), (2, True), (3, False)):
+        circuit.operations[ioid] = (None, answers.append, from_bytes)
+        circuit.core._ioids[ioid] = channel
+    ok = caproto.WriteNotifyResponse(data_type=ChannelType.DOUBLE, data_count=1, status=1, ioid=1)
+    failed = caproto.WriteNotifyResponse(data_type=ChannelType.DOUBLE, data_count=1, status=caproto.CAStatus.ECA_PUTFAIL, ioid=2)
+    metadata = DBR_TYPES[ChannelType.TIME_DOUBLE]()
+    control = caproto.ReadNotifyResponse([1.0], ChannelType.TIME_DOUBLE, 1, 1, 3, metadata=metadata)  # not from_bytes
+    ioc.sendall(_answer(ok) + _answer(failed) + _answer(control))
+    circuit.receive()
+    assert answers == [codec.PUT_ANSWER]  # the success, read from the bytes
+    assert codec.put_error(codec.PUT_ANSWER) is None
+    # The failure and the read sent by caproto went through its parser to the backend.
+    assert [type(m).__name__ for m in handled] == ["WriteNotifyResponse", "ReadNotifyResponse"]
+    assert codec.put_error(handled[0]) is not None
+    assert set(circuit.core._ioids) == set()
+
+
 # --- beacons (actors/search.py Rule 2), no sockets ------------------------------------------------
 
 IOC = ("127.0.0.1", 5064)
@@ -234,13 +347,21 @@ def test_a_request_the_state_machine_refuses_is_answered_not_left_waiting(driver
         raise caproto.LocalProtocolError("refused for the test")
 
     monkeypatch.setattr(circuit.core, "send", refuse)
-    driver.backend.put(pv, 1, 2.0)
+    driver.backend.put(pv, 1, [2.0])  # a list: caproto builds it and sends it
     done = driver.wait_for(lambda e: isinstance(e, ca.PutDoneEvent), 5)
     assert done.error is not None and "could not be sent" in done.error
+    # A put of one number and a read are put on the wire without caproto's send (circuit.py
+    # Rule 1), and refused where its state machine would: a channel it holds not connected.
+    (channel,) = circuit.by_cid.values()
+    monkeypatch.setitem(channel.ca.states.states, caproto.CLIENT, caproto.MUST_CLOSE)
+    driver.backend.put(pv, 2, 3.0)
+    done = driver.wait_for(lambda e: isinstance(e, ca.PutDoneEvent), 5)
+    assert done.put_id == 2 and done.error is not None and "could not be sent" in done.error
     driver.backend.read(pv, 2)
     read = driver.wait_for(lambda e: isinstance(e, ca.ReadDoneEvent), 5)
     assert read.reading is None
     assert not circuit.operations  # nothing left waiting for an answer
+    assert not circuit.core._ioids
 
 
 def test_a_channel_removed_and_added_again_leaves_nothing_behind_on_its_circuit(driver, prefix):
