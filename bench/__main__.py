@@ -344,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
                 bench.step(f"{part}: {time.monotonic() - t0:.0f} s")
         finally:
             leftovers = bench.close()
-            for path in sorted(bench.logdir.rglob("*"), reverse=True):
-                path.rmdir() if path.is_dir() else path.unlink()
-            bench.logdir.rmdir()
+            if failed:  # the daemons' and subscribers' logs say why: kept
+                bench.step(f"logs of this run (a part failed): {bench.logdir}")
+            else:
+                for path in sorted(bench.logdir.rglob("*"), reverse=True):
+                    path.rmdir() if path.is_dir() else path.unlink()
+                bench.logdir.rmdir()
     info["load average at end"] = procstat.load_average()
     info["run time"] = f"{time.monotonic() - began:.0f} s ({'--quick' if args.quick else 'full'}; {', '.join(parts)})"
     info["IOC restarts"] = "; ".join(r for c in bench.controls for r in c.restarts) or "none"
