@@ -281,7 +281,7 @@ def scalar_write(native: int, value: Any, sid: int, ioid: int) -> bytes | None:
         return None
     try:
         payload = layout.pack(value)
-    except struct.error:
+    except (struct.error, OverflowError):  # caproto's path then says why it cannot go
         return None
     return HEADER.pack(WRITE_NOTIFY, layout.size, native, 1, sid, ioid) + payload
 

@@ -102,8 +102,7 @@ class Broker:
         self._put_logs: list[tuple[str, dict]] = []  # put records of the batch being handled
         self.address = address
         self.readings_address = readings or default_readings_address(address)
-        self.large_readings_address = (large_readings or config.large_readings
-                                       or default_large_readings_address(self.readings_address))
+        self.large_readings_address = large_readings or default_large_readings_address(self.readings_address)
         self.notifier = notifier or Notifier()
         self.readings_hwm = readings_hwm
         self._stopping = False

@@ -59,8 +59,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from pvhub import protocol as p
 from pvhub.access import ANONYMOUS, AccessRules
-from pvhub.config import (DEFAULT_LARGE_READINGS_HWM, DEFAULT_READINGS_HWM, Config,
-                          default_large_readings_address, valid_pv_name)
+from pvhub.config import DEFAULT_LARGE_READINGS_HWM, DEFAULT_READINGS_HWM, Config, valid_pv_name
 from pvhub.keys import ClientKeys, load_client_keys, load_secret
 
 log = structlog.get_logger("pvhub.daemon")
@@ -268,12 +267,12 @@ class ReadingsForwarder:
     def __init__(self, ctx: zmq.Context, inward: str, outward: str, hwm: int, access: Callable[[], AccessRules],
                  allows: Callable[[str], bool], security: Security | None = None,
                  max_topics: Callable[[], int] = lambda: 100_000,
-                 held: Callable[[str], bool] = lambda pv: True,
-                 large_outward: str | None = None, large_hwm: int = DEFAULT_LARGE_READINGS_HWM) -> None:
+                 held: Callable[[str], bool] = lambda pv: True, *,
+                 large_outward: str, large_hwm: int = DEFAULT_LARGE_READINGS_HWM) -> None:
         self._ctx = ctx
         self._inward = inward
         # Rule 6: the readings socket, and the one for large readings, with their queues.
-        self._outward = [outward, large_outward or default_large_readings_address(outward)]
+        self._outward = [outward, large_outward]
         self._hwms = [hwm, large_hwm]
         self.large_topics: set[bytes] = set()  # topics whose messages go through the second
         self._access = access

@@ -170,6 +170,7 @@ def test_a_put_of_one_number_made_by_hand_is_the_bytes_caproto_sends(native, val
 @pytest.mark.parametrize("native, value", [
     (ChannelType.STRING, b"text"), (ChannelType.DOUBLE, np.arange(3.0)), (ChannelType.LONG, [1, 2]),
     (ChannelType.LONG, True), (ChannelType.INT, 40_000), (ChannelType.CHAR, -1), (ChannelType.LONG, 2.5),
+    (ChannelType.FLOAT, 1e300), (ChannelType.DOUBLE, 10**400),
 ])
 def test_other_puts_are_left_to_caproto(native, value):
     assert codec.scalar_write(native, value, 1, 2) is None
