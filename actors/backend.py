@@ -18,7 +18,12 @@ Rule 4: a put's read-back travels right behind it. An IOC answers one circuit's 
 order, so a read answered after the put's completion was read after it and is the read-back:
 the put costs one round trip. A read answered first (EPICS base's server, an asynchronous
 record) read the value from before the completion; another read follows the completion when
-the state machine asks for it (``read_back``; state.py Rule 6).
+the state machine asks for it (``read_back``; state.py Rule 6). EPICS base's server answers
+every such read first (it runs a put's record processing, and answers its completion, on
+another thread), so there the read behind the put is wasted work for the IOC and the actor:
+a channel whose last ``PIPELINE_EARLY`` pipelined reads all came before their completion
+stops sending one, and tries again once every ``PIPELINE_RETRY`` puts, in case its server
+(or its record) changed.
 Rule 5: a circuit holds at most ``MAX_IN_FLIGHT`` requests waiting for an answer (reads and
 puts, a put counting two): one more is failed at once, not sent. A record whose puts never
 complete would otherwise hold an id each for good, and caproto's ids are 16 bits: with all
@@ -67,6 +72,8 @@ LIVENESS_PERIOD = 0.5
 MAX_IN_FLIGHT = 20_000  # Rule 5: well below caproto's 65,536 ids per circuit
 _FULL = "as many requests as an actor sends one IOC wait for its answers already (backend.py Rule 5)"
 _CREATE_FAILED_RETRY = 1.0
+PIPELINE_EARLY = 8  # Rule 4: pipelined reads answered before their put's completion, in a row
+PIPELINE_RETRY = 64  # Rule 4: puts without a pipelined read before one is tried again
 
 
 @dataclass
@@ -93,6 +100,8 @@ class Channel:
     subscription: int | None = None
     described: bool = False  # its control structure (the metadata) has been read on this circuit
     describing: bool = False  # a read of its control structure is in flight
+    reads_early: int = 0  # Rule 4: pipelined reads in a row answered before their put's completion
+    unpiped: int = 0  # Rule 4: puts sent without a pipelined read since the last one with
 
 
 class ChannelAccessBackend:
@@ -162,7 +171,9 @@ class ChannelAccessBackend:
             self._emit(PutDoneEvent(name, put_id, f"put could not be sent: {_FULL}", None))
             return
         native = channel.ca.native_data_type
-        race = _PutRace()
+        pipeline = channel.reads_early < PIPELINE_EARLY or channel.unpiped >= PIPELINE_RETRY
+        channel.unpiped = 0 if pipeline else channel.unpiped + 1
+        race = _PutRace(read_pending=pipeline)
 
         def on_write(response: Any) -> None:
             error = put_error(response)
@@ -177,6 +188,8 @@ class ChannelAccessBackend:
 
         def on_read(response: Any) -> None:
             race.read_pending = False
+            if response is not None and not race.finished:  # answered, after a put not failed
+                channel.reads_early = 0 if race.completed else channel.reads_early + 1
             if race.finished or not race.completed:
                 return  # the put failed, or this read was answered before its completion
             race.finished = True
@@ -193,8 +206,13 @@ class ChannelAccessBackend:
             except Exception as exc:  # a value caproto cannot put on the wire
                 self._emit(PutDoneEvent(name, put_id, f"put could not be sent: {exc}", None))
                 return
-        read_ioid = circuit.core.new_ioid()
         circuit.operations[write_ioid] = (channel, on_write, True)
+        if not pipeline:
+            sent = circuit.send_bytes(ca_channel, data, write_ioid) if data is not None else circuit.send(write)
+            if not sent:
+                circuit.not_sent(write_ioid)
+            return
+        read_ioid = circuit.core.new_ioid()
         circuit.operations[read_ioid] = (channel, on_read, True)
         # Both in one segment: the write queued, the read behind it sends them (Rule 4).
         if data is not None:
@@ -377,6 +395,7 @@ class ChannelAccessBackend:
             circuit.send(channel.ca.clear())
             return
         channel.connected = True
+        channel.reads_early = channel.unpiped = 0  # a new circuit: perhaps another server (Rule 4)
         subscribe = channel.ca.subscribe(data_type="time")
         channel.subscription = subscribe.subscriptionid
         circuit.by_subscription[subscribe.subscriptionid] = channel

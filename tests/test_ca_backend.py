@@ -539,3 +539,40 @@ def test_a_circuit_full_of_unanswered_requests_fails_the_next_at_once(driver, pr
     driver.backend.read(pv, 4)  # room again
     read = driver.wait_for(lambda e: isinstance(e, ca.ReadDoneEvent) and e.read_id == 4, 5)
     assert read.reading is not None
+
+
+# --- the read behind a put (backend.py Rule 4) --------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("server", ["caproto", "rsrv"])
+def test_the_read_behind_a_put_is_sent_while_it_can_be_the_read_back(server, prefix, monkeypatch):
+    # caproto's server answers a circuit's requests in order: the read behind a put is its
+    # read-back, every time. EPICS base's answers the read before the put's completion, so
+    # there it is wasted, and the channel stops sending it; its puts still end read back.
+    module, ready = {"caproto": ("tests.iocs.zoo", "dt"), "rsrv": ("tests.iocs.rsrv", "motor")}[server]
+    monkeypatch.setattr(ca, "PIPELINE_RETRY", 3)
+    with SimulatedIOC(module, prefix=prefix, ready_pv=ready, cwd=REPO_ROOT) as ioc:
+        for key, value in ioc.ca_env().items():
+            monkeypatch.setenv(key, value)
+        driver = Driver()
+        try:
+            pv = f"{prefix}motor"
+            driver.backend.add(pv)
+            driver.wait_for(lambda e: isinstance(e, ca.MetadataEvent), 15)
+            channel = driver.backend._channels[pv]
+            unpiped = 0  # puts sent without the read
+            for put_id in range(1, 201):  # rsrv's answers race in two of its threads: not a fixed count
+                value = float(put_id % 9) + 0.25  # inside the rsrv motor's drive limits
+                driver.backend.put(pv, put_id, value)
+                unpiped += channel.unpiped > 0
+                done = driver.wait_for(lambda e: isinstance(e, ca.PutDoneEvent) and e.put_id == put_id, 10)
+                assert done.error is None and done.readback is not None and done.readback.value == value
+                if server == "caproto" and put_id == 40 or server == "rsrv" and unpiped >= 2 * ca.PIPELINE_RETRY:
+                    break
+            if server == "caproto":
+                assert channel.reads_early == 0 and unpiped == 0
+            else:
+                assert channel.reads_early >= ca.PIPELINE_EARLY and unpiped == 2 * ca.PIPELINE_RETRY
+        finally:
+            driver.close()
