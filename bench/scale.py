@@ -240,7 +240,7 @@ def run(bench: Any, ioc: Any) -> tuple[list[dict], dict]:
             {"part": "scale", "what": f"{busy['pvs']:,} PVs: RSS of daemon+actors ({busy['processes']} processes)",
              "pvhub": busy["rss"], "unit": "B", "target": "", "pass": None},
             {"part": "scale", "what": f"{busy['pvs']:,} PVs: `pvhub status --json` (the command)",
-             "pvhub": busy["status_s"], "unit": "s", "target": "< 1 s", "pass": busy["status_s"] < 1.0},
+             "pvhub": busy["status_s"], "unit": "s", "target": "(< 1 s at 10,000)", "pass": None},
             {"part": "scale", "what": f"{busy['pvs']:,} PVs: status request, a connected client",
              "pvhub": busy["status_request_s"], "unit": "s", "target": "", "pass": None},
         ]  # fmt: skip

@@ -95,8 +95,10 @@ class Broker:
         readings_hwm: int = DEFAULT_READINGS_HWM,
         config_path: str | None = None,
         large_readings: str | None = None,
+        parent_pid: int | None = None,
     ) -> None:
         self.config = config
+        self.parent_pid = parent_pid  # stop once this process is no longer our parent
         self.config_path = config_path
         self._reload = False
         self._put_logs: list[tuple[str, dict]] = []  # put records of the batch being handled
@@ -218,6 +220,9 @@ class Broker:
                 now = time.monotonic()
                 if now >= next_tick:  # Rule 3
                     next_tick = now + TICK_S
+                    if self.parent_pid is not None and not self._stopping and os.getppid() != self.parent_pid:
+                        self.log.warning("parent_gone", parent_pid=self.parent_pid)
+                        self._stopping = True  # as at SIGTERM: the harness that started us is gone
                     for actor, code in supervisor.reap():
                         self._carry_out(ctx, router.actor_exited(actor, code, now))
                     self._carry_out(ctx, router.tick(now))

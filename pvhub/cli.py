@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", default="auto", choices=["auto", "json", "console"],
                        help="auto: readable at a terminal, JSON lines otherwise (journald)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                       help="stop, as at SIGTERM, once process PID is no longer this one's parent "
+                            "(for a launcher or harness whose daemon must not outlive it)")
     serve.set_defaults(func=_serve)
 
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
@@ -116,7 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
     log_format = "json" if args.log_format == "auto" and not sys.stderr.isatty() else args.log_format
     hwm = args.readings_hwm or config.readings_hwm
     broker = Broker(config, address, readings, log_format=log_format, log_level=args.log_level,
-                    readings_hwm=hwm, config_path=args.config, large_readings=large_readings)
+                    readings_hwm=hwm, config_path=args.config, large_readings=large_readings,
+                    parent_pid=args.parent_pid)
     broker.install_signal_handlers()
     try:
         return broker.run()

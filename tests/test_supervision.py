@@ -232,3 +232,61 @@ def test_a_stopping_daemon_lets_its_actors_stop_in_order(hub_factory):
     stopped = {event["actor"] for event in log_events(daemon, "actor_stopped")}
     assert pool <= stopped, f"killed, not stopped: {sorted(pool - stopped)}"
     assert not log_events(daemon, "actor_killed")
+
+
+# --- a daemon whose starter is gone (pvhub.testing.daemon Rule 6) ---------------------------------
+
+HARNESS = """
+import signal
+from pvhub.testing import DaemonProcess
+daemon = DaemonProcess().start()
+print(daemon.pid, daemon.log_path, flush=True)
+signal.pause()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_a_daemon_stops_with_its_actors_when_what_started_it_is_killed():
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    harness = subprocess.Popen([sys.executable, "-c", HARNESS], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    try:
+        pid_text, log_path = harness.stdout.readline().split()
+        daemon = int(pid_text)
+        actors = wait_until(lambda: _children(daemon), timeout=20)  # its pool, started before READY
+        harness.kill()  # no stop(), no atexit: as a harness killed by the OOM killer or a CI timeout
+        harness.wait(10)
+        killed = time.monotonic()
+        while any(_alive(pid) for pid in (daemon, *actors)):
+            assert time.monotonic() - killed < 15, "the daemon or an actor outlived what started it"
+            time.sleep(0.05)
+        with open(log_path) as log:
+            assert '"parent_gone"' in log.read()  # it stopped as it should, not by accident
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait(10)
+        harness.stdout.close()

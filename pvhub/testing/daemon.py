@@ -14,6 +14,9 @@ whole process group at the deadline.
 Rule 5: a port picked here is only free when it is picked. A daemon that exits because
 another process bound its picked address first is started again on a fresh port, up to
 ``_PORT_ATTEMPTS`` times; an address given is never changed.
+Rule 6: the daemon does not outlive the process that started it: it is told our pid
+(``--parent-pid``) and stops, as at SIGTERM, within a tick of our exit, however we exit
+(killed, or never reaching ``stop``), so its actors go with it.
 """
 
 from __future__ import annotations
@@ -293,6 +296,7 @@ class DaemonProcess:
             "--address", self.address,
             "--readings", f"tcp://{LOOPBACK}:*",
             "--log-format", "json",
+            "--parent-pid", str(os.getpid()),  # Rule 6
             *self._args,
         ]  # fmt: skip
 
