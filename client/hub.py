@@ -1,4 +1,6 @@
-"""A process's connection to a pvhub daemon, shared by all of its Signals.
+"""A process's connection to a pvhub daemon, shared by all of its Signals. Its session with the
+daemon (sockets, hello, pings, a daemon lost) is ``pvhub.client.session``'s, its CurveZMQ keys
+``pvhub.client.curve``'s.
 
 Rule 1: one I/O thread owns the sockets (a DEALER for requests, a SUB for readings); ZeroMQ
 sockets are not thread-safe. User threads hand it work through a queue and a wake-up pipe.
@@ -16,27 +18,15 @@ the same reason a snapshot request unanswered after ``SNAPSHOT_TIMEOUT`` is give
 answer is ignored) and asked again: a read changes nothing, so asking twice is harmless. Only
 channels waiting for a proof or a snapshot are looked at, in a heap by when they are due: a
 wake-up costs nothing per idle channel, so a process may hold thousands of them.
-Rule 5 (Paranoid Pirate, decided in ``pvhub.client.liveness``): the client pings the daemon
-every ``CLIENT_HEARTBEAT_S``; a daemon silent for ``LIVENESS`` beats, or one that announces it
-is stopping, is lost: every request in flight fails at once (a put's outcome is then unknown;
-nothing is ever re-sent), every channel turns disconnected, and the client says hello again
-until a daemon answers, then re-attaches every channel from a fresh snapshot. Requests are
-never queued for a daemon that is not there (``ZMQ_IMMEDIATE``), so nothing sent during an
-outage is delivered to the next daemon.
-Rule 6: no request waits forever (``pvhub.client.requests``): each may have a deadline for
+Rule 5: no request waits forever (``pvhub.client.requests``): each may have a deadline for
 its final reply, checked on every pass of the I/O loop; a set has none by default (its
 waiters bound their wait themselves, with ``Status`` timeouts). A request whose final reply
 the daemon could not deliver (named in a ``Pong``'s ``lost``) fails at once, its outcome
 unknown.
-Rule 7: an I/O thread that dies of an error (not of ``close()``) takes the connection with it
+Rule 6: an I/O thread that dies of an error (not of ``close()``) takes the connection with it
 in plain sight: every channel is lost and refuses to connect, every request pending fails,
 and every later one fails at once, each with ``HubUnavailableError`` naming the cause. A
 process never goes on serving its last values as if they were live.
-Rule 8 (CurveZMQ): with keys (arguments, or ``PVHUB_CLIENT_KEY`` and ``PVHUB_SERVER_KEY``,
-both or neither) both sockets are encrypted and the daemon knows this client by its public
-key. The secret key file is read through ``pvhub.keys``, which refuses one others may read.
-A refused handshake is silent in ZeroMQ (the socket just tries again), so the I/O thread
-watches the request socket's handshakes and says why hello goes unanswered.
 """
 
 from __future__ import annotations
@@ -49,20 +39,20 @@ import threading
 import time
 from concurrent.futures import Future
 from typing import Callable
-from urllib.parse import urlsplit
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from pvhub import protocol as p
-from pvhub.config import DEFAULT_ADDRESS, DEFAULT_READINGS_HWM
+from pvhub.config import DEFAULT_ADDRESS
 from pvhub.errors import HubUnavailableError, LimitError, ProtocolError, PvhubError, error_from_code
-from pvhub.keys import KeyFileError, load_public, load_secret
 from pvhub.client.channel import Channel, ProofSchedule
+from pvhub.client.curve import curve_keys, key_paths
 from pvhub.client.dispatcher import DISPATCH_BATCH, Dispatcher
-from pvhub.client.liveness import Liveness, Lose, SayHello
+from pvhub.client.liveness import Liveness
 from pvhub.client.requests import ReplyHandler, RequestTable, answer_all, default_timeout, describe
+from pvhub.client.session import Session
 from pvhub.logs import library_logger
+from pvhub.readings import decode_readings
 from pvhub.waker import Waker
 
 log = library_logger("pvhub.client")
@@ -79,10 +69,6 @@ _RCVMORE = int(zmq.RCVMORE)
 # ``Hub.call`` waits this much past its request's deadline, so that the deadline (checked
 # once per pass of the I/O loop) is what fails the call.
 CALL_GRACE = 0.5
-HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-CLIENT_KEY_ENV = "PVHUB_CLIENT_KEY"
-SERVER_KEY_ENV = "PVHUB_SERVER_KEY"
 
 # Errors to a snapshot request that asking again will not change.
 PERMANENT_ERRORS = {"pv_not_allowed", "access_denied", "bad_message", "unsupported_version", "unknown_operation"}
@@ -92,7 +78,7 @@ def default_address() -> str:
     return os.environ.get("PVHUB_ADDRESS", DEFAULT_ADDRESS)
 
 
-class Hub:
+class Hub(Session):
     """The connection to one daemon. Use ``get_hub(address)`` (``pvhub.client.registry``): it is
     shared per address and keys."""
 
@@ -100,12 +86,12 @@ class Hub:
                  client_key: str | os.PathLike[str] | None = None,
                  server_key: str | os.PathLike[str] | None = None) -> None:
         """``client_key``: this client's ``NAME.key_secret``; ``server_key``: the daemon's
-        ``NAME.key`` (Rule 8; default ``$PVHUB_CLIENT_KEY``, ``$PVHUB_SERVER_KEY``)."""
+        ``NAME.key`` (curve.py Rule 1; default ``$PVHUB_CLIENT_KEY``, ``$PVHUB_SERVER_KEY``)."""
         self.address = address or default_address()
         self.name = name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
         # Read here, on the caller's thread, so that a bad key file fails the constructor.
         self.key_paths = key_paths(client_key, server_key)
-        self._curve = _curve_keys(*self.key_paths)
+        self._curve = curve_keys(*self.key_paths)
         # Where the SUB socket is connected: readings, and large readings (protocol Rule 4).
         self.readings_endpoints: tuple[str, ...] = ()
         self.server_version: str | None = None
@@ -120,13 +106,13 @@ class Hub:
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._waker = Waker()
         self._ids = itertools.count(1)
-        self._requests = RequestTable(self.address)  # Rule 6; the I/O thread's only
+        self._requests = RequestTable(self.address)  # Rule 5; the I/O thread's only
         # Requests handed to the I/O thread but not sent yet; whoever takes one out answers it.
         self._unsent: dict[object, ReplyHandler] = {}
         self._unsent_lock = threading.Lock()
         self._io_finished = False
-        self._io_failure: BaseException | None = None  # why the I/O thread died (Rule 7)
-        self._liveness = Liveness()  # Rule 5; its ``connected`` is set once a daemon said hello
+        self._io_failure: BaseException | None = None  # why the I/O thread died (Rule 6)
+        self._liveness = Liveness()  # session.py Rule 1; its ``connected`` is set once a daemon said hello
         self.wakeups = 0  # passes of the I/O loop (benchmarks: work per wake-up)
         self._channels: dict[str, Channel] = {}
         self._channels_lock = threading.Lock()
@@ -148,7 +134,7 @@ class Hub:
             channel = self._channels.get(pv)
             if channel is None:
                 channel = self._channels[pv] = Channel(self, pv)
-                if self._io_failure is not None:  # Rule 7: nobody will ever attach it
+                if self._io_failure is not None:  # Rule 6: nobody will ever attach it
                     channel.error = HubUnavailableError(self._ended_text("the PV cannot connect"))
                     return channel
                 self._liveness.pvs_changed()
@@ -166,7 +152,7 @@ class Hub:
         """Send the request ``build(id)``. The future gets the final reply (an ``ErrorReply``
         becomes its exception); ``handler``, if given, sees every reply first on the I/O thread
         and says whether it was the last. ``timeout``: seconds from sending to the final reply,
-        past which the request fails with ``PvhubTimeoutError`` (Rule 6); None: the default
+        past which the request fails with ``PvhubTimeoutError`` (Rule 5); None: the default
         for its kind (``REQUEST_TIMEOUT``, none for a set); ``math.inf``: none."""
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"a request's timeout must be a number of seconds >= 0, not {timeout!r}")
@@ -255,12 +241,12 @@ class Hub:
 
     @property
     def losses(self) -> int:
-        """How many times a connected daemon was lost (Rule 5)."""
+        """How many times a connected daemon was lost (session.py Rule 1)."""
         return self._liveness.losses
 
     def wait_for_hello(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        # In slices, so that a dead I/O thread (Rule 7) is reported at once, not at the deadline.
+        # In slices, so that a dead I/O thread (Rule 6) is reported at once, not at the deadline.
         while not self._liveness.connected.wait(0.25 if deadline is None else min(0.25, max(0.0, deadline - time.monotonic()))):
             if self._io_failure is not None:
                 raise HubUnavailableError(self._ended_text("nothing can be sent"))
@@ -351,69 +337,9 @@ class Hub:
             return 0
         return min(POLL_MS, int((due - now) * 1000) + 1)
 
-    def _open_sockets(self) -> zmq.Poller:
-        self._dealer = self._ctx.socket(zmq.DEALER)
-        self._sub = self._ctx.socket(zmq.SUB)
-        for sock in (self._dealer, self._sub):
-            sock.setsockopt(zmq.LINGER, 0)
-            if self._curve is not None:  # Rule 8: before connecting, or the socket speaks NULL
-                public, secret, server = self._curve
-                sock.curve_secretkey = secret
-                sock.curve_publickey = public
-                sock.curve_serverkey = server
-        self._dealer.setsockopt(zmq.IMMEDIATE, 1)
-        # Unbounded both ways: what is queued is what this process asked for, and a bound
-        # here would fail a burst of requests (thousands of Signals attaching at once) as
-        # "not sent", or hold replies back until the daemon's queue for us overflows and it
-        # drops them.
-        self._dealer.setsockopt(zmq.SNDHWM, 0)
-        self._dealer.setsockopt(zmq.RCVHWM, 0)
-        self._dealer.connect(self.address)
-        self._sub.setsockopt(zmq.RCVHWM, DEFAULT_READINGS_HWM)  # and the daemon's own bound
-        # Subscriptions travel as outgoing messages: past SNDHWM (1000 by default) a SUB drops
-        # them without a word, and a process may subscribe to thousands of PVs at once (or
-        # again, all together, when it reconnects).
-        self._sub.setsockopt(zmq.SNDHWM, 0)
-        self._sub.setsockopt(zmq.SUBSCRIBE, p.HUB_TOPIC)
-        self._handshakes = self._dealer.get_monitor_socket(HANDSHAKE_EVENTS)
-        poller = zmq.Poller()
-        poller.register(self._dealer, zmq.POLLIN)
-        poller.register(self._sub, zmq.POLLIN)
-        poller.register(self._handshakes, zmq.POLLIN)
-        poller.register(self._waker.fileno(), zmq.POLLIN)
-        return poller
-
-    def _read_handshakes(self) -> None:
-        """Rule 8: keep why the daemon does not let us in, in words an operator can act on."""
-        while True:
-            try:
-                event = recv_monitor_message(self._handshakes, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            kind, value = event["event"], event["value"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.handshake_problem = None
-                self._liveness.handshake_succeeded()
-                continue
-            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                problem = (f"the daemon refused this client (ZAP status {value})"
-                           + (": its public key is not in the daemon's clients directory" if self._curve else ""))
-            elif not self._curve:
-                problem = (f"the security handshake failed: this client has no CURVE keys ({CLIENT_KEY_ENV}, "
-                           f"{SERVER_KEY_ENV}); does the daemon require them?")
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                problem = (f"the security handshake failed (ZMTP error {value:#x}): this client uses CURVE keys; "
-                           "does the daemon?")
-            else:  # the daemon could not read our hello: it was sealed for another key
-                problem = ("the security handshake failed: is the server key (PVHUB_SERVER_KEY) the daemon's own "
-                           "public key?")
-            if problem != self.handshake_problem:  # ZeroMQ retries every 100 ms: say it once
-                log.warning("handshake_failed", address=self.address, problem=problem)
-            self.handshake_problem = problem
-
     def _finish(self, failure: BaseException | None) -> None:
         """The I/O thread's last words: answer everything, and after a failure, lose every
-        channel (Rule 7)."""
+        channel (Rule 6)."""
         with self._unsent_lock:
             self._io_failure = failure
             self._io_finished = True
@@ -431,119 +357,18 @@ class Hub:
                 with channel.cond:
                     channel.error = HubUnavailableError(error_text)
                     channel.cond.notify_all()
-        handshakes = getattr(self, "_handshakes", None)
-        if handshakes is not None:
-            self._dealer.disable_monitor()
-            handshakes.close()
-        for sock in (getattr(self, "_dealer", None), getattr(self, "_sub", None)):
-            if sock is not None:
-                sock.close()
-        self._ctx.term()
-
-    def _try_send(self, payload: bytes) -> bool:
-        try:
-            self._dealer.send(payload, zmq.NOBLOCK)
-        except zmq.Again:  # no daemon connected (ZMQ_IMMEDIATE): nothing is queued
-            return False
-        return True
-
-    def _send(self, message: p.Message) -> bool:
-        return self._try_send(p.encode(message))
-
-    # --- liveness -------------------------------------------------------------------------
-
-    def _keep_alive(self, now: float) -> None:
-        """Rule 5: whatever ``Liveness`` says is due."""
-        action = self._liveness.due(now, self._requests.waiting_besides)
-        if action is None:
-            return
-        if isinstance(action, SayHello):
-            self._send_hello(now)
-        elif isinstance(action, Lose):
-            self._lose_hub(action.reason)
-        else:
-            with_pvs = self._liveness.take_pvs_change(now, len(self._channels))
-            pvs = [channel.pv for channel in self._all_channels()] if with_pvs else None
-            request_id = next(self._ids)
-            sent = self._send(p.PingRequest(id=request_id, pvs=pvs))
-            self._liveness.ping_sent(request_id, now, sent, with_pvs)
-            if sent:  # in the table only so that its answer is taken; ``Liveness`` counts it
-                self._requests.add(request_id, lambda message: True, now)
-
-    def _lose_hub(self, reason: str) -> None:
-        """The daemon is gone (Rule 5): fail what it owed, disconnect, start saying hello."""
-        if not self._liveness.lost():
-            return
-        log.warning("hub_lost", address=self.address, reason=reason)
-        self._requests.fail_all(f"the pvhub daemon at {self.address} went away ({reason}); the outcome is unknown")
-        for channel in self._all_channels():
-            channel.lose(reason, daemon_lost=True)
+        self._close_sockets()
 
     def _closed_text(self, outcome: str) -> str:
         return f"the connection to the pvhub daemon at {self.address} was closed; {outcome}"
 
     def _ended_text(self, outcome: str) -> str:
-        """Why nothing goes through any more: closed, or the I/O thread's failure (Rule 7)."""
+        """Why nothing goes through any more: closed, or the I/O thread's failure (Rule 6)."""
         failure = self._io_failure
         if failure is None:
             return self._closed_text(outcome)
         return (f"the pvhub client's I/O thread for the daemon at {self.address} failed "
                 f"({type(failure).__name__}: {failure}); {outcome}")
-
-    def _send_hello(self, now: float) -> None:
-        request_id = next(self._ids)
-        replaced = self._liveness.hello_sent(request_id, now)
-        if replaced is not None:  # unanswered: its answer would no longer count
-            self._requests.discard(replaced)
-
-        def on_hello(message: p.Message) -> bool:
-            if not self._liveness.is_current_hello(message.id):  # type: ignore[attr-defined]
-                return True  # an answer to an earlier attempt
-            if isinstance(message, p.HelloReply):
-                endpoints = tuple(_reachable(endpoint, self.address)
-                                  for endpoint in (message.readings, message.large_readings) if endpoint)
-                if endpoints != self.readings_endpoints:
-                    for endpoint in self.readings_endpoints:
-                        self._sub.disconnect(endpoint)
-                    for endpoint in endpoints:
-                        self._sub.connect(endpoint)
-                    self.readings_endpoints = endpoints
-                self.server_version = message.server_version
-                self.identity = message.client
-                self.max_message_bytes = message.max_message_bytes
-                self.known_as = message.identity
-                self._liveness.connected_at(time.monotonic())
-                log.info("hub_connected", address=self.address, readings=endpoints)
-                # Attaching waited for the readings endpoint; after a loss, everything resyncs.
-                for channel in self._all_channels():
-                    if not channel.attached:
-                        self._request_snapshot(channel)
-            elif isinstance(message, p.ErrorReply):
-                log.error("hello_refused", address=self.address, code=message.code, error=message.message)
-            return True
-
-        if self._send(p.HelloRequest(id=request_id, client=self.name)):
-            self._requests.add(request_id, on_hello, now)
-
-    def _drain_replies(self) -> None:
-        while True:
-            try:
-                payload = self._dealer.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                message = p.decode(payload)
-            except ProtocolError as exc:
-                log.error("bad_reply", error=str(exc))
-                continue
-            for ping in self._liveness.heard(time.monotonic()):  # older pings are moot now
-                self._requests.discard(ping)
-            if isinstance(message, p.Pong):
-                if message.pvs_wanted:
-                    self._liveness.pvs_changed(wanted=True)  # the daemon forgot us (we were away)
-                if message.lost:
-                    self._requests.fail_lost(message.lost)
-            self._requests.answer(message)
 
     def _drain_readings(self) -> None:
         # The hot path: a thousand readings a second to each of a hundred processes. A
@@ -561,7 +386,7 @@ class Hub:
             except zmq.Again:
                 return
             while more(_RCVMORE):  # a message's frames arrive together: no Again here
-                messages = p.decode_readings(recv(_NOBLOCK))
+                messages = decode_readings(recv(_NOBLOCK))
                 while True:
                     try:
                         update = next(messages)
@@ -670,34 +495,3 @@ class Hub:
             self._request_snapshot(channel)
 
 
-def _reachable(endpoint: str, request_address: str) -> str:
-    """The readings endpoint as this client can reach it: a daemon bound to all interfaces
-    names 0.0.0.0, which means the host we already reach it at."""
-    parts = urlsplit(endpoint)
-    if parts.scheme == "tcp" and parts.hostname in ("0.0.0.0", "::", "*"):
-        host = urlsplit(request_address).hostname or "127.0.0.1"
-        return f"tcp://{host}:{parts.port}"
-    return endpoint
-
-
-def key_paths(client_key: str | os.PathLike[str] | None = None,
-              server_key: str | os.PathLike[str] | None = None) -> tuple[str | None, str | None]:
-    """This client's secret key file and the daemon's public key file (Rule 8): each from
-    its argument or else its environment variable; both, or neither (``KeyFileError``)."""
-    client = os.fspath(client_key) if client_key else os.environ.get(CLIENT_KEY_ENV) or None
-    server = os.fspath(server_key) if server_key else os.environ.get(SERVER_KEY_ENV) or None
-    if (client is None) != (server is None):
-        have, lack = ((f"this client's secret key ({CLIENT_KEY_ENV} or client_key) is {client}",
-                       f"the daemon's public key ({SERVER_KEY_ENV} or server_key)") if client else
-                      (f"the daemon's public key ({SERVER_KEY_ENV} or server_key) is {server}",
-                       f"this client's secret key ({CLIENT_KEY_ENV} or client_key)"))
-        raise KeyFileError(f"{have}, but {lack} is not given: CURVE needs both (or neither, without security)")
-    return client, server
-
-
-def _curve_keys(client: str | None, server: str | None) -> tuple[bytes, bytes, bytes] | None:
-    """(public, secret, server public) to set on both sockets, or None without security."""
-    if client is None or server is None:
-        return None
-    public, secret = load_secret(client)
-    return public, secret, load_public(server)

@@ -5,7 +5,7 @@ Rule 1: no I/O, no threads, no clock. The hub's I/O thread, its only user, passe
 Rule 2: a request's handler sees every reply to it and says whether that one was the last;
 then the request is forgotten, and a later reply with its id reaches no one. A handler that
 raises counts as answered, and is logged.
-Rule 3: no request waits forever (the hub's Rule 6). A request may have a deadline for its
+Rule 3: no request waits forever (hub.py Rule 5). A request may have a deadline for its
 final reply; past it the handler gets a ``PvhubTimeoutError`` reply. Reads, describes and
 status get ``REQUEST_TIMEOUT`` unless the caller gives its own; a set gets none, since its
 final reply comes when the IOC completes the put, which may be a motor's whole move.

@@ -1,8 +1,8 @@
 """The daemon's sockets and its loop: clients in, actors out, readings forwarded on a thread of
-their own (``daemon/security.py``).
+their own (``daemon/forwarder.py``).
 
 Rule 1: the broker thread owns the two ROUTER sockets; the readings forwarder (XSUB ->
-XPUB, ``daemon/security.py``) runs on its own thread: per readings message a receive and a
+XPUB, ``daemon/forwarder.py``) runs on its own thread: per readings message a receive and a
 send of its frames, untouched, never decoded.
 Rule 2: nothing a client sends can stop the loop. A message that does not decode is answered
 with ``bad_message`` when it carries enough to answer, and dropped (logged) otherwise.
@@ -42,7 +42,8 @@ from pvhub import config as config_module
 from pvhub.config import (DEFAULT_READINGS_HWM, Config, ConfigError, default_large_readings_address,
                           exposure_problem)
 from pvhub.daemon.notify import Notifier, watchdog_interval
-from pvhub.daemon.security import ReadingsForwarder, Security, identity_of
+from pvhub.daemon.forwarder import ReadingsForwarder
+from pvhub.daemon.security import Security, identity_of
 from pvhub.daemon.effects import (
     Adopt,
     Announce,
@@ -357,7 +358,7 @@ class Broker:
         request_id = p.salvage_id(payload)
         self.log.warning("bad_message", client=client.hex(), error=str(exc))
         reply = error_reply(request_id, exc)
-        # An older client reads why it is refused in its own version (protocol.py, PROTOCOL_VERSION).
+        # An older client reads why it is refused in its own version (messages.py, PROTOCOL_VERSION).
         version = p.salvage_version(payload) if isinstance(exc, UnsupportedVersionError) else p.PROTOCOL_VERSION
         self._to_client(ctx, client, p.encode(reply, version=version), reply)
 

@@ -103,10 +103,11 @@ def readings_in(payloads) -> list:
     """The messages of a readings message's payload frames, an ``Updates`` as the ``Update``
     messages it stands for (protocol Rule 8)."""
     from pvhub import protocol as p
+    from pvhub.readings import decode_readings
 
     messages = []
     for payload in payloads:
-        for message in p.decode_readings(payload):
+        for message in decode_readings(payload):
             messages.extend(message.each() if isinstance(message, p.Updates) else (message,))
     return messages
 

@@ -1,4 +1,4 @@
-"""The client's path for readings, made lean: ``protocol.decode_reading`` and what follows it.
+"""The client's path for readings, made lean: ``readings.decode_reading`` and what follows it.
 
 Rule 1: ``decode_reading`` and ``decode_readings`` are judged against ``decode`` alone: for any
 bytes, both return equal messages or both refuse with the same ``ProtocolError`` (a frame of
@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pvhub import protocol as p
+from pvhub import readings as decoding
 from pvhub.arrays import pack_default, unpack_ext
 from pvhub.client.channel import Channel
 from pvhub.errors import ProtocolError
@@ -125,10 +126,10 @@ def _shape(obj: Any) -> Any:
 @given(updates)
 def test_fast_decode_accepts_every_update_as_decode_does(update: p.Update) -> None:
     data = p.encode(update)
-    fast = outcome(p.decode_reading, data)
+    fast = outcome(decoding.decode_reading, data)
     assert fast[0] == "accepted"
     assert fast == outcome(p.decode, data)
-    assert _shape(p.decode_reading(data)) == _shape(update)
+    assert _shape(decoding.decode_reading(data)) == _shape(update)
 
 
 def test_fast_decode_takes_its_fast_path_for_a_plain_update(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,10 +138,10 @@ def test_fast_decode_takes_its_fast_path_for_a_plain_update(monkeypatch: pytest.
     data = p.encode(update)
     calls: list[bytes] = []
     real = p.decode
-    monkeypatch.setattr(p, "decode", lambda payload: calls.append(payload) or real(payload))
-    assert p.decode_reading(data) == update
+    monkeypatch.setattr(decoding, "decode", lambda payload: calls.append(payload) or real(payload))
+    assert decoding.decode_reading(data) == update
     assert calls == []
-    assert p.decode_reading(p.encode(p.PvLost(pv="X:fast"))) == p.PvLost(pv="X:fast")
+    assert decoding.decode_reading(p.encode(p.PvLost(pv="X:fast"))) == p.PvLost(pv="X:fast")
     assert len(calls) == 1  # anything else: decode's
 
 
@@ -228,7 +229,7 @@ def _spoiled() -> list[tuple[str, bytes]]:
 
 @pytest.mark.parametrize("data", [data for _, data in _spoiled()], ids=[name for name, _ in _spoiled()])
 def test_fast_decode_refuses_and_accepts_spoiled_updates_as_decode_does(data: bytes) -> None:
-    assert outcome(p.decode_reading, data) == outcome(p.decode, data)
+    assert outcome(decoding.decode_reading, data) == outcome(p.decode, data)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -243,13 +244,13 @@ def test_fast_decode_answers_damaged_bytes_as_decode_does(update: p.Update, rand
             del data[random.randrange(len(data) + 1):]
         else:
             data.insert(random.randrange(len(data) + 1), random.randrange(256))
-    assert outcome(p.decode_reading, bytes(data)) == outcome(p.decode, bytes(data))
+    assert outcome(decoding.decode_reading, bytes(data)) == outcome(p.decode, bytes(data))
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_fast_decode_of_any_bytes_is_a_message_or_a_protocol_error(data: bytes) -> None:
-    assert outcome(p.decode_reading, data) == outcome(p.decode, data)
+    assert outcome(decoding.decode_reading, data) == outcome(p.decode, data)
 
 
 # --- a frame of several messages (protocol Rule 8) ---------------------------------------------
@@ -259,7 +260,7 @@ def test_fast_decode_of_any_bytes_is_a_message_or_a_protocol_error(data: bytes) 
 @given(st.lists(updates, min_size=1, max_size=6))
 def test_a_frame_of_updates_back_to_back_decodes_to_each_as_decode_does(batch: list[p.Update]) -> None:
     pieces = [p.encode(update) for update in batch]
-    decoded = list(p.decode_readings(b"".join(pieces)))
+    decoded = list(decoding.decode_readings(b"".join(pieces)))
     assert [_shape(m) for m in decoded] == [outcome(p.decode, piece)[1] for piece in pieces]
 
 
@@ -267,18 +268,18 @@ def test_a_frame_of_one_update_takes_the_fast_path(monkeypatch: pytest.MonkeyPat
     update = p.Update(pv="X:fast", epoch=1, seq=7, connected=True, reading=p.Reading(7, 1.5))
     calls: list[bytes] = []
     real = p.decode
-    monkeypatch.setattr(p, "decode", lambda payload: calls.append(payload) or real(payload))
-    assert list(p.decode_readings(p.encode(update) * 3)) == [update] * 3
+    monkeypatch.setattr(decoding, "decode", lambda payload: calls.append(payload) or real(payload))
+    assert list(decoding.decode_readings(p.encode(update) * 3)) == [update] * 3
     assert calls == []
     lost = p.PvLost(pv="X:fast")
-    assert list(p.decode_readings(p.encode(update) + p.encode(lost))) == [update, lost]
+    assert list(decoding.decode_readings(p.encode(update) + p.encode(lost))) == [update, lost]
     assert calls == [p.encode(lost)]  # anything else: decode's, given its own bytes only
 
 
 def _decoded_until_refused(frame: bytes) -> tuple[list[Any], Any]:
     got: list[Any] = []
     try:
-        for message in p.decode_readings(frame):
+        for message in decoding.decode_readings(frame):
             got.append(_shape(message))
     except ProtocolError as exc:
         return got, type(exc)
@@ -336,7 +337,7 @@ def gathered(draw: st.DrawFn) -> p.Updates:
 def test_an_updates_message_decodes_on_the_fast_path_as_decode_does(message: p.Updates) -> None:
     data = p.encode(message)
     assert outcome(p.decode, data)[0] == "accepted"
-    assert [_shape(m) for m in p.decode_readings(data)] == [outcome(p.decode, data)[1]]
+    assert [_shape(m) for m in decoding.decode_readings(data)] == [outcome(p.decode, data)[1]]
     assert _shape(p.decode(data)) == _shape(message)
 
 
@@ -353,7 +354,7 @@ def test_spoiled_updates_are_refused_by_both_decoders_alike(items: list, problem
     data = _pack({"v": p.PROTOCOL_VERSION, "op": "updates", "pv": "X:a", "epoch": 1, "items": items})
     refused = outcome(p.decode, data)
     assert refused[0] == "refused" and problem in refused[1][1]
-    assert outcome(lambda d: list(p.decode_readings(d))[0], data) == refused
+    assert outcome(lambda d: list(decoding.decode_readings(d))[0], data) == refused
 
 
 _GOOD_ITEMS = [[1, 2.0, 1.0, 0, 0]]
@@ -379,7 +380,7 @@ def _deep(levels: int) -> Any:
         "a field more"])
 def test_updates_on_the_fast_path_are_judged_as_decode_judges_them(body: dict) -> None:
     data = _pack(body)
-    assert outcome(lambda d: list(p.decode_readings(d))[0], data) == outcome(p.decode, data)
+    assert outcome(lambda d: list(decoding.decode_readings(d))[0], data) == outcome(p.decode, data)
 
 
 def test_a_frame_of_one_message_is_decoded_whole(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -390,8 +391,8 @@ def test_a_frame_of_one_message_is_decoded_whole(monkeypatch: pytest.MonkeyPatch
     def several(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a frame of one message taken apart as one of several")
 
-    monkeypatch.setattr(p, "_each_reading", several)
-    (decoded,) = p.decode_readings(frame)
+    monkeypatch.setattr(decoding, "_each_reading", several)
+    (decoded,) = decoding.decode_readings(frame)
     assert _shape(decoded) == _shape(update)
 
 
@@ -415,7 +416,7 @@ def test_the_actor_gathers_runs_of_value_changes_and_sends_the_rest_as_they_are(
     updates = [change(1), change(2), snapshot, change(4), change(5), meta, change(7), change(9)]
     topic, frame = readings_frames("X:a", updates)
     assert topic == p.topic("X:a")
-    sent = list(p.decode_readings(frame))
+    sent = list(decoding.decode_readings(frame))
     assert [type(m).__name__ for m in sent] == ["Updates", "Update", "Updates", "Update", "Update", "Update"]
     assert [m.items for m in sent if isinstance(m, p.Updates)] == [
         [[1, 1, 101.0, 0, 0], [2, 2, 102.0, 0, 0]], [[4, 4, 104.0, 0, 0], [5, 5, 105.0, 0, 0]]]
@@ -425,15 +426,15 @@ def test_the_actor_gathers_runs_of_value_changes_and_sends_the_rest_as_they_are(
     # A big array is never copied into a joined frame: each message goes as its own frame.
     big = np.zeros(JOIN_LIMIT // 8 + 1)
     frames = readings_frames("X:a", [change(1), change(2), change(3, big)])
-    assert len(frames) == 3 and [type(m).__name__ for m in p.decode_readings(frames[1])] == ["Updates"]
-    assert list(p.decode_readings(frames[2]))[0].reading.value.shape == big.shape
+    assert len(frames) == 3 and [type(m).__name__ for m in decoding.decode_readings(frames[1])] == ["Updates"]
+    assert list(decoding.decode_readings(frames[2]))[0].reading.value.shape == big.shape
     assert readings_frames("X:a", [change(1)])[1] == p.encode(change(1))
     # Disconnected, without a reading, or of another epoch (a new actor): never in a run.
     gone = p.Update(pv="X:a", epoch=1, seq=3, connected=False, reading=None)
     newer = p.Update(pv="X:a", epoch=2, seq=4, connected=True, reading=p.Reading(4, 104.0))
     updates = [change(1), change(2), gone, newer, p.Update(pv="X:a", epoch=2, seq=5, connected=True,
                                                         reading=p.Reading(5, 105.0))]
-    sent = list(p.decode_readings(readings_frames("X:a", updates)[1]))
+    sent = list(decoding.decode_readings(readings_frames("X:a", updates)[1]))
     assert [type(m).__name__ for m in sent] == ["Updates", "Update", "Updates"]
     assert [u for m in sent for u in (m.each() if isinstance(m, p.Updates) else [m])] == updates
 

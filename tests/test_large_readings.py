@@ -1,6 +1,6 @@
 """Large readings (arrays of 64 KiB or more) leave the daemon through a socket of their own,
 whose queue per client is short: a client that stops reading an image PV costs the daemon a
-few images, not ten thousand (protocol Rule 4, daemon security.py Rule 6)."""
+few images, not ten thousand (protocol Rule 4, daemon forwarder.py Rule 4)."""
 
 from __future__ import annotations
 

@@ -88,6 +88,8 @@ def test_client_and_actors_import_only_the_shared_root_of_the_others():
     (REPO / "daemon" / "effects.py", set()), (REPO / "daemon" / "placement.py", set()),
     (REPO / "daemon" / "clients.py", set()), (REPO / "daemon" / "status.py", set()),
     (REPO / "pvhub" / "protocol.py", set()), (REPO / "pvhub" / "arrays.py", set()),
+    (REPO / "pvhub" / "messages.py", set()), (REPO / "pvhub" / "message_checks.py", set()),
+    (REPO / "pvhub" / "readings.py", set()),
     (REPO / "pvhub" / "config.py", set()),
     (REPO / "client" / "requests.py", set()),
     (REPO / "client" / "liveness.py", {"threading"}),  # only for the Event other threads wait on

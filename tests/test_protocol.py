@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from pvhub import arrays, protocol
+from pvhub import arrays, message_checks, messages, protocol
 from pvhub.errors import ProtocolError, UnknownOperationError, UnsupportedVersionError
 from pvhub.protocol import (
     MESSAGES,
@@ -536,8 +536,8 @@ def test_every_field_of_every_message_has_its_type_checked():
     # A field added with an annotation decode does not know would fail at import; this
     # proves the table covers every message, and that only values may be anything.
     for cls in MESSAGES.values():
-        checked = {name for name, _ in protocol._FIELD_TYPES[cls]}
-        unchecked = set(protocol._FIELDS[cls]) - checked
+        checked = {name for name, _ in message_checks._FIELD_TYPES[cls]}
+        unchecked = set(messages.FIELDS[cls]) - checked
         assert unchecked <= {"value"}, (cls.OP, unchecked)
 
 
