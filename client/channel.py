@@ -8,8 +8,14 @@ as a Channel Access monitor starts from the value current when it is made. It is
 a snapshot too, but not counted. A new ``epoch`` means a new actor: its sequence starts over, and the channel asks
 for a snapshot, since what the actor published before the subscription reached it is lost.
 Rule 2: only a snapshot (an answer to the channel's own request) makes a channel attached;
-``ready`` needs that, a connection and a reading, so a Signal that is ready can read and
-describe at once.
+``ready`` needs that, a connection, a reading, and the subscription live, so a Signal that
+is ready can read and describe at once, and what it is told from then on is the stream
+itself, without a hole. A snapshot answered before the subscription reached the daemon's
+readings socket is followed by a stream that starts some updates later: those between were
+published to others only. So until the first message of the subscription arrives, a new
+value is held, not told (listeners get ``value`` events only on a live channel), and that
+first message tells the value it brings (or the one held): a subscriber's first value is
+the first of an unbroken run.
 Rule 3: state is written only by the hub's I/O thread and read by any thread under ``cond``;
 listeners run under ``cond`` too and only queue work for the callback thread. A thread that
 waits for a change waits through ``wait``: a reading wakes only channels someone waits on
@@ -69,6 +75,7 @@ class Channel:
         self.version = 0  # Rule 4: the last change listeners were told of
         self.value_version = 0  # the last change that was a new value (0: none yet)
         self.previous: p.Reading | None = None  # the reading that new value replaced
+        self.told: p.Reading | None = None  # the reading of the last ``value`` event (Rule 2)
         # The hub's bookkeeping for proving the subscription (hub.py, Rule 4): the snapshot
         # request outstanding, if any, and when the hub looks at this channel next.
         self.proof_request: int | None = None
@@ -108,7 +115,7 @@ class Channel:
 
     @property
     def ready(self) -> bool:
-        return self.attached and self.connected and self.reading is not None
+        return self.attached and self.live and self.connected and self.reading is not None
 
     def wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         with self.cond:
@@ -156,7 +163,7 @@ class Channel:
         self.version += 1
         for kind, old in events:
             if kind == "value":
-                self.value_version, self.previous = self.version, old
+                self.value_version, self.previous, self.told = self.version, old, self.reading
         self._tell(events)
 
     def apply_reply(self, message: p.Snapshot | p.SetDone) -> None:
@@ -180,9 +187,9 @@ class Channel:
         """Rule 3, with ``cond`` held; returns the listener events it caused."""
         old = self.reading
         if (from_stream and seq == self.seq + 1 and epoch == self.epoch and metadata is None and connected
-                and self.connected and self.attached and reading is not None and old is not None):
-            # The usual reading, the next of a stream that is attached and connected, with
-            # nothing else changed: what the rules below decide for it, in short.
+                and self.connected and self.attached and self.live and reading is not None and old is not None):
+            # The usual reading, the next of a stream that is live, attached and connected,
+            # with nothing else changed: what the rules below decide for it, in short.
             self.seq = seq
             self.reading = reading
             self._notify()
@@ -190,8 +197,12 @@ class Channel:
         if epoch < self.epoch:
             return []  # a late word from an actor that has since been replaced
         was_ready, old_metadata = self.ready, self.metadata
+        first = from_stream and not self.live  # the subscription's first message (Rule 2)
         if epoch == self.epoch and seq <= self.seq:
-            if from_stream or self.attached:
+            if from_stream:
+                # Nothing newer, but the subscription is live: a value held is told now.
+                return self._went_live(was_ready, old_metadata) if first else []
+            if self.attached:
                 return []
             # The snapshot we asked for, overtaken by the stream: only a snapshot makes the
             # channel attached, and its metadata serves if the stream brought none (what the
@@ -222,14 +233,29 @@ class Channel:
             self.metadata = dict(metadata)  # type: ignore[assignment]
         if not from_stream:
             self.attached = True
+        if first:
+            self.live = True
         self._notify()
         events: list[tuple[str, p.Reading | None]] = []
         if connected != was_connected or self.ready != was_ready or (
                 self.metadata is not old_metadata and self.metadata != old_metadata):
             events.append(("meta", old))
         # An actor's first reading after a restart is often the very one we hold: once only.
-        if reading is not None and connected and not p.same_reading(reading, old):
-            events.append(("value", old))
+        # Not live, a new value is held; the first message of the subscription tells it (Rule 2).
+        if self.live and self.reading is not None and connected and not p.same_reading(self.reading, self.told):
+            events.append(("value", self.told))
+        return events
+
+    def _went_live(self, was_ready: bool, old_metadata: p.PVMetadata) -> list[tuple[str, p.Reading | None]]:
+        """The subscription's first message brought nothing newer than the snapshot held: the
+        channel is live now, and its held value is told (Rule 2)."""
+        self.live = True
+        self._notify()
+        events: list[tuple[str, p.Reading | None]] = []
+        if self.ready != was_ready:
+            events.append(("meta", self.reading))
+        if self.reading is not None and self.connected and not p.same_reading(self.reading, self.told):
+            events.append(("value", self.told))
         return events
 
     def lose(self, reason: str, daemon_lost: bool = False) -> None:

@@ -402,8 +402,7 @@ class Hub(Session):
                         for at in range(0, len(items), DISPATCH_BATCH):  # Rule 2's batch, held
                             chunk = items[at:at + DISPATCH_BATCH] if len(items) > DISPATCH_BATCH else items
                             if channel is not None:
-                                channel.apply_updates(update.epoch, chunk)
-                                channel.live = True  # after: the channel's Rule 1 asks if it was
+                                channel.apply_updates(update.epoch, chunk)  # live from here on
                             count += len(chunk)
                             if count >= DISPATCH_BATCH:
                                 count = 0
@@ -413,8 +412,7 @@ class Hub(Session):
                         channel = channels.get(update.pv)
                         if channel is not None:
                             channel.apply(update.epoch, update.seq, update.connected, update.reading,
-                                          update.metadata, from_stream=True)
-                            channel.live = True
+                                          update.metadata, from_stream=True)  # live from here on
                     else:
                         self._other_reading(update)
                     count += 1

@@ -58,11 +58,12 @@ def update(channel: Channel, seq: int, value: float | None, *, epoch: int = EPOC
     """A message from the subscription, as the hub applies it: the channel is live after."""
     channel.apply(epoch, seq, connected, None if value is None else reading(value), metadata,
                   from_stream=True)
-    channel.live = True
 
 
 def attached(seq: int = 5, value: float = 1.0) -> tuple[StubHub, Channel, Listener]:
+    """A channel whose subscription is live and whose snapshot came: ready, its value told."""
     hub, channel = make_channel()
+    channel.live = True  # as after a first message of the subscription that brought nothing newer
     snapshot(channel, seq, value)
     listener = Listener()
     channel.add_listener(listener.on_change)
@@ -78,13 +79,15 @@ def test_a_new_channel_is_neither_attached_nor_ready():
     assert (channel.reading, channel.metadata, channel.gaps, channel.missed) == (None, {}, 0, 0)
 
 
-def test_a_snapshot_attaches_the_channel():
+def test_a_snapshot_attaches_the_channel_and_the_subscriptions_first_message_makes_it_ready():
     hub, channel = make_channel()
     snapshot(channel, 5, 2.5)
     assert (channel.epoch, channel.seq) == (EPOCH, 5)
-    assert channel.attached and channel.connected and channel.ready
+    assert channel.attached and channel.connected and not channel.ready  # the stream may start later
     assert channel.reading == reading(2.5)
     assert channel.metadata == METADATA and channel.metadata is not METADATA
+    update(channel, 5, 2.5)  # the actor's published copy of that snapshot: nothing newer
+    assert channel.live and channel.ready and channel.seq == 5
     assert hub.resyncs == []
 
 
@@ -129,15 +132,20 @@ def test_a_gap_in_the_stream_is_counted_and_asks_for_a_snapshot(caplog):
 
 
 def test_a_jump_at_a_subscriptions_first_message_is_no_loss_but_asks_for_a_snapshot(caplog):
-    # The snapshot (seq 5) was taken before the subscription reached the actor: seq 6 was
-    # published to nobody, and seq 7 is the subscription's first message.
-    hub, channel, listener = attached(seq=5, value=1.0)
-    assert not channel.live
+    # The snapshot (seq 5) was answered before the subscription reached the daemon: seq 6 was
+    # published to others only, and seq 7 is the subscription's first message.
+    hub, channel = make_channel()
+    snapshot(channel, 5, 1.0)
+    listener = Listener()
+    channel.add_listener(listener.on_change)
+    assert not channel.live and not channel.ready
     with caplog.at_level(logging.WARNING, logger="pvhub.client"):
         update(channel, 7, 2.0)
     assert (channel.gaps, channel.missed, hub.resyncs) == (0, 0, [channel])
     assert (channel.seq, channel.reading) == (7, reading(2.0))
-    assert listener.calls == [("value", 2.0, 1.0)]
+    # The snapshot's 1.0 was held, never told: a subscriber's first value is the stream's,
+    # the start of an unbroken run (Rule 2), not 1.0 with 6's value missing after it.
+    assert channel.ready and listener.calls == [("meta", 2.0, 1.0), ("value", 2.0, None)]
     assert "readings_missed" not in caplog.text
     update(channel, 9, 3.0)  # a jump once the subscription is live: counted
     assert (channel.gaps, channel.missed) == (1, 1)
@@ -249,8 +257,21 @@ def test_a_lost_pv_ignores_a_late_snapshot_of_its_replaced_actor():
 # --- listeners ---------------------------------------------------------------------------------
 
 
-def test_the_first_snapshot_tells_listeners_meta_then_value():
+def test_the_first_snapshot_tells_meta_and_the_subscriptions_first_message_the_value():
     _, channel = make_channel()
+    listener = Listener()
+    channel.add_listener(listener.on_change)
+    snapshot(channel, 5, 1.0)
+    assert listener.calls == [("meta", 1.0, None)]  # connected; its value held (Rule 2)
+    update(channel, 5, 1.0)  # the subscription's first message: nothing newer
+    assert listener.calls[1:] == [("meta", 1.0, 1.0), ("value", 1.0, None)]  # ready, and the value
+    update(channel, 6, 2.0)
+    assert listener.calls[3:] == [("value", 2.0, 1.0)]
+
+
+def test_the_first_snapshot_on_a_live_subscription_tells_meta_then_value():
+    _, channel = make_channel()
+    update(channel, 4, None, connected=False)  # the subscription's first message came first
     listener = Listener()
     channel.add_listener(listener.on_change)
     snapshot(channel, 5, 1.0)
@@ -331,8 +352,10 @@ def test_a_lost_pv_reattaches_from_its_new_actors_snapshot():
     hub, channel, listener = attached(seq=50, value=1.0)
     channel.lose("actor died")
     snapshot(channel, 0, 2.0, epoch=EPOCH + 1)
-    assert channel.attached and channel.ready and channel.seq == 0
-    assert listener.calls[1:] == [("meta", 2.0, 1.0), ("value", 2.0, 1.0)]
+    assert channel.attached and not channel.ready and channel.seq == 0
+    assert listener.calls[1:] == [("meta", 2.0, 1.0)]  # connected again; its value held
+    update(channel, 0, 2.0, epoch=EPOCH + 1)  # the new actor's published copy
+    assert channel.ready and listener.calls[2:] == [("meta", 2.0, 2.0), ("value", 2.0, 1.0)]
     assert hub.resyncs == []
 
 
@@ -346,15 +369,17 @@ def test_a_lost_pv_reattaches_from_a_snapshot_of_the_same_actor_at_the_same_seq(
     _, channel, listener = attached(seq=5, value=1.0)
     channel.lose("no answer for 3.1 s")
     snapshot(channel, 5, 1.0)
+    update(channel, 5, 1.0)
     assert channel.attached and channel.connected and channel.ready
     assert listener.calls[0] == ("meta", 1.0, 1.0)  # the loss
-    assert listener.calls[1] == ("meta", 1.0, 1.0)  # the re-attach
+    assert listener.calls[1:] == [("meta", 1.0, 1.0)] * 2  # connected again, then ready: the value told already
 
 
 def test_a_lost_pv_reattaches_from_an_earlier_snapshot_of_the_same_actor():
     _, channel, _ = attached(seq=5, value=1.0)
     channel.lose("no answer for 3.1 s")
     snapshot(channel, 3, 0.5)  # any seq: nothing is known any more
+    update(channel, 3, 0.5)
     assert channel.attached and channel.ready and (channel.seq, channel.reading) == (3, reading(0.5))
 
 
@@ -396,9 +421,9 @@ def waiting_for(channel: Channel, predicate, io: threading.Thread) -> bool:
         io.join(timeout=10)
 
 
-def test_wait_wakes_when_the_io_thread_applies_a_snapshot():
+def test_wait_wakes_when_the_io_thread_applies_a_snapshot_and_the_stream_starts():
     _, channel = make_channel()
-    io = threading.Thread(target=snapshot, args=(channel, 5, 1.0))
+    io = threading.Thread(target=lambda: (snapshot(channel, 5, 1.0), update(channel, 5, 1.0)))
     assert waiting_for(channel, lambda: channel.ready, io) is True
 
 
@@ -439,6 +464,7 @@ def test_every_change_listeners_hear_of_gets_the_next_version_and_both_events_of
     listener = VersionListener()
     channel.add_listener(listener.on_change)
     assert (channel.version, channel.value_version, channel.previous) == (0, 0, None)
+    channel.live = True
     snapshot(channel, 5, 1.0)
     update(channel, 6, 2.0)
     update(channel, 7, 2.0, metadata={"units": "m"})  # metadata only
@@ -461,10 +487,12 @@ def test_losing_a_pv_takes_a_version_and_its_return_a_greater_one_at_a_lower_seq
     channel.lose("actor died")
     assert channel.version == before + 1
     snapshot(channel, 0, 2.0, epoch=EPOCH + 1)
-    assert channel.version == before + 2 and channel.value_version == before + 2
+    assert channel.version == before + 2 and channel.value_version < before + 2  # connected; value held
+    update(channel, 0, 2.0, epoch=EPOCH + 1)  # the subscription's first message: ready, value told
+    assert channel.version == before + 3 and channel.value_version == before + 3
     channel.lose("again")
     channel.lose("and again")  # was not connected: nobody is told, no version
-    assert channel.version == before + 3
+    assert channel.version == before + 4
 
 
 # --- the proof schedule: which channels the hub asks again, and when ---------------------------
