@@ -496,6 +496,7 @@ def test_an_updates_message_changes_a_channel_as_its_updates_one_by_one_would() 
     channels = []
     for _ in range(2):
         channel = Channel(_StubHub(), "X:a")  # type: ignore[arg-type]
+        channel.live = True  # its subscription proven: this is about the stream, not its start
         channel.apply(1, 0, True, p.Reading(4, 9.0), {"units": ""}, from_stream=False)
         channels.append((channel, _events(channel)))
     (gathered_channel, gathered_events), (single_channel, single_events) = channels
@@ -519,6 +520,7 @@ class _StubHub:
 @pytest.mark.timeout(10)
 def test_a_waiter_is_woken_by_the_reading_it_waits_for() -> None:
     channel = Channel(_StubHub(), "X:a")  # type: ignore[arg-type]
+    channel.live = True  # its subscription proven: the snapshot is what makes it ready
     result: list[bool] = []
     waiting = threading.Thread(target=lambda: result.append(channel.wait(lambda: channel.ready, 5.0)))
     waiting.start()
