@@ -75,6 +75,8 @@ class Channel:
         self.version = 0  # Rule 4: the last change listeners were told of
         self.value_version = 0  # the last change that was a new value (0: none yet)
         self.previous: p.Reading | None = None  # the reading that new value replaced
+        self.users = 0  # the hub's count of what holds this channel (hub.py Rule 7)
+        self.kept = False  # asked for without an owner: kept for the process's life (hub.py Rule 7)
         self.told: p.Reading | None = None  # the reading of the last ``value`` event (Rule 2)
         # The hub's bookkeeping for proving the subscription (hub.py, Rule 4): the snapshot
         # request outstanding, if any, and when the hub looks at this channel next.
@@ -334,6 +336,11 @@ class ProofSchedule:
         wait = min(MAX_LIMITED_INTERVAL, self.interval * 2**channel.limited)
         self._at(channel, channel.proof_asked + wait)
         return True
+
+    def forget(self, channel: Channel) -> None:
+        """The hub let ``channel`` go: its entries are stale from now on, and an answer still
+        to come is ignored."""
+        channel.proof_due = channel.proof_request = None
 
     def lost(self, channel: Channel, now: float) -> None:
         """The PV's actor went away: ask for the new one's snapshot at once."""

@@ -27,6 +27,12 @@ Rule 6: an I/O thread that dies of an error (not of ``close()``) takes the conne
 in plain sight: every channel is lost and refuses to connect, every request pending fails,
 and every later one fails at once, each with ``HubUnavailableError`` naming the cause. A
 process never goes on serving its last values as if they were live.
+Rule 7: a channel lives while something uses it. Each Signal, PV or ophyd-async backend that
+asks for one is counted, and once the last of them is collected, the I/O thread unsubscribes
+its topic and forgets it: its readings are then dropped by ZeroMQ, in C, and the daemon,
+told at the next ping, no longer counts this process among its subscribers. (The daemon keeps
+the PV and its monitor for others and for the next use.) A channel asked for without an
+owner is kept for the process's life.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Callable
 
@@ -49,7 +56,7 @@ from pvhub.client.channel import Channel, ProofSchedule
 from pvhub.client.curve import curve_keys, key_paths
 from pvhub.client.dispatcher import DISPATCH_BATCH, Dispatcher
 from pvhub.client.liveness import Liveness
-from pvhub.client.requests import ReplyHandler, RequestTable, answer_all, default_timeout, describe
+from pvhub.client.requests import ReplyHandler, RequestTable, default_timeout, describe
 from pvhub.client.session import Session
 from pvhub.logs import library_logger
 from pvhub.readings import decode_readings
@@ -116,6 +123,7 @@ class Hub(Session):
         self.wakeups = 0  # passes of the I/O loop (benchmarks: work per wake-up)
         self._channels: dict[str, Channel] = {}
         self._channels_lock = threading.Lock()
+        self._released: collections.deque[Channel] = collections.deque()  # Rule 7: a user of each went
         self._proofs = ProofSchedule(PROOF_INTERVAL, SNAPSHOT_TIMEOUT)  # Rule 4
         self._ctx = zmq.Context()
         self._dispatcher = Dispatcher()  # Rule 2
@@ -128,12 +136,20 @@ class Hub(Session):
 
     # --- user-thread API ------------------------------------------------------------------
 
-    def channel(self, pv: str) -> Channel:
-        """The channel of ``pv``, attached (subscribed and snapshotted) in the background."""
+    def channel(self, pv: str, owner: object = None) -> Channel:
+        """The channel of ``pv``, attached (subscribed and snapshotted) in the background; it
+        is kept while ``owner`` lives (Rule 7), for good without one."""
         with self._channels_lock:
             channel = self._channels.get(pv)
+            new = channel is None
             if channel is None:
                 channel = self._channels[pv] = Channel(self, pv)
+            if owner is None:
+                channel.kept = True
+            else:
+                channel.users += 1
+                weakref.finalize(owner, self._released.append, channel)  # no lock: any thread, any time
+            if new:
                 if self._io_failure is not None:  # Rule 6: nobody will ever attach it
                     channel.error = HubUnavailableError(self._ended_text("the PV cannot connect"))
                     return channel
@@ -304,6 +320,8 @@ class Hub(Session):
                         call()
                     except Exception:
                         log.exception("hub_call_failed", address=self.address)
+                if self._released:
+                    self._release_channels()
                 if self._dealer in ready:
                     self._drain_replies()
                 if self._sub in ready:
@@ -336,39 +354,6 @@ class Hub(Session):
         if due <= now:
             return 0
         return min(POLL_MS, int((due - now) * 1000) + 1)
-
-    def _finish(self, failure: BaseException | None) -> None:
-        """The I/O thread's last words: answer everything, and after a failure, lose every
-        channel (Rule 6)."""
-        with self._unsent_lock:
-            self._io_failure = failure
-            self._io_finished = True
-            unsent, self._unsent = self._unsent, {}
-        answer_all(((0, h) for h in unsent.values()), self._ended_text("the request was not sent"))
-        self._requests.fail_all(self._ended_text("the outcome is unknown"))
-        if failure is not None:
-            self._liveness.ended()
-            reason = f"the pvhub client's I/O thread failed ({type(failure).__name__}: {failure})"
-            error_text = self._ended_text("the PV cannot connect")
-            with self._channels_lock:  # with ``channel()``: a channel made from now on refuses too
-                channels = list(self._channels.values())
-            for channel in channels:
-                channel.lose(reason)
-                with channel.cond:
-                    channel.error = HubUnavailableError(error_text)
-                    channel.cond.notify_all()
-        self._close_sockets()
-
-    def _closed_text(self, outcome: str) -> str:
-        return f"the connection to the pvhub daemon at {self.address} was closed; {outcome}"
-
-    def _ended_text(self, outcome: str) -> str:
-        """Why nothing goes through any more: closed, or the I/O thread's failure (Rule 6)."""
-        failure = self._io_failure
-        if failure is None:
-            return self._closed_text(outcome)
-        return (f"the pvhub client's I/O thread for the daemon at {self.address} failed "
-                f"({type(failure).__name__}: {failure}); {outcome}")
 
     def _drain_readings(self) -> None:
         # The hot path: a thousand readings a second to each of a hundred processes. A
@@ -465,6 +450,19 @@ class Hub(Session):
             self._proofs.sent(channel, request_id, now)
         else:
             self._proofs.not_sent(channel, now)
+
+    def _release_channels(self) -> None:
+        """Rule 7: the channels whose last user was collected are unsubscribed and forgotten."""
+        while self._released:
+            channel = self._released.popleft()
+            with self._channels_lock:
+                channel.users -= 1
+                if channel.users or channel.kept or self._channels.get(channel.pv) is not channel:
+                    continue
+                del self._channels[channel.pv]
+            self._sub.setsockopt(zmq.UNSUBSCRIBE, p.topic(channel.pv))
+            self._proofs.forget(channel)
+            self._liveness.pvs_changed()
 
     def _all_channels(self) -> list[Channel]:
         with self._channels_lock:

@@ -119,7 +119,7 @@ class PV(PVFields):
         self._newest_stamp: float | None = None  # of the newest value delivered
         self._released = False
         self._hub = hub or get_hub(address)
-        self._channel = self._hub.channel(self.pvname)
+        self._channel = self._hub.channel(self.pvname, owner=self)
         with self._channel.cond:
             # Under the channel's lock: no event is lost or seen twice between the check and
             # the listener (the listener runs under the same lock).

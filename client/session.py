@@ -14,24 +14,25 @@ outage is delivered to the next daemon.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from pvhub import protocol as p
 from pvhub.client.curve import HANDSHAKE_EVENTS, handshake_failure
 from pvhub.client.liveness import Lose, SayHello
 from pvhub.config import DEFAULT_READINGS_HWM
-from pvhub.errors import ProtocolError
+from pvhub.client.requests import answer_all
+from pvhub.errors import HubUnavailableError, ProtocolError
 from pvhub.logs import library_logger
 
 if TYPE_CHECKING:
     from pvhub.client.channel import Channel
     from pvhub.client.liveness import Liveness
-    from pvhub.client.requests import RequestTable
+    from pvhub.client.requests import ReplyHandler, RequestTable
     from pvhub.waker import Waker
 
 log = library_logger("pvhub.client")
@@ -57,6 +58,11 @@ class Session:
     _requests: RequestTable
     _liveness: Liveness
     _channels: dict[str, Channel]
+    _channels_lock: threading.Lock
+    _unsent: dict[object, ReplyHandler]
+    _unsent_lock: threading.Lock
+    _io_failure: BaseException | None
+    _io_finished: bool
     _dealer: zmq.Socket
     _sub: zmq.Socket
     _handshakes: zmq.Socket
@@ -93,6 +99,39 @@ class Session:
         poller.register(self._waker.fileno(), zmq.POLLIN)
         return poller
 
+    def _finish(self, failure: BaseException | None) -> None:
+        """The I/O thread's last words: answer everything, and after a failure, lose every
+        channel (the hub's Rule 6)."""
+        with self._unsent_lock:
+            self._io_failure = failure
+            self._io_finished = True
+            unsent, self._unsent = self._unsent, {}
+        answer_all(((0, h) for h in unsent.values()), self._ended_text("the request was not sent"))
+        self._requests.fail_all(self._ended_text("the outcome is unknown"))
+        if failure is not None:
+            self._liveness.ended()
+            reason = f"the pvhub client's I/O thread failed ({type(failure).__name__}: {failure})"
+            error_text = self._ended_text("the PV cannot connect")
+            with self._channels_lock:  # with ``channel()``: a channel made from now on refuses too
+                channels = list(self._channels.values())
+            for channel in channels:
+                channel.lose(reason)
+                with channel.cond:
+                    channel.error = HubUnavailableError(error_text)
+                    channel.cond.notify_all()
+        self._close_sockets()
+
+    def _closed_text(self, outcome: str) -> str:
+        return f"the connection to the pvhub daemon at {self.address} was closed; {outcome}"
+
+    def _ended_text(self, outcome: str) -> str:
+        """Why nothing goes through any more: closed, or the I/O thread's failure (the hub's Rule 6)."""
+        failure = self._io_failure
+        if failure is None:
+            return self._closed_text(outcome)
+        return (f"the pvhub client's I/O thread for the daemon at {self.address} failed "
+                f"({type(failure).__name__}: {failure}); {outcome}")
+
     def _close_sockets(self) -> None:
         """The I/O thread's last act: close whatever ``_open_sockets`` opened, then the context."""
         handshakes = getattr(self, "_handshakes", None)
@@ -106,6 +145,10 @@ class Session:
 
     def _read_handshakes(self) -> None:
         """curve.py Rule 2: keep why the daemon does not let us in, in words an operator can act on."""
+        # Here, not at the top: pyzmq's monitor helpers import asyncio, a tenth of the time a
+        # short-lived client (``pvhub status``) takes to start, for a few events per connection.
+        from zmq.utils.monitor import recv_monitor_message
+
         while True:
             try:
                 event = recv_monitor_message(self._handshakes, zmq.NOBLOCK)

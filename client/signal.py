@@ -86,7 +86,7 @@ class EpicsSignalBase(Subscriptions):
         self._read_pv = read_pv
         self._hub = hub or get_hub(address)
         super().__init__()
-        self._read_channel = self._hub.channel(read_pv)
+        self._read_channel = self._hub.channel(read_pv, owner=self)
 
     # --- identity ---------------------------------------------------------------------------
 
@@ -399,7 +399,7 @@ class EpicsSignal(EpicsSignalBase):
         self._write_pv = write_pv or read_pv
         self.put_complete = bool(put_complete)
         self.use_limits = bool(limits)
-        self._write_channel = self._read_channel if self._write_pv == read_pv else self._hub.channel(self._write_pv)
+        self._write_channel = self._read_channel if self._write_pv == read_pv else self._hub.channel(self._write_pv, owner=self)
 
     def _channels(self) -> tuple[Channel, ...]:
         if self._write_channel is self._read_channel:

@@ -77,6 +77,7 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
         self._hub = hub
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listening: set[Channel] = set()  # channels that call _on_channel
+        self._held: dict[str, Channel] = {}  # by PV: at most the read and the write PV
         self._wakers: dict[str, asyncio.Event] = {}
         self._callback: Callback[Reading[SignalDatatypeT]] | None = None
         self._generation = 0  # which set_callback a queued reading belongs to
@@ -92,6 +93,15 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
         ``close_hubs``)."""
         return self._hub if self._hub is not None else get_hub(self._address)
 
+    def _channel(self, pv: str) -> Channel:
+        """The channel of ``pv`` on the current hub, asked for once per hub and kept while
+        this backend lives (hub.py Rule 7)."""
+        hub = self.hub
+        channel = self._held.get(pv)
+        if channel is None or channel.hub is not hub:
+            channel = self._held[pv] = hub.channel(pv, owner=self)
+        return channel
+
     # --- connecting ---------------------------------------------------------------------
 
     async def connect(self, timeout: float) -> None:
@@ -106,7 +116,7 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
         self.converter = make_converter(self.datatype, self.initial_values)
 
     async def _connect_pv(self, pv: str, timeout: float) -> None:
-        channel = self.hub.channel(pv)
+        channel = self._channel(pv)
         if channel not in self._listening:
             self._listening.add(channel)
             channel.add_listener(self._on_channel)
@@ -178,7 +188,7 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
             write_value = self.converter.write_value(value)
         wait = self.options.wait(value) if callable(self.options.wait) else self.options.wait
 
-        channel = self.hub.channel(self.write_pv)
+        channel = self._channel(self.write_pv)
 
         def last_reply(message: p.Message) -> bool:
             """On the I/O thread: which reply ends the put."""
@@ -211,7 +221,7 @@ class PvhubSignalBackend(EpicsSignalBackend[SignalDatatypeT]):
     def set_callback(self, callback: Callback[Reading[SignalDatatypeT]] | None) -> None:
         if callback and self._callback:
             raise RuntimeError("Cannot set a callback when one is already set")
-        channel = self.hub.channel(self.read_pv)
+        channel = self._channel(self.read_pv)
         try:  # the loop that asks (the RunEngine's, say), if not the one that connected
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
