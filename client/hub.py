@@ -148,7 +148,9 @@ class Hub(Session):
                 channel.kept = True
             else:
                 channel.users += 1
-                weakref.finalize(owner, self._released.append, channel)  # no lock: any thread, any time
+                # No lock in it: it runs on any thread, at any allocation. Not at exit: nothing
+                # is left to release then.
+                weakref.finalize(owner, self._released.append, channel).atexit = False
             if new:
                 if self._io_failure is not None:  # Rule 6: nobody will ever attach it
                     channel.error = HubUnavailableError(self._ended_text("the PV cannot connect"))
