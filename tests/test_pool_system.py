@@ -40,7 +40,7 @@ def test_a_pv_that_kills_its_process_is_quarantined_and_the_others_go_on(zoo_ioc
     hub = hub_factory(zoo_ioc, args=[], env={"PVHUB_FAULT_EXIT_ON_ADOPT": bad})
     monkeypatch.setenv("PVHUB_ADDRESS", hub.address)
     good = [EpicsSignal(f"{prefix}{name}", name=name) for name in ("motor", "count", "dt")]
-    EpicsSignalRO(bad, name="bad")  # asked for once, like any PV
+    held = EpicsSignalRO(bad, name="bad")  # asked for, like any PV (and held: client hub.py Rule 7)
     wait_until(lambda: next((e["quarantined"] for e in status()["pvs"] if e["pv"] == bad), False), 40, interval=0.1,
                message=lambda: f"not quarantined: {status()['actors']}")
     quarantined = [e for e in log_events(hub, "pvs_quarantined") if bad in e["pvs"]]
@@ -52,6 +52,7 @@ def test_a_pv_that_kills_its_process_is_quarantined_and_the_others_go_on(zoo_ioc
     entries = {e["pv"]: e for e in status()["pvs"]}
     assert not any(entries[sig.pvname]["quarantined"] for sig in good)
     assert all(entries[sig.pvname]["actor"] != f"pv:{bad}" for sig in good)
+    assert not held.connected
 
 
 # --- no orphans ---------------------------------------------------------------------------------
