@@ -77,6 +77,7 @@ class Channel:
         self.previous: p.Reading | None = None  # the reading that new value replaced
         self.users = 0  # the hub's count of what holds this channel (hub.py Rule 7)
         self.kept = False  # asked for without an owner: kept for the process's life (hub.py Rule 7)
+        self.unused_since = 0.0  # when its last user went (hub.py Rule 7)
         self.told: p.Reading | None = None  # the reading of the last ``value`` event (Rule 2)
         # The hub's bookkeeping for proving the subscription (hub.py, Rule 4): the snapshot
         # request outstanding, if any, and when the hub looks at this channel next.

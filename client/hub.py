@@ -28,11 +28,12 @@ in plain sight: every channel is lost and refuses to connect, every request pend
 and every later one fails at once, each with ``HubUnavailableError`` naming the cause. A
 process never goes on serving its last values as if they were live.
 Rule 7: a channel lives while something uses it. Each Signal, PV or ophyd-async backend that
-asks for one is counted, and once the last of them is collected, the I/O thread unsubscribes
-its topic and forgets it: its readings are then dropped by ZeroMQ, in C, and the daemon,
-told at the next ping, no longer counts this process among its subscribers. (The daemon keeps
-the PV and its monitor for others and for the next use.) A channel asked for without an
-owner is kept for the process's life.
+asks for one is counted, and once the last of them has been collected for
+``CHANNEL_LINGER_S`` (a script that makes a Signal per read finds it still attached), the I/O
+thread unsubscribes its topic and forgets it: its readings are then dropped by ZeroMQ, in C,
+and the daemon, told at the next ping, no longer counts this process among its subscribers.
+(The daemon keeps the PV and its monitor for others and for the next use.) A channel asked
+for without an owner is kept for the process's life.
 """
 
 from __future__ import annotations
@@ -54,25 +55,21 @@ from pvhub.config import DEFAULT_ADDRESS
 from pvhub.errors import HubUnavailableError, LimitError, ProtocolError, PvhubError, error_from_code
 from pvhub.client.channel import Channel, ProofSchedule
 from pvhub.client.curve import curve_keys, key_paths
-from pvhub.client.dispatcher import DISPATCH_BATCH, Dispatcher
+from pvhub.client.dispatcher import Dispatcher
 from pvhub.client.liveness import Liveness
 from pvhub.client.requests import ReplyHandler, RequestTable, default_timeout, describe
 from pvhub.client.session import Session
 from pvhub.logs import library_logger
-from pvhub.readings import decode_readings
 from pvhub.waker import Waker
 
 log = library_logger("pvhub.client")
 
 PROOF_INTERVAL = 0.1
 SNAPSHOT_TIMEOUT = 5.0
+CHANNEL_LINGER_S = 10.0  # Rule 7: how long a channel nothing uses is kept for the next use
 # The I/O thread sleeps until its next due work (a hello, a ping, a proof, a deadline: Rule 1),
 # at most this long.
 POLL_MS = 1000
-# The readings socket's flags, as plain ints: pyzmq turns its enum constants back into enums
-# on every call, a microsecond per reading.
-_NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 # ``Hub.call`` waits this much past its request's deadline, so that the deadline (checked
 # once per pass of the I/O loop) is what fails the call.
 CALL_GRACE = 0.5
@@ -124,6 +121,9 @@ class Hub(Session):
         self._channels: dict[str, Channel] = {}
         self._channels_lock = threading.Lock()
         self._released: collections.deque[Channel] = collections.deque()  # Rule 7: a user of each went
+        # Rule 7: channels nothing used since their ``unused_since``, oldest first (a channel
+        # used and dropped again has a later entry too; the earlier one is then skipped).
+        self._lingering: collections.deque[Channel] = collections.deque()
         self._proofs = ProofSchedule(PROOF_INTERVAL, SNAPSHOT_TIMEOUT)  # Rule 4
         self._ctx = zmq.Context()
         self._dispatcher = Dispatcher()  # Rule 2
@@ -322,8 +322,8 @@ class Hub(Session):
                         call()
                     except Exception:
                         log.exception("hub_call_failed", address=self.address)
-                if self._released:
-                    self._release_channels()
+                if self._released or self._lingering:
+                    self._release_channels(time.monotonic())
                 if self._dealer in ready:
                     self._drain_replies()
                 if self._sub in ready:
@@ -356,69 +356,6 @@ class Hub(Session):
         if due <= now:
             return 0
         return min(POLL_MS, int((due - now) * 1000) + 1)
-
-    def _drain_readings(self) -> None:
-        # The hot path: a thousand readings a second to each of a hundred processes. A
-        # readings message is its topic, then a frame holding one or more messages of that
-        # topic back to back (an actor sends the updates of a PV it has gathered together;
-        # protocol Rule 8), each decoded as ``decode_reading`` would (as thorough as
-        # ``decode``, quicker for an ``Update``) and applied to its channel; the dispatcher
-        # is woken once per batch (Rule 2). Asking whether more frames follow costs two
-        # microseconds: it is asked twice a message, not once per update.
-        recv, more, channels = self._sub.recv, self._sub.get, self._channels
-        count = 0  # updates, for the dispatcher's batches
-        for _ in range(10_000):  # messages: then the rest of the loop has its turn
-            try:
-                recv(_NOBLOCK)  # the topic; each message names its PV itself
-            except zmq.Again:
-                return
-            while more(_RCVMORE):  # a message's frames arrive together: no Again here
-                messages = decode_readings(recv(_NOBLOCK))
-                while True:
-                    try:
-                        update = next(messages)
-                    except StopIteration:
-                        break
-                    except ProtocolError as exc:  # the rest of this frame is lost: a seq gap tells
-                        log.error("bad_reading", error=str(exc))
-                        break
-                    kind = type(update)
-                    if kind is p.Updates:
-                        channel = channels.get(update.pv)
-                        items = update.items
-                        for at in range(0, len(items), DISPATCH_BATCH):  # Rule 2's batch, held
-                            chunk = items[at:at + DISPATCH_BATCH] if len(items) > DISPATCH_BATCH else items
-                            if channel is not None:
-                                channel.apply_updates(update.epoch, chunk)  # live from here on
-                            count += len(chunk)
-                            if count >= DISPATCH_BATCH:
-                                count = 0
-                                self._dispatcher.flush()
-                        continue
-                    if kind is p.Update:
-                        channel = channels.get(update.pv)
-                        if channel is not None:
-                            channel.apply(update.epoch, update.seq, update.connected, update.reading,
-                                          update.metadata, from_stream=True)  # live from here on
-                    else:
-                        self._other_reading(update)
-                    count += 1
-                    if count >= DISPATCH_BATCH:
-                        count = 0
-                        self._dispatcher.flush()
-
-    def _other_reading(self, update: p.Message) -> None:
-        """What the readings socket carries besides updates."""
-        if isinstance(update, p.HubStopping):
-            # Requests in flight are still answered (the daemon lets puts finish); new
-            # ones are refused here, and the hub counts as lost once it owes nothing.
-            log.info("hub_stopping", address=self.address, reason=update.reason)
-            self._liveness.stopping_announced()
-        elif isinstance(update, p.PvLost):
-            lost = self._channels.get(update.pv)
-            if lost is not None:
-                lost.lose(update.reason)
-                self._proofs.lost(lost, time.monotonic())
 
     # --- attaching channels ----------------------------------------------------------------
 
@@ -453,14 +390,22 @@ class Hub(Session):
         else:
             self._proofs.not_sent(channel, now)
 
-    def _release_channels(self) -> None:
-        """Rule 7: the channels whose last user was collected are unsubscribed and forgotten."""
+    def _release_channels(self, now: float) -> None:
+        """Rule 7: a channel whose last user was collected lingers; one unused since
+        ``CHANNEL_LINGER_S`` is unsubscribed and forgotten."""
         while self._released:
             channel = self._released.popleft()
             with self._channels_lock:
                 channel.users -= 1
-                if channel.users or channel.kept or self._channels.get(channel.pv) is not channel:
-                    continue
+                if not channel.users:
+                    channel.unused_since = now
+                    self._lingering.append(channel)
+        while self._lingering and self._lingering[0].unused_since + CHANNEL_LINGER_S <= now:
+            channel = self._lingering.popleft()
+            with self._channels_lock:
+                if (channel.users or channel.kept or channel.unused_since + CHANNEL_LINGER_S > now
+                        or self._channels.get(channel.pv) is not channel):
+                    continue  # used again since (a later entry may be its own), or gone
                 del self._channels[channel.pv]
             self._sub.setsockopt(zmq.UNSUBSCRIBE, p.topic(channel.pv))
             self._proofs.forget(channel)

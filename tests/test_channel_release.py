@@ -12,6 +12,7 @@ from helpers import wait_until
 
 from pvhub import protocol as p
 from pvhub.client import EpicsSignalRO, Hub
+from pvhub.client import hub as hub_module
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(60)]
 
@@ -31,7 +32,8 @@ def values_arrive(signal: EpicsSignalRO, count: int = 5, timeout: float = 10.0) 
     assert steps == {1}, f"the counter's values came with gaps: steps {sorted(steps)[:5]}"
 
 
-def test_a_collected_signal_lets_its_pv_go_and_a_new_one_gets_it_back(hub, prefix):
+def test_a_collected_signal_lets_its_pv_go_and_a_new_one_gets_it_back(hub, prefix, monkeypatch):
+    monkeypatch.setattr(hub_module, "CHANNEL_LINGER_S", 0.5)
     client = Hub(hub.address, name="release-test")
     fast = f"{prefix}fast"  # counts at 500 Hz
     try:
@@ -67,8 +69,9 @@ def test_a_collected_signal_lets_its_pv_go_and_a_new_one_gets_it_back(hub, prefi
         client.close()
 
 
-def test_signals_made_and_dropped_in_a_loop_leave_one_working_channel(hub, prefix):
+def test_signals_made_and_dropped_in_a_loop_leave_one_working_channel(hub, prefix, monkeypatch):
     # The release runs on the I/O thread while new Signals of the same PV are made on this one.
+    monkeypatch.setattr(hub_module, "CHANNEL_LINGER_S", 0.02)
     client = Hub(hub.address, name="release-churn")
     fast = f"{prefix}fast"
     try:
@@ -85,5 +88,27 @@ def test_signals_made_and_dropped_in_a_loop_leave_one_working_channel(hub, prefi
         last.wait_for_connection(timeout=15)
         values_arrive(last)
         assert len(client._channels) == 1
+    finally:
+        client.close()
+
+
+def test_a_signal_made_for_each_read_finds_the_channel_its_last_one_left(hub, prefix):
+    # A script that makes a Signal per read (the tutorial's style, in a loop) pays for the
+    # connection once: a channel nothing uses lingers (CHANNEL_LINGER_S) before it goes.
+    client = Hub(hub.address, name="release-linger")
+    try:
+        first = EpicsSignalRO(f"{prefix}dt", name="dt", hub=client)
+        first.wait_for_connection(timeout=15)
+        channel = first._read_channel
+        del first
+        gc.collect()
+        wait_until(lambda: not client._released, 5)  # the I/O thread has counted it unused
+        for i in range(20):
+            signal = EpicsSignalRO(f"{prefix}dt", name=f"dt{i}", hub=client)
+            assert signal._read_channel is channel and signal.connected  # no new connection to wait for
+            assert signal.get() == 3.0
+            del signal
+            gc.collect()
+        assert client._channels.get(f"{prefix}dt") is channel
     finally:
         client.close()
