@@ -169,6 +169,10 @@ class EpicsSignalBase(Subscriptions):
                         f"{channel.pv}: the pvhub daemon at {self._hub.address} did not answer within {timeout} s{why}"
                     )
                 why = f" (the daemon said: {channel.last_refusal})" if channel.last_refusal else ""
+                if channel.attached and channel.connected and not channel.live:  # channel.py Rule 2
+                    why = (f" (the daemon answered for it, but none of its readings arrived from "
+                           f"{', '.join(self._hub.readings_endpoints) or 'the readings address'}: "
+                           f"can this host reach that address?)")
                 raise ConnectionTimeoutError(f"{channel.pv} could not connect within {timeout} s{why}")
             if channel.error is not None:
                 raise channel.error

@@ -623,6 +623,29 @@ class ScriptedDaemon:
 
 
 @pytest.mark.timeout(30)
+def test_a_pv_whose_readings_never_arrive_is_not_connected_and_says_where_it_waited() -> None:
+    # The daemon answers, but its readings address cannot be reached from here (a firewall,
+    # a wrong interface): a snapshot alone does not make the Signal connected (channel.py
+    # Rule 2), and the error names the address to look at.
+    from pvhub.client import ConnectionTimeoutError, EpicsSignalRO
+    from pvhub.client.hub import Hub
+    from pvhub.testing import free_tcp_port
+
+    daemon = ScriptedDaemon("S:counter")
+    daemon._readings = f"tcp://127.0.0.1:{free_tcp_port()}"  # nobody publishes there
+    hub = Hub(daemon.address, name="unreachable-readings")
+    try:
+        signal = EpicsSignalRO("S:counter", name="counter", hub=hub)
+        with pytest.raises(ConnectionTimeoutError, match="none of its readings arrived from tcp://127.0.0.1:"):
+            signal.wait_for_connection(timeout=1.0)
+        channel = hub.channel("S:counter")
+        assert channel.attached and channel.connected and not channel.live and not signal.connected
+    finally:
+        hub.close()
+        daemon.close()
+
+
+@pytest.mark.timeout(30)
 def test_a_readings_message_of_several_updates_is_applied_in_full_and_in_order() -> None:
     from pvhub.client import EpicsSignalRO
     from pvhub.client.hub import Hub
