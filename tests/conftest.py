@@ -115,13 +115,19 @@ def hub(
     zoo_ioc: SimulatedIOC,
     hub_factory: Callable[..., DaemonProcess],
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> Iterator[DaemonProcess]:
     """One daemon serving ``zoo_ioc``; ``$PVHUB_ADDRESS`` points the client library at it.
 
     ``zoo_ioc`` comes first so that pytest, tearing down in reverse, stops the daemon before
     the IOC (a test that asks for both fixtures itself should name them in that order too).
+    Its pool is one process: the zoo's PVs share one prefix, so the default placement puts
+    them all in one pooled process anyway, and a second would only cost every test its start
+    (the pool's own tests start daemons of their own).
     """
-    daemon = hub_factory(zoo_ioc)
+    config = tmp_path / "one-pooled-process.toml"
+    config.write_text("[actors]\npool_size = 1\n")
+    daemon = hub_factory(zoo_ioc, args=["--config", str(config)])
     monkeypatch.setenv("PVHUB_ADDRESS", daemon.address)
     yield daemon
     from pvhub.client import close_hubs
