@@ -46,6 +46,17 @@ class RawClient:
 
 
 @pytest.fixture
+def pooled_hub(zoo_ioc, hub_factory, monkeypatch):
+    """A daemon with the default pool (two processes at least), unlike ``hub``'s one."""
+    daemon = hub_factory(zoo_ioc)
+    monkeypatch.setenv("PVHUB_ADDRESS", daemon.address)
+    yield daemon
+    from pvhub.client import close_hubs
+
+    close_hubs()
+
+
+@pytest.fixture
 def raw(hub):
     client = RawClient(hub.address)
     yield client
@@ -161,7 +172,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_stops_everything_and_exits_0(hub, prefix):
+def test_sigterm_stops_everything_and_exits_0(pooled_hub, prefix):
+    hub = pooled_hub
     for name in ("dt", "motor", "x"):
         EpicsSignalRO(f"{prefix}{name}", name=name).wait_for_connection(timeout=15)
     actors = daemon_children(hub)
@@ -182,7 +194,8 @@ def test_sigint_stops_it_like_sigterm(hub, prefix):
     wait_until(lambda: not any(alive(pid) for pid in actors), 5, message="actors outlived the daemon")
 
 
-def test_actors_exit_when_the_daemon_is_killed(hub, prefix):
+def test_actors_exit_when_the_daemon_is_killed(pooled_hub, prefix):
+    hub = pooled_hub
     for name in ("dt", "motor"):
         EpicsSignalRO(f"{prefix}{name}", name=name).wait_for_connection(timeout=15)
     actors = daemon_children(hub)
