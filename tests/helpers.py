@@ -7,6 +7,7 @@ because it has no ``__init__.py``.
 from __future__ import annotations
 
 import inspect
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -152,3 +153,27 @@ _caproto.bcast_socket = plain_search_socket
 # 5 s timeout it searches once, and one lost datagram fails the test. Capped at 0.5 s, it
 # searches again from about 1 s on.
 CAPROTO_CLIENT_ENV = {"CAPROTO_CLIENT_MAX_RETRY_SEARCHES_INTERVAL_SEC": "0.5"}
+
+
+def children_of(pid: int) -> list[int]:
+    """The living (not zombie) processes whose parent is ``pid``."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                children.append(int(entry))
+    return children
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -9,7 +9,7 @@ import time
 import msgpack
 import pytest
 import zmq
-from helpers import wait_for_put_in_flight, wait_until
+from helpers import alive, children_of, wait_for_put_in_flight, wait_until
 
 from pvhub import protocol as p
 from pvhub.client import EpicsSignal, EpicsSignalRO
@@ -147,36 +147,14 @@ def test_group_config_puts_pvs_in_one_process(zoo_ioc, hub_factory, prefix, tmp_
     motor.set(3).wait(5)
     count.set(4).wait(5)
     assert (motor.get(), count.get()) == (3.0, 4)
-    assert len(daemon_children(daemon)) == 2
-
-
-def daemon_children(daemon) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == daemon.pid and fields[0] != "Z":
-                children.append(int(entry))
-    return children
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert len(children_of(daemon.pid)) == 2
 
 
 def test_sigterm_stops_everything_and_exits_0(pooled_hub, prefix):
     hub = pooled_hub
     for name in ("dt", "motor", "x"):
         EpicsSignalRO(f"{prefix}{name}", name=name).wait_for_connection(timeout=15)
-    actors = daemon_children(hub)
+    actors = children_of(hub.pid)
     assert len(actors) >= 2  # the pool, started with the daemon
     started = time.monotonic()
     assert hub.stop() == 0
@@ -188,7 +166,7 @@ def test_sigterm_stops_everything_and_exits_0(pooled_hub, prefix):
 
 def test_sigint_stops_it_like_sigterm(hub, prefix):
     EpicsSignalRO(f"{prefix}dt", name="dt").wait_for_connection(timeout=15)
-    actors = daemon_children(hub)
+    actors = children_of(hub.pid)
     os.kill(hub.pid, signal.SIGINT)
     assert hub.process.wait(10) == 0
     wait_until(lambda: not any(alive(pid) for pid in actors), 5, message="actors outlived the daemon")
@@ -198,7 +176,7 @@ def test_actors_exit_when_the_daemon_is_killed(pooled_hub, prefix):
     hub = pooled_hub
     for name in ("dt", "motor"):
         EpicsSignalRO(f"{prefix}{name}", name=name).wait_for_connection(timeout=15)
-    actors = daemon_children(hub)
+    actors = children_of(hub.pid)
     assert len(actors) >= 2
     os.kill(hub.pid, signal.SIGKILL)
     hub.process.wait(5)

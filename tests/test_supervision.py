@@ -10,7 +10,7 @@ import time
 
 import pytest
 from helpers import daemon_status as status
-from helpers import log_events, wait_for_put_in_flight, wait_until
+from helpers import alive, children_of, log_events, wait_for_put_in_flight, wait_until
 
 from pvhub.client import EpicsSignal, EpicsSignalRO
 from pvhub.errors import ActorDiedError
@@ -245,26 +245,6 @@ signal.pause()
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 @pytest.mark.timeout(60)
 def test_a_daemon_stops_with_its_actors_when_what_started_it_is_killed():
     import subprocess
@@ -276,11 +256,11 @@ def test_a_daemon_stops_with_its_actors_when_what_started_it_is_killed():
     try:
         pid_text, log_path = harness.stdout.readline().split()
         daemon = int(pid_text)
-        actors = wait_until(lambda: _children(daemon), timeout=20)  # its pool, started before READY
+        actors = wait_until(lambda: children_of(daemon), timeout=20)  # its pool, started before READY
         harness.kill()  # no stop(), no atexit: as a harness killed by the OOM killer or a CI timeout
         harness.wait(10)
         killed = time.monotonic()
-        while any(_alive(pid) for pid in (daemon, *actors)):
+        while any(alive(pid) for pid in (daemon, *actors)):
             assert time.monotonic() - killed < 15, "the daemon or an actor outlived what started it"
             time.sleep(0.05)
         with open(log_path) as log:
