@@ -207,23 +207,20 @@ class ChannelAccessBackend:
                 self._emit(PutDoneEvent(name, put_id, f"put could not be sent: {exc}", None))
                 return
         circuit.operations[write_ioid] = (channel, on_write, True)
-        if not pipeline:
-            sent = circuit.send_bytes(ca_channel, data, write_ioid) if data is not None else circuit.send(write)
-            if not sent:
-                circuit.not_sent(write_ioid)
-            return
-        read_ioid = circuit.core.new_ioid()
-        circuit.operations[read_ioid] = (channel, on_read, True)
-        # Both in one segment: the write queued, the read behind it sends them (Rule 4).
+        read_ioids: tuple[int, ...] = ()
+        if pipeline:
+            read_ioids = (circuit.core.new_ioid(),)
+            circuit.operations[read_ioids[0]] = (channel, on_read, True)
+        # With a read behind it, both go in one segment: the write queued, the read sends them (Rule 4).
         if data is not None:
-            sent = circuit.send_bytes(ca_channel, data, write_ioid, push=False)
+            sent = circuit.send_bytes(ca_channel, data, write_ioid, push=not pipeline)
         else:
-            sent = circuit.send(write, push=False)
+            sent = circuit.send(write, push=not pipeline)
         if not sent:
-            circuit.not_sent(write_ioid, read_ioid)
-        elif not circuit.send_read(ca_channel, read_ioid):
+            circuit.not_sent(write_ioid, *read_ioids)
+        elif read_ioids and not circuit.send_read(ca_channel, read_ioids[0]):
             circuit.push()  # the put goes alone; its completion asks for a read-back
-            circuit.not_sent(read_ioid)
+            circuit.not_sent(*read_ioids)
 
     def read_back(self, name: str, put_id: int) -> None:
         """Read a completed put's value back; a ``PutDoneEvent`` follows (without a read-back

@@ -204,7 +204,7 @@ class Channel:
         if epoch == self.epoch and seq <= self.seq:
             if from_stream:
                 # Nothing newer, but the subscription is live: a value held is told now.
-                return self._went_live(was_ready, old_metadata) if first else []
+                return self._went_live(was_ready) if first else []
             if self.attached:
                 return []
             # The snapshot we asked for, overtaken by the stream: only a snapshot makes the
@@ -245,21 +245,23 @@ class Channel:
             events.append(("meta", old))
         # An actor's first reading after a restart is often the very one we hold: once only.
         # Not live, a new value is held; the first message of the subscription tells it (Rule 2).
-        if self.live and self.reading is not None and connected and not p.same_reading(self.reading, self.told):
-            events.append(("value", self.told))
+        if self.live:
+            events += self._untold_value()
         return events
 
-    def _went_live(self, was_ready: bool, old_metadata: p.PVMetadata) -> list[tuple[str, p.Reading | None]]:
+    def _went_live(self, was_ready: bool) -> list[tuple[str, p.Reading | None]]:
         """The subscription's first message brought nothing newer than the snapshot held: the
         channel is live now, and its held value is told (Rule 2)."""
         self.live = True
         self._notify()
-        events: list[tuple[str, p.Reading | None]] = []
-        if self.ready != was_ready:
-            events.append(("meta", self.reading))
+        events: list[tuple[str, p.Reading | None]] = [("meta", self.reading)] if self.ready != was_ready else []
+        return events + self._untold_value()
+
+    def _untold_value(self) -> list[tuple[str, p.Reading | None]]:
+        """The ``value`` event of a reading listeners have not been told, if the PV is connected."""
         if self.reading is not None and self.connected and not p.same_reading(self.reading, self.told):
-            events.append(("value", self.told))
-        return events
+            return [("value", self.told)]
+        return []
 
     def lose(self, reason: str, daemon_lost: bool = False) -> None:
         """The PV's actor or (``daemon_lost``) the daemon went away: disconnected until a new

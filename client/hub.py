@@ -121,9 +121,9 @@ class Hub(Session):
         self._channels: dict[str, Channel] = {}
         self._channels_lock = threading.Lock()
         self._released: collections.deque[Channel] = collections.deque()  # Rule 7: a user of each went
-        # Rule 7: channels nothing used since their ``unused_since``, oldest first (a channel
-        # used and dropped again has a later entry too; the earlier one is then skipped).
-        self._lingering: collections.deque[Channel] = collections.deque()
+        # Rule 7: (since when, channel) for channels nothing used since, oldest first (a
+        # channel used and dropped again has a later entry too; the earlier one is skipped).
+        self._lingering: collections.deque[tuple[float, Channel]] = collections.deque()
         self._proofs = ProofSchedule(PROOF_INTERVAL, SNAPSHOT_TIMEOUT)  # Rule 4
         self._ctx = zmq.Context()
         self._dispatcher = Dispatcher()  # Rule 2
@@ -142,7 +142,7 @@ class Hub(Session):
         with self._channels_lock:
             channel = self._channels.get(pv)
             new = channel is None
-            if channel is None:
+            if new:
                 channel = self._channels[pv] = Channel(self, pv)
             if owner is None:
                 channel.kept = True
@@ -399,13 +399,13 @@ class Hub(Session):
                 channel.users -= 1
                 if not channel.users:
                     channel.unused_since = now
-                    self._lingering.append(channel)
-        while self._lingering and self._lingering[0].unused_since + CHANNEL_LINGER_S <= now:
-            channel = self._lingering.popleft()
+                    self._lingering.append((now, channel))
+        while self._lingering and self._lingering[0][0] + CHANNEL_LINGER_S <= now:
+            since, channel = self._lingering.popleft()
             with self._channels_lock:
-                if (channel.users or channel.kept or channel.unused_since + CHANNEL_LINGER_S > now
+                if (channel.users or channel.kept or channel.unused_since != since
                         or self._channels.get(channel.pv) is not channel):
-                    continue  # used again since (a later entry may be its own), or gone
+                    continue  # used again since (its later entry, if any, counts), or gone
                 del self._channels[channel.pv]
             self._sub.setsockopt(zmq.UNSUBSCRIBE, p.topic(channel.pv))
             self._proofs.forget(channel)

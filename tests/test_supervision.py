@@ -259,10 +259,8 @@ def test_a_daemon_stops_with_its_actors_when_what_started_it_is_killed():
         actors = wait_until(lambda: children_of(daemon), timeout=20)  # its pool, started before READY
         harness.kill()  # no stop(), no atexit: as a harness killed by the OOM killer or a CI timeout
         harness.wait(10)
-        killed = time.monotonic()
-        while any(alive(pid) for pid in (daemon, *actors)):
-            assert time.monotonic() - killed < 15, "the daemon or an actor outlived what started it"
-            time.sleep(0.05)
+        wait_until(lambda: not any(alive(pid) for pid in (daemon, *actors)), 15,
+                   message="the daemon or an actor outlived what started it")
         with open(log_path) as log:
             assert '"parent_gone"' in log.read()  # it stopped as it should, not by accident
     finally:
